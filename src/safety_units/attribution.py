@@ -1,0 +1,138 @@
+"""What `python attribute.py` runs: score every unit on safety and utility data, classify, write the unit map."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from safety_units.classification import classify
+from safety_units.config import output_dir, setup_run
+from safety_units.data import Source, collate, encode_example
+from safety_units.errors import ConfigError
+from safety_units.models import LoadedModel, load_model
+from safety_units.scoring import score_units
+from safety_units.unit_map import UnitMap, full_fingerprint
+from safety_units.units import resolve_units
+
+log = logging.getLogger(__name__)
+
+
+def calibration_batches(tokenizer, source_cfg, nsamples: int, max_length: int, batch_size: int,
+                        seed: int, name: str, model=None, cache_dir: str | None = None) -> list[dict]:
+    """`nsamples` examples of one calibration set, templated and batched (sorted by length: less padding)."""
+    src = Source.from_config(source_cfg, name)
+    if src.limit is None:
+        src.limit = nsamples
+    examples = src.load(seed)[:nsamples]
+    if src.self_distill:
+        from safety_units.generation import self_distill_responses
+
+        examples = self_distill_responses(model, tokenizer, examples, cache_dir=cache_dir)
+    if any(ex.response is None for ex in examples):
+        raise ConfigError(f"calibration set '{name}' ({src.path}) needs responses: set response: <field> or "
+                          f"self_distill: true.")
+    encoded = [encode_example(tokenizer, ex.messages, max_length) for ex in examples]
+    encoded.sort(key=lambda e: len(e.input_ids))
+    return [collate(encoded[i:i + batch_size], tokenizer.pad_token_id)
+            for i in range(0, len(encoded), batch_size)]
+
+
+def attribute(loaded: LoadedModel, cfg: DictConfig, device: str | None = None) -> UnitMap:
+    """Score units on the safety and utility sets and classify them; returns the (unsaved) UnitMap."""
+    model, tokenizer = loaded.model, loaded.tokenizer
+    names = OmegaConf.to_container(cfg.units.names, resolve=True) if cfg.get("units") and cfg.units.get("names") \
+        else None
+    groups = resolve_units(model, names)
+    dev = device or cfg.get("device") or "auto"
+    if dev == "auto":
+        dev = "cuda" if torch.cuda.is_available() else "cpu"
+    model.to(dev)
+    cal, sc = cfg.calibration, cfg.scoring
+    scores, timings = {}, {}
+    for which in ("safety", "utility"):
+        batches = calibration_batches(tokenizer, cal[which], int(cal.nsamples), int(cal.max_length),
+                                      int(cal.batch_size), int(cfg.seed), which, model=model,
+                                      cache_dir=cfg.paths.cache_dir)
+        t0 = time.perf_counter()
+        scores[which] = score_units(model, groups, batches, sc.method, tokens=sc.get("tokens", "all"),
+                                    gradient_checkpointing=sc.get("gradient_checkpointing", True),
+                                    desc=f"{sc.method} on {which}")
+        timings[which] = round(time.perf_counter() - t0, 3)
+    classes = classify(scores["safety"], scores["utility"], shares=OmegaConf.to_container(cfg.classify.shares),
+                       normalization=cfg.classify.normalization, min_safety_rank=cfg.classify.min_safety_rank,
+                       min_utility_rank=cfg.classify.min_utility_rank)
+    meta = {
+        "fingerprint": full_fingerprint(model, names),
+        "model_name": loaded.name,
+        "scoring": OmegaConf.to_container(sc, resolve=True),
+        "normalization": cfg.classify.normalization,
+        "classify": OmegaConf.to_container(cfg.classify, resolve=True),
+        "calibration": {w: {"path": str(cal[w].path), "nsamples": int(cal.nsamples), "max_length": int(cal.max_length)}
+                        for w in ("safety", "utility")},
+        "seconds": timings,
+        "unit_names": names,
+    }
+    return UnitMap(scores["safety"], scores["utility"], classes, meta)
+
+
+def run_attribution(cfg: DictConfig) -> dict:
+    setup_run(cfg)
+    out = output_dir(cfg)
+    loaded = load_model(cfg.model)
+    um = attribute(loaded, cfg)
+    path = um.save(out)
+    summary = um.summary()
+    _print_summary(summary, path)
+    return {"unit_map": str(path), "summary": summary}
+
+
+def _print_summary(summary: dict, path: Path) -> None:
+    lines = [f"unit map written to {path}", "", "| kind | units | ESU | EUU | CU | RU |", "|---|---:|---:|---:|---:|---:|"]
+    for kind, t in summary["total"].items():
+        cells = " | ".join(f"{t[c]['count']} ({100 * t[c]['share']:.1f}%)" for c in ("esu", "euu", "cu", "ru"))
+        lines.append(f"| {kind} | {t['units']} | {cells} |")
+    print("\n".join(lines), flush=True)
+
+
+def attribution_config(overrides: list[str] | None = None) -> DictConfig:
+    """The attribute.yaml config composed inside a running Hydra app or on its own."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    overrides = list(overrides or [])
+    if GlobalHydra.instance().is_initialized():
+        return compose(config_name="attribute", overrides=overrides)
+    conf_dir = Path(__file__).resolve().parents[2] / "conf"
+    with initialize_config_dir(version_base="1.3", config_dir=str(conf_dir)):
+        return compose(config_name="attribute", overrides=overrides)
+
+
+def cached_attribution(train_cfg: DictConfig, model, tokenizer) -> Path:
+    """Attribute the model being trained (freeze.auto_attribute): computed once per model fingerprint and
+    attribution settings, cached under cache_dir/unit_maps."""
+    overrides = list(train_cfg.freeze.get("attribute_overrides", []) or [])
+    acfg = attribution_config(overrides)
+    with open_dict(acfg):
+        acfg.paths = train_cfg.paths
+        acfg.units = train_cfg.get("units", acfg.units)
+    fp = full_fingerprint(model, OmegaConf.to_container(acfg.units.names) if acfg.units.get("names") else None)
+    settings = {k: OmegaConf.to_container(acfg[k], resolve=True) for k in ("scoring", "classify", "calibration")}
+    key = hashlib.sha256(json.dumps({"fp": fp, "settings": settings}, sort_keys=True).encode()).hexdigest()[:16]
+    out = Path(train_cfg.paths.cache_dir) / "unit_maps" / key
+    path = out / "unit_map.safetensors"
+    if path.is_file():
+        log.info("freeze.auto_attribute: using the cached unit map %s", path)
+        return path
+    log.info("freeze.auto_attribute: no unit map given; attributing this model once (cached in %s)", out)
+    device = next(model.parameters()).device
+    um = attribute(LoadedModel(model, tokenizer, "auto"), acfg)
+    model.to(device)
+    um.save(out)
+    _print_summary(um.summary(), path)
+    return path

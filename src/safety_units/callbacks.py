@@ -1,0 +1,115 @@
+"""Lightning callbacks the training run attaches: data position on resume, Ctrl-C checkpoint, final export."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+
+log = logging.getLogger(__name__)
+
+
+class ResumeDataPosition(pl.Callback):
+    """After resuming from a mid-epoch checkpoint, continue the epoch where the interrupted run stopped.
+
+    Lightning restores its loop counters but not the position of a plain sampler; without this a resumed run
+    would see the first batches of the epoch again and diverge from the uninterrupted run.
+    """
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        done = trainer.fit_loop.epoch_loop.batch_progress.current.completed
+        if done > 0 and hasattr(trainer.datamodule, "skip_batches"):
+            trainer.datamodule.skip_batches(done)
+            log.info("resumed mid-epoch: skipping the %d batches already trained on", done)
+
+
+class InterruptCheckpoint(pl.Callback):
+    """Ctrl-C saves `interrupted.ckpt` in the checkpoint dir, resumable with ckpt_path=..."""
+
+    def __init__(self, dirpath: str):
+        self.dirpath = Path(dirpath)
+
+    def on_exception(self, trainer, pl_module, exception):
+        if isinstance(exception, KeyboardInterrupt):
+            path = self.dirpath / "interrupted.ckpt"
+            trainer.save_checkpoint(path)
+            log.warning("interrupted: saved %s; resume with ckpt_path=%s", path, path)
+
+
+def full_state_dict(trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, torch.Tensor] | None:
+    """The HF model's full state dict on rank 0 (gathered under ZeRO-3 / FSDP); None on other ranks.
+
+    Collective under sharded strategies: every rank must call it.
+    """
+    strategy = trainer.strategy
+    name = type(strategy).__name__
+    model = pl_module.model
+    if name == "DeepSpeedStrategy" and getattr(strategy, "zero_stage_3", False):
+        import deepspeed
+
+        params = list(model.parameters())
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+            sd = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()} if trainer.is_global_zero else None
+        return sd
+    if name == "FSDPStrategy":
+        from torch.distributed.fsdp import FullStateDictConfig, StateDictType
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+        wrapped = strategy.model
+        cfg = FullStateDictConfig(offload_to_cpu=True, rank0_only=True)
+        with FSDP.state_dict_type(wrapped, StateDictType.FULL_STATE_DICT, cfg):
+            sd = wrapped.state_dict()
+        if not trainer.is_global_zero:
+            return None
+        prefix = "model."
+        return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+    if not trainer.is_global_zero:
+        return None
+    return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+
+
+class FinalizeRun(pl.Callback):
+    """At the end of fit: check frozen entries against the load-time snapshot, then export `model/`.
+
+    The export is a Hugging Face directory (safetensors + tokenizer) plus a copy of the unit map and the resolved
+    config, loadable with `AutoModelForCausalLM.from_pretrained`.
+    """
+
+    def __init__(self, output_dir: str, tokenizer, resolved_config: str, unit_map_path: str | None = None,
+                 export: bool = True):
+        self.output_dir = Path(output_dir)
+        self.tokenizer = tokenizer
+        self.resolved_config = resolved_config
+        self.unit_map_path = unit_map_path
+        self.export = export
+        self.summary: dict = {}
+
+    def on_train_end(self, trainer, pl_module):
+        sd = full_state_dict(trainer, pl_module)
+        masker = getattr(pl_module, "masker", None)
+        if sd is not None and masker is not None and masker.has_frozen_entries:
+            delta = masker.frozen_max_abs_delta(sd)
+            self.summary["frozen_max_abs_delta"] = delta
+            self.summary["trainable_changed"] = masker.trainable_changed(sd)
+            log.info("frozen_max_abs_delta = %r (0.0 means every frozen entry is bit-identical to its loaded value)",
+                     delta)
+            for lg in trainer.loggers:
+                lg.log_metrics({"freeze/frozen_max_abs_delta": delta}, step=trainer.global_step)
+        if sd is None or not self.export:
+            return
+        out = self.output_dir / "model"
+        out.mkdir(parents=True, exist_ok=True)
+        model = pl_module.model
+        model.save_pretrained(out, state_dict=sd, safe_serialization=True)
+        self.tokenizer.save_pretrained(out)
+        (out / "safety_units_config.yaml").write_text(self.resolved_config)
+        if self.unit_map_path:
+            for f in Path(self.unit_map_path).parent.glob("unit_map.*"):
+                shutil.copy2(f, out / f.name)
+        if self.summary:
+            (out / "freeze_check.json").write_text(json.dumps(self.summary, indent=2))
+        log.info("exported the trained model to %s", out)

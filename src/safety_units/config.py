@@ -1,0 +1,68 @@
+"""Small helpers around Hydra configs: instantiate with clear errors, callbacks/loggers from config groups."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from safety_units.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+def instantiate(cfg, key: str, **kwargs):
+    """hydra.utils.instantiate, turning a bad key or argument into a ConfigError that names the config key."""
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate as hydra_instantiate
+
+    from safety_units.errors import SafetyUnitsError
+
+    try:
+        return hydra_instantiate(cfg, **kwargs)
+    except InstantiationException as e:
+        cause = e.__cause__
+        if isinstance(cause, SafetyUnitsError):
+            raise cause from None
+        raise ConfigError(f"config '{key}' could not be instantiated: {e}") from None
+
+
+def instantiate_group(cfg: DictConfig | None, key: str, **kwargs) -> list:
+    """Instantiate every entry with a _target_ of a dict-of-configs group (callbacks, logger)."""
+    out = []
+    if not cfg:
+        return out
+    for name, entry in cfg.items():
+        if entry is None:
+            continue
+        if not isinstance(entry, DictConfig) or "_target_" not in entry:
+            raise ConfigError(f"{key}.{name} must be a config with a _target_, got {entry!r}.")
+        out.append(instantiate(entry, f"{key}.{name}", **kwargs))
+    return out
+
+
+def resolved_yaml(cfg: DictConfig) -> str:
+    return OmegaConf.to_yaml(cfg, resolve=True)
+
+
+def output_dir(cfg: DictConfig) -> Path:
+    d = Path(cfg.paths.output_dir)
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def setup_run(cfg: DictConfig) -> None:
+    """Seeds, thread-friendly defaults and a quiet transformers before any heavy work."""
+    import lightning.pytorch as pl
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if cfg.get("seed") is not None:
+        pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
+    try:
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+    except ImportError:  # pragma: no cover
+        pass

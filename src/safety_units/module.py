@@ -1,0 +1,103 @@
+"""The LightningModule: a Hugging Face causal LM, AdamW + warmup/cosine, optional gradient masks."""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import lightning.pytorch as pl
+import torch
+
+from safety_units.errors import ConfigError, NonFiniteLossError
+
+log = logging.getLogger(__name__)
+
+
+def lr_lambda(step: int, warmup: int, total: int, schedule: str, min_lr_ratio: float) -> float:
+    """Multiplier of the peak learning rate at optimizer step `step`."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    if schedule == "linear":
+        return max(min_lr_ratio, 1.0 - progress * (1.0 - min_lr_ratio))
+    if schedule == "cosine":
+        return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    raise ConfigError(f"optim.schedule must be constant, linear or cosine, got {schedule!r}.")
+
+
+class CausalLMModule(pl.LightningModule):
+    def __init__(self, model: torch.nn.Module, lr: float = 2e-5, weight_decay: float = 0.0,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, warmup_steps: int = 0,
+                 warmup_ratio: float = 0.0, schedule: str = "cosine", min_lr_ratio: float = 0.1,
+                 masker=None):
+        super().__init__()
+        if lr <= 0:
+            raise ConfigError(f"optim.lr must be positive, got {lr}.")
+        if weight_decay < 0:
+            raise ConfigError(f"optim.weight_decay must be >= 0, got {weight_decay}.")
+        self.model = model
+        self.masker = masker
+        self.hparams_optim = dict(lr=lr, weight_decay=weight_decay, betas=tuple(betas), eps=eps,
+                                  warmup_steps=warmup_steps, warmup_ratio=warmup_ratio, schedule=schedule,
+                                  min_lr_ratio=min_lr_ratio)
+
+    # ------------------------------------------------------------------ masks are attached per process
+    def setup(self, stage: str) -> None:
+        # Registered here, not in __init__: ddp_spawn pickles the module and tensor hooks do not survive that.
+        if self.masker is not None:
+            self.masker.attach(self.model, strategy=self.trainer.strategy if self._trainer is not None else None)
+
+    def forward(self, **batch):
+        return self.model(**batch)
+
+    def training_step(self, batch, batch_idx):
+        loss = self.model(**batch).loss
+        if not torch.isfinite(loss):
+            ckpt = getattr(self.trainer.checkpoint_callback, "last_model_path", "") or \
+                getattr(self.trainer.checkpoint_callback, "best_model_path", "") or "none saved yet"
+            raise NonFiniteLossError(
+                f"training loss became {loss.item()} at global step {self.global_step} (epoch {self.current_epoch}, "
+                f"batch {batch_idx}); stopping. The last good checkpoint is: {ckpt}. Lower optim.lr, raise "
+                f"warmup, or check the data for empty or extremely long examples."
+            )
+        n_tokens = (batch["labels"] != -100).sum()
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False, batch_size=batch["input_ids"].shape[0])
+        self.log("train/response_tokens", n_tokens.float(), on_step=True, on_epoch=False, reduce_fx="sum")
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        loss = self.model(**batch).loss
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=batch["input_ids"].shape[0])
+
+    # ------------------------------------------------------------------ optimizer
+    def configure_optimizers(self):
+        o = self.hparams_optim
+        decay, no_decay, masked_decay = [], [], []
+        masked = self.masker.partially_masked_params(self.model) if self.masker is not None else set()
+        for name, p in self.model.named_parameters():
+            if not p.requires_grad:
+                continue
+            if p.ndim < 2 or "norm" in name.lower() or name.endswith(".bias"):
+                no_decay.append(p)
+            elif id(p) in masked and o["weight_decay"] > 0:
+                masked_decay.append(p)  # decayed by the masker, only on trainable entries
+            else:
+                decay.append(p)
+        if not (decay or no_decay or masked_decay):
+            raise ConfigError("nothing to train: every parameter is frozen by the chosen freeze strategy.")
+        groups = [{"params": decay, "weight_decay": o["weight_decay"]},
+                  {"params": no_decay, "weight_decay": 0.0},
+                  {"params": masked_decay, "weight_decay": 0.0, "masked_weight_decay": o["weight_decay"]}]
+        groups = [g for g in groups if g["params"]]
+        optimizer = torch.optim.AdamW(groups, lr=o["lr"], betas=o["betas"], eps=o["eps"])
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        warmup = o["warmup_steps"] or int(round(o["warmup_ratio"] * total))
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda s: lr_lambda(s, warmup, total, o["schedule"], o["min_lr_ratio"]))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        if self.masker is not None:
+            self.masker.apply_masked_weight_decay(optimizer, self.model, self.trainer.strategy)

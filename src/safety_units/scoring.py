@@ -1,0 +1,158 @@
+"""Per-unit importance scores, streamed over calibration batches with O(units) memory.
+
+* `wifv` (FLAP-style, forward only): Var_tokens(x_j) * ||W_out[:, j]||^2, where x_j is unit j's activation at
+  the input of down_proj / o_proj and W_out[:, j] the weight column it feeds.
+* `activation` (Wanda-style, aggregated per unit): mean_tokens |x_j| * ||W_out[:, j]||.
+* `snip` (Wei et al. 2024 style, first order): sum over batches of sum_{w in unit j} |w * dL_b/dw|, with the loss on
+  response tokens only. Each parameter's gradient is reduced to per-unit sums the moment it is accumulated and then
+  freed, so at most one dense gradient is alive at a time.
+
+Activation statistics are float64 sums (count, sum, sum of squares, sum of |x|) per unit; nothing per weight
+or per token is kept.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Iterable
+
+import torch
+from tqdm.auto import tqdm
+
+from safety_units.errors import ConfigError
+from safety_units.units import UnitGroup
+
+log = logging.getLogger(__name__)
+
+METHODS = ("wifv", "activation", "snip")
+
+
+def _column_sq_norms(g: UnitGroup) -> torch.Tensor:
+    """||W_out[:, j]||^2 for each unit j (the out weight's unit dimension is g.out_weight.dim)."""
+    w = g.out_weight.param.detach().float()
+    other = 1 - g.out_weight.dim
+    return (w * w).sum(dim=other).double().cpu()
+
+
+def _token_mask(batch: dict, tokens: str) -> torch.Tensor:
+    if tokens == "all":
+        return batch["attention_mask"].bool()
+    if tokens == "response":
+        return batch["labels"] != -100
+    raise ConfigError(f"scoring.tokens must be 'all' or 'response', got {tokens!r}.")
+
+
+class _ActivationStats:
+    def __init__(self, n: int):
+        self.count = 0
+        self.sum = torch.zeros(n, dtype=torch.float64)
+        self.sumsq = torch.zeros(n, dtype=torch.float64)
+        self.sumabs = torch.zeros(n, dtype=torch.float64)
+
+    def add(self, x: torch.Tensor) -> None:  # x: [tokens, n]
+        x = x.double()
+        self.count += x.shape[0]
+        self.sum += x.sum(0).cpu()
+        self.sumsq += (x * x).sum(0).cpu()
+        self.sumabs += x.abs().sum(0).cpu()
+
+    def variance(self) -> torch.Tensor:
+        mean = self.sum / max(self.count, 1)
+        return (self.sumsq / max(self.count, 1) - mean * mean).clamp_min(0.0)
+
+    def mean_abs(self) -> torch.Tensor:
+        return self.sumabs / max(self.count, 1)
+
+
+@torch.no_grad()
+def activation_scores(model, groups: list[UnitGroup], batches: Iterable[dict], method: str = "wifv",
+                      tokens: str = "all", progress: bool = True, desc: str = "scoring") -> dict[str, torch.Tensor]:
+    if method not in ("wifv", "activation"):
+        raise ConfigError(f"activation_scores handles wifv and activation, not {method!r}.")
+    device = next(model.parameters()).device
+    stats = {g.key: _ActivationStats(g.n) for g in groups}
+    current: dict = {}
+
+    def make_hook(key):
+        def hook(module, args):
+            x = args[0]
+            stats[key].add(x[current["mask"]].reshape(-1, x.shape[-1]))
+        return hook
+
+    handles = [g.out_module.register_forward_pre_hook(make_hook(g.key)) for g in groups]
+    was_training = model.training
+    model.eval()
+    try:
+        for batch in tqdm(list(batches), desc=desc, disable=not progress, leave=False):
+            batch = {k: v.to(device) for k, v in batch.items()}
+            current["mask"] = _token_mask(batch, tokens)
+            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    out = {}
+    for g in groups:
+        colsq = _column_sq_norms(g)
+        st = stats[g.key]
+        if st.count == 0:
+            raise ConfigError("no calibration tokens were scored (empty batches or token mask).")
+        out[g.key] = (st.variance() * colsq if method == "wifv" else st.mean_abs() * colsq.sqrt()).float()
+    return out
+
+
+def snip_scores(model, groups: list[UnitGroup], batches: Iterable[dict], progress: bool = True,
+                gradient_checkpointing: bool = True, desc: str = "snip") -> dict[str, torch.Tensor]:
+    """sum_b sum_{w in unit} |w * dL_b/dw| per unit; loss on response tokens (labels != -100) only."""
+    device = next(model.parameters()).device
+    acc = {g.key: torch.zeros(g.n, dtype=torch.float64) for g in groups}
+    owners = {}
+    for g in groups:
+        for s in g.slices:
+            owners[id(s.param)] = (g.key, s.dim)
+    saved_flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in owners)
+
+    def reduce_and_free(p: torch.Tensor) -> None:
+        key, dim = owners[id(p)]
+        prod = (p.detach().float() * p.grad.float()).abs()
+        dims = [d for d in range(prod.ndim) if d != dim]
+        acc[key] += (prod.sum(dim=dims) if dims else prod).double().cpu()
+        p.grad = None  # at most one dense gradient alive at a time
+
+    handles = [p.register_post_accumulate_grad_hook(reduce_and_free) for p in model.parameters()
+               if id(p) in owners]
+    was_training = model.training
+    model.eval()  # no dropout; gradients still flow
+    gc_was = getattr(model, "is_gradient_checkpointing", False)
+    if gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()  # HF only checkpoints in training mode; these models have no dropout
+    try:
+        for batch in tqdm(list(batches), desc=desc, disable=not progress, leave=False):
+            batch = {k: v.to(device) for k, v in batch.items()}
+            if not (batch["labels"] != -100).any():
+                continue
+            loss = model(**batch, use_cache=False).loss
+            loss.backward()
+    finally:
+        for h in handles:
+            h.remove()
+        if gradient_checkpointing and not gc_was and hasattr(model, "gradient_checkpointing_disable"):
+            model.gradient_checkpointing_disable()
+        for n, p in model.named_parameters():
+            p.requires_grad_(saved_flags[n])
+            p.grad = None
+        model.train(was_training)
+    return {k: v.float() for k, v in acc.items()}
+
+
+def score_units(model, groups: list[UnitGroup], batches: list[dict], method: str, tokens: str = "all",
+                progress: bool = True, desc: str = "", gradient_checkpointing: bool = True) -> dict[str, torch.Tensor]:
+    if method not in METHODS:
+        raise ConfigError(f"scoring.method must be one of {METHODS}, got {method!r}.")
+    if method == "snip":
+        return snip_scores(model, groups, batches, progress=progress, desc=desc or "snip",
+                           gradient_checkpointing=gradient_checkpointing)
+    return activation_scores(model, groups, batches, method, tokens=tokens, progress=progress, desc=desc or method)

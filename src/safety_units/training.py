@@ -1,0 +1,95 @@
+"""What `python train.py` runs: load model and data, build the freezing masks, fit, check, export."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from safety_units.callbacks import FinalizeRun, InterruptCheckpoint, ResumeDataPosition
+from safety_units.config import instantiate, instantiate_group, output_dir, resolved_yaml, setup_run
+from safety_units.data import build_datamodule
+from safety_units.errors import ConfigError
+from safety_units.models import load_model
+
+log = logging.getLogger(__name__)
+
+
+def wrap_policy(class_names: list[str]) -> set[type]:
+    """FSDP auto-wrap / activation-checkpointing policy from decoder-layer class names (e.g. LlamaDecoderLayer)."""
+    import transformers
+
+    out = set()
+    for name in class_names:
+        cls = None
+        for mod_name in ("llama", "mistral", "qwen2", "qwen3", "gpt2", "gemma", "phi3"):
+            module = getattr(getattr(transformers.models, mod_name, None), f"modeling_{mod_name}", None)
+            cls = getattr(module, name, None) if module is not None else None
+            if cls is not None:
+                break
+        if cls is None:
+            raise ConfigError(f"trainer.strategy: unknown decoder layer class {name!r} for the FSDP wrap policy.")
+        out.add(cls)
+    return out
+
+
+def build_trainer(cfg: DictConfig, extra_callbacks: list, run_dir: Path):
+    callbacks = instantiate_group(cfg.get("callbacks"), "callbacks") + extra_callbacks
+    loggers = instantiate_group(cfg.get("logger"), "logger")
+    return instantiate(cfg.trainer, "trainer", callbacks=callbacks, logger=loggers or False)
+
+
+def run_train(cfg: DictConfig) -> dict:
+    """Fit the configured model on the configured data; returns a summary dict (also used by tests)."""
+    from safety_units.masking import build_masker
+    from safety_units.module import CausalLMModule
+
+    setup_run(cfg)
+    run_dir = output_dir(cfg)
+    loaded = load_model(cfg.model)
+    model, tokenizer = loaded.model, loaded.tokenizer
+    log.info("model %s: %.1fM parameters", loaded.name, sum(p.numel() for p in model.parameters()) / 1e6)
+
+    datamodule = build_datamodule(cfg.data, tokenizer, cache_dir=cfg.paths.cache_dir)
+    datamodule.prepare(model)
+
+    unit_map_path = None
+    masker = None
+    if cfg.get("freeze") is not None:
+        masker, unit_map_path = build_masker(cfg, model, tokenizer)
+    module = CausalLMModule(model, masker=masker, **OmegaConf.to_container(cfg.optim, resolve=True))
+
+    finalize = FinalizeRun(str(run_dir), tokenizer, resolved_yaml(cfg), unit_map_path=unit_map_path,
+                           export=bool(cfg.get("export", True)))
+    extra = [ResumeDataPosition(), InterruptCheckpoint(str(run_dir / "checkpoints")), finalize]
+    eval_cb = None
+    if cfg.get("eval_callback") is not None and cfg.eval_callback.get("enabled", False):
+        from safety_units.evaluation import EvalCallback
+
+        eval_cb = EvalCallback.from_config(cfg, tokenizer, run_dir)
+        extra.insert(0, eval_cb)
+    trainer = build_trainer(cfg, extra, run_dir)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+
+    summary = {"output_dir": str(run_dir), "global_step": trainer.global_step,
+               "model_dir": str(run_dir / "model") if cfg.get("export", True) else None,
+               "train_examples": len(datamodule.train_set), "data_stats": datamodule.stats}
+    summary.update(finalize.summary)
+    if masker is not None:
+        summary["freeze"] = masker.describe()
+    if eval_cb is not None:
+        summary["eval"] = eval_cb.results
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if getattr(v, "numel", lambda: 1)() == 1}
+    summary["metrics"] = metrics
+    _finish_loggers(trainer)
+    return summary
+
+
+def _finish_loggers(trainer) -> None:
+    """One wandb run per job: close it so a multirun's next job starts a fresh one."""
+    for lg in trainer.loggers:
+        if type(lg).__name__ == "WandbLogger":
+            import wandb
+
+            wandb.finish()

@@ -1,0 +1,207 @@
+"""The unit map: per-unit safety/utility scores and classes, bound to the model it was computed on.
+
+Files (one run directory):
+    unit_map.safetensors   tensors `{kind}.{layer}.safety|utility` (float32) and `.class` (uint8);
+                           metadata: class codes, scoring method and data, normalisation, model fingerprint
+    unit_map.json          human summary: counts and shares per class, per layer and in total
+    units_per_layer.png    stacked bars of classes per layer (MLP and attention)
+
+A *selection* is a dict {"mlp.3": BoolTensor[n_units], ...} of units; masking and ablation take selections.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+from safety_units.classification import CLASS_CODES, CLASS_NAMES, normalise
+from safety_units.errors import UnitMapError
+from safety_units.models import model_fingerprint
+from safety_units.units import resolve_units, unit_counts
+
+log = logging.getLogger(__name__)
+
+Selection = dict[str, torch.Tensor]
+FORMAT_VERSION = "1"
+
+
+def full_fingerprint(model, names: dict | None = None) -> dict:
+    fp = model_fingerprint(model)
+    fp["units"] = unit_counts(resolve_units(model, names))
+    return fp
+
+
+def _sort_keys(keys) -> list[str]:
+    return sorted(keys, key=lambda k: (int(k.split(".")[1]), k.split(".")[0] != "mlp"))
+
+
+class UnitMap:
+    def __init__(self, safety: dict[str, torch.Tensor], utility: dict[str, torch.Tensor],
+                 classes: dict[str, torch.Tensor], metadata: dict):
+        self.safety, self.utility, self.classes = safety, utility, classes
+        self.metadata = metadata
+        self.path: Path | None = None
+
+    # ------------------------------------------------------------------ io
+    def save(self, out_dir: str | Path, plot: bool = True) -> Path:
+        from safetensors.torch import save_file
+
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        tensors = {}
+        for k in _sort_keys(self.classes):
+            tensors[f"{k}.safety"] = self.safety[k].float().contiguous()
+            tensors[f"{k}.utility"] = self.utility[k].float().contiguous()
+            tensors[f"{k}.class"] = self.classes[k].to(torch.uint8).contiguous()
+        meta = {"format_version": FORMAT_VERSION, "class_codes": json.dumps(CLASS_CODES)}
+        meta.update({k: v if isinstance(v, str) else json.dumps(v) for k, v in self.metadata.items()})
+        save_file(tensors, str(out / "unit_map.safetensors"), metadata=meta)
+        (out / "unit_map.json").write_text(json.dumps(self.summary(), indent=2))
+        if plot:
+            from safety_units.plots import plot_units_per_layer
+
+            plot_units_per_layer(self, out / "units_per_layer.png")
+        self.path = out / "unit_map.safetensors"
+        return self.path
+
+    @classmethod
+    def load(cls, path: str | Path, model=None, strict: bool = True, names: dict | None = None) -> "UnitMap":
+        """Load a map; with `model`, check that it was computed on this model (fingerprint)."""
+        from safetensors import safe_open
+
+        p = Path(path)
+        if p.is_dir():
+            p = p / "unit_map.safetensors"
+        if not p.is_file():
+            raise UnitMapError(f"unit map {p} does not exist; create one with `python attribute.py model=...`.")
+        try:
+            with safe_open(str(p), framework="pt") as f:
+                raw_meta = f.metadata() or {}
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+        except Exception as e:  # noqa: BLE001 - any parse failure is a bad file
+            raise UnitMapError(f"{p} is not a readable unit map ({e}).") from None
+        meta = {}
+        for k, v in raw_meta.items():
+            try:
+                meta[k] = json.loads(v)
+            except json.JSONDecodeError:
+                meta[k] = v
+        if "fingerprint" not in meta:
+            raise UnitMapError(f"{p} has no model fingerprint in its metadata; it was not written by attribute.py.")
+        safety, utility, classes = {}, {}, {}
+        for k, t in tensors.items():
+            base, field = k.rsplit(".", 1)
+            {"safety": safety, "utility": utility, "class": classes}[field][base] = t
+        meta.pop("format_version", None)
+        meta.pop("class_codes", None)
+        um = cls(safety, utility, classes, meta)
+        um.path = p
+        if model is not None:
+            um.check_model(model, strict=strict, names=names)
+        return um
+
+    def check_model(self, model, strict: bool = True, names: dict | None = None) -> None:
+        have = full_fingerprint(model, names)
+        want = self.metadata["fingerprint"]
+        fields = ["model_type", "num_layers", "units"] + (["weight_hash"] if strict else [])
+        diff = [f for f in fields if have.get(f) != want.get(f)]
+        if diff:
+            details = "; ".join(f"{f}: map has {want.get(f)!r}, model has {have.get(f)!r}" for f in diff)
+            raise UnitMapError(
+                f"unit map {self.path} was computed on a different model ({details}). A unit map is only valid "
+                f"for the exact weights it was attributed on: run `python attribute.py` on this model"
+                + (", or pass strict=False / freeze.strict_fingerprint=false to accept a map of the same "
+                   "architecture with different weights." if "weight_hash" in diff and len(diff) == 1 else ".")
+            )
+
+    # ------------------------------------------------------------------ summaries
+    @property
+    def keys(self) -> list[str]:
+        return _sort_keys(self.classes)
+
+    def counts(self) -> dict:
+        per = {}
+        for k in self.keys:
+            c = self.classes[k]
+            per[k] = {name: int((c == code).sum()) for name, code in CLASS_CODES.items()} | {"total": c.numel()}
+        return per
+
+    def summary(self) -> dict:
+        per = self.counts()
+        out = {"metadata": {k: v for k, v in self.metadata.items()}, "per_layer": per, "total": {}}
+        for kind in ("mlp", "attn", "all"):
+            rows = [v for k, v in per.items() if kind == "all" or k.startswith(kind + ".")]
+            if not rows:
+                continue
+            tot = sum(r["total"] for r in rows)
+            out["total"][kind] = {name: {"count": sum(r[name] for r in rows),
+                                         "share": round(sum(r[name] for r in rows) / tot, 5)}
+                                  for name in CLASS_CODES} | {"units": tot}
+        return out
+
+    # ------------------------------------------------------------------ selections
+    def select(self, classes: list[str] | str) -> Selection:
+        classes = [classes] if isinstance(classes, str) else list(classes)
+        bad = [c for c in classes if c.lower() not in CLASS_CODES]
+        if bad:
+            raise UnitMapError(f"unknown unit class(es) {bad}; use {sorted(CLASS_CODES)}.")
+        codes = [CLASS_CODES[c.lower()] for c in classes]
+        return {k: torch.isin(self.classes[k], torch.tensor(codes, dtype=torch.uint8)) for k in self.keys}
+
+    def safety_ranks(self) -> dict[str, torch.Tensor]:
+        return normalise(self.safety, self.metadata.get("normalization", "per_layer"))
+
+    def esu_plus_top_cu(self, total_share: float) -> Selection:
+        """ESU plus the CU units with the highest (normalised) safety score, so that `total_share` of the units
+        of each kind are selected (the paper freezes ESU + top CU = 7.5%)."""
+        if not 0.0 < total_share < 1.0:
+            raise UnitMapError(f"freeze.total_share must be in (0, 1), got {total_share}.")
+        sel = self.select("esu")
+        ranks = self.safety_ranks()
+        for kind in sorted({k.split(".")[0] for k in self.keys}):
+            keys = [k for k in self.keys if k.startswith(kind + ".")]
+            n_total = sum(self.classes[k].numel() for k in keys)
+            need = int(round(total_share * n_total)) - sum(int(sel[k].sum()) for k in keys)
+            if need < 0:
+                log.warning("%s: ESU alone (%d units) exceed total_share=%.3f; freezing ESU only", kind,
+                            sum(int(sel[k].sum()) for k in keys), total_share)
+                continue
+            cand = [(float(ranks[k][j]), -li, -j, k, j) for li, k in enumerate(keys)
+                    for j in torch.nonzero(self.classes[k] == CLASS_CODES["cu"]).flatten().tolist()]
+            cand.sort(reverse=True)
+            for *_, k, j in cand[:need]:
+                sel[k][j] = True
+        return sel
+
+    def random_like(self, selection: Selection, seed: int = 0, match: str = "kind") -> Selection:
+        """A seeded random selection with as many units as `selection`: per kind (default) or per layer."""
+        g = torch.Generator().manual_seed(int(seed))
+        out = {k: torch.zeros_like(v, dtype=torch.bool) for k, v in selection.items()}
+        if match == "layer":
+            for k, v in selection.items():
+                out[k][torch.randperm(v.numel(), generator=g)[: int(v.sum())]] = True
+            return out
+        if match != "kind":
+            raise UnitMapError(f"random match must be 'kind' or 'layer', got {match!r}.")
+        for kind in sorted({k.split(".")[0] for k in selection}):
+            keys = [k for k in _sort_keys(selection) if k.startswith(kind + ".")]
+            sizes = [selection[k].numel() for k in keys]
+            want = sum(int(selection[k].sum()) for k in keys)
+            flat = torch.zeros(sum(sizes), dtype=torch.bool)
+            flat[torch.randperm(sum(sizes), generator=g)[:want]] = True
+            for k, part in zip(keys, torch.split(flat, sizes)):
+                out[k] = part.clone()
+        return out
+
+
+def selection_size(sel: Selection) -> dict:
+    out = {}
+    for kind in sorted({k.split(".")[0] for k in sel}):
+        keys = [k for k in sel if k.startswith(kind + ".")]
+        n = sum(int(sel[k].sum()) for k in keys)
+        tot = sum(sel[k].numel() for k in keys)
+        out[kind] = {"units": n, "of": tot, "share": round(n / tot, 5) if tot else 0.0}
+    return out

@@ -1,0 +1,24 @@
+"""Fine-tune a causal LM with Hydra + Lightning, optionally freezing safety units. See README.md."""
+
+import os
+from pathlib import Path
+
+os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parent))
+
+import hydra  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+
+from safety_units.errors import friendly_errors  # noqa: E402
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="train")
+@friendly_errors
+def main(cfg: DictConfig) -> float | None:
+    from safety_units.training import run_train
+
+    summary = run_train(cfg)
+    return summary["metrics"].get(cfg.get("optimized_metric") or "val/loss")  # for hydra sweepers
+
+
+if __name__ == "__main__":
+    main()
