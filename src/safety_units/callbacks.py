@@ -1,4 +1,4 @@
-"""Lightning callbacks the training run attaches: data position on resume, Ctrl-C checkpoint, final export."""
+"""Lightning callbacks the training run attaches: Ctrl-C checkpoint, frozen-entry check and final export."""
 
 from __future__ import annotations
 
@@ -11,20 +11,6 @@ import lightning.pytorch as pl
 import torch
 
 log = logging.getLogger(__name__)
-
-
-class ResumeDataPosition(pl.Callback):
-    """After resuming from a mid-epoch checkpoint, continue the epoch where the interrupted run stopped.
-
-    Lightning restores its loop counters but not the position of a plain sampler; without this a resumed run
-    would see the first batches of the epoch again and diverge from the uninterrupted run.
-    """
-
-    def on_train_epoch_start(self, trainer, pl_module):
-        done = trainer.fit_loop.epoch_loop.batch_progress.current.completed
-        if done > 0 and hasattr(trainer.datamodule, "skip_batches"):
-            trainer.datamodule.skip_batches(done)
-            log.info("resumed mid-epoch: skipping the %d batches already trained on", done)
 
 
 class InterruptCheckpoint(pl.Callback):

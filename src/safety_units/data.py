@@ -133,10 +133,10 @@ def read_rows(path: str | Path, fmt: str = "auto", records: str | None = None) -
 def _rows_from_object(p: Path, data: dict, records: str | None) -> list[Any]:
     """A JSON object of parallel lists, e.g. {"instructions": [...], "tags": [...]}, becomes rows."""
     if records is None:
-        lists = [k for k, v in data.items() if isinstance(v, list) and v]
-        if len(lists) != 1:
+        lists = {k: len(v) for k, v in data.items() if isinstance(v, list) and v}
+        if not lists or len(set(lists.values())) != 1:
             raise DataError(f"{p}: a JSON object with keys {sorted(data)}; set `records:` to the key holding the rows.")
-        records = lists[0]
+        records = sorted(lists)[0]
     if records not in data or not isinstance(data[records], list):
         raise DataError(f"{p}: records={records!r} is not a list in this file (keys: {sorted(data)}).")
     main = data[records]
@@ -414,6 +414,28 @@ class ResumableSampler(Sampler):
         return len(self._indices()) - self.skip
 
 
+class ResumableDataLoader(DataLoader):
+    """A DataLoader whose position Lightning saves in checkpoints, so a mid-epoch resume continues where the
+    interrupted run stopped (same batches, same order) instead of replaying the epoch's first batches.
+
+    The position is the number of batches the training loop has *processed* (not fetched: Lightning prefetches).
+    """
+
+    def __init__(self, *args, consumed_fn=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._consumed_fn = consumed_fn or (lambda: 0)
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.sampler.epoch, "batches_consumed": int(self._consumed_fn())}
+
+    def load_state_dict(self, state: dict) -> None:
+        epoch, done = int(state.get("epoch", 0)), int(state.get("batches_consumed", 0))
+        if done >= len(self):  # saved at the very end of an epoch: the next one starts from scratch
+            epoch, done = epoch + 1, 0
+        self.sampler.set_epoch(epoch)
+        self.sampler.skip = done * self.batch_size
+
+
 # --------------------------------------------------------------------------- the Lightning datamodule
 class SFTDataModule(pl.LightningDataModule):
     """Supervised fine-tuning data: one or more sources, mixed by weight, templated, prompt-masked."""
@@ -521,9 +543,14 @@ class SFTDataModule(pl.LightningDataModule):
     def train_dataloader(self):
         trainer = getattr(self, "trainer", None)
         rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
-        self._sampler = ResumableSampler(len(self.train_set), self.seed, True, rank, world)
-        return DataLoader(self.train_set, batch_size=self.batch_size, sampler=self._sampler,
-                          collate_fn=self._collate, num_workers=self.num_workers, drop_last=False)
+        sampler = ResumableSampler(len(self.train_set), self.seed, True, rank, world)
+        return ResumableDataLoader(self.train_set, batch_size=self.batch_size, sampler=sampler,
+                                   collate_fn=self._collate, num_workers=self.num_workers, drop_last=False,
+                                   consumed_fn=self._batches_consumed)
+
+    def _batches_consumed(self) -> int:
+        trainer = getattr(self, "trainer", None)
+        return trainer.fit_loop.epoch_loop.batch_progress.current.processed if trainer is not None else 0
 
     def val_dataloader(self):
         if not self.val_set:
@@ -533,11 +560,6 @@ class SFTDataModule(pl.LightningDataModule):
         sampler = ResumableSampler(len(self.val_set), self.seed, False, rank, world)
         return DataLoader(self.val_set, batch_size=self.eval_batch_size, sampler=sampler,
                           collate_fn=self._collate, num_workers=self.num_workers)
-
-    def skip_batches(self, n_batches: int):
-        """Resume mid-epoch: the next training epoch starts after what the interrupted run consumed."""
-        if self._sampler is not None:
-            self._sampler.skip = n_batches * self.batch_size
 
     def prompts(self) -> list[str]:
         return [ex.prompt for ex in self.train_examples + self.val_examples]

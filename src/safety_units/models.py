@@ -152,6 +152,7 @@ def load_hf(path: str | None, dtype: str = "float32", trust_remote_code: bool = 
 
     if not path:
         raise ModelError("model=hf needs model.path=<a local Hugging Face model directory>.")
+    torch_dtype = parse_dtype(dtype)
     p = Path(path).expanduser()
     if not p.is_dir():
         raise ModelError(f"model.path={path!r} does not exist or is not a directory (no download is attempted).")
@@ -169,7 +170,7 @@ def load_hf(path: str | None, dtype: str = "float32", trust_remote_code: bool = 
             f"(architectures: {getattr(config, 'architectures', None)}). safety_units needs a decoder-only causal LM "
             f"such as Llama, Mistral, Qwen2 or GPT-2."
         )
-    model = AutoModelForCausalLM.from_pretrained(p, dtype=parse_dtype(dtype), trust_remote_code=trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(p, dtype=torch_dtype, trust_remote_code=trust_remote_code)
     try:
         tok = AutoTokenizer.from_pretrained(Path(tokenizer_path or p), trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:

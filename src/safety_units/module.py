@@ -37,7 +37,7 @@ class CausalLMModule(pl.LightningModule):
             raise ConfigError(f"optim.lr must be positive, got {lr}.")
         if weight_decay < 0:
             raise ConfigError(f"optim.weight_decay must be >= 0, got {weight_decay}.")
-        self.model = model
+        self.model = model.train()  # from_pretrained returns eval mode; dropout (GPT-2) must be on for training
         self.masker = masker
         self.hparams_optim = dict(lr=lr, weight_decay=weight_decay, betas=tuple(betas), eps=eps,
                                   warmup_steps=warmup_steps, warmup_ratio=warmup_ratio, schedule=schedule,
@@ -65,6 +65,8 @@ class CausalLMModule(pl.LightningModule):
         n_tokens = (batch["labels"] != -100).sum()
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False, batch_size=batch["input_ids"].shape[0])
         self.log("train/response_tokens", n_tokens.float(), on_step=True, on_epoch=False, reduce_fx="sum")
+        if self.trainer.optimizers:
+            self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, on_epoch=False)
         return loss
 
     def validation_step(self, batch, batch_idx):
@@ -92,11 +94,33 @@ class CausalLMModule(pl.LightningModule):
                   {"params": masked_decay, "weight_decay": 0.0, "masked_weight_decay": o["weight_decay"]}]
         groups = [g for g in groups if g["params"]]
         optimizer = torch.optim.AdamW(groups, lr=o["lr"], betas=o["betas"], eps=o["eps"])
-        total = max(1, int(self.trainer.estimated_stepping_batches))
+        total = self._total_steps()
         warmup = o["warmup_steps"] or int(round(o["warmup_ratio"] * total))
         sched = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda s: lr_lambda(s, warmup, total, o["schedule"], o["min_lr_ratio"]))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def _total_steps(self) -> int:
+        """Optimizer steps of the whole run, for the schedule.
+
+        Not `trainer.estimated_stepping_batches`: that builds the train dataloader before a checkpoint is restored,
+        so Lightning would never hand the saved data position to the loader and a mid-epoch resume would replay
+        the epoch's first batches.
+        """
+        trainer = self.trainer
+        if trainer.max_steps and trainer.max_steps > 0:
+            return int(trainer.max_steps)
+        dm = trainer.datamodule
+        n = len(dm.train_set) if dm is not None and getattr(dm, "train_set", None) is not None else None
+        if n is None:
+            return max(1, int(trainer.estimated_stepping_batches))
+        per_rank = math.ceil(n / max(1, trainer.world_size) / dm.batch_size)
+        limit = trainer.limit_train_batches
+        if isinstance(limit, int):
+            per_rank = min(per_rank, limit)
+        elif limit is not None:
+            per_rank = int(per_rank * float(limit))
+        return max(1, math.ceil(per_rank / trainer.accumulate_grad_batches) * max(1, trainer.max_epochs or 1))
 
     def on_before_optimizer_step(self, optimizer) -> None:
         if self.masker is not None:

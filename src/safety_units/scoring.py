@@ -101,6 +101,18 @@ def activation_scores(model, groups: list[UnitGroup], batches: Iterable[dict], m
     return out
 
 
+def _checkpointing_api(model):
+    """(enable, disable, currently_on) across transformers 5.x ("activation_") and 4.x ("gradient_") names."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        return (lambda: model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs),
+                model.activation_checkpointing_disable, bool(getattr(model, "is_activation_checkpointing", False)))
+    if hasattr(model, "gradient_checkpointing_enable"):
+        return (lambda: model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs),
+                model.gradient_checkpointing_disable, bool(getattr(model, "is_gradient_checkpointing", False)))
+    return None, None, False
+
+
 def snip_scores(model, groups: list[UnitGroup], batches: Iterable[dict], progress: bool = True,
                 gradient_checkpointing: bool = True, desc: str = "snip") -> dict[str, torch.Tensor]:
     """sum_b sum_{w in unit} |w * dL_b/dw| per unit; loss on response tokens (labels != -100) only."""
@@ -125,9 +137,9 @@ def snip_scores(model, groups: list[UnitGroup], batches: Iterable[dict], progres
                if id(p) in owners]
     was_training = model.training
     model.eval()  # no dropout; gradients still flow
-    gc_was = getattr(model, "is_gradient_checkpointing", False)
-    if gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    enable, disable, gc_was = _checkpointing_api(model)
+    if gradient_checkpointing and enable is not None:
+        enable()
         model.train()  # HF only checkpoints in training mode; these models have no dropout
     try:
         for batch in tqdm(list(batches), desc=desc, disable=not progress, leave=False):
@@ -139,8 +151,8 @@ def snip_scores(model, groups: list[UnitGroup], batches: Iterable[dict], progres
     finally:
         for h in handles:
             h.remove()
-        if gradient_checkpointing and not gc_was and hasattr(model, "gradient_checkpointing_disable"):
-            model.gradient_checkpointing_disable()
+        if gradient_checkpointing and not gc_was and disable is not None:
+            disable()
         for n, p in model.named_parameters():
             p.requires_grad_(saved_flags[n])
             p.grad = None

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from safety_units.callbacks import FinalizeRun, InterruptCheckpoint, ResumeDataPosition
+from safety_units.callbacks import FinalizeRun, InterruptCheckpoint
 from safety_units.config import instantiate, instantiate_group, output_dir, resolved_yaml, setup_run
 from safety_units.data import build_datamodule
 from safety_units.errors import ConfigError
@@ -62,7 +62,7 @@ def run_train(cfg: DictConfig) -> dict:
 
     finalize = FinalizeRun(str(run_dir), tokenizer, resolved_yaml(cfg), unit_map_path=unit_map_path,
                            export=bool(cfg.get("export", True)))
-    extra = [ResumeDataPosition(), InterruptCheckpoint(str(run_dir / "checkpoints")), finalize]
+    extra = [InterruptCheckpoint(str(run_dir / "checkpoints")), finalize]
     eval_cb = None
     if cfg.get("eval_callback") is not None and cfg.eval_callback.get("enabled", False):
         from safety_units.evaluation import EvalCallback

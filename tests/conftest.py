@@ -1,0 +1,51 @@
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+os.environ.setdefault("PROJECT_ROOT", str(ROOT))
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+FIXTURES = Path(__file__).parent / "fixtures"
+SHARED_DATA = ROOT.parent / "shared" / "data"
+
+
+def compose(config_name: str, overrides: list[str], output_dir: Path | None = None):
+    """Compose a config with Hydra's compose API, as the entry points would (output_dir replaces the run dir)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from omegaconf import open_dict
+
+    with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "conf")):
+        cfg = hydra_compose(config_name=config_name, overrides=overrides)
+    if output_dir is not None:
+        with open_dict(cfg):
+            cfg.paths.output_dir = str(output_dir)
+    return cfg
+
+
+@pytest.fixture
+def tiny():
+    from safety_units.models import build_tiny
+
+    cache = os.environ.get("SAFETY_UNITS_CACHE", str(Path.home() / ".cache" / "safety_units"))
+    return build_tiny(cache_dir=cache)
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    from safety_units.models import smollm2_tokenizer
+
+    cache = os.environ.get("SAFETY_UNITS_CACHE", str(Path.home() / ".cache" / "safety_units"))
+    return smollm2_tokenizer(cache)
+
+
+TINY_TRAIN = ["model=tiny", "logger=csv", "data=alpaca", "data.num_samples=48", "data.max_length=64",
+              "data.batch_size=4", "data.val_fraction=0.1", "trainer.max_steps=4", "callbacks=none",
+              "trainer.enable_progress_bar=false"]
+
+
+def train_cfg(tmp_path, *overrides):
+    return compose("train", TINY_TRAIN + list(overrides), output_dir=tmp_path)

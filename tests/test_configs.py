@@ -1,0 +1,65 @@
+"""Every config group option composes (Hydra compose API), and the defaults are what the README says."""
+from pathlib import Path
+
+import pytest
+from conftest import ROOT, compose
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+CONF = ROOT / "conf"
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml") if not p.stem.startswith("_"))
+
+
+TRAIN_GROUPS = ["model", "data", "optim", "freeze", "units", "trainer", "logger", "callbacks", "debug"]
+
+
+@pytest.mark.parametrize("group,option", [(g, o) for g in TRAIN_GROUPS for o in options(g)])
+def test_train_group_option_composes(group, option, tmp_path):
+    cfg = compose("train", [f"{group}={option}"], output_dir=tmp_path)
+    OmegaConf.resolve(cfg)  # every interpolation resolves
+    assert cfg.paths.data_dir.endswith("shared/data")
+
+
+@pytest.mark.parametrize("option", options("experiment"))
+def test_experiment_composes(option, tmp_path):
+    cfg = compose("train", [f"experiment={option}"], output_dir=tmp_path)
+    OmegaConf.resolve(cfg)
+
+
+@pytest.mark.parametrize("group", ["scoring", "classify", "calibration", "units"])
+def test_attribute_groups_compose(group, tmp_path):
+    for option in options(group):
+        cfg = compose("attribute", [f"{group}={option}"], output_dir=tmp_path)
+        OmegaConf.resolve(cfg)
+
+
+def test_data_paths_exist(tmp_path):
+    for option in options("data"):
+        cfg = compose("train", [f"data={option}"], output_dir=tmp_path)
+        for name, src in cfg.data.sources.items():
+            assert Path(src.path).is_file(), f"data={option}: {src.path}"
+
+
+def test_trainer_strategies_instantiate_lazily(tmp_path):
+    """DeepSpeed/FSDP configs build their strategy objects (no GPU needed to construct them)."""
+    for option in ("deepspeed_zero1", "deepspeed_zero2", "deepspeed_zero3", "fsdp"):
+        cfg = compose("train", [f"trainer={option}"], output_dir=tmp_path)
+        strategy = instantiate(cfg.trainer.strategy)
+        assert type(strategy).__name__ in ("DeepSpeedStrategy", "FSDPStrategy")
+    ds3 = instantiate(compose("train", ["trainer=deepspeed_zero3"], output_dir=tmp_path).trainer.strategy)
+    assert ds3.config["zero_optimization"]["stage"] == 3
+
+
+def test_multi_node_settings_compose(tmp_path):
+    cfg = compose("train", ["trainer=deepspeed_zero2", "trainer.num_nodes=4", "trainer.devices=8"], output_dir=tmp_path)
+    assert cfg.trainer.num_nodes == 4 and cfg.trainer.devices == 8
+
+
+def test_unknown_group_option_is_an_error(tmp_path):
+    from hydra.errors import ConfigCompositionException
+
+    with pytest.raises(ConfigCompositionException):
+        compose("train", ["freeze=esu_only"], output_dir=tmp_path)
