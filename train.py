@@ -17,7 +17,7 @@ def main(cfg: DictConfig) -> float | None:
     from safety_units.training import run_train
 
     summary = run_train(cfg)
-    return summary["metrics"].get(cfg.get("optimized_metric") or "val/loss")  # for hydra sweepers
+    return summary["metrics"].get(cfg.optimized_metric)  # for hydra sweepers (hparams_search=optuna)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,8 @@ def options(group: str) -> list[str]:
     return sorted(p.stem for p in (CONF / group).glob("*.yaml") if not p.stem.startswith("_"))
 
 
-TRAIN_GROUPS = ["model", "data", "optim", "freeze", "units", "trainer", "logger", "callbacks", "debug"]
+TRAIN_GROUPS = ["model", "data", "optim", "freeze", "units", "trainer", "logger", "callbacks", "debug",
+                "hparams_search"]
 
 
 @pytest.mark.parametrize("group,option", [(g, o) for g in TRAIN_GROUPS for o in options(g)])

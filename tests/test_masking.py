@@ -137,3 +137,11 @@ def test_auto_attribution_is_cached(tmp_path):
     mtime = Path(path1).stat().st_mtime_ns
     _, path2 = build_masker(cfg, tiny.model, tiny.tokenizer)
     assert path2 == path1 and Path(path2).stat().st_mtime_ns == mtime
+
+
+def test_periodic_frozen_check_is_logged(unit_map, tmp_path):
+    import csv
+
+    run_train(train_cfg(tmp_path, *EXACT, "freeze=esu", f"freeze.unit_map={unit_map}", "freeze.check_every_n_steps=2"))
+    rows = [r for r in csv.DictReader(open(tmp_path / "csv" / "metrics.csv")) if r.get("freeze/frozen_max_abs_delta")]
+    assert len(rows) >= 1 and all(float(r["freeze/frozen_max_abs_delta"]) == 0.0 for r in rows)

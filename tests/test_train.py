@@ -58,3 +58,78 @@ def test_unknown_config_key_is_an_error(tmp_path):
 def test_bad_optim_value_is_a_clear_error(tmp_path):
     with pytest.raises(ConfigError, match="optim.lr must be positive"):
         run_train(train_cfg(tmp_path, "optim.lr=-1"))
+
+
+def test_ctrl_c_saves_a_resumable_checkpoint(tmp_path, monkeypatch):
+    import signal
+
+    import lightning.pytorch as pl
+
+    import safety_units.training as training
+
+    class Interrupt(pl.Callback):
+        def on_train_batch_end(self, trainer, *args):
+            if trainer.global_step == 2:
+                raise KeyboardInterrupt
+
+    real = training.build_trainer
+    monkeypatch.setattr(training, "build_trainer", lambda cfg, extra, run_dir: real(cfg, extra + [Interrupt()], run_dir))
+    handler = signal.getsignal(signal.SIGINT)
+    try:
+        with pytest.raises(SystemExit):
+            run_train(train_cfg(tmp_path / "a", "trainer.max_steps=6"))
+    finally:
+        signal.signal(signal.SIGINT, handler)
+    ckpt = tmp_path / "a" / "checkpoints" / "interrupted.ckpt"
+    assert ckpt.is_file()
+    monkeypatch.setattr(training, "build_trainer", real)
+    summary = run_train(train_cfg(tmp_path / "b", "trainer.max_steps=6", f"ckpt_path={ckpt}"))
+    assert summary["global_step"] == 6
+
+
+def test_wandb_logger_runs_offline(tmp_path):
+    run_train(train_cfg(tmp_path, "logger=wandb", "trainer.max_steps=2"))
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+
+
+def test_multirun_writes_one_dir_per_job(tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    cmd = [sys.executable, str(ROOT / "train.py"), "-m", "model=tiny", "logger=csv", "callbacks=none",
+           "data=alpaca", "data.num_samples=16", "data.max_length=48", "trainer.max_steps=1",
+           "trainer.enable_progress_bar=false", "seed=1,2", f"hydra.sweep.dir={tmp_path}"]
+    subprocess.run(cmd, check=True, capture_output=True, timeout=600)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir() and (p / "model" / "config.json").is_file()) == ["0", "1"]
+
+
+def test_entry_point_prints_one_paragraph_error(tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    cmd = [sys.executable, str(ROOT / "train.py"), "model=hf", "model.path=/no/such/model",
+           f"hydra.run.dir={tmp_path}"]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 1
+    assert "error: model.path='/no/such/model' does not exist" in res.stderr
+    assert "Traceback" not in res.stderr
+
+
+def test_optuna_sweep_runs_trials(tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    cmd = [sys.executable, str(ROOT / "train.py"), "-m", "hparams_search=optuna", "hydra.sweeper.n_trials=2",
+           "hydra.sweeper.sampler.n_startup_trials=1", "model=tiny", "logger=csv", "callbacks=none",
+           "data.num_samples=16", "data.max_length=48", "data.val_fraction=0.25", "trainer.max_steps=1",
+           "trainer.enable_progress_bar=false", f"hydra.sweep.dir={tmp_path}"]
+    subprocess.run(cmd, check=True, capture_output=True, timeout=600)
+    assert (tmp_path / "optimization_results.yaml").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir() if (p / "model").is_dir()) == ["0", "1"]

@@ -566,6 +566,6 @@ class SFTDataModule(pl.LightningDataModule):
 
 
 def build_datamodule(data_cfg, tokenizer, cache_dir: str | None = None) -> SFTDataModule:
-    from hydra.utils import instantiate
+    from safety_units.config import instantiate
 
-    return instantiate(data_cfg, tokenizer=tokenizer, cache_dir=cache_dir, _recursive_=False)
+    return instantiate(data_cfg, "data", tokenizer=tokenizer, cache_dir=cache_dir, _recursive_=False)

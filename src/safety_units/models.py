@@ -203,9 +203,9 @@ def build_tiny(cache_dir: str, num_layers: int = 2, hidden_size: int = 64, inter
 
 def load_model(model_cfg) -> LoadedModel:
     """Instantiate a `model` config group entry (its `_target_` is one of the loaders above)."""
-    from hydra.utils import instantiate
+    from safety_units.config import instantiate
 
-    loaded = instantiate(model_cfg)
+    loaded = instantiate(model_cfg, "model")
     if not isinstance(loaded, LoadedModel):
         raise ModelError(f"model._target_ must return a LoadedModel, got {type(loaded).__name__}")
     return loaded

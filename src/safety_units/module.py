@@ -69,6 +69,15 @@ class CausalLMModule(pl.LightningModule):
             self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, on_epoch=False)
         return loss
 
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        m = self.masker
+        every = getattr(m, "check_every_n_steps", 0) if m is not None else 0
+        if not every or (batch_idx + 1) % self.trainer.accumulate_grad_batches or self.global_step % every:
+            return
+        if any(s in type(self.trainer.strategy).__name__ for s in ("FSDP", "DeepSpeed")):
+            return  # sharded weights: checked once, gathered, at the end of training
+        self.log("freeze/frozen_max_abs_delta", m.frozen_max_abs_delta(self.model.state_dict()), on_step=True)
+
     def validation_step(self, batch, batch_idx):
         loss = self.model(**batch).loss
         self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=batch["input_ids"].shape[0])

@@ -62,13 +62,8 @@ def run_train(cfg: DictConfig) -> dict:
 
     finalize = FinalizeRun(str(run_dir), tokenizer, resolved_yaml(cfg), unit_map_path=unit_map_path,
                            export=bool(cfg.get("export", True)))
+    module.tokenizer = tokenizer  # for callbacks that generate (callbacks=eval)
     extra = [InterruptCheckpoint(str(run_dir / "checkpoints")), finalize]
-    eval_cb = None
-    if cfg.get("eval_callback") is not None and cfg.eval_callback.get("enabled", False):
-        from safety_units.evaluation import EvalCallback
-
-        eval_cb = EvalCallback.from_config(cfg, tokenizer, run_dir)
-        extra.insert(0, eval_cb)
     trainer = build_trainer(cfg, extra, run_dir)
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
 
@@ -78,8 +73,11 @@ def run_train(cfg: DictConfig) -> dict:
     summary.update(finalize.summary)
     if masker is not None:
         summary["freeze"] = masker.describe()
-    if eval_cb is not None:
-        summary["eval"] = eval_cb.results
+    for cb in trainer.callbacks:
+        if type(cb).__name__ == "EvalCallback":
+            summary["eval"] = cb.results
+    if datamodule.val_set and "val/loss" not in trainer.callback_metrics and not trainer.interrupted:
+        trainer.validate(module, datamodule=datamodule, verbose=False)  # max_steps ended the run mid-epoch
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if getattr(v, "numel", lambda: 1)() == 1}
     summary["metrics"] = metrics
     _finish_loggers(trainer)

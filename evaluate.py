@@ -1,0 +1,23 @@
+"""Evaluate a model: harmful ASR, over-refusal, multiple-choice utility, perplexity; optional unit ablation."""
+
+import os
+from pathlib import Path
+
+os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parent))
+
+import hydra  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+
+from safety_units.errors import friendly_errors  # noqa: E402
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")
+@friendly_errors
+def main(cfg: DictConfig) -> None:
+    from safety_units.evaluate_run import run_evaluate
+
+    run_evaluate(cfg)
+
+
+if __name__ == "__main__":
+    main()
