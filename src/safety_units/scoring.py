@@ -34,6 +34,36 @@ def _column_sq_norms(g: UnitGroup) -> torch.Tensor:
     return (w * w).sum(dim=other).double().cpu()
 
 
+def _decoder(model):
+    """The transformer without its LM head: attribution needs unit activations, not 49k-way logits."""
+    prefix = getattr(model, "base_model_prefix", "")
+    return getattr(model, prefix, model) if prefix else model
+
+
+def _response_loss(model, batch: dict, chunk: int = 64) -> torch.Tensor:
+    """Mean next-token cross-entropy over response tokens, as the HF loss, but computing logits only at those
+    positions and in checkpointed chunks: the full [batch, seq, vocab] logits never exist."""
+    from torch.utils.checkpoint import checkpoint
+
+    hidden = _decoder(model)(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                             use_cache=False).last_hidden_state
+    labels = batch["labels"][:, 1:]
+    keep = labels != -100
+    h, y = hidden[:, :-1][keep], labels[keep]
+    head = model.get_output_embeddings()
+    cap = getattr(getattr(model, "config", None), "final_logit_softcapping", None)
+
+    def ce_sum(h_part, y_part):
+        logits = head(h_part).float()
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        return torch.nn.functional.cross_entropy(logits, y_part, reduction="sum")
+
+    total = sum(checkpoint(ce_sum, h[i:i + chunk], y[i:i + chunk], use_reentrant=False)
+                for i in range(0, y.numel(), chunk))
+    return total / y.numel()
+
+
 def _token_mask(batch: dict, tokens: str) -> torch.Tensor:
     if tokens == "all":
         return batch["attention_mask"].bool()
@@ -86,7 +116,7 @@ def activation_scores(model, groups: list[UnitGroup], batches: Iterable[dict], m
         for batch in tqdm(list(batches), desc=desc, disable=not progress, leave=False):
             batch = {k: v.to(device) for k, v in batch.items()}
             current["mask"] = _token_mask(batch, tokens)
-            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+            _decoder(model)(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
     finally:
         for h in handles:
             h.remove()
@@ -146,8 +176,7 @@ def snip_scores(model, groups: list[UnitGroup], batches: Iterable[dict], progres
             batch = {k: v.to(device) for k, v in batch.items()}
             if not (batch["labels"] != -100).any():
                 continue
-            loss = model(**batch, use_cache=False).loss
-            loss.backward()
+            _response_loss(model, batch).backward()
     finally:
         for h in handles:
             h.remove()
