@@ -42,7 +42,7 @@ def tokenizer():
     return smollm2_tokenizer(cache)
 
 
-TINY_TRAIN = ["model=tiny", "logger=csv", "data=alpaca", "data.num_samples=48", "data.max_length=64",
+TINY_TRAIN = ["~experiment", "model=tiny", "logger=csv", "data=alpaca", "data.num_samples=48", "data.max_length=64",
               "data.batch_size=4", "data.val_fraction=0.1", "trainer.max_steps=4", "callbacks=none",
               "trainer.enable_progress_bar=false"]
 

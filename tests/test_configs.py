@@ -24,10 +24,42 @@ def test_train_group_option_composes(group, option, tmp_path):
     assert cfg.paths.data_dir.endswith("shared/data")
 
 
-@pytest.mark.parametrize("option", options("experiment"))
-def test_experiment_composes(option, tmp_path):
-    cfg = compose("train", [f"experiment={option}"], output_dir=tmp_path)
+def experiments() -> list[str]:
+    return sorted(str(p.relative_to(CONF / "experiment").with_suffix("")) for p in (CONF / "experiment").rglob("*.yaml")
+                  if not p.name.startswith("_"))
+
+
+@pytest.mark.parametrize("option", experiments())
+def test_experiment_composes_with_its_entry_point(option, tmp_path):
+    text = (CONF / "experiment" / f"{option}.yaml").read_text()
+    entry = "train"
+    for line in text.splitlines():
+        if line.startswith("study_entry:"):
+            entry = line.split(":", 1)[1].strip()
+    cfg = compose(entry, [f"experiment={option}"], output_dir=tmp_path)
     OmegaConf.resolve(cfg)
+    if option.startswith("ssah/"):
+        assert cfg.study_dir.endswith("logs/ssah_smollm2")
+
+
+def test_ssah_stages_chain_by_output_paths(tmp_path):
+    align = compose("train", ["experiment=ssah/align_full"], output_dir=tmp_path)
+    attr = compose("attribute", ["experiment=ssah/attribute_aligned"], output_dir=tmp_path)
+    ft = compose("train", ["experiment=ssah/finetune_benign", "freeze=esu"], output_dir=tmp_path)
+    ru = compose("train", ["experiment=ssah/align_ru"], output_dir=tmp_path)
+    base = compose("attribute", ["experiment=ssah/attribute_base"], output_dir=tmp_path)
+    assert attr.model.path == f"{align.study_dir}/align_none/model"
+    assert ft.model.path == attr.model.path and ft.freeze.strategy == "esu"
+    assert ft.freeze.unit_map == f"{attr.study_dir}/attribute_aligned/unit_map.safetensors"
+    assert ru.freeze.strategy == "ru_only" and ru.freeze.unit_map.startswith(base.study_dir + "/attribute_base")
+
+
+def test_quickstart_is_the_default(tmp_path):
+    cfg = compose("train", [], output_dir=tmp_path)
+    assert cfg.model._target_.endswith("load_smollm2") and cfg.freeze.strategy == "ru_only"
+    assert cfg.freeze.auto_attribute and "eval" in cfg.callbacks
+    bare = compose("train", ["~experiment"], output_dir=tmp_path)
+    assert bare.freeze.strategy == "none" and "eval" not in bare.callbacks
 
 
 @pytest.mark.parametrize("group", ["scoring", "classify", "calibration", "units"])

@@ -133,3 +133,17 @@ def test_optuna_sweep_runs_trials(tmp_path):
     subprocess.run(cmd, check=True, capture_output=True, timeout=600)
     assert (tmp_path / "optimization_results.yaml").is_file()
     assert sorted(p.name for p in tmp_path.iterdir() if (p / "model").is_dir()) == ["0", "1"]
+
+
+def test_quickstart_path_on_tiny(tmp_path):
+    """`python train.py` with model=tiny: auto-attribution, RU-only training, eval before and after."""
+    cfg = compose("train", ["model=tiny", "logger=csv", "data.num_samples=32", "data.max_length=64",
+                            "trainer.max_steps=3", "trainer.enable_progress_bar=false",
+                            "callbacks.eval.suite.limit=4", "callbacks.eval.suite.max_new_tokens=8",
+                            f"paths.cache_dir={tmp_path / 'cache'}"], output_dir=tmp_path / "run")
+    summary = run_train(cfg)
+    assert summary["freeze"]["strategy"] == "ru_only"
+    assert summary["freeze"]["unit_map"].startswith(str(tmp_path / "cache" / "unit_maps"))
+    assert summary["frozen_max_abs_delta"] == 0.0 and summary["trainable_changed"]
+    assert "| harmful | asr |" in (tmp_path / "run" / "eval_compare.md").read_text()
+    assert (tmp_path / "run" / "model" / "unit_map.safetensors").is_file()
