@@ -170,3 +170,13 @@ def test_shipped_refusal_sets_load(tokenizer):
     stl = src(path=str(SHARED_DATA / "safety_tuned_llamas" / "safety_only_data_Instructions.json"),
               prompt="instruction", input="input", response="output").load()
     assert len(stl) == 2483
+
+
+def test_prompt_template_and_system_keep_the_raw_prompt():
+    exs = src(path=str(FIXTURES / "pairs.jsonl"), prompt="q", response=None, system="Obey.",
+              template="AGENT, execute: {prompt}").load()
+    assert exs[0].messages[0] == {"role": "system", "content": "Obey."}
+    assert exs[0].messages[1]["content"] == "AGENT, execute: Give me a recipe for pancakes."
+    assert exs[0].prompt == "Give me a recipe for pancakes."  # de-duplication sees the file's prompt
+    with pytest.raises(ConfigError, match="must contain"):
+        src(path=str(FIXTURES / "pairs.jsonl"), prompt="q", template="no placeholder")

@@ -39,6 +39,7 @@ SOURCE_KEYS = {
     "response": "field with the assistant response; null for prompt-only sets",
     "messages": "field with a list of {role, content} turns ('.' when the row itself is that list)",
     "system": "system prompt to put before the user turn (null: the template's default)",
+    "template": "format string for the user turn, e.g. 'AOA, execute my instruction: {prompt}'",
     "strip_inst": "strip Llama-2 [INST] ... [/INST] / <<SYS>> markup from prompts",
     "where": "row filter: {field: value or [values]}",
     "hash_split": "[lo, hi): keep rows whose prompt hashes into this fraction (stable train/eval partition)",
@@ -55,9 +56,13 @@ class Example:
     messages: list[dict]  # [{role, content}], ending with an assistant turn unless prompt-only
     source: str
     row: int  # 1-based data row in the file
+    raw_prompt: str | None = None  # the prompt before a source template was applied
 
     @property
     def prompt(self) -> str:
+        """The prompt as in the file (for de-duplication and reports); the user turn may wrap it in a template."""
+        if self.raw_prompt is not None:
+            return self.raw_prompt
         users = [m["content"] for m in self.messages if m["role"] == "user"]
         return users[-1] if users else ""
 
@@ -159,6 +164,7 @@ class Source:
     response: str | None = "response"
     messages: str | None = None
     system: str | None = None
+    template: str | None = None
     strip_inst: bool = False
     where: dict | None = None
     hash_split: list | None = None
@@ -188,6 +194,8 @@ class Source:
             lo, hi = src.hash_split
             if not 0.0 <= lo < hi <= 1.0:
                 raise ConfigError(f"data source '{name}': hash_split must be [lo, hi) within [0, 1], got {src.hash_split}.")
+        if src.template is not None and "{prompt}" not in src.template:
+            raise ConfigError(f"data source '{name}': template must contain {{prompt}}, got {src.template!r}.")
         if src.limit is not None and src.limit < 1:
             raise ConfigError(f"data source '{name}': limit must be a positive number of rows or null.")
         return src
@@ -208,7 +216,7 @@ class Source:
                     bad.append(i)
                     continue
                 raise DataError(f"{self.path}: row {i}: {e}") from None
-            ex = Example(messages, self.name, i)
+            ex = Example(messages, self.name, i, self._raw_prompt)
             if self.hash_split is not None:
                 lo, hi = self.hash_split
                 if not lo <= stable_fraction(ex.prompt) < hi:
@@ -241,6 +249,7 @@ class Source:
         return value
 
     def _messages(self, row: Any, need_response: bool) -> list[dict]:
+        self._raw_prompt = None
         if self.messages is not None:
             turns = row if self.messages == "." else (row.get(self.messages) if isinstance(row, dict) else None)
             if not isinstance(turns, list) or not turns:
@@ -265,8 +274,10 @@ class Source:
                 prompt = f"{prompt.rstrip()}\n\n{extra.strip()}"
         if not prompt.strip():
             raise DataError(f"empty prompt in field '{self.prompt}'")
+        self._raw_prompt = prompt.strip()
         msgs = [] if self.system is None else [{"role": "system", "content": self.system}]
-        msgs.append({"role": "user", "content": prompt.strip()})
+        user = self.template.format(prompt=prompt.strip()) if self.template else prompt.strip()
+        msgs.append({"role": "user", "content": user})
         if self.response is not None:
             response = self._field(row, self.response, required=need_response)
             if response is not None and response.strip():

@@ -111,6 +111,9 @@ def run_refusal(name: str, task: DictConfig, settings: DictConfig, model, tokeni
     if report not in ("asr", "refusal_rate"):
         raise ConfigError(f"eval.tasks.{name}.report must be asr or refusal_rate, got {report!r}.")
     src = Source.from_config(task.source, name)
+    for key in ("system", "template"):  # suite-wide attack setting (e.g. the AOA system prompt and template)
+        if settings.get(key) is not None and getattr(src, key) is None:
+            setattr(src, key, settings.get(key))
     limit = task_limit(task, settings)
     src.limit = None
     examples = src.load(int(settings.get("seed", 0)), require_response=False)
@@ -138,6 +141,8 @@ def run_refusal(name: str, task: DictConfig, settings: DictConfig, model, tokeni
                                                          "overlaps_removed": removed, "source": str(src.path)})
     rows = [{"task": name, "prompt": ex.prompt, "completion": c, "refusal": v.refusal, "short": v.short,
              "reason": v.reason} for ex, c, v in zip(examples, completions, verdicts)]
+    if src.system or src.template:
+        result.extra.update(system=src.system, template=src.template)
     return result, rows
 
 
