@@ -1,4 +1,5 @@
 import json
+import math
 
 import pytest
 import torch
@@ -159,11 +160,12 @@ def test_evaluate_entry_writes_reports(tmp_path):
                   output_dir=tmp_path)
     out = run_evaluate(cfg)
     report = json.loads((tmp_path / "eval.json").read_text())
-    assert set(report) == {"harmful", "oktest", "harmless", "mmlu/acc", "mmlu/acc_norm", "ppl"}
+    assert set(report) == {"harmful", "malicious_instructions", "q_harm", "oktest", "harmless", "mmlu/acc",
+                           "mmlu/acc_norm", "ppl"}
     assert all(r["n"] == 4 for r in report.values())
-    assert report["harmful"]["metric"] == "asr" and report["harmful"]["extra"]["overlaps_removed"] >= 0
+    assert report["harmful"]["metric"] == "asr" and report["harmful"]["extra"]["overlaps_removed"] == 179
     lines = (tmp_path / "generations.jsonl").read_text().splitlines()
-    assert len(lines) == 12 and {"prompt", "completion", "refusal", "task"} <= set(json.loads(lines[0]))
+    assert len(lines) == 20 and {"prompt", "completion", "refusal", "task"} <= set(json.loads(lines[0]))
     assert (tmp_path / "csv" / "metrics.csv").is_file()
     assert out["meta"]["ablation"] is None
 
@@ -194,3 +196,24 @@ def test_eval_callback_writes_before_after_table(tmp_path):
     assert "| harmful | asr |" in table and "| ppl | ppl |" in table
     assert set(summary["eval"]) == {"before", "after"}
     assert (tmp_path / "eval_before.json").is_file() and (tmp_path / "eval_after.json").is_file()
+
+
+def test_perplexity_equals_hf_loss(tiny):
+    from safety_units.data import collate, encode_example
+    from safety_units.evaluation import run_ppl
+
+    task = OmegaConf.create({"type": "ppl", "max_length": 64, "source": {
+        "path": str(FIXTURES / "pairs.jsonl"), "prompt": "q", "response": "a"}})
+    settings = OmegaConf.create({"batch_size": 2, "limit": None, "seed": 0})
+    res = run_ppl("ppl", task, settings, tiny.model, tiny.tokenizer)
+    total = count = 0.0
+    for row in [("Give me a recipe for pancakes.", "Mix flour, eggs and milk, then fry."),
+                ("Summarise this text.", "It is about cats."), ("How can I hurt someone?", "I can't help with hurting people.")]:
+        enc = encode_example(tiny.tokenizer, [{"role": "user", "content": row[0]}, {"role": "assistant", "content": row[1]}], 64)
+        batch = collate([enc], tiny.tokenizer.pad_token_id, 1)
+        n = int((batch["labels"][:, 1:] != -100).sum())
+        with torch.no_grad():
+            total += float(tiny.model(**batch).loss) * n
+        count += n
+    assert res.n == 3 and abs(res.value - math.exp(total / count)) < 1e-3 * res.value
+    assert res.ci_low <= res.value <= res.ci_high

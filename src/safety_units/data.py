@@ -210,13 +210,12 @@ class Source:
             if self.where and not _row_matches(row, self.where):
                 continue
             try:
-                messages = self._messages(row, need_response and not self.self_distill)
+                ex = self._example(row, i, need_response and not self.self_distill)
             except DataError as e:
                 if self.on_bad_row == "skip":
                     bad.append(i)
                     continue
                 raise DataError(f"{self.path}: row {i}: {e}") from None
-            ex = Example(messages, self.name, i, self._raw_prompt)
             if self.hash_split is not None:
                 lo, hi = self.hash_split
                 if not lo <= stable_fraction(ex.prompt) < hi:
@@ -248,8 +247,7 @@ class Source:
             raise DataError(f"field '{key}' must be a string, got {type(value).__name__}")
         return value
 
-    def _messages(self, row: Any, need_response: bool) -> list[dict]:
-        self._raw_prompt = None
+    def _example(self, row: Any, i: int, need_response: bool) -> Example:
         if self.messages is not None:
             turns = row if self.messages == "." else (row.get(self.messages) if isinstance(row, dict) else None)
             if not isinstance(turns, list) or not turns:
@@ -264,7 +262,7 @@ class Source:
                 out.insert(0, {"role": "system", "content": self.system})
             if need_response and (out[-1]["role"] != "assistant" or not out[-1]["content"].strip()):
                 raise DataError("conversation must end with a non-empty assistant turn")
-            return out
+            return Example(out, self.name, i)
         prompt = self._field(row, self.prompt)
         if self.strip_inst:
             prompt = strip_llama2_markup(prompt)
@@ -274,7 +272,6 @@ class Source:
                 prompt = f"{prompt.rstrip()}\n\n{extra.strip()}"
         if not prompt.strip():
             raise DataError(f"empty prompt in field '{self.prompt}'")
-        self._raw_prompt = prompt.strip()
         msgs = [] if self.system is None else [{"role": "system", "content": self.system}]
         user = self.template.format(prompt=prompt.strip()) if self.template else prompt.strip()
         msgs.append({"role": "user", "content": user})
@@ -284,7 +281,7 @@ class Source:
                 msgs.append({"role": "assistant", "content": response.strip()})
             elif need_response:
                 raise DataError(f"empty response in field '{self.response}'")
-        return msgs
+        return Example(msgs, self.name, i, raw_prompt=prompt.strip())
 
 
 def _row_matches(row: Any, where: dict) -> bool:
@@ -295,12 +292,6 @@ def _row_matches(row: Any, where: dict) -> bool:
         if row.get(key) not in allowed and str(row.get(key)) not in map(str, allowed):
             return False
     return True
-
-
-def load_sources(sources_cfg, seed: int = 0) -> dict[str, list[Example]]:
-    if sources_cfg is None or len(sources_cfg) == 0:
-        raise ConfigError("data.sources is empty: name at least one file to read.")
-    return {name: Source.from_config(cfg, name).load(seed) for name, cfg in sources_cfg.items()}
 
 
 # --------------------------------------------------------------------------- chat template + label masking

@@ -27,9 +27,10 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from safety_units.data import Source, encode_example, normalize_prompt, prompt_text
+from safety_units.data import Source, collate, encode_example, normalize_prompt, prompt_text
 from safety_units.errors import ConfigError, DataError
 from safety_units.generation import generate
+from safety_units.scoring import head_logits, hidden_states, response_token_nll
 
 log = logging.getLogger(__name__)
 
@@ -240,41 +241,39 @@ def _encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int],
     return ctx, cont
 
 
-@torch.inference_mode()
 def loglikelihoods(model, tokenizer, pairs: list[tuple[str, str]], batch_size: int = 16, max_length: int = 2048,
                    progress: bool = True, desc: str = "loglik") -> list[float]:
-    """sum log p(continuation | context) for each pair; requests sharing a prefix share one forward pass."""
+    """sum log p(continuation | context) for each pair; requests sharing a prefix share one forward pass
+    (e.g. MMLU's four single-token answers after the same question)."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    encoded = []
-    for ctx, cont in pairs:
+    seqs: dict[tuple, list[int]] = {}  # model input -> indices of the requests it serves
+    targets = []
+    for j, (ctx, cont) in enumerate(pairs):
         c, k = _encode_pair(tokenizer, ctx, cont)
         full = (c + k)[-(max_length + 1):]
-        encoded.append((full[:-1], len(k), full[-1]))  # the model reads full[:-1], predicts the last len(k)
-    uniq: dict[tuple, int] = {}
-    for seq, _, _ in encoded:
-        uniq.setdefault(tuple(seq), len(uniq))
-    seqs = list(uniq)
-    order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
-    logprobs: dict[int, torch.Tensor] = {}
-    for b in tqdm(range(0, len(order), batch_size), desc=desc, disable=not progress, leave=False):
-        idx = order[b:b + batch_size]
-        width = max(len(seqs[i]) for i in idx)
-        ids = torch.full((len(idx), width), tokenizer.pad_token_id, dtype=torch.long)
+        seq = tuple(full[:-1])  # the model reads full[:-1] and predicts the last len(k) tokens
+        seqs.setdefault(seq, []).append(j)
+        targets.append([(p, full[p + 1]) for p in range(len(full) - 1 - len(k), len(full) - 1)])
+    out = [0.0] * len(pairs)
+    inputs = sorted(seqs, key=len, reverse=True)
+    for b in tqdm(range(0, len(inputs), batch_size), desc=desc, disable=not progress, leave=False):
+        batch = inputs[b:b + batch_size]
+        width = len(batch[0])
+        ids = torch.full((len(batch), width), tokenizer.pad_token_id, dtype=torch.long)
         mask = torch.zeros_like(ids)
-        for r, i in enumerate(idx):
-            ids[r, :len(seqs[i])] = torch.tensor(seqs[i])
-            mask[r, :len(seqs[i])] = 1
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
-        lp = torch.log_softmax(logits, dim=-1).cpu()
-        for r, i in enumerate(idx):
-            logprobs[i] = lp[r, :len(seqs[i])]
-    out = []
-    for seq, n_cont, last in encoded:
-        lp = logprobs[uniq[tuple(seq)]]
-        full = list(seq) + [last]
-        out.append(float(sum(lp[p, full[p + 1]] for p in range(len(full) - 1 - n_cont, len(full) - 1))))
+        for r, seq in enumerate(batch):
+            ids[r, :len(seq)] = torch.tensor(seq)
+            mask[r, :len(seq)] = 1
+        with torch.inference_mode():
+            hidden = hidden_states(model, ids.to(device), mask.to(device))
+            for r, seq in enumerate(batch):
+                for j in seqs[seq]:  # logits only at the positions asked for, never [batch, seq, vocab]
+                    pos = torch.tensor([p for p, _ in targets[j]], device=hidden.device)
+                    tok = torch.tensor([t for _, t in targets[j]], device=hidden.device)
+                    lp = torch.log_softmax(head_logits(model, hidden[r, pos]), dim=-1)
+                    out[j] = float(lp[torch.arange(len(tok), device=lp.device), tok].sum())
     model.train(was_training)
     return out
 
@@ -302,7 +301,6 @@ def run_mc(name: str, task: DictConfig, settings: DictConfig, model, tokenizer) 
 
 
 # --------------------------------------------------------------------------- perplexity
-@torch.inference_mode()
 def run_ppl(name: str, task: DictConfig, settings: DictConfig, model, tokenizer) -> TaskResult:
     src = Source.from_config(task.source, name)
     limit = task_limit(task, settings)
@@ -318,20 +316,11 @@ def run_ppl(name: str, task: DictConfig, settings: DictConfig, model, tokenizer)
     per_example = [None] * len(enc)
     for b in tqdm(range(0, len(order), bs), desc=name, leave=False):
         idx = order[b:b + bs]
-        width = max(len(enc[i].input_ids) for i in idx)
-        ids = torch.full((len(idx), width), tokenizer.pad_token_id, dtype=torch.long)
-        labels = torch.full((len(idx), width), -100, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for r, i in enumerate(idx):
-            n_tok = len(enc[i].input_ids)
-            ids[r, :n_tok], labels[r, :n_tok] = torch.tensor(enc[i].input_ids), torch.tensor(enc[i].labels)
-            mask[r, :n_tok] = 1
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
-        tok_nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), labels[:, 1:].to(device),
-                                                    ignore_index=-100, reduction="none").cpu()
-        valid = labels[:, 1:] != -100
-        for r, i in enumerate(idx):
-            per_example[i] = (float(tok_nll[r][valid[r]].sum()), int(valid[r].sum()))
+        batch = {k: v.to(device) for k, v in collate([enc[i] for i in idx], tokenizer.pad_token_id, 1).items()}
+        with torch.inference_mode():
+            tok_nll, counts = response_token_nll(model, batch)
+        for i, part, n_tok in zip(idx, torch.split(tok_nll.cpu(), counts.tolist()), counts.tolist()):
+            per_example[i] = (float(part.double().sum()), int(n_tok))
     model.train(was_training)
     nll = [p[0] for p in per_example]
     count = [p[1] for p in per_example]

@@ -88,8 +88,8 @@ def self_distill_responses(model, tokenizer, examples: list[Example], cache_dir:
         if not resp.strip():
             empty += 1
             continue
-        msgs = [m for m in ex.messages if not (m is ex.messages[-1] and m["role"] == "assistant")]
-        out.append(Example(msgs + [{"role": "assistant", "content": resp}], ex.source, ex.row))
+        msgs = ex.messages[:-1] if ex.messages[-1]["role"] == "assistant" else ex.messages
+        out.append(Example(msgs + [{"role": "assistant", "content": resp}], ex.source, ex.row, ex.raw_prompt))
     if empty:
         log.warning("self-distill: dropped %d prompts whose generated response was empty", empty)
     return out

@@ -40,28 +40,42 @@ def _decoder(model):
     return getattr(model, prefix, model) if prefix else model
 
 
-def _response_loss(model, batch: dict, chunk: int = 64) -> torch.Tensor:
-    """Mean next-token cross-entropy over response tokens, as the HF loss, but computing logits only at those
-    positions and in checkpointed chunks: the full [batch, seq, vocab] logits never exist."""
+def hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Last hidden states [batch, seq, hidden] without the LM head."""
+    return _decoder(model)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+
+
+def head_logits(model, h: torch.Tensor) -> torch.Tensor:
+    """LM-head logits (float32) for selected hidden states, with the model's final soft-capping if it has one."""
+    logits = model.get_output_embeddings()(h).float()
+    cap = getattr(getattr(model, "config", None), "final_logit_softcapping", None)
+    return torch.tanh(logits / cap) * cap if cap else logits
+
+
+def response_token_nll(model, batch: dict, chunk: int = 64, checkpointed: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Next-token NLL of every response token (labels != -100) and the number of them per row.
+
+    Logits are computed only at response positions and in chunks, so the [batch, seq, vocab] tensor never exists;
+    `checkpointed` recomputes each chunk in backward instead of keeping its logits (SNIP)."""
     from torch.utils.checkpoint import checkpoint
 
-    hidden = _decoder(model)(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                             use_cache=False).last_hidden_state
+    hidden = hidden_states(model, batch["input_ids"], batch["attention_mask"])
     labels = batch["labels"][:, 1:]
     keep = labels != -100
     h, y = hidden[:, :-1][keep], labels[keep]
-    head = model.get_output_embeddings()
-    cap = getattr(getattr(model, "config", None), "final_logit_softcapping", None)
 
-    def ce_sum(h_part, y_part):
-        logits = head(h_part).float()
-        if cap:
-            logits = torch.tanh(logits / cap) * cap
-        return torch.nn.functional.cross_entropy(logits, y_part, reduction="sum")
+    def nll(h_part, y_part):
+        return torch.nn.functional.cross_entropy(head_logits(model, h_part), y_part, reduction="none")
 
-    total = sum(checkpoint(ce_sum, h[i:i + chunk], y[i:i + chunk], use_reentrant=False)
-                for i in range(0, y.numel(), chunk))
-    return total / y.numel()
+    parts = [checkpoint(nll, h[i:i + chunk], y[i:i + chunk], use_reentrant=False) if checkpointed
+             else nll(h[i:i + chunk], y[i:i + chunk]) for i in range(0, y.numel(), chunk)]
+    return (torch.cat(parts) if parts else h.new_zeros(0)), keep.sum(dim=1)
+
+
+def _response_loss(model, batch: dict) -> torch.Tensor:
+    """Mean next-token cross-entropy over response tokens, as the HF loss (for SNIP)."""
+    nll, _ = response_token_nll(model, batch, checkpointed=True)
+    return nll.sum() / max(1, nll.numel())
 
 
 def _token_mask(batch: dict, tokens: str) -> torch.Tensor:
@@ -116,7 +130,7 @@ def activation_scores(model, groups: list[UnitGroup], batches: Iterable[dict], m
         for batch in tqdm(list(batches), desc=desc, disable=not progress, leave=False):
             batch = {k: v.to(device) for k, v in batch.items()}
             current["mask"] = _token_mask(batch, tokens)
-            _decoder(model)(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+            hidden_states(model, batch["input_ids"], batch["attention_mask"])
     finally:
         for h in handles:
             h.remove()
