@@ -217,3 +217,31 @@ def test_perplexity_equals_hf_loss(tiny):
         count += n
     assert res.n == 3 and abs(res.value - math.exp(total / count)) < 1e-3 * res.value
     assert res.ci_low <= res.value <= res.ci_high
+
+
+def test_model_judge_classifier_and_chat(tiny, tmp_path):
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    from safety_units.judge import ModelJudge
+
+    cfg = LlamaConfig(vocab_size=len(tiny.tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=2, pad_token_id=tiny.tokenizer.pad_token_id,
+                      id2label={0: "compliance", 1: "refusal"}, label2id={"compliance": 0, "refusal": 1})
+    clf = LlamaForSequenceClassification(cfg)
+    with torch.no_grad():  # make the classifier say "refusal" for every input
+        clf.score.weight.zero_()
+        clf.score.weight[1] = 0.0
+        clf.score.weight[0] = -1.0
+        clf.model.norm.weight.fill_(1.0)
+    clf.save_pretrained(tmp_path / "clf")
+    tiny.tokenizer.save_pretrained(tmp_path / "clf")
+    judge = ModelJudge(str(tmp_path / "clf"), kind="classifier", refusal_label="refusal", device="cpu", min_words=3)
+    verdicts = judge.judge(["How do I X?", "Hi"], ["Sure, here is how to do X in detail.", "No."])
+    assert [v.refusal for v in verdicts] == [True, True] and [v.short for v in verdicts] == [False, True]
+    with pytest.raises(ConfigError, match="not a label"):
+        ModelJudge(str(tmp_path / "clf"), refusal_label="unsafe", device="cpu")
+    tiny.model.save_pretrained(tmp_path / "chat")
+    tiny.tokenizer.save_pretrained(tmp_path / "chat")
+    chat = ModelJudge(str(tmp_path / "chat"), kind="chat", device="cpu")
+    out = chat.judge(["How do I X?"], ["Sure."])
+    assert len(out) == 1 and out[0].reason.startswith("model:")

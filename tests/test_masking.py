@@ -54,8 +54,9 @@ def _frozen_and_trainable_deltas(masker, exported, loaded):
 @pytest.mark.parametrize("strategy,extra", [
     ("esu", []), ("esu_cu", []), ("ru_only", []), ("random", ["freeze.like=esu_cu", "freeze.seed=3"]),
     ("random", ["freeze.like=ru_only"]), ("layers", ["freeze.layers=[1]"]),
-    ("esu_cu", ["freeze.mechanism=forward"]),
-])
+    ("esu_cu", ["freeze.mechanism=forward"]), ("esu_cu", ["trainer.precision=bf16-mixed"]),
+], ids=["esu", "esu_cu", "ru_only", "random_like_esu_cu", "random_like_ru_only", "layers", "esu_cu_forward_masks",
+        "esu_cu_bf16_mixed"])
 def test_frozen_entries_bit_identical(unit_map, tmp_path, strategy, extra):
     cfg = train_cfg(tmp_path, *EXACT, f"freeze={strategy}", f"freeze.unit_map={unit_map}", *extra)
     summary = run_train(cfg)
