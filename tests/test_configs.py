@@ -54,6 +54,15 @@ def test_ssah_stages_chain_by_output_paths(tmp_path):
     assert ru.freeze.strategy == "ru_only" and ru.freeze.unit_map.startswith(base.study_dir + "/attribute_base")
 
 
+@pytest.mark.parametrize("group,option", [("callbacks", "none"), ("callbacks", "default"), ("logger", "csv"),
+                                          ("freeze", "none"), ("data", "alpaca"), ("model", "tiny")])
+def test_quickstart_combines_with_other_options(group, option, tmp_path):
+    """The default experiment must not leave half-configured entries when a group is swapped."""
+    cfg = compose("train", [f"{group}={option}"], output_dir=tmp_path)
+    for name, entry in (cfg.callbacks or {}).items():
+        assert "_target_" in entry, f"callbacks.{name} lost its _target_"
+
+
 def test_quickstart_is_the_default(tmp_path):
     cfg = compose("train", [], output_dir=tmp_path)
     assert cfg.model._target_.endswith("load_smollm2") and cfg.freeze.strategy == "ru_only"

@@ -99,7 +99,7 @@ def test_multirun_writes_one_dir_per_job(tmp_path):
 
     from conftest import ROOT
 
-    cmd = [sys.executable, str(ROOT / "train.py"), "-m", "model=tiny", "logger=csv", "callbacks=none",
+    cmd = [sys.executable, str(ROOT / "train.py"), "-m", "~experiment", "model=tiny", "logger=csv", "callbacks=none",
            "data=alpaca", "data.num_samples=16", "data.max_length=48", "trainer.max_steps=1",
            "trainer.enable_progress_bar=false", "seed=1,2", f"hydra.sweep.dir={tmp_path}"]
     subprocess.run(cmd, check=True, capture_output=True, timeout=600)
@@ -126,7 +126,7 @@ def test_optuna_sweep_runs_trials(tmp_path):
 
     from conftest import ROOT
 
-    cmd = [sys.executable, str(ROOT / "train.py"), "-m", "hparams_search=optuna", "hydra.sweeper.n_trials=2",
+    cmd = [sys.executable, str(ROOT / "train.py"), "-m", "~experiment", "hparams_search=optuna", "hydra.sweeper.n_trials=2",
            "hydra.sweeper.sampler.n_startup_trials=1", "model=tiny", "logger=csv", "callbacks=none",
            "data.num_samples=16", "data.max_length=48", "data.val_fraction=0.25", "trainer.max_steps=1",
            "trainer.enable_progress_bar=false", f"hydra.sweep.dir={tmp_path}"]
