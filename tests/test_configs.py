@@ -105,3 +105,27 @@ def test_unknown_group_option_is_an_error(tmp_path):
 
     with pytest.raises(ConfigCompositionException):
         compose("train", ["freeze=esu_only"], output_dir=tmp_path)
+
+
+def test_every_eval_task_has_a_limit_key(tmp_path):
+    for option in options("eval"):
+        cfg = compose("evaluate", [f"eval={option}"], output_dir=tmp_path)
+        for name, task in cfg.eval.tasks.items():
+            assert task is None or "limit" in task, f"eval={option}: tasks.{name} has no limit key"
+
+
+def test_every_study_command_composes(tmp_path):
+    """The commands scripts/run_study.py runs (both scales) compose, so hours of study cannot die on a typo."""
+    import importlib.util
+    import shlex
+
+    spec = importlib.util.spec_from_file_location("run_study", ROOT / "scripts" / "run_study.py")
+    study = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(study)
+    for scale in (study.CPU, study.GPU):
+        commands = study.stages_dry(scale, [42], [0, 1])
+        assert len(commands) == 33  # 2 attributions, 4 alignments, 8 fine-tunes, 14 evals, 5 ablations
+        for command in commands:
+            entry, *overrides = shlex.split(command)[1:]
+            compose(entry.removesuffix(".py"), [o for o in overrides if not o.startswith("hydra.run.dir=")],
+                    output_dir=tmp_path)
