@@ -51,13 +51,15 @@ FREEZES = ["none", "esu", "esu_cu", "random"]
 ALIGN_LRS = {"": None, "_lr2e-4": "2e-4"}
 
 
-def run(cmd: list[str], log_name: str, done: Path, force: bool, executed: list[str]) -> None:
-    pretty = " ".join(shlex.quote(c) for c in cmd[1:])
-    executed.append(f"python {pretty}")
+def pretty(cmd: list[str]) -> str:
+    return "python " + " ".join(shlex.quote(c) for c in cmd[1:])
+
+
+def run(cmd: list[str], log_name: str, done: Path, force: bool) -> None:
     if done.exists() and not force:
         print(f"[skip] {log_name}: {done.relative_to(ROOT)} exists", flush=True)
         return
-    print(f"[run ] {log_name}: python {pretty}", flush=True)
+    print(f"[run ] {log_name}: {pretty(cmd)}", flush=True)
     STUDY.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     with open(STUDY / f"{log_name}.log", "w") as f:
@@ -68,48 +70,52 @@ def run(cmd: list[str], log_name: str, done: Path, force: bool, executed: list[s
     print(f"       done in {(time.time() - t0) / 60:.1f} min", flush=True)
 
 
-def stages(scale: dict, seeds: list[int], random_seeds: list[int], force: bool) -> list[str]:
+def stages(scale: dict, seeds: list[int], random_seeds: list[int]) -> list[tuple[list[str], str, Path]]:
+    """The study's stages in order: (command, log name, the file whose existence marks the stage done)."""
+    plan: list[tuple[list[str], str, Path]] = []
+
+    def add(cmd: list[str], name: str, done: Path) -> None:
+        plan.append((cmd, name, done))
+
     py = sys.executable
-    executed: list[str] = []
     c = scale["common"]
-    run([py, "attribute.py", "experiment=ssah/attribute_base", *scale["attribute"]], "attribute_base",
-        STUDY / "attribute_base" / "unit_map.safetensors", force, executed)
+    add([py, "attribute.py", "experiment=ssah/attribute_base", *scale["attribute"]], "attribute_base",
+        STUDY / "attribute_base" / "unit_map.safetensors")
     for lr_tag, lr in ALIGN_LRS.items():
         for exp, tag in (("ssah/align_full", "align_none"), ("ssah/align_ru", "align_ru_only")):
             args = scale["align"]
             if lr_tag:
                 args = [a for a in args if not a.startswith("optim.lr=")] + [f"optim.lr={lr}", f"study_tag={lr_tag}"]
-            run([py, "train.py", f"experiment={exp}", *c, *args], tag + lr_tag,
-                STUDY / (tag + lr_tag) / "model" / "config.json", force, executed)
-    run([py, "attribute.py", "experiment=ssah/attribute_aligned", *scale["attribute"]], "attribute_aligned",
-        STUDY / "attribute_aligned" / "unit_map.safetensors", force, executed)
+            add([py, "train.py", f"experiment={exp}", *c, *args], tag + lr_tag,
+                STUDY / (tag + lr_tag) / "model" / "config.json")
+    add([py, "attribute.py", "experiment=ssah/attribute_aligned", *scale["attribute"]], "attribute_aligned",
+        STUDY / "attribute_aligned" / "unit_map.safetensors")
     for seed in seeds:
         for kind, exp in (("benign", "ssah/finetune_benign"), ("aoa", "ssah/finetune_aoa")):
             for fr in FREEZES:
                 tag = f"{kind}_{fr}_s{seed}"
-                run([py, "train.py", f"experiment={exp}", f"freeze={fr}", f"seed={seed}", "freeze.seed=" + str(seed),
-                     *c, *scale[kind]], tag, STUDY / tag / "model" / "config.json", force, executed)
+                add([py, "train.py", f"experiment={exp}", f"freeze={fr}", f"seed={seed}", "freeze.seed=" + str(seed),
+                     *c, *scale[kind]], tag, STUDY / tag / "model" / "config.json")
     ev = ["experiment=ssah/evaluate", *scale["eval"]]
-    run([py, "evaluate.py", "model=smollm2_135m", "eval=suite", *scale["eval"],
+    add([py, "evaluate.py", "model=smollm2_135m", "eval=suite", *scale["eval"],
          f"hydra.run.dir={(STUDY / 'eval_shipped').relative_to(ROOT)}"], "eval_shipped",
-        STUDY / "eval_shipped" / "eval.json", force, executed)
+        STUDY / "eval_shipped" / "eval.json")
     for cond in [f"align_{m}{t}" for t in ALIGN_LRS for m in ("none", "ru_only")] + \
             [f"benign_{fr}_s{s}" for s in seeds for fr in FREEZES]:
-        run([py, "evaluate.py", *ev, f"condition={cond}"], f"eval_{cond}", STUDY / f"eval_{cond}" / "eval.json",
-            force, executed)
+        add([py, "evaluate.py", *ev, f"condition={cond}"], f"eval_{cond}", STUDY / f"eval_{cond}" / "eval.json")
     # The AOA models are attacked as Qi et al. do: with the identity-shift system prompt and template (also the
     # aligned model, as their baseline).
     ev_aoa = ["experiment=ssah/evaluate_aoa", *scale["eval"]]
     for cond in ["align_none"] + [f"aoa_{fr}_s{s}" for s in seeds for fr in FREEZES]:
-        run([py, "evaluate.py", *ev_aoa, f"condition={cond}"], f"eval_{cond}_aoaprompt",
-            STUDY / f"eval_{cond}_aoaprompt" / "eval.json", force, executed)
+        add([py, "evaluate.py", *ev_aoa, f"condition={cond}"], f"eval_{cond}_aoaprompt",
+            STUDY / f"eval_{cond}_aoaprompt" / "eval.json")
     for cls in ("esu", "euu", "ru"):
-        run([py, "evaluate.py", "experiment=ssah/ablate", f"ablate.classes={cls}", *scale["eval"]], f"ablate_{cls}",
-            STUDY / f"ablate_{cls}" / "eval.json", force, executed)
+        add([py, "evaluate.py", "experiment=ssah/ablate", f"ablate.classes={cls}", *scale["eval"]], f"ablate_{cls}",
+            STUDY / f"ablate_{cls}" / "eval.json")
     for s in random_seeds:
-        run([py, "evaluate.py", "experiment=ssah/ablate_random", f"ablate.seed={s}", *scale["eval"]],
-            f"ablate_random_esu_s{s}", STUDY / f"ablate_random_esu_s{s}" / "eval.json", force, executed)
-    return executed
+        add([py, "evaluate.py", "experiment=ssah/ablate_random", f"ablate.seed={s}", *scale["eval"]],
+            f"ablate_random_esu_s{s}", STUDY / f"ablate_random_esu_s{s}" / "eval.json")
+    return plan
 
 
 # --------------------------------------------------------------------------- report
@@ -129,24 +135,28 @@ def val(ev: dict | None, key: str) -> float | None:
     return None if ev is None or key not in ev else ev[key]["value"]
 
 
-def harmful_pooled(ev: dict | None) -> tuple[float, int] | None:
-    """ASR pooled over the harmful sets (AdvBench eval half + safety-tuned-llamas sets)."""
+def harmful_counts(ev: dict | None) -> tuple[int, int] | None:
+    """(attack successes, prompts) pooled over the harmful sets (AdvBench eval half + safety-tuned-llamas sets)."""
     if ev is None:
         return None
     keys = [k for k in ("harmful", "malicious_instructions", "q_harm") if k in ev]
     n = sum(ev[k]["n"] for k in keys)
-    k = sum(ev[k]["extra"]["attack_successes"] for k in keys)
-    return (k / n, n) if n else None
+    return (sum(ev[k]["extra"]["attack_successes"] for k in keys), n) if n else None
+
+
+def pooled_asr(ev: dict | None) -> float | None:
+    c = harmful_counts(ev)
+    return None if c is None else c[0] / c[1]
 
 
 def pooled_cell(ev) -> str:
     from safety_units.evaluation import wilson
 
-    p = harmful_pooled(ev)
-    if p is None:
+    c = harmful_counts(ev)
+    if c is None:
         return "n/a"
-    lo, hi = wilson(round(p[0] * p[1]), p[1])
-    return f"{p[0]:.3f} [{lo:.3f}, {hi:.3f}] (n={p[1]})"
+    lo, hi = wilson(*c)
+    return f"{c[0] / c[1]:.3f} [{lo:.3f}, {hi:.3f}] (n={c[1]})"
 
 
 COLUMNS = [("ASR all harmful", None), ("ASR AdvBench", "harmful"), ("refusal OKTest", "oktest"),
@@ -181,9 +191,9 @@ def verdicts(seeds: list[int], random_seeds: list[int]) -> list[str]:
     for tag in ALIGN_LRS:
         names = ("eval_shipped", f"eval_align_none{tag}", f"eval_align_ru_only{tag}")
         evs = [load_eval(n) for n in names]
-        if any(e is None for e in evs):
+        if any(pooled_asr(e) is None for e in evs):
             continue
-        s_, f_, r_ = (harmful_pooled(e)[0] for e in evs)
+        s_, f_, r_ = (pooled_asr(e) for e in evs)
         p_s, p_f, p_r = (val(e, "ppl") for e in evs)
         m_s, m_f, m_r = (val(e, "mmlu/acc") for e in evs)
         gain_f, gain_r = s_ - f_, s_ - r_
@@ -197,10 +207,10 @@ def verdicts(seeds: list[int], random_seeds: list[int]) -> list[str]:
                    f"{share:.0%} of the full gain (criterion: >= 50%). Utility cost as perplexity increase: full "
                    f"{p_f - p_s:+.2f}, RU-only {p_r - p_s:+.2f} (criterion: RU-only smaller); MMLU acc "
                    f"{m_s:.3f} -> full {m_f:.3f} / RU-only {m_r:.3f}.")
-    asr = {n: (harmful_pooled(load_eval(n)) or (None,))[0] for n in
-           ["eval_align_none", "ablate_esu", "ablate_euu", "ablate_ru"]
+    evs = {n: load_eval(n) for n in ["eval_align_none", "ablate_esu", "ablate_euu", "ablate_ru"]
            + [f"ablate_random_esu_s{s}" for s in random_seeds]}
-    ppl = {n: val(load_eval(n), "ppl") for n in asr}
+    asr = {n: pooled_asr(e) for n, e in evs.items()}
+    ppl = {n: val(e, "ppl") for n, e in evs.items()}
     # (b)
     base, e = asr["eval_align_none"], asr["ablate_esu"]
     rnd = [asr[f"ablate_random_esu_s{s}"] for s in random_seeds if asr.get(f"ablate_random_esu_s{s}") is not None]
@@ -222,13 +232,13 @@ def verdicts(seeds: list[int], random_seeds: list[int]) -> list[str]:
     # (c)
     for kind, what, suffix in (("benign", "benign fine-tuning (Alpaca)", ""),
                                ("aoa", "the AOA identity-shift attack (evaluated with the AOA prompt)", "_aoaprompt")):
-        before = (harmful_pooled(load_eval(f"eval_align_none{suffix}")) or (None,))[0]
+        base = pooled_asr(load_eval(f"eval_align_none{suffix}"))
         for seed in seeds:
-            a = {fr: (harmful_pooled(load_eval(f"eval_{kind}_{fr}_s{seed}{suffix}")) or (None,))[0] for fr in FREEZES}
-            p = {fr: val(load_eval(f"eval_{kind}_{fr}_s{seed}{suffix}"), "ppl") for fr in FREEZES}
-            if None in a.values() or before is None:
+            evs = {fr: load_eval(f"eval_{kind}_{fr}_s{seed}{suffix}") for fr in FREEZES}
+            a = {fr: pooled_asr(e) for fr, e in evs.items()}
+            p = {fr: val(e, "ppl") for fr, e in evs.items()}
+            if None in a.values() or base is None:
                 continue
-            base = before
             erodes = a["none"] > base
             keeps = min(a["esu"], a["esu_cu"]) < min(a["none"], a["random"])
             status = "confirmed" if erodes and keeps else ("partly confirmed" if erodes or keeps else "refuted")
@@ -240,7 +250,7 @@ def verdicts(seeds: list[int], random_seeds: list[int]) -> list[str]:
     return out
 
 
-def report(executed: list[str], scale_name: str, seeds: list[int], random_seeds: list[int],
+def report(executed: list[str], scale_name: str, scale: dict, seeds: list[int], random_seeds: list[int],
            minutes: float | None) -> Path:
     sys.path.insert(0, str(ROOT / "src"))
     from safety_units.plots import plot_tradeoff
@@ -252,8 +262,7 @@ def report(executed: list[str], scale_name: str, seeds: list[int], random_seeds:
             shutil.copy2(src, RESULTS / dst)
         if (STUDY / name / "unit_map.json").is_file():
             shutil.copy2(STUDY / name / "unit_map.json", RESULTS / f"unit_map_{name.split('_')[1]}.json")
-    lr0 = (CPU if scale_name == "cpu" else GPU)["align"]
-    lr0 = next((a.split("=")[1] for a in lr0 if a.startswith("optim.lr=")), "2e-5")
+    lr0 = next((a.split("=")[1] for a in scale["align"] if a.startswith("optim.lr=")), "2e-5")
     main_rows = [("shipped SmolLM2-135M-Instruct", "eval_shipped")] + \
         [(f"aligned, {'full fine-tuning' if m == 'none' else 'RU units only'}, lr {ALIGN_LRS[t] or lr0}",
           f"eval_align_{m}{t}") for t in ALIGN_LRS for m in ("none", "ru_only")]
@@ -268,16 +277,15 @@ def report(executed: list[str], scale_name: str, seeds: list[int], random_seeds:
     points = []
     for label, name in main_rows + abl_rows[1:] + ft_rows[1:] + aoa_rows[1:]:
         ev = load_eval(name)
-        h = harmful_pooled(ev)
+        h = pooled_asr(ev)
         if h is not None and val(ev, "ppl") is not None:
-            points.append({"label": label.replace("aligned, ", "").replace(" fine-tune", ""), "asr": h[0],
+            points.append({"label": label.replace("aligned, ", "").replace(" fine-tune", ""), "asr": h,
                            "ppl": val(ev, "ppl")})
     if points:
         plot_tradeoff(points, RESULTS / "asr_vs_ppl.png", "ppl", "asr", "perplexity on held-out Alpaca (lower is better)",
                       "attack success rate, pooled harmful sets (lower is safer)",
                       "SmolLM2-135M: safety vs utility per condition")
     hw = "a lent GPU (bf16)" if scale_name == "gpu" else "CPU only (2 cores), reduced scale -- no GPU was lent"
-    sizes = CPU if scale_name == "cpu" else GPU
     md = [
         "# SSAH study on SmolLM2-135M-Instruct",
         "",
@@ -291,7 +299,7 @@ def report(executed: list[str], scale_name: str, seeds: list[int], random_seeds:
         "SCANS-style exclusions, >= 20 words for an attack success); greedy decoding; scoring = wifv on 128 "
         "refusal pairs (safety-tuned-llamas) vs 128 Alpaca instructions; classes per kind ESU 1.3% / EUU 13% / "
         "RU 15%; esu_cu and random freeze 7.5% of units. Scale reductions: "
-        + "; ".join(f"{k}: `{' '.join(v)}`" for k, v in sizes.items() if v) + ".",
+        + "; ".join(f"{k}: `{' '.join(v)}`" for k, v in scale.items() if v) + ".",
         "",
         "## Verdicts",
         "",
@@ -357,24 +365,12 @@ def main():
     args = ap.parse_args()
     scale = CPU if args.scale == "cpu" else GPU
     t0 = time.time()
-    if args.report_only:
-        executed = stages_dry(scale, args.seeds, args.random_seeds)
-        report(executed, args.scale, args.seeds, args.random_seeds, None)
-        return
-    executed = stages(scale, args.seeds, args.random_seeds, args.force)
-    report(executed, args.scale, args.seeds, args.random_seeds, (time.time() - t0) / 60)
-
-
-def stages_dry(scale, seeds, random_seeds) -> list[str]:
-    """The commands of a full run, without running anything (every stage counts as done)."""
-    global run
-    real = run
-    run = lambda cmd, log_name, done, force, executed: executed.append(  # noqa: E731
-        "python " + " ".join(shlex.quote(c) for c in cmd[1:]))
-    try:
-        return stages(scale, seeds, random_seeds, False)
-    finally:
-        run = real
+    plan = stages(scale, args.seeds, args.random_seeds)
+    if not args.report_only:
+        for cmd, name, done in plan:
+            run(cmd, name, done, args.force)
+    report([pretty(cmd) for cmd, _, _ in plan], args.scale, scale, args.seeds, args.random_seeds,
+           None if args.report_only else (time.time() - t0) / 60)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@ import json
 
 import pytest
 import torch
-from conftest import FIXTURES, compose
+from conftest import compose
 
 from safety_units.attribution import attribute, calibration_batches, run_attribution
 from safety_units.classification import CLASS_CODES, classify, percentile_ranks

@@ -123,9 +123,10 @@ def test_every_study_command_composes(tmp_path):
     study = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(study)
     for scale in (study.CPU, study.GPU):
-        commands = study.stages_dry(scale, [42], [0, 1])
-        assert len(commands) == 33  # 2 attributions, 4 alignments, 8 fine-tunes, 14 evals, 5 ablations
-        for command in commands:
-            entry, *overrides = shlex.split(command)[1:]
+        plan = study.stages(scale, [42], [0, 1])
+        assert len(plan) == 33  # 2 attributions, 4 alignments, 8 fine-tunes, 14 evals, 5 ablations
+        assert len({name for _, name, _ in plan}) == 33  # every stage has its own log and output
+        for cmd, _, _ in plan:
+            entry, *overrides = shlex.split(study.pretty(cmd))[1:]
             compose(entry.removesuffix(".py"), [o for o in overrides if not o.startswith("hydra.run.dir=")],
                     output_dir=tmp_path)

@@ -8,17 +8,16 @@ import logging
 import time
 from pathlib import Path
 
-import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from safety_units.classification import classify
 from safety_units.config import output_dir, setup_run
 from safety_units.data import Source, collate, encode_example
 from safety_units.errors import ConfigError
-from safety_units.models import LoadedModel, load_model
+from safety_units.models import LoadedModel, load_model, resolve_device
 from safety_units.scoring import score_units
 from safety_units.unit_map import UnitMap, full_fingerprint
-from safety_units.units import resolve_units
+from safety_units.units import resolve_units, unit_names
 
 log = logging.getLogger(__name__)
 
@@ -46,12 +45,9 @@ def calibration_batches(tokenizer, source_cfg, nsamples: int, max_length: int, b
 def attribute(loaded: LoadedModel, cfg: DictConfig, device: str | None = None) -> UnitMap:
     """Score units on the safety and utility sets and classify them; returns the (unsaved) UnitMap."""
     model, tokenizer = loaded.model, loaded.tokenizer
-    names = OmegaConf.to_container(cfg.units.names, resolve=True) if cfg.get("units") and cfg.units.get("names") \
-        else None
+    names = unit_names(cfg)
     groups = resolve_units(model, names)
-    dev = device or cfg.get("device") or "auto"
-    if dev == "auto":
-        dev = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = resolve_device(device or cfg.get("device"))
     model.to(dev)
     cal, sc = cfg.calibration, cfg.scoring
     scores, timings = {}, {}
@@ -121,7 +117,7 @@ def cached_attribution(train_cfg: DictConfig, model, tokenizer) -> Path:
     with open_dict(acfg):
         acfg.paths = train_cfg.paths
         acfg.units = train_cfg.get("units", acfg.units)
-    fp = full_fingerprint(model, OmegaConf.to_container(acfg.units.names) if acfg.units.get("names") else None)
+    fp = full_fingerprint(model, unit_names(acfg))
     settings = {k: OmegaConf.to_container(acfg[k], resolve=True) for k in ("scoring", "classify", "calibration")}
     key = hashlib.sha256(json.dumps({"fp": fp, "settings": settings}, sort_keys=True).encode()).hexdigest()[:16]
     out = Path(train_cfg.paths.cache_dir) / "unit_maps" / key

@@ -26,6 +26,12 @@ class InterruptCheckpoint(pl.Callback):
             log.warning("interrupted: saved %s; resume with ckpt_path=%s", path, path)
 
 
+def weights_sharded(strategy) -> bool:
+    """True where no rank holds the whole model (FSDP, DeepSpeed ZeRO-3); ZeRO-1/2 shard only optimizer state."""
+    name = type(strategy).__name__
+    return "FSDP" in name or (name == "DeepSpeedStrategy" and bool(getattr(strategy, "zero_stage_3", False)))
+
+
 def full_state_dict(trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, torch.Tensor] | None:
     """The HF model's full state dict on rank 0 (gathered under ZeRO-3 / FSDP); None on other ranks.
 

@@ -15,9 +15,9 @@ import logging
 import math
 import random
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
@@ -92,6 +92,12 @@ def stable_fraction(text: str) -> float:
 
 
 # --------------------------------------------------------------------------- reading files
+def subsample(items: list, k: int, key: str) -> list:
+    """k items drawn by a generator seeded with `key`, in their original order (the same draw on every run)."""
+    rng = random.Random(key)
+    return [items[i] for i in sorted(rng.sample(range(len(items)), k))]
+
+
 def _detect_format(path: Path, fmt: str) -> str:
     if fmt != "auto":
         return fmt
@@ -228,9 +234,7 @@ class Source:
             raise DataError(f"{self.path}: no rows left for source '{self.name}' after where={self.where} "
                             f"and hash_split={self.hash_split}.")
         if self.limit is not None and len(examples) > self.limit:
-            rng = random.Random(f"{seed}:{self.name}")
-            keep = sorted(rng.sample(range(len(examples)), self.limit))
-            examples = [examples[k] for k in keep]
+            examples = subsample(examples, self.limit, f"{seed}:{self.name}")
         return examples
 
     def _field(self, row: Any, key: str, required: bool = True) -> str | None:
@@ -461,7 +465,6 @@ class SFTDataModule(pl.LightningDataModule):
         self.val_examples: list[Example] = []
         self.train_set = self.val_set = None
         self.stats: dict[str, Any] = {}
-        self._sampler: ResumableSampler | None = None
 
     # -- building -------------------------------------------------------------------------------------------
     def prepare(self, model=None) -> "SFTDataModule":
@@ -509,8 +512,7 @@ class SFTDataModule(pl.LightningDataModule):
                 log.warning("data source '%s' has %d rows, fewer than its share %d of num_samples=%d; using all",
                             name, len(exs), want, self.num_samples)
                 want = len(exs)
-            rng = random.Random(f"{self.seed}:mix:{name}")
-            out[name] = [exs[i] for i in sorted(rng.sample(range(len(exs)), want))]
+            out[name] = subsample(exs, want, f"{self.seed}:mix:{name}")
         return out
 
     def _encode(self, examples: list[Example], split: str) -> EncodedDataset:

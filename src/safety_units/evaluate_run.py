@@ -5,19 +5,20 @@ from __future__ import annotations
 import json
 import logging
 
-import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from safety_units.config import instantiate_group, output_dir, setup_run
 from safety_units.errors import ConfigError
 from safety_units.evaluation import (ablate_units, build_judge, log_results, markdown_table, run_suite,
                                      training_prompts_of)
-from safety_units.models import load_model
+from safety_units.models import load_model, resolve_device
+from safety_units.training import finish_loggers
+from safety_units.units import unit_names
 
 log = logging.getLogger(__name__)
 
 
-def ablation_selection(cfg: DictConfig, model):
+def ablation_selection(cfg: DictConfig, model, names: dict | None):
     """The units to zero for cfg.ablate (None when no ablation is asked for), plus a description."""
     from safety_units.unit_map import UnitMap, selection_size
 
@@ -30,7 +31,6 @@ def ablation_selection(cfg: DictConfig, model):
     classes = [classes] if isinstance(classes, str) else list(classes)
     if bool(classes) == bool(a.get("random_like")):
         raise ConfigError("set exactly one of ablate.classes (e.g. [esu]) and ablate.random_like (e.g. esu).")
-    names = OmegaConf.to_container(cfg.units.names) if cfg.get("units") and cfg.units.get("names") else None
     um = UnitMap.load(a.unit_map, model=model, strict=a.get("strict_fingerprint", True), names=names)
     if classes:
         sel, what = um.select(classes), {"classes": classes}
@@ -47,12 +47,11 @@ def run_evaluate(cfg: DictConfig) -> dict:
     out = output_dir(cfg)
     loaded = load_model(cfg.model)
     model, tokenizer = loaded.model, loaded.tokenizer
-    device = cfg.get("device", "auto")
-    model.to(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
-    selection, ablation = ablation_selection(cfg, model)
+    model.to(resolve_device(cfg.get("device")))
+    names = unit_names(cfg)
+    selection, ablation = ablation_selection(cfg, model, names)
     if selection is not None:
-        zeroed = ablate_units(model, selection, OmegaConf.to_container(cfg.units.names)
-                              if cfg.get("units") and cfg.units.get("names") else None)
+        zeroed = ablate_units(model, selection, names)
         ablation.update(zeroed)
         log.info("ablation: zeroed %d units (%s parameter entries): %s", zeroed["units_zeroed"],
                  f"{zeroed['entries_zeroed']:,}", ablation)
@@ -67,8 +66,5 @@ def run_evaluate(cfg: DictConfig) -> dict:
     print(f"\n{header}\n{table}\n", flush=True)
     loggers = instantiate_group(cfg.get("logger"), "logger")
     log_results(loggers, results)
-    if any(type(lg).__name__ == "WandbLogger" for lg in loggers):
-        import wandb
-
-        wandb.finish()
+    finish_loggers(loggers)
     return {"results": results, "meta": meta, "output_dir": str(out)}

@@ -27,9 +27,10 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from safety_units.data import Source, collate, encode_example, normalize_prompt, prompt_text
+from safety_units.callbacks import weights_sharded
+from safety_units.data import Source, collate, encode_example, normalize_prompt, subsample
 from safety_units.errors import ConfigError, DataError
-from safety_units.generation import generate
+from safety_units.generation import generate_chat
 from safety_units.scoring import head_logits, hidden_states, response_token_nll
 
 log = logging.getLogger(__name__)
@@ -111,10 +112,13 @@ def run_refusal(name: str, task: DictConfig, settings: DictConfig, model, tokeni
     report = task.get("report", "refusal_rate")
     if report not in ("asr", "refusal_rate"):
         raise ConfigError(f"eval.tasks.{name}.report must be asr or refusal_rate, got {report!r}.")
-    src = Source.from_config(task.source, name)
-    for key in ("system", "template"):  # suite-wide attack setting (e.g. the AOA system prompt and template)
-        if settings.get(key) is not None and getattr(src, key) is None:
-            setattr(src, key, settings.get(key))
+    # A suite-wide attack setting (e.g. the AOA system prompt and template) fills in what the task leaves unset;
+    # merged before building the source so it is validated like the task's own.
+    source = OmegaConf.to_container(task.source, resolve=True)
+    for key in ("system", "template"):
+        if settings.get(key) is not None and source.get(key) is None:
+            source[key] = settings.get(key)
+    src = Source.from_config(source, name)
     limit = task_limit(task, settings)
     src.limit = None
     examples = src.load(int(settings.get("seed", 0)), require_response=False)
@@ -123,12 +127,10 @@ def run_refusal(name: str, task: DictConfig, settings: DictConfig, model, tokeni
         examples = [ex for ex in examples if normalize_prompt(ex.prompt) not in exclude]
     removed = n_before - len(examples)
     if limit and len(examples) > limit:
-        rng = random.Random(f"{settings.get('seed', 0)}:{name}")
-        examples = [examples[i] for i in sorted(rng.sample(range(len(examples)), int(limit)))]
+        examples = subsample(examples, int(limit), f"{settings.get('seed', 0)}:{name}")
     if not examples:
         raise ConfigError(f"eval.tasks.{name}: no prompts left ({removed} removed as training/calibration overlap).")
-    msgs = [[m for m in ex.messages if m["role"] != "assistant"] for ex in examples]
-    completions = generate(model, tokenizer, [prompt_text(tokenizer, m) for m in msgs],
+    completions = generate_chat(model, tokenizer, [ex.messages for ex in examples],
                            max_new_tokens=int(task.get("max_new_tokens") or settings.max_new_tokens),
                            batch_size=int(settings.batch_size), desc=name)
     verdicts = judge.judge([ex.prompt for ex in examples], completions)
@@ -282,8 +284,7 @@ def run_mc(name: str, task: DictConfig, settings: DictConfig, model, tokenizer) 
     items = load_mc(task.format, task.path)
     limit = task_limit(task, settings)
     if limit and len(items) > limit:
-        rng = random.Random(f"{settings.get('seed', 0)}:{name}")
-        items = [items[i] for i in sorted(rng.sample(range(len(items)), int(limit)))]
+        items = subsample(items, int(limit), f"{settings.get('seed', 0)}:{name}")
     pairs = [(c, k) for it in items for c, k in zip(it.contexts, it.continuations)]
     scores = loglikelihoods(model, tokenizer, pairs, batch_size=int(settings.batch_size), desc=name)
     correct = correct_norm = 0
@@ -414,10 +415,10 @@ class EvalCallback(pl.Callback):
         self._tables: dict[str, dict[str, TaskResult]] = {}
 
     def _run(self, trainer, pl_module, when: str):
-        name = type(trainer.strategy).__name__
-        if "FSDP" in name or (name == "DeepSpeedStrategy" and getattr(trainer.strategy, "zero_stage_3", False)):
+        if weights_sharded(trainer.strategy):
             log.warning("eval callback: weights are sharded under %s; evaluate the exported model with "
-                        "`python evaluate.py model=hf model.path=<run dir>/model` instead", name)
+                        "`python evaluate.py model=hf model.path=<run dir>/model` instead",
+                        type(trainer.strategy).__name__)
             return
         if trainer.is_global_zero:
             if self.exclude is None:

@@ -99,16 +99,15 @@ class ModelJudge:
 
     def __init__(self, path: str, kind: str = "classifier", refusal_label: str = "refusal", batch_size: int = 16,
                  min_words: int = 20, device: str = "auto", question: str | None = None):
-        import torch
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-        from safety_units.models import load_hf
+        from safety_units.models import load_hf, resolve_device
 
         if kind not in ("classifier", "chat"):
             raise ConfigError(f"judge.kind must be classifier or chat, got {kind!r}.")
         self.kind, self.batch_size, self.min_words = kind, batch_size, min_words
         self.question = question or self.QUESTION
-        self.device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+        self.device = resolve_device(device)
         if kind == "classifier":
             from pathlib import Path
 

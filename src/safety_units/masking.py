@@ -20,13 +20,12 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from torch import nn
 
 from safety_units.errors import ConfigError, UnitMapError
-from safety_units.units import resolve_units
+from safety_units.units import resolve_units, unit_names
 
 log = logging.getLogger(__name__)
 
@@ -311,8 +310,6 @@ def masks_from_selection(model: nn.Module, selection: dict[str, torch.Tensor], m
 
 def build_masker(cfg, model: nn.Module, tokenizer=None):
     """The Masker for cfg.freeze (None for `none`), and the path of the unit map it used."""
-    from omegaconf import OmegaConf
-
     from safety_units.unit_map import UnitMap, selection_size
 
     f = cfg.freeze
@@ -321,8 +318,7 @@ def build_masker(cfg, model: nn.Module, tokenizer=None):
         raise ConfigError(f"freeze.strategy must be one of {STRATEGIES}, got {strategy!r}.")
     if strategy == "none":
         return None, None
-    names = OmegaConf.to_container(cfg.units.names, resolve=True) if cfg.get("units") and cfg.units.get("names") \
-        else None
+    names = unit_names(cfg)
     description: dict = {"strategy": strategy}
     unit_map_path = None
     if strategy == "layers":

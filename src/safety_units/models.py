@@ -44,6 +44,11 @@ FALLBACK_CHAT_TEMPLATE = (
 )
 
 
+def resolve_device(device: str | None) -> str:
+    """`auto` (or unset) means the GPU when there is one."""
+    return ("cuda" if torch.cuda.is_available() else "cpu") if device in (None, "auto") else device
+
+
 @dataclass
 class LoadedModel:
     model: torch.nn.Module

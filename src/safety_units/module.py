@@ -8,6 +8,7 @@ import math
 import lightning.pytorch as pl
 import torch
 
+from safety_units.callbacks import weights_sharded
 from safety_units.errors import ConfigError, NonFiniteLossError
 
 log = logging.getLogger(__name__)
@@ -74,8 +75,8 @@ class CausalLMModule(pl.LightningModule):
         every = getattr(m, "check_every_n_steps", 0) if m is not None else 0
         if not every or (batch_idx + 1) % self.trainer.accumulate_grad_batches or self.global_step % every:
             return
-        if any(s in type(self.trainer.strategy).__name__ for s in ("FSDP", "DeepSpeed")):
-            return  # sharded weights: checked once, gathered, at the end of training
+        if weights_sharded(self.trainer.strategy):
+            return  # checked once, gathered, at the end of training
         self.log("freeze/frozen_max_abs_delta", m.frozen_max_abs_delta(self.model.state_dict()), on_step=True)
 
     def validation_step(self, batch, batch_idx):

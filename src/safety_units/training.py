@@ -80,14 +80,13 @@ def run_train(cfg: DictConfig) -> dict:
         trainer.validate(module, datamodule=datamodule, verbose=False)  # max_steps ended the run mid-epoch
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if getattr(v, "numel", lambda: 1)() == 1}
     summary["metrics"] = metrics
-    _finish_loggers(trainer)
+    finish_loggers(trainer.loggers)
     return summary
 
 
-def _finish_loggers(trainer) -> None:
+def finish_loggers(loggers) -> None:
     """One wandb run per job: close it so a multirun's next job starts a fresh one."""
-    for lg in trainer.loggers:
-        if type(lg).__name__ == "WandbLogger":
-            import wandb
+    if any(type(lg).__name__ == "WandbLogger" for lg in loggers):
+        import wandb
 
-            wandb.finish()
+        wandb.finish()

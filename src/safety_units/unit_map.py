@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from safety_units.classification import CLASS_CODES, CLASS_NAMES, normalise
+from safety_units.classification import CLASS_CODES, normalise
 from safety_units.errors import UnitMapError
 from safety_units.models import model_fingerprint
 from safety_units.units import resolve_units, unit_counts

@@ -86,6 +86,14 @@ def _module_sample(model: nn.Module, limit: int = 40) -> str:
     return ", ".join(names[:limit]) + (" ..." if len(names) > limit else "")
 
 
+def unit_names(cfg) -> dict | None:
+    """The module-name overrides of a run config (`units.names`), resolved; None means the architecture defaults."""
+    from omegaconf import OmegaConf
+
+    units = cfg.get("units")
+    return OmegaConf.to_container(units.names, resolve=True) if units and units.get("names") else None
+
+
 def resolve_units(model: nn.Module, names: dict | None = None) -> list[UnitGroup]:
     """All unit groups of the model, layer by layer, MLP then attention."""
     names = names_for(model, names)
