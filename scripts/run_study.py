@@ -185,7 +185,11 @@ def unit_shares(name: str) -> str:
     return "\n".join(lines)
 
 
-def verdicts(seeds: list[int], random_seeds: list[int]) -> list[str]:
+def over_refusal(ev: dict | None) -> str:
+    return "/".join("n/a" if val(ev, k) is None else f"{val(ev, k):.2f}" for k in ("oktest", "harmless"))
+
+
+def verdicts(seeds: list[int], random_seeds: list[int], lr0: str) -> list[str]:
     out = []
     # (a) at each learning rate, full and RU-only trained alike
     for tag in ALIGN_LRS:
@@ -201,12 +205,14 @@ def verdicts(seeds: list[int], random_seeds: list[int]) -> list[str]:
         most = gain_f > 0 and share >= 0.5
         cheaper = (p_r - p_s) < (p_f - p_s)
         status = "confirmed" if most and cheaper else ("partly confirmed" if most or cheaper else "refuted")
-        lr = ALIGN_LRS[tag] or "the scale's"
+        lr = ALIGN_LRS[tag] or lr0
         out.append(f"**(a) alignment budget, lr {lr} -- {status}.** Full alignment lowers pooled ASR by {gain_f:.3f} "
                    f"({s_:.3f} -> {f_:.3f}); RU-only alignment by {gain_r:.3f} ({s_:.3f} -> {r_:.3f}), i.e. "
                    f"{share:.0%} of the full gain (criterion: >= 50%). Utility cost as perplexity increase: full "
                    f"{p_f - p_s:+.2f}, RU-only {p_r - p_s:+.2f} (criterion: RU-only smaller); MMLU acc "
-                   f"{m_s:.3f} -> full {m_f:.3f} / RU-only {m_r:.3f}.")
+                   f"{m_s:.3f} -> full {m_f:.3f} / RU-only {m_r:.3f}. Over-refusal, OKTest/harmless (not a "
+                   f"criterion): shipped {over_refusal(evs[0])}, full {over_refusal(evs[1])}, RU-only "
+                   f"{over_refusal(evs[2])}.")
     evs = {n: load_eval(n) for n in ["eval_align_none", "ablate_esu", "ablate_euu", "ablate_ru"]
            + [f"ablate_random_esu_s{s}" for s in random_seeds]}
     asr = {n: pooled_asr(e) for n, e in evs.items()}
@@ -303,11 +309,16 @@ def report(executed: list[str], scale_name: str, scale: dict, seeds: list[int], 
         "",
         "## Verdicts",
         "",
-        *[f"- {v}" for v in verdicts(seeds, random_seeds)],
+        *[f"- {v}" for v in verdicts(seeds, random_seeds, lr0)],
         "",
         "## (a) Alignment budget: full vs RU-only alignment of the shipped model",
         "",
         table(main_rows),
+        "",
+        "The alignment data mix refusal pairs 1:1 with Alpaca instructions and the perplexity task is a held-out "
+        "Alpaca split, so perplexity falls in every alignment run and the perplexity criterion mostly measures how "
+        "much Alpaca a run learned (which favours training all weights). Over-refusal (OKTest, harmless) is the "
+        "cleaner utility cost here; MMLU is at chance (~0.25) for a 135M model and gives no signal either way.",
         "",
         "Units of the shipped model (its RU are the budget):",
         "",
