@@ -351,6 +351,20 @@ def report(executed: list[str], scale_name: str, scale: dict, seeds: list[int], 
         "",
         "![ASR vs perplexity](asr_vs_ppl.png)",
         "",
+        "## Limits of this run",
+        "",
+        "- Scale: " + ("CPU, 2 cores; alignment and benign fine-tuning on a few hundred examples for one epoch "
+                       "(the reductions above), below the GPU sizes in `conf/experiment/ssah/` "
+                       "(`python scripts/run_study.py --scale gpu` runs those)." if scale_name == "cpu" else
+                       "one GPU, the sizes in `conf/experiment/ssah/`."),
+        f"- Seeds: fine-tuning seed(s) {seeds}; random ablation seeds {random_seeds}."
+        + (" With one fine-tuning seed, differences between freeze strategies smaller than the intervals are not "
+           "evidence either way." if len(seeds) == 1 else ""),
+        "- The aligned model is SmolLM2 after one short supervised alignment run, not a model aligned at length "
+        "(SFT + RLHF) like the paper's Llama-2-chat; where its safety lives may differ.",
+        "- Refusal is judged by strings on the first 48 (CPU) / 128 (GPU) generated tokens; MMLU is at chance for "
+        "a 135M model, so utility rests on perplexity and over-refusal.",
+        "",
         "## Commands (in order; `python scripts/run_study.py" + (" --scale gpu" if scale_name == "gpu" else "")
         + "` runs them all)",
         "",
