@@ -38,17 +38,20 @@ def plot_units_per_layer(unit_map, path: str | Path, title: str | None = None) -
 
 def plot_tradeoff(rows: list[dict], path: str | Path, x: str, y: str, xlabel: str, ylabel: str,
                   title: str) -> Path:
-    """Scatter of one metric against another, one labelled point (with error bars if given) per condition."""
-    fig, ax = plt.subplots(figsize=(7, 5))
-    for r in rows:
-        xerr = r.get(f"{x}_err")
-        yerr = r.get(f"{y}_err")
-        ax.errorbar(r[x], r[y], xerr=xerr, yerr=yerr, fmt="o", capsize=3)
-        ax.annotate(r["label"], (r[x], r[y]), textcoords="offset points", xytext=(5, 5), fontsize=8)
+    """Scatter of one metric against another, one numbered point (with error bars if given) per condition.
+
+    Numbers, not text, sit at the points (conditions often land on top of each other); the legend names them.
+    """
+    fig, ax = plt.subplots(figsize=(11, 5.5))
+    for i, r in enumerate(rows, 1):
+        ax.errorbar(r[x], r[y], xerr=r.get(f"{x}_err"), yerr=r.get(f"{y}_err"), fmt="o", capsize=3,
+                    label=f"{i}: {r['label']}")
+        ax.annotate(str(i), (r[x], r[y]), textcoords="offset points", xytext=(4, 4), fontsize=8)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(alpha=0.3)
+    ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=7, frameon=False)
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=110)
