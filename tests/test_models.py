@@ -74,3 +74,19 @@ def test_real_smollm2_loads_offline_and_replies():
     reply = generate_chat(loaded.model, loaded.tokenizer, [[{"role": "user", "content": "What is the capital of France?"}]],
                           max_new_tokens=20, progress=False)[0]
     assert "Paris" in reply
+
+
+def test_eval_mode_restores_the_previous_mode_even_on_error():
+    from safety_units.models import eval_mode
+
+    model = torch.nn.Sequential(torch.nn.Dropout(0.5))
+    model.train()
+    with pytest.raises(RuntimeError):
+        with eval_mode(model):
+            assert not model.training
+            raise RuntimeError("boom")
+    assert model.training
+    model.eval()
+    with eval_mode(model):
+        pass
+    assert not model.training

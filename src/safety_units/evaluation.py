@@ -31,6 +31,7 @@ from safety_units.callbacks import weights_sharded
 from safety_units.data import Source, collate, encode_example, normalize_prompt, subsample
 from safety_units.errors import ConfigError, DataError
 from safety_units.generation import generate_chat
+from safety_units.models import eval_mode
 from safety_units.scoring import head_logits, hidden_states, response_token_nll
 
 log = logging.getLogger(__name__)
@@ -247,8 +248,6 @@ def loglikelihoods(model, tokenizer, pairs: list[tuple[str, str]], batch_size: i
                    progress: bool = True, desc: str = "loglik") -> list[float]:
     """sum log p(continuation | context) for each pair; requests sharing a prefix share one forward pass
     (e.g. MMLU's four single-token answers after the same question)."""
-    was_training = model.training
-    model.eval()
     device = next(model.parameters()).device
     seqs: dict[tuple, list[int]] = {}  # model input -> indices of the requests it serves
     targets = []
@@ -260,23 +259,23 @@ def loglikelihoods(model, tokenizer, pairs: list[tuple[str, str]], batch_size: i
         targets.append([(p, full[p + 1]) for p in range(len(full) - 1 - len(k), len(full) - 1)])
     out = [0.0] * len(pairs)
     inputs = sorted(seqs, key=len, reverse=True)
-    for b in tqdm(range(0, len(inputs), batch_size), desc=desc, disable=not progress, leave=False):
-        batch = inputs[b:b + batch_size]
-        width = len(batch[0])
-        ids = torch.full((len(batch), width), tokenizer.pad_token_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for r, seq in enumerate(batch):
-            ids[r, :len(seq)] = torch.tensor(seq)
-            mask[r, :len(seq)] = 1
-        with torch.inference_mode():
-            hidden = hidden_states(model, ids.to(device), mask.to(device))
+    with eval_mode(model):
+        for b in tqdm(range(0, len(inputs), batch_size), desc=desc, disable=not progress, leave=False):
+            batch = inputs[b:b + batch_size]
+            width = len(batch[0])
+            ids = torch.full((len(batch), width), tokenizer.pad_token_id, dtype=torch.long)
+            mask = torch.zeros_like(ids)
             for r, seq in enumerate(batch):
-                for j in seqs[seq]:  # logits only at the positions asked for, never [batch, seq, vocab]
-                    pos = torch.tensor([p for p, _ in targets[j]], device=hidden.device)
-                    tok = torch.tensor([t for _, t in targets[j]], device=hidden.device)
-                    lp = torch.log_softmax(head_logits(model, hidden[r, pos]), dim=-1)
-                    out[j] = float(lp[torch.arange(len(tok), device=lp.device), tok].sum())
-    model.train(was_training)
+                ids[r, :len(seq)] = torch.tensor(seq)
+                mask[r, :len(seq)] = 1
+            with torch.inference_mode():
+                hidden = hidden_states(model, ids.to(device), mask.to(device))
+                for r, seq in enumerate(batch):
+                    for j in seqs[seq]:  # logits only at the positions asked for, never [batch, seq, vocab]
+                        pos = torch.tensor([p for p, _ in targets[j]], device=hidden.device)
+                        tok = torch.tensor([t for _, t in targets[j]], device=hidden.device)
+                        lp = torch.log_softmax(head_logits(model, hidden[r, pos]), dim=-1)
+                        out[j] = float(lp[torch.arange(len(tok), device=lp.device), tok].sum())
     return out
 
 
@@ -309,20 +308,18 @@ def run_ppl(name: str, task: DictConfig, settings: DictConfig, model, tokenizer)
     examples = src.load(int(settings.get("seed", 0)))
     max_length = int(task.get("max_length", 512))
     enc = [encode_example(tokenizer, ex.messages, max_length) for ex in examples]
-    was_training = model.training
-    model.eval()
     device = next(model.parameters()).device
     order = sorted(range(len(enc)), key=lambda i: -len(enc[i].input_ids))
     bs = int(settings.batch_size)
     per_example = [None] * len(enc)
-    for b in tqdm(range(0, len(order), bs), desc=name, leave=False):
-        idx = order[b:b + bs]
-        batch = {k: v.to(device) for k, v in collate([enc[i] for i in idx], tokenizer.pad_token_id, 1).items()}
-        with torch.inference_mode():
-            tok_nll, counts = response_token_nll(model, batch)
-        for i, part, n_tok in zip(idx, torch.split(tok_nll.cpu(), counts.tolist()), counts.tolist()):
-            per_example[i] = (float(part.double().sum()), int(n_tok))
-    model.train(was_training)
+    with eval_mode(model):
+        for b in tqdm(range(0, len(order), bs), desc=name, leave=False):
+            idx = order[b:b + bs]
+            batch = {k: v.to(device) for k, v in collate([enc[i] for i in idx], tokenizer.pad_token_id, 1).items()}
+            with torch.inference_mode():
+                tok_nll, counts = response_token_nll(model, batch)
+            for i, part, n_tok in zip(idx, torch.split(tok_nll.cpu(), counts.tolist()), counts.tolist()):
+                per_example[i] = (float(part.double().sum()), int(n_tok))
     nll = [p[0] for p in per_example]
     count = [p[1] for p in per_example]
     ppl = math.exp(sum(nll) / max(1, sum(count)))

@@ -15,6 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from safety_units.data import Example, prompt_text
+from safety_units.models import eval_mode
 
 log = logging.getLogger(__name__)
 
@@ -34,8 +35,6 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 128, ba
 
     if not prompts:
         return []
-    was_training = model.training
-    model.eval()
     device = next(model.parameters()).device
     encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
@@ -44,17 +43,17 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 128, ba
                               pad_token_id=tokenizer.pad_token_id, eos_token_id=stops)
     out: list[str | None] = [None] * len(prompts)
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-    for batch in tqdm(batches, desc=desc, disable=not progress, leave=False):
-        width = max(len(encoded[i]) for i in batch)
-        ids = torch.full((len(batch), width), tokenizer.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for r, i in enumerate(batch):  # left padding: every prompt ends where generation starts
-            ids[r, width - len(encoded[i]):] = torch.tensor(encoded[i])
-            mask[r, width - len(encoded[i]):] = 1
-        gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config)
-        for r, i in enumerate(batch):
-            out[i] = tokenizer.decode(gen[r, width:], skip_special_tokens=True).strip()
-    model.train(was_training)
+    with eval_mode(model):
+        for batch in tqdm(batches, desc=desc, disable=not progress, leave=False):
+            width = max(len(encoded[i]) for i in batch)
+            ids = torch.full((len(batch), width), tokenizer.pad_token_id, dtype=torch.long)
+            mask = torch.zeros((len(batch), width), dtype=torch.long)
+            for r, i in enumerate(batch):  # left padding: every prompt ends where generation starts
+                ids[r, width - len(encoded[i]):] = torch.tensor(encoded[i])
+                mask[r, width - len(encoded[i]):] = 1
+            gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config)
+            for r, i in enumerate(batch):
+                out[i] = tokenizer.decode(gen[r, width:], skip_special_tokens=True).strip()
     return out  # type: ignore[return-value]
 
 

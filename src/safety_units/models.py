@@ -6,6 +6,7 @@ switches are set before transformers is used.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
@@ -42,6 +43,17 @@ FALLBACK_CHAT_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '### Response:\n' }}{% endif %}"
 )
+
+
+@contextlib.contextmanager
+def eval_mode(model):
+    """model.eval() for the block (no dropout), then the mode it had -- also when the block raises."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
 
 
 def resolve_device(device: str | None) -> str:

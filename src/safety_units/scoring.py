@@ -20,6 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from safety_units.errors import ConfigError
+from safety_units.models import eval_mode
 from safety_units.units import UnitGroup
 
 log = logging.getLogger(__name__)
@@ -124,17 +125,15 @@ def activation_scores(model, groups: list[UnitGroup], batches: Iterable[dict], m
         return hook
 
     handles = [g.out_module.register_forward_pre_hook(make_hook(g.key)) for g in groups]
-    was_training = model.training
-    model.eval()
     try:
-        for batch in tqdm(list(batches), desc=desc, disable=not progress, leave=False):
-            batch = {k: v.to(device) for k, v in batch.items()}
-            current["mask"] = _token_mask(batch, tokens)
-            hidden_states(model, batch["input_ids"], batch["attention_mask"])
+        with eval_mode(model):
+            for batch in tqdm(list(batches), desc=desc, disable=not progress, leave=False):
+                batch = {k: v.to(device) for k, v in batch.items()}
+                current["mask"] = _token_mask(batch, tokens)
+                hidden_states(model, batch["input_ids"], batch["attention_mask"])
     finally:
         for h in handles:
             h.remove()
-        model.train(was_training)
     out = {}
     for g in groups:
         colsq = _column_sq_norms(g)
