@@ -296,6 +296,9 @@ def report(executed: list[str], scale_name: str, scale: dict, seeds: list[int], 
         plot_tradeoff(points, RESULTS / "asr_vs_ppl.png", "ppl", "asr", "perplexity on held-out Alpaca (lower is better)",
                       "attack success rate, pooled harmful sets (lower is safer)",
                       "SmolLM2-135M: safety vs utility per condition")
+    shipped = load_eval("eval_shipped") or {}
+    advbench_n = shipped.get("harmful", {}).get("n", "n/a")
+    new_tokens = next(a.split("=")[1] for a in scale["eval"] if a.startswith("eval.max_new_tokens="))
     hw = "a lent GPU (bf16)" if scale_name == "gpu" else "CPU only (2 cores), reduced scale -- no GPU was lent"
     md = [
         "# SSAH study on SmolLM2-135M-Instruct",
@@ -303,7 +306,7 @@ def report(executed: list[str], scale_name: str, scale: dict, seeds: list[int], 
         f"Hardware: **{hw}**." + (f" Wall time of this run of the script: {minutes:.0f} min." if minutes else ""),
         "Every number below is read from the `eval.json` files this script's runs wrote; intervals are 95% "
         "(Wilson for rates, bootstrap for perplexity). \"ASR all harmful\" pools the AdvBench eval half "
-        "(de-duplicated against every refusal-pair set: 71 prompts) with safety-tuned-llamas' "
+        f"(de-duplicated against every refusal-pair set: {advbench_n} prompts) with safety-tuned-llamas' "
         "I-MaliciousInstructions and Q-Harm.",
         "",
         "Settings: judge = Wei et al.'s 31 refusal strings (case-insensitive, ambiguous ones only in the opening, "
@@ -367,7 +370,7 @@ def report(executed: list[str], scale_name: str, scale: dict, seeds: list[int], 
            "evidence either way." if len(seeds) == 1 else ""),
         "- The aligned model is SmolLM2 after one short supervised alignment run, not a model aligned at length "
         "(SFT + RLHF) like the paper's Llama-2-chat; where its safety lives may differ.",
-        "- Refusal is judged by strings on the first 48 (CPU) / 128 (GPU) generated tokens; MMLU is at chance for "
+        f"- Refusal is judged by strings on the first {new_tokens} generated tokens; MMLU is at chance for "
         "a 135M model, so utility rests on perplexity and over-refusal.",
         "",
         "## Commands (in order; `python scripts/run_study.py" + (" --scale gpu" if scale_name == "gpu" else "")
