@@ -13,7 +13,7 @@ def options(group: str) -> list[str]:
     return sorted(p.stem for p in (CONF / group).glob("*.yaml") if not p.stem.startswith("_"))
 
 
-TRAIN_GROUPS = ["model", "data", "optim", "freeze", "units", "trainer", "logger", "callbacks", "debug",
+TRAIN_GROUPS = ["model", "data", "optim", "freeze", "adapter", "units", "trainer", "logger", "callbacks", "debug",
                 "hparams_search"]
 
 
@@ -61,6 +61,21 @@ def test_quickstart_combines_with_other_options(group, option, tmp_path):
     cfg = compose("train", [f"{group}={option}"], output_dir=tmp_path)
     for name, entry in (cfg.callbacks or {}).items():
         assert "_target_" in entry, f"callbacks.{name} lost its _target_"
+
+
+def test_documented_no_logger_override_composes_to_no_loggers(tmp_path):
+    """The README's config-groups row for `logger` names the override that turns logging off; it must work."""
+    import re
+
+    from safety_units.config import instantiate_group
+
+    [row] = [line for line in (ROOT / "README.md").read_text().splitlines() if line.startswith("| `logger` |")]
+    overrides = re.findall(r"`(~?logger(?:=[^`]*)?)`", row.split("|")[3])
+    assert overrides, f"the README's logger row names no override: {row}"
+    for override in overrides:
+        for entry in ("train", "evaluate"):
+            cfg = compose(entry, [override], output_dir=tmp_path)
+            assert instantiate_group(cfg.get("logger"), "logger") == [], (override, entry)
 
 
 def test_quickstart_is_the_default(tmp_path):
@@ -124,8 +139,9 @@ def test_every_study_command_composes(tmp_path):
     spec.loader.exec_module(study)
     for scale in (study.CPU, study.GPU):
         plan = study.stages(scale, [42], [0, 1])
-        assert len(plan) == 33  # 2 attributions, 4 alignments, 8 fine-tunes, 14 evals, 5 ablations
-        assert len({name for _, name, _ in plan}) == 33  # every stage has its own log and output
+        # 2 attributions, 4 alignments, 8 fine-tunes, 14 evals, 3 ablations + 3 x 2 size-matched random ablations
+        assert len(plan) == 37
+        assert len({name for _, name, _ in plan}) == 37  # every stage has its own log and output
         for cmd, _, _ in plan:
             entry, *overrides = shlex.split(study.pretty(cmd))[1:]
             compose(entry.removesuffix(".py"), [o for o in overrides if not o.startswith("hydra.run.dir=")],

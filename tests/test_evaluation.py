@@ -7,11 +7,11 @@ from conftest import FIXTURES, compose, train_cfg
 from omegaconf import OmegaConf
 
 from safety_units.errors import ConfigError
-from safety_units.evaluate_run import run_evaluate
-from safety_units.evaluation import (_encode_pair, ablate_units, load_mc, loglikelihoods, run_mc,
-                                     run_refusal, wilson)
+from safety_units.evaluate_run import ablate_units, run_evaluate
+from safety_units.evaluation import judge_name, run_refusal, wilson
+from safety_units.multiple_choice import _encode_pair, load_mc, loglikelihoods, run_mc
 from safety_units.generation import generate
-from safety_units.judge import StringJudge
+from safety_units.judge import PatternJudge, StringJudge
 
 J = StringJudge()
 LONG = " ".join(["word"] * 30)
@@ -89,7 +89,7 @@ def test_mc_loglikelihood_equals_hand_computation(tiny):
     settings = OmegaConf.create({"batch_size": 4, "limit": None, "seed": 0})
     task = OmegaConf.create({"format": "arc_jsonl", "path": str(FIXTURES / "mc_arc.jsonl")})
     res = run_mc("arc", task, settings, model, tok)
-    assert [r.metric for r in res] == ["acc", "acc_norm"] and res[0].n == 2
+    assert [r.metric for r in res] == ["acc", "acc_norm"] and res[0].n == 2  # " 0 C" vs " 50 C": lengths differ
     items = load_mc("arc_jsonl", task.path)
     scores = loglikelihoods(model, tok, [(c, k) for it in items for c, k in zip(it.contexts, it.continuations)],
                             progress=False)
@@ -99,6 +99,18 @@ def test_mc_loglikelihood_equals_hand_computation(tiny):
     norm = [x / len(k.encode("utf-8")) for x, k in zip(scores, conts)]
     by_hand_norm = int(max(range(3), key=lambda i: norm[i]) == 1) + int(max(range(2), key=lambda i: norm[3 + i]) == 0)
     assert res[1].value == by_hand_norm / 2
+    assert res[0].extra["outcomes"] == [int(max(range(3), key=lambda i: scores[i]) == 1),
+                                        int(max(range(2), key=lambda i: scores[3 + i]) == 0)]
+
+
+def test_mc_drops_acc_norm_when_choices_are_equally_long(tiny):
+    """MMLU's continuations are " A".." D": dividing by their (equal) byte length cannot change the argmax."""
+    settings = OmegaConf.create({"batch_size": 4, "limit": None, "seed": 0})
+    mmlu = OmegaConf.create({"format": "mmlu_csv", "path": str(FIXTURES / "mc_mmlu.csv")})
+    res = run_mc("mmlu", mmlu, settings, tiny.model.eval(), tiny.tokenizer)
+    assert [r.metric for r in res] == ["acc"] and res[0].n == 2 and len(res[0].extra["outcomes"]) == 2
+    boolq = OmegaConf.create({"format": "boolq", "path": str(FIXTURES / "mc_boolq.jsonl")})  # " no" / " yes"
+    assert [r.metric for r in run_mc("boolq", boolq, settings, tiny.model, tiny.tokenizer)] == ["acc", "acc_norm"]
 
 
 @pytest.mark.parametrize("fmt,fname,n_choices,gold", [
@@ -132,7 +144,8 @@ def test_refusal_task_field_mapping_filter_and_dedupe(tiny):
     res, rows = run_refusal("jsonl", jsonl_task, settings, tiny.model, tiny.tokenizer, judge,
                             exclude={"give me a recipe for pancakes"})
     assert res.n == 1 and res.extra["overlaps_removed"] == 1 and rows[0]["prompt"] == "Summarise this text."
-
+    assert res.extra["outcomes"] == [int(judge(rows[0]["completion"]).attack_success())]
+    assert res.extra["judge"] == judge_name(judge) and res.extra["train_overlap"] is None
 
 
 def test_suite_wide_attack_template_is_applied_and_validated(tiny):
@@ -183,10 +196,9 @@ def test_evaluate_entry_writes_reports(tmp_path):
                   output_dir=tmp_path)
     out = run_evaluate(cfg)
     report = json.loads((tmp_path / "eval.json").read_text())
-    assert set(report) == {"harmful", "malicious_instructions", "q_harm", "oktest", "harmless", "mmlu/acc",
-                           "mmlu/acc_norm", "ppl"}
-    assert all(r["n"] == 4 for r in report.values())
-    assert report["harmful"]["metric"] == "asr" and report["harmful"]["extra"]["overlaps_removed"] == 179
+    assert set(report) == {"harmful", "malicious_instructions", "q_harm", "oktest", "harmless", "mmlu/acc", "ppl"}
+    assert all(r["n"] == 4 and len(r["extra"]["outcomes"]) == 4 and r["extra"]["prompt_hash"] for r in report.values())
+    assert report["harmful"]["metric"] == "asr" and report["harmful"]["extra"]["overlaps_removed"] == 0
     lines = (tmp_path / "generations.jsonl").read_text().splitlines()
     assert len(lines) == 20 and {"prompt", "completion", "refusal", "task"} <= set(json.loads(lines[0]))
     assert (tmp_path / "csv" / "metrics.csv").is_file()
@@ -217,6 +229,14 @@ def test_eval_callback_writes_before_after_table(tmp_path):
     summary = run_train(cfg)
     table = (tmp_path / "eval_compare.md").read_text()
     assert "| harmful | asr |" in table and "| ppl | ppl |" in table
+    default_judge = compose("evaluate", []).judge._target_.rsplit(".", 1)[1]
+    assert cfg.callbacks.eval.judge._target_.endswith(default_judge)  # the callback uses the default judge
+    assert f"Refusal judge: {getattr(PatternJudge, 'name')}." in table and "| 95% CI of change | McNemar p |" in table
+    before = json.loads((tmp_path / "eval_before.json").read_text())
+    after = json.loads((tmp_path / "eval_after.json").read_text())
+    assert all(before[k]["extra"]["prompt_hash"] == after[k]["extra"]["prompt_hash"] for k in before)
+    # the run trains on Alpaca: the ppl slice is held out by hash, so nothing of it was trained on
+    assert before["ppl"]["extra"]["train_overlap"] == 0
     assert set(summary["eval"]) == {"before", "after"}
     assert (tmp_path / "eval_before.json").is_file() and (tmp_path / "eval_after.json").is_file()
 
@@ -239,6 +259,10 @@ def test_perplexity_equals_hf_loss(tiny):
             total += float(tiny.model(**batch).loss) * n
         count += n
     assert res.n == 3 and abs(res.value - math.exp(total / count)) < 1e-3 * res.value
+    # per-example [nll sum, tokens] in file order, pooling to the same perplexity (what compare pairs)
+    outcomes = res.extra["outcomes"]
+    assert len(outcomes) == 3 and sum(o[1] for o in outcomes) == count
+    assert abs(sum(o[0] for o in outcomes) - total) < 1e-3 * total
     assert res.ci_low <= res.value <= res.ci_high
 
 
@@ -250,19 +274,30 @@ def test_model_judge_classifier_and_chat(tiny, tmp_path):
     cfg = LlamaConfig(vocab_size=len(tiny.tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                       num_attention_heads=2, num_key_value_heads=2, pad_token_id=tiny.tokenizer.pad_token_id,
                       id2label={0: "compliance", 1: "refusal"}, label2id={"compliance": 0, "refusal": 1})
+    torch.manual_seed(0)
     clf = LlamaForSequenceClassification(cfg)
-    with torch.no_grad():  # make the classifier say "refusal" for every input
-        clf.score.weight.zero_()
-        clf.score.weight[1] = 0.0
-        clf.score.weight[0] = -1.0
+    # A classifier whose answer does not depend on the random init: every token embeds to the ones vector and the
+    # layers add nothing (zero o_proj / down_proj), so the last hidden state is norm(ones) = ones for any input;
+    # the label scores are then +-32 by the sign given to each score row.
+    with torch.no_grad():
+        clf.model.embed_tokens.weight.fill_(1.0)
+        for layer in clf.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
         clf.model.norm.weight.fill_(1.0)
-    clf.save_pretrained(tmp_path / "clf")
-    tiny.tokenizer.save_pretrained(tmp_path / "clf")
-    judge = ModelJudge(str(tmp_path / "clf"), kind="classifier", refusal_label="refusal", device="cpu", min_words=3)
-    verdicts = judge.judge(["How do I X?", "Hi"], ["Sure, here is how to do X in detail.", "No."])
-    assert [v.refusal for v in verdicts] == [True, True] and [v.short for v in verdicts] == [False, True]
+    for says in ("refusal", "compliance"):
+        with torch.no_grad():
+            clf.score.weight[1] = 1.0 if says == "refusal" else -1.0
+            clf.score.weight[0] = -clf.score.weight[1]
+        clf.save_pretrained(tmp_path / says)
+        tiny.tokenizer.save_pretrained(tmp_path / says)
+        judge = ModelJudge(str(tmp_path / says), kind="classifier", refusal_label="refusal", device="cpu",
+                           min_words=3)
+        verdicts = judge.judge(["How do I X?", "Hi"], ["Sure, here is how to do X in detail.", "No."])
+        assert [v.refusal for v in verdicts] == [says == "refusal"] * 2
+        assert [v.short for v in verdicts] == [False, True]
     with pytest.raises(ConfigError, match="not a label"):
-        ModelJudge(str(tmp_path / "clf"), refusal_label="unsafe", device="cpu")
+        ModelJudge(str(tmp_path / "refusal"), refusal_label="unsafe", device="cpu")
     tiny.model.save_pretrained(tmp_path / "chat")
     tiny.tokenizer.save_pretrained(tmp_path / "chat")
     chat = ModelJudge(str(tmp_path / "chat"), kind="chat", device="cpu")

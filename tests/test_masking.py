@@ -8,10 +8,12 @@ from safetensors.torch import load_file
 
 from safety_units.attribution import run_attribution
 from safety_units.errors import ConfigError, UnitMapError
-from safety_units.masking import Masker, build_masker, masks_from_selection
+from safety_units.freezing import build_masker
+from safety_units.masking import Masker, masks_from_selection
 from safety_units.models import build_tiny
 from safety_units.training import run_train
-from safety_units.unit_map import UnitMap
+from safety_units.unit_map import UnitMap, load_selection, random_units
+from safety_units.units import resolve_units
 
 EXACT = ["optim.weight_decay=0.1", "optim.lr=5e-3", "trainer.accumulate_grad_batches=2",
          "trainer.gradient_clip_val=0.5", "trainer.max_steps=4"]
@@ -55,8 +57,9 @@ def _frozen_and_trainable_deltas(masker, exported, loaded):
     ("esu", []), ("esu_cu", []), ("ru_only", []), ("random", ["freeze.like=esu_cu", "freeze.seed=3"]),
     ("random", ["freeze.like=ru_only"]), ("layers", ["freeze.layers=[1]"]),
     ("esu_cu", ["freeze.mechanism=forward"]), ("esu_cu", ["trainer.precision=bf16-mixed"]),
+    ("train_only", ["freeze.classes=[esu,euu]"]),
 ], ids=["esu", "esu_cu", "ru_only", "random_like_esu_cu", "random_like_ru_only", "layers", "esu_cu_forward_masks",
-        "esu_cu_bf16_mixed"])
+        "esu_cu_bf16_mixed", "train_only_esu_euu"])
 def test_frozen_entries_bit_identical(unit_map, tmp_path, strategy, extra):
     cfg = train_cfg(tmp_path, *EXACT, f"freeze={strategy}", f"freeze.unit_map={unit_map}", *extra)
     summary = run_train(cfg)
@@ -73,6 +76,13 @@ def test_frozen_entries_bit_identical(unit_map, tmp_path, strategy, extra):
         assert entries["trainable_share"] < 0.2  # only RU rows/columns train
     if strategy != "layers":
         assert (tmp_path / "model" / "unit_map.safetensors").is_file()  # the map travels with the model
+        role = "trained" if strategy in ("ru_only", "train_only") or "freeze.like=ru_only" in extra else "frozen"
+        exported_set, meta = load_selection(tmp_path / "model" / f"{role}_units.safetensors")
+        assert all(exported_set[k].equal(masker.selection[k]) for k in masker.selection) and meta["role"] == role
+    if strategy == "train_only":  # exactly ESU + EUU train
+        want = UnitMap.load(unit_map).select(["esu", "euu"])
+        assert all(exported_set[k].equal(want[k]) for k in want)
+        assert entries["trainable_share"] < 0.1
 
 
 def test_without_masked_decay_adamw_moves_frozen_entries(unit_map, tiny):
@@ -146,3 +156,77 @@ def test_periodic_frozen_check_is_logged(unit_map, tmp_path):
     run_train(train_cfg(tmp_path, *EXACT, "freeze=esu", f"freeze.unit_map={unit_map}", "freeze.check_every_n_steps=2"))
     rows = [r for r in csv.DictReader(open(tmp_path / "csv" / "metrics.csv")) if r.get("freeze/frozen_max_abs_delta")]
     assert len(rows) >= 1 and all(float(r["freeze/frozen_max_abs_delta"]) == 0.0 for r in rows)
+
+
+def _unit_deltas(model, exported, loaded):
+    """Per unit group: which units' parameter slices changed at all, from the exported weights."""
+    out = {}
+    for g in resolve_units(model):
+        moved = torch.zeros(g.n, dtype=torch.bool)
+        for sl in g.slices:
+            diff = exported[sl.name] != loaded[sl.name]
+            moved |= diff.any(dim=1 - sl.dim) if diff.ndim == 2 else diff
+        out[g.key] = moved
+    return out
+
+
+def test_train_only_random_share_moves_only_the_planted_units(tmp_path):
+    cfg = train_cfg(tmp_path, *EXACT, "freeze=train_only", "freeze.random_share=0.05", "freeze.seed=3")
+    summary = run_train(cfg)
+    loaded, exported = _loaded_weights(), load_file(tmp_path / "model" / "model.safetensors")
+    planted, meta = load_selection(tmp_path / "model" / "trained_units.safetensors")
+    assert meta["role"] == "trained" and meta["random_share"] == 0.05 and meta["seed"] == 3
+    # the documented share per kind (round(0.05 * units)), drawn by the seed
+    assert {kind: sum(int(v.sum()) for k, v in planted.items() if k.startswith(kind)) for kind in ("mlp", "attn")} \
+        == {"mlp": round(0.05 * 256), "attn": round(0.05 * 128)}
+    sizes = {k: v.numel() for k, v in planted.items()}
+    assert all(planted[k].equal(v) for k, v in random_units(sizes, {"mlp": 13, "attn": 6}, seed=3).items())
+    assert any(not planted[k].equal(v) for k, v in random_units(sizes, {"mlp": 13, "attn": 6}, seed=4).items())
+    # every entry outside S is bit-identical -- embeddings, norms, q/k/v, lm_head included; every unit of S moved
+    model = build_tiny(cache_dir=cfg.paths.cache_dir).model
+    unit_params = {sl.name for g in resolve_units(model) for sl in g.slices}
+    for name, ref in loaded.items():
+        if name not in unit_params:
+            assert torch.equal(exported.get(name, exported["model.embed_tokens.weight"]), ref), name
+    moved = _unit_deltas(model, exported, loaded)
+    assert all(moved[k].equal(planted[k]) for k in planted)
+    assert summary["frozen_max_abs_delta"] == 0.0 and summary["freeze"]["entries"]["trainable_share"] < 0.05
+
+
+def test_planted_units_script_reports_per_map(unit_map, tmp_path):
+    import importlib.util
+
+    from conftest import ROOT
+
+    from safety_units.unit_map import save_selection
+
+    um = UnitMap.load(unit_map)
+    planted = um.top("safety_minus_utility", {"mlp": 4, "attn": 2})
+    save_selection(planted, tmp_path / "trained_units.safetensors", {"role": "trained", "random_share": 0.01,
+                                                                      "seed": 0})
+    spec = importlib.util.spec_from_file_location("planted_units", ROOT / "scripts" / "planted_units.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    text = script.main([str(tmp_path), unit_map, "--labels", "own", "--out", str(tmp_path / "p.md")])
+    by_safety = um.top("safety", {"mlp": 4, "attn": 2})
+    hits = sum(int((by_safety[k] & planted[k]).sum()) for k in planted)
+    assert f"| own | safety_minus_utility | 6 | 6 | 1.000 | 1.000 | {6 / 384:.3f} |" in text
+    assert f"| own | safety | 6 | {hits} | {hits / 6:.3f} | {hits / 6:.3f} |" in text
+    assert (tmp_path / "p.md").read_text() == text
+    with pytest.raises(SystemExit):
+        script.main([str(tmp_path / "nowhere"), unit_map])
+
+
+@pytest.mark.parametrize("overrides,match", [
+    (["freeze.unit_map={map}"], "exactly one of freeze.classes"),
+    (["freeze.unit_map={map}", "freeze.classes=[esu]", "freeze.random_share=0.02"], "exactly one of freeze.classes"),
+    (["freeze.unit_map={map}", "freeze.classes=[safety]"], r"freeze.classes: unknown unit class\(es\) \['safety'\]"),
+    (["freeze.random_share=1.5"], "freeze.random_share must be a share of units in"),
+    (["freeze.random_share=0.001"], "freeze.random_share=0.001 selects no unit"),
+    (["freeze.classes=[esu]"], "needs a unit map"),
+])
+def test_train_only_errors(unit_map, tmp_path, overrides, match):
+    tiny = build_tiny(cache_dir=compose("train", ["model=tiny"]).paths.cache_dir)
+    cfg = train_cfg(tmp_path, "freeze=train_only", *[o.format(map=unit_map) for o in overrides])
+    with pytest.raises(ConfigError, match=match):
+        build_masker(cfg, tiny.model)

@@ -9,10 +9,18 @@ Modules, one per concept:
     classification  ESU / EUU / CU / RU from safety and utility scores
     unit_map        the portable unit map file and its selections
     masking         freezing strategies as gradient masks, exact under AdamW decay
+    lora            LoRA adapters held at zero on frozen unit slices; merged and PEFT exports
     module          the LightningModule
-    judge           refusal judge (strings + minimum length, or a local model)
-    evaluation      refusal ASR, over-refusal, multiple-choice utility, perplexity, ablation
-    training / attribution / evaluate_run   what the top-level entry points run
+    judge           refusal judges: strings, patterns, ensemble, a local model
+    judge_probe     the learned refusal probe, trained here and cached
+    evaluation      refusal ASR, over-refusal, perplexity, re-judging saved completions; the suite
+    multiple_choice zero-shot multiple-choice utility by log-likelihood
+    rejudge         reading saved completions
+    compare         paired comparison of runs on the same prompts, the before/after callback
+    drift           unit drift during training: re-scored classes vs step 0 (callbacks=drift)
+    stats           McNemar, paired bootstrap, Cohen's kappa, prompt-list hashes
+    training / attribution / evaluate_run   what the top-level entry points run (evaluate_run: ablation)
+    study_verdicts / study_report   the SSAH study's criteria and report
 """
 
 __version__ = "0.1.0"

@@ -10,25 +10,36 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from safety_units.classification import classify
+from safety_units.classification import class_shares, classify_from_config
 from safety_units.config import output_dir, setup_run
-from safety_units.data import Source, collate, encode_example
+from safety_units.contrast import contrast_scores, load_reference
+from safety_units.data import IGNORE_INDEX, Encoded, Source, collate, encode_example, prompt_text
 from safety_units.errors import ConfigError
 from safety_units.models import LoadedModel, load_model, resolve_device
-from safety_units.scoring import score_units
+from safety_units.refusal_direction import refusal_direction_scores
+from safety_units.scoring import METHODS, check_tokens, score_units
 from safety_units.unit_map import UnitMap, full_fingerprint
-from safety_units.units import resolve_units, unit_names
+from safety_units.units import decoder_layers, resolve_units, unit_names
 
 log = logging.getLogger(__name__)
 
 
-def calibration_batches(tokenizer, source_cfg, nsamples: int, max_length: int, batch_size: int,
-                        seed: int, name: str, model=None, cache_dir: str | None = None) -> list[dict]:
-    """`nsamples` examples of one calibration set, templated and batched (sorted by length: less padding)."""
+def _calibration_examples(source_cfg, nsamples: int, seed: int, name: str) -> tuple[Source, list]:
     src = Source.from_config(source_cfg, name)
     if src.limit is None:
         src.limit = nsamples
-    examples = src.load(seed)[:nsamples]
+    return src, src.load(seed)[:nsamples]
+
+
+def _batched(encoded: list[Encoded], batch_size: int, pad_id: int) -> list[dict]:
+    encoded.sort(key=lambda e: len(e.input_ids))  # sorted by length: less padding
+    return [collate(encoded[i:i + batch_size], pad_id) for i in range(0, len(encoded), batch_size)]
+
+
+def calibration_batches(tokenizer, source_cfg, nsamples: int, max_length: int, batch_size: int,
+                        seed: int, name: str, model=None, cache_dir: str | None = None) -> list[dict]:
+    """`nsamples` examples of one calibration set, templated and batched."""
+    src, examples = _calibration_examples(source_cfg, nsamples, seed, name)
     if src.self_distill:
         from safety_units.generation import self_distill_responses
 
@@ -37,9 +48,19 @@ def calibration_batches(tokenizer, source_cfg, nsamples: int, max_length: int, b
         raise ConfigError(f"calibration set '{name}' ({src.path}) needs responses: set response: <field> or "
                           f"self_distill: true.")
     encoded = [encode_example(tokenizer, ex.messages, max_length) for ex in examples]
-    encoded.sort(key=lambda e: len(e.input_ids))
-    return [collate(encoded[i:i + batch_size], tokenizer.pad_token_id)
-            for i in range(0, len(encoded), batch_size)]
+    return _batched(encoded, batch_size, tokenizer.pad_token_id)
+
+
+def prompt_batches(tokenizer, source_cfg, nsamples: int, max_length: int, batch_size: int, seed: int,
+                   name: str) -> list[dict]:
+    """Prompts only, each ending with the assistant header (the decision position last); labels are all -100.
+    Responses in the file are ignored; a long prompt loses its start, never its end."""
+    _, examples = _calibration_examples(source_cfg, nsamples, seed, name)
+    encoded = []
+    for ex in examples:
+        ids = tokenizer(prompt_text(tokenizer, ex.messages), add_special_tokens=False)["input_ids"][-max_length:]
+        encoded.append(Encoded(ids, [IGNORE_INDEX] * len(ids)))
+    return _batched(encoded, batch_size, tokenizer.pad_token_id)
 
 
 def attribute(loaded: LoadedModel, cfg: DictConfig, device: str | None = None) -> UnitMap:
@@ -47,33 +68,58 @@ def attribute(loaded: LoadedModel, cfg: DictConfig, device: str | None = None) -
     model, tokenizer = loaded.model, loaded.tokenizer
     names = unit_names(cfg)
     groups = resolve_units(model, names)
+    cal, sc = cfg.calibration, cfg.scoring
+    method, tokens, k = sc.method, sc.get("tokens", "all"), sc.get("decision_tokens", 4)
+    if method not in METHODS:
+        raise ConfigError(f"scoring.method must be one of {METHODS}, got {method!r}.")
+    check_tokens(tokens, k)
+    if method == "refusal_direction" and cal.get("harmless") is None:
+        raise ConfigError("scoring=refusal_direction needs calibration.harmless: a prompt set of harmless "
+                          "instructions (a data source, response: null).")
+    reference = load_reference(sc, cfg.model.get("dtype", "float32"), loaded, names) if method == "contrast" else None
+    ref_groups = resolve_units(reference.model, names) if reference is not None else None
     dev = resolve_device(device or cfg.get("device"))
     model.to(dev)
-    cal, sc = cfg.calibration, cfg.scoring
-    scores, timings = {}, {}
+    scores, timings, extra = {}, {}, {}
     for which in ("safety", "utility"):
         batches = calibration_batches(tokenizer, cal[which], int(cal.nsamples), int(cal.max_length),
                                       int(cal.batch_size), int(cfg.seed), which, model=model,
                                       cache_dir=cfg.paths.cache_dir)
+        desc = f"{method} on {which}"
         t0 = time.perf_counter()
-        scores[which] = score_units(model, groups, batches, sc.method, tokens=sc.get("tokens", "all"),
-                                    gradient_checkpointing=sc.get("gradient_checkpointing", True),
-                                    desc=f"{sc.method} on {which}")
+        if method == "contrast":
+            scores[which] = contrast_scores(model, reference.model, groups, ref_groups, batches, tokens, k, desc=desc)
+        elif method == "refusal_direction" and which == "safety":
+            harmless = prompt_batches(tokenizer, cal.harmless, int(cal.nsamples), int(cal.max_length),
+                                      int(cal.batch_size), int(cfg.seed), "harmless")
+            scores[which], extra["refusal_direction_norms"] = refusal_direction_scores(
+                model, decoder_layers(model, names), groups, batches, harmless)
+        elif method == "refusal_direction":  # utility: how much the unit writes on benign data, any direction
+            scores[which] = score_units(model, groups, batches, "activation", tokens=tokens, decision_tokens=k,
+                                        desc=desc)
+        else:
+            scores[which] = score_units(model, groups, batches, method, tokens=tokens, decision_tokens=k,
+                                        gradient_checkpointing=sc.get("gradient_checkpointing", True), desc=desc)
         timings[which] = round(time.perf_counter() - t0, 3)
-    classes = classify(scores["safety"], scores["utility"], shares=OmegaConf.to_container(cfg.classify.shares),
-                       normalization=cfg.classify.normalization, min_safety_rank=cfg.classify.min_safety_rank,
-                       min_utility_rank=cfg.classify.min_utility_rank)
+    classify_cfg = OmegaConf.to_container(cfg.classify, resolve=True)
+    classes = classify_from_config(scores["safety"], scores["utility"], classify_cfg)
+    shares = class_shares(classes)
+    log.info("classify=%s: class shares %s", classify_cfg.get("method", "shares"),
+             "; ".join(f"{kind} " + " ".join(f"{c.upper()} {100 * v:.1f}%" for c, v in sh.items())
+                       for kind, sh in shares.items()))
+    used = ("safety", "utility", "harmless") if method == "refusal_direction" else ("safety", "utility")
     meta = {
         "fingerprint": full_fingerprint(model, names),
         "model_name": loaded.name,
         "scoring": OmegaConf.to_container(sc, resolve=True),
         "normalization": cfg.classify.normalization,
-        "classify": OmegaConf.to_container(cfg.classify, resolve=True),
+        "classify": classify_cfg,
+        "class_shares": shares,
         "calibration": {w: {"path": str(cal[w].path), "nsamples": int(cal.nsamples), "max_length": int(cal.max_length)}
-                        for w in ("safety", "utility")},
+                        for w in used},
         "seconds": timings,
         "unit_names": names,
-    }
+    } | extra
     return UnitMap(scores["safety"], scores["utility"], classes, meta)
 
 

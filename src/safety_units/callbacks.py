@@ -67,26 +67,31 @@ def full_state_dict(trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[
 class FinalizeRun(pl.Callback):
     """At the end of fit: check frozen entries against the load-time snapshot, then export `model/`.
 
-    The export is a Hugging Face directory (safetensors + tokenizer) plus a copy of the unit map and the resolved
-    config, loadable with `AutoModelForCausalLM.from_pretrained`.
+    The export is a Hugging Face directory (safetensors + tokenizer) plus a copy of the unit map, the unit set the
+    strategy froze or trained (`frozen_units.safetensors` / `trained_units.safetensors`) and the resolved config,
+    loadable with `AutoModelForCausalLM.from_pretrained`. With an adapter (`adapter=lora`) `model/` holds the merged
+    weights -- the frozen check reads those -- and `model/adapter/` the adapter in PEFT format, with the same files.
     """
 
     def __init__(self, output_dir: str, tokenizer, resolved_config: str, unit_map_path: str | None = None,
-                 export: bool = True):
+                 export: bool = True, masker=None, adapter=None):
         self.output_dir = Path(output_dir)
         self.tokenizer = tokenizer
         self.resolved_config = resolved_config
         self.unit_map_path = unit_map_path
         self.export = export
+        self.masker = masker  # its snapshot holds the frozen entries as loaded
+        self.adapter = adapter
         self.summary: dict = {}
 
     def on_train_end(self, trainer, pl_module):
         sd = full_state_dict(trainer, pl_module)
-        masker = getattr(pl_module, "masker", None)
-        if sd is not None and masker is not None and masker.has_frozen_entries:
-            delta = masker.frozen_max_abs_delta(sd)
+        weights = self.adapter.merged_state_dict(sd) if self.adapter is not None and sd is not None else sd
+        masker = self.masker
+        if weights is not None and masker is not None and masker.has_frozen_entries:
+            delta = masker.frozen_max_abs_delta(weights)
             self.summary["frozen_max_abs_delta"] = delta
-            self.summary["trainable_changed"] = masker.trainable_changed(sd)
+            self.summary["trainable_changed"] = masker.trainable_changed(weights)
             log.info("frozen_max_abs_delta = %r (0.0 means every frozen entry is bit-identical to its loaded value)",
                      delta)
             for lg in trainer.loggers:
@@ -95,13 +100,24 @@ class FinalizeRun(pl.Callback):
             return
         out = self.output_dir / "model"
         out.mkdir(parents=True, exist_ok=True)
-        model = pl_module.model
-        model.save_pretrained(out, state_dict=sd, safe_serialization=True)
+        pl_module.model.save_pretrained(out, state_dict=weights, safe_serialization=True)
+        self._write_companions(out)
+        if self.adapter is not None:
+            self._write_companions(self.adapter.save(out / "adapter", sd))
+        log.info("exported the trained model to %s", out)
+
+    def _write_companions(self, out: Path) -> None:
+        """Tokenizer, resolved config, unit map, the exact unit set and the frozen check, beside the weights."""
         self.tokenizer.save_pretrained(out)
         (out / "safety_units_config.yaml").write_text(self.resolved_config)
         if self.unit_map_path:
             for f in Path(self.unit_map_path).parent.glob("unit_map.*"):
                 shutil.copy2(f, out / f.name)
+        masker = self.masker
+        if masker is not None and masker.selection is not None:  # the exact unit set, e.g. a planted one
+            from safety_units.unit_map import save_selection
+
+            role = "trained" if masker.mode == "train_only" else "frozen"
+            save_selection(masker.selection, out / f"{role}_units.safetensors", masker.describe() | {"role": role})
         if self.summary:
             (out / "freeze_check.json").write_text(json.dumps(self.summary, indent=2))
-        log.info("exported the trained model to %s", out)

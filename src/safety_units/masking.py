@@ -1,8 +1,8 @@
-"""Freezing strategies as gradient masks that keep every frozen entry bit-identical.
+"""Exact gradient masks: every frozen entry stays bit-identical.
 
-A strategy picks units (from a unit map) to freeze -- or, for `ru_only`, the only units to train. Each
-unit-bearing parameter then gets a 0/1 vector `keep` along its unit dimension; parameters that end up wholly
-frozen get `requires_grad=False` (no gradient, no optimizer state, no decay).
+A freezing strategy (safety_units.freezing) picks units to freeze -- or, for `ru_only` / `train_only`, the only
+units to train. Each unit-bearing parameter then gets a 0/1 vector `keep` along its unit dimension; parameters that
+end up wholly frozen get `requires_grad=False` (no gradient, no optimizer state, no decay).
 
 How exactness is kept:
 * gradients: `hook` mechanism (single device, DDP, DeepSpeed ZeRO-1/2/3) multiplies each gradient by `keep` in a
@@ -25,12 +25,9 @@ import torch
 from torch import nn
 
 from safety_units.errors import ConfigError, UnitMapError
-from safety_units.units import resolve_units, unit_names
+from safety_units.units import resolve_units
 
 log = logging.getLogger(__name__)
-
-STRATEGIES = ("none", "esu", "esu_cu", "ru_only", "random", "layers")
-NEEDS_MAP = ("esu", "esu_cu", "ru_only", "random")
 
 
 @dataclass
@@ -73,10 +70,13 @@ class _MaskGrad(torch.autograd.Function):
 
 class Masker:
     def __init__(self, model: nn.Module, partial: dict[str, PartialMask], frozen_full: set[str],
-                 mechanism: str = "auto", description: dict | None = None, check_every_n_steps: int = 0):
+                 mechanism: str = "auto", description: dict | None = None, check_every_n_steps: int = 0,
+                 selection: dict[str, torch.Tensor] | None = None, mode: str = "freeze"):
         if mechanism not in ("auto", "hook", "forward"):
             raise ConfigError(f"freeze.mechanism must be auto, hook or forward, got {mechanism!r}.")
         self.partial, self.frozen_full = partial, frozen_full
+        # The unit selection the masks came from (exported beside the model); mode as in masks_from_selection.
+        self.selection, self.mode = selection, mode
         self.mechanism = mechanism
         self.check_every_n_steps = check_every_n_steps
         self._description = description or {}
@@ -266,8 +266,8 @@ def _max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).abs().max())
 
 
-# --------------------------------------------------------------------------- building from config
-def _count_entries(model: nn.Module, partial: dict[str, PartialMask], frozen_full: set[str]) -> dict:
+# --------------------------------------------------------------------------- masks from a unit selection
+def count_entries(model: nn.Module, partial: dict[str, PartialMask], frozen_full: set[str]) -> dict:
     total = frozen = 0
     for n, p in model.named_parameters():
         total += p.numel()
@@ -283,6 +283,8 @@ def _count_entries(model: nn.Module, partial: dict[str, PartialMask], frozen_ful
 def masks_from_selection(model: nn.Module, selection: dict[str, torch.Tensor], mode: str,
                          names: dict | None = None) -> tuple[dict[str, PartialMask], set[str]]:
     """mode 'freeze': selected units are frozen. mode 'train_only': only selected units train, all else frozen."""
+    if mode not in ("freeze", "train_only"):
+        raise ConfigError(f"mask mode must be 'freeze' or 'train_only', got {mode!r}.")
     groups = resolve_units(model, names)
     params = dict(model.named_parameters())
     partial: dict[str, PartialMask] = {}
@@ -306,71 +308,3 @@ def masks_from_selection(model: nn.Module, selection: dict[str, torch.Tensor], m
     if mode == "train_only":
         frozen_full |= {n for n in params if n not in unit_params}
     return partial, frozen_full
-
-
-def build_masker(cfg, model: nn.Module, tokenizer=None):
-    """The Masker for cfg.freeze (None for `none`), and the path of the unit map it used."""
-    from safety_units.unit_map import UnitMap, selection_size
-
-    f = cfg.freeze
-    strategy = f.get("strategy", "none")
-    if strategy not in STRATEGIES:
-        raise ConfigError(f"freeze.strategy must be one of {STRATEGIES}, got {strategy!r}.")
-    if strategy == "none":
-        return None, None
-    names = unit_names(cfg)
-    description: dict = {"strategy": strategy}
-    unit_map_path = None
-    if strategy == "layers":
-        layer_ids = list(f.get("layers") or [])
-        if not layer_ids:
-            raise ConfigError("freeze=layers needs freeze.layers=[i, j, ...] (layer indices to freeze).")
-        groups = resolve_units(model, names)
-        prefix = groups[0].out_name.rsplit(".", 3)[0] if groups else "model.layers"
-        n_layers = max(g.layer for g in groups) + 1
-        bad = [i for i in layer_ids if not -n_layers <= i < n_layers]
-        if bad:
-            raise ConfigError(f"freeze.layers: {bad} out of range for a model with {n_layers} layers.")
-        wanted = {f"{prefix}.{i % n_layers}." for i in layer_ids}
-        frozen_full = {n for n, _ in model.named_parameters() if any(n.startswith(w) for w in wanted)}
-        partial: dict[str, PartialMask] = {}
-        description["layers"] = sorted(i % n_layers for i in layer_ids)
-    else:
-        unit_map_path = f.get("unit_map")
-        if not unit_map_path:
-            if not f.get("auto_attribute", False):
-                raise ConfigError(
-                    f"freeze={strategy} needs a unit map: run `python attribute.py model=...` and pass "
-                    f"freeze.unit_map=<run dir>/unit_map.safetensors (or set freeze.auto_attribute=true)."
-                )
-            from safety_units.attribution import cached_attribution
-
-            unit_map_path = str(cached_attribution(cfg, model, tokenizer))
-        um = UnitMap.load(unit_map_path, model=model, strict=f.get("strict_fingerprint", True), names=names)
-        base = f.get("like") if strategy == "random" else strategy
-        if base not in ("esu", "esu_cu", "ru_only"):
-            raise ConfigError(f"freeze.like must be esu, esu_cu or ru_only, got {base!r}.")
-        if base == "esu":
-            selection = um.select("esu")
-        elif base == "esu_cu":
-            share = float(f.get("total_share", 0.075))
-            if not 0.0 < share < 1.0:
-                raise ConfigError(f"freeze.total_share must be in (0, 1), got {share}.")
-            selection = um.esu_plus_top_cu(share)
-        else:
-            selection = um.select("ru")
-        if strategy == "random":
-            selection = um.random_like(selection, seed=int(f.get("seed", 0)), match=f.get("match", "kind"))
-            description["like"] = base
-        mode = "train_only" if base == "ru_only" else "freeze"
-        partial, frozen_full = masks_from_selection(model, selection, mode, names)
-        description["units_" + ("trainable" if mode == "train_only" else "frozen")] = selection_size(selection)
-        description["unit_map"] = str(unit_map_path)
-    description["entries"] = _count_entries(model, partial, frozen_full)
-    masker = Masker(model, partial, frozen_full, mechanism=f.get("mechanism", "auto"), description=description,
-                    check_every_n_steps=int(f.get("check_every_n_steps", 0) or 0))
-    e = description["entries"]
-    log.info("freeze=%s: %s frozen / %s trainable parameter entries (%.2f%% / %.2f%%); units: %s", strategy,
-             f"{e['frozen']:,}", f"{e['trainable']:,}", 100 * e["frozen_share"], 100 * e["trainable_share"],
-             description.get("units_frozen") or description.get("units_trainable") or description.get("layers"))
-    return masker, unit_map_path

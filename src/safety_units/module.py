@@ -53,6 +53,23 @@ class CausalLMModule(pl.LightningModule):
     def forward(self, **batch):
         return self.model(**batch)
 
+    # ------------------------------------------------------------------ resume: the same dropout masks
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["rng_state"] = {"cpu": torch.get_rng_state(),
+                                   "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self._resume_rng = checkpoint.get("rng_state")
+
+    def on_train_batch_start(self, batch, batch_idx):
+        # Restored at the first batch, not at load: building the data iterator in between draws from the RNG.
+        rng = getattr(self, "_resume_rng", None)
+        if rng is not None:
+            torch.set_rng_state(rng["cpu"])
+            if rng["cuda"] and torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
+                torch.cuda.set_rng_state_all(rng["cuda"])
+            self._resume_rng = None
+
     def training_step(self, batch, batch_idx):
         loss = self.model(**batch).loss
         if not torch.isfinite(loss):

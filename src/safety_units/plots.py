@@ -57,3 +57,37 @@ def plot_tradeoff(rows: list[dict], path: str | Path, x: str, y: str, xlabel: st
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def plot_drift(records: list[dict], classes: list[str], path: str | Path, title: str = "unit drift") -> Path:
+    """Per-class IoU with the step-0 classes against the step, and the last transition matrix (row shares)."""
+    fig, (ax, hm) = plt.subplots(1, 2, figsize=(11, 4.2), gridspec_kw={"width_ratios": [1.4, 1]})
+    steps = [r["step"] for r in records]
+    for c in classes:
+        ious = [r["iou"][c] if r["iou"][c] is not None else float("nan") for r in records]
+        ax.plot(steps, ious, marker="o", color=CLASS_COLORS[c], label=c.upper())
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("IoU with the step-0 class")
+    ax.set_ylim(0, 1.05)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    last = records[-1]
+    counts = last["transitions"]
+    shares = [[v / max(1, sum(row)) for v in row] for row in counts]
+    hm.imshow(shares, vmin=0, vmax=1, cmap="Blues")
+    for i, row in enumerate(counts):
+        for j, v in enumerate(row):
+            hm.text(j, i, str(v), ha="center", va="center", fontsize=8,
+                    color="white" if shares[i][j] > 0.5 else "black")
+    labels = [c.upper() for c in classes]
+    hm.set_xticks(range(len(classes)), labels)
+    hm.set_yticks(range(len(classes)), labels)
+    hm.set_xlabel(f"class at step {last['step']}")
+    hm.set_ylabel("class at step 0")
+    hm.set_title("transitions (units; colour: share of row)", fontsize=9)
+    fig.suptitle(title)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -5,10 +5,15 @@
 * `activation` (Wanda-style, aggregated per unit): mean_tokens |x_j| * ||W_out[:, j]||.
 * `snip` (Wei et al. 2024 style, first order): sum over batches of sum_{w in unit j} |w * dL_b/dw|, with the loss on
   response tokens only. Each parameter's gradient is reduced to per-unit sums the moment it is accumulated and then
-  freed, so at most one dense gradient is alive at a time.
+  freed, so at most one dense gradient is alive at a time. Dropout is off (eval mode), so scores are deterministic.
+
+Which positions count (`scoring.tokens`): `all` (every attended token), `response` (the positions that *predict* a
+response token: position i counts when token i+1 is a response token, so the last prompt position -- where the model
+decides to refuse or comply -- is in and the last response token is out) or `decision` (the last prompt position and
+the next `scoring.decision_tokens` positions).
 
 Activation statistics are float64 sums (count, sum, sum of squares, sum of |x|) per unit; nothing per weight
-or per token is kept.
+or per token is kept. contrast.py and refusal_direction.py (a second model, a second prompt set) build on these sums.
 """
 
 from __future__ import annotations
@@ -25,7 +30,8 @@ from safety_units.units import UnitGroup
 
 log = logging.getLogger(__name__)
 
-METHODS = ("wifv", "activation", "snip")
+METHODS = ("wifv", "activation", "snip", "contrast", "refusal_direction")
+TOKENS = ("all", "response", "decision")
 
 
 def _column_sq_norms(g: UnitGroup) -> torch.Tensor:
@@ -53,16 +59,20 @@ def head_logits(model, h: torch.Tensor) -> torch.Tensor:
     return torch.tanh(logits / cap) * cap if cap else logits
 
 
-def response_token_nll(model, batch: dict, chunk: int = 64, checkpointed: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def response_token_nll(model, batch: dict, chunk: int = 64, checkpointed: bool = False,
+                       positions: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Next-token NLL of every response token (labels != -100) and the number of them per row.
 
     Logits are computed only at response positions and in chunks, so the [batch, seq, vocab] tensor never exists;
-    `checkpointed` recomputes each chunk in backward instead of keeping its logits (SNIP)."""
+    `checkpointed` recomputes each chunk in backward instead of keeping its logits (SNIP). `positions` ([batch, seq]
+    bool, as `token_mask`) restricts the loss to the response tokens predicted at those positions."""
     from torch.utils.checkpoint import checkpoint
 
     hidden = hidden_states(model, batch["input_ids"], batch["attention_mask"])
     labels = batch["labels"][:, 1:]
     keep = labels != -100
+    if positions is not None:
+        keep = keep & positions[:, :-1]
     h, y = hidden[:, :-1][keep], labels[keep]
 
     def nll(h_part, y_part):
@@ -73,21 +83,57 @@ def response_token_nll(model, batch: dict, chunk: int = 64, checkpointed: bool =
     return (torch.cat(parts) if parts else h.new_zeros(0)), keep.sum(dim=1)
 
 
-def _response_loss(model, batch: dict) -> torch.Tensor:
+def _response_loss(model, batch: dict, positions: torch.Tensor | None = None) -> torch.Tensor:
     """Mean next-token cross-entropy over response tokens, as the HF loss (for SNIP)."""
-    nll, _ = response_token_nll(model, batch, checkpointed=True)
+    nll, _ = response_token_nll(model, batch, checkpointed=True, positions=positions)
     return nll.sum() / max(1, nll.numel())
 
 
-def _token_mask(batch: dict, tokens: str) -> torch.Tensor:
+def predicts_response(labels: torch.Tensor) -> torch.Tensor:
+    """[batch, seq] bool: position i predicts a response token (labels[i + 1] != -100).
+
+    The hidden state that decides response token t sits at position t - 1 (HF labels are unshifted)."""
+    mask = torch.zeros_like(labels, dtype=torch.bool)
+    mask[:, :-1] = labels[:, 1:] != -100
+    return mask
+
+
+def last_token(attention_mask: torch.Tensor) -> torch.Tensor:
+    """[batch, seq] bool: each row's last attended position (right or left padding)."""
+    seq = attention_mask.shape[1]
+    last = seq - 1 - attention_mask.flip(1).long().argmax(dim=1)
+    return torch.nn.functional.one_hot(last, seq).bool() & attention_mask.bool()
+
+
+def decision_positions(batch: dict, k: int) -> torch.Tensor:
+    """The last prompt position (it predicts the first response token: refuse or comply) and the next k positions.
+
+    Only a row's first k + 1 response-predicting positions count (calibration rows have one assistant turn); a
+    prompt-only row (no response tokens) counts its last token, where the answer would start."""
+    pred = predicts_response(batch["labels"])
+    first = pred & (pred.cumsum(dim=1) <= k + 1)
+    prompt_only = ~pred.any(dim=1, keepdim=True)
+    return torch.where(prompt_only, last_token(batch["attention_mask"]), first)
+
+
+def check_tokens(tokens: str, decision_tokens: int) -> None:
+    if tokens not in TOKENS:
+        raise ConfigError(f"scoring.tokens must be one of {TOKENS}, got {tokens!r}.")
+    if not isinstance(decision_tokens, int) or isinstance(decision_tokens, bool) or decision_tokens < 0:
+        raise ConfigError(f"scoring.decision_tokens must be an integer >= 0, got {decision_tokens!r}.")
+
+
+def token_mask(batch: dict, tokens: str, decision_tokens: int = 4) -> torch.Tensor:
+    """[batch, seq] bool: the positions whose activations a score counts (`scoring.tokens`)."""
+    check_tokens(tokens, decision_tokens)
     if tokens == "all":
         return batch["attention_mask"].bool()
     if tokens == "response":
-        return batch["labels"] != -100
-    raise ConfigError(f"scoring.tokens must be 'all' or 'response', got {tokens!r}.")
+        return predicts_response(batch["labels"])
+    return decision_positions(batch, decision_tokens)
 
 
-class _ActivationStats:
+class ActivationStats:
     def __init__(self, n: int):
         self.count = 0
         self.sum = torch.zeros(n, dtype=torch.float64)
@@ -108,14 +154,17 @@ class _ActivationStats:
     def mean_abs(self) -> torch.Tensor:
         return self.sumabs / max(self.count, 1)
 
+    def mean(self) -> torch.Tensor:
+        return self.sum / max(self.count, 1)
+
 
 @torch.no_grad()
-def activation_scores(model, groups: list[UnitGroup], batches: Iterable[dict], method: str = "wifv",
-                      tokens: str = "all", progress: bool = True, desc: str = "scoring") -> dict[str, torch.Tensor]:
-    if method not in ("wifv", "activation"):
-        raise ConfigError(f"activation_scores handles wifv and activation, not {method!r}.")
+def activation_stats(model, groups: list[UnitGroup], batches: Iterable[dict], tokens: str = "all",
+                     decision_tokens: int = 4, progress: bool = True, desc: str = "scoring") -> dict[str, ActivationStats]:
+    """Running sums of every unit's activation (the input of down_proj / o_proj) at the `tokens` positions."""
+    check_tokens(tokens, decision_tokens)
     device = next(model.parameters()).device
-    stats = {g.key: _ActivationStats(g.n) for g in groups}
+    stats = {g.key: ActivationStats(g.n) for g in groups}
     current: dict = {}
 
     def make_hook(key):
@@ -129,19 +178,34 @@ def activation_scores(model, groups: list[UnitGroup], batches: Iterable[dict], m
         with eval_mode(model):
             for batch in tqdm(list(batches), desc=desc, disable=not progress, leave=False):
                 batch = {k: v.to(device) for k, v in batch.items()}
-                current["mask"] = _token_mask(batch, tokens)
+                current["mask"] = token_mask(batch, tokens, decision_tokens)
                 hidden_states(model, batch["input_ids"], batch["attention_mask"])
     finally:
         for h in handles:
             h.remove()
+    if any(st.count == 0 for st in stats.values()):
+        raise ConfigError(f"no calibration tokens were scored (empty batches, or no positions for "
+                          f"scoring.tokens={tokens!r}).")
+    return stats
+
+
+def activation_scores(model, groups: list[UnitGroup], batches: Iterable[dict], method: str = "wifv",
+                      tokens: str = "all", decision_tokens: int = 4, progress: bool = True,
+                      desc: str = "scoring") -> dict[str, torch.Tensor]:
+    if method not in ("wifv", "activation"):
+        raise ConfigError(f"activation_scores handles wifv and activation, not {method!r}.")
+    stats = activation_stats(model, groups, batches, tokens, decision_tokens, progress, desc)
     out = {}
     for g in groups:
         colsq = _column_sq_norms(g)
         st = stats[g.key]
-        if st.count == 0:
-            raise ConfigError("no calibration tokens were scored (empty batches or token mask).")
         out[g.key] = (st.variance() * colsq if method == "wifv" else st.mean_abs() * colsq.sqrt()).float()
     return out
+
+
+def column_norms(g: UnitGroup) -> torch.Tensor:
+    """||W_out[:, j]|| for each unit j (float64, CPU)."""
+    return _column_sq_norms(g).sqrt()
 
 
 def _checkpointing_api(model):
@@ -156,9 +220,21 @@ def _checkpointing_api(model):
     return None, None, False
 
 
+def _train_only_checkpointed(model) -> None:
+    """Training mode for the modules that checkpoint (HF checkpoints only `if self.gradient_checkpointing and
+    self.training`), eval mode for everything else: dropout stays off (GPT-2 has p=0.1), recomputation stays on."""
+    model.eval()
+    for m in model.modules():
+        if getattr(m, "gradient_checkpointing", False) is True:
+            m.training = True  # this module only, not its children (its dropout submodules stay in eval)
+
+
 def snip_scores(model, groups: list[UnitGroup], batches: Iterable[dict], progress: bool = True,
-                gradient_checkpointing: bool = True, desc: str = "snip") -> dict[str, torch.Tensor]:
-    """sum_b sum_{w in unit} |w * dL_b/dw| per unit; loss on response tokens (labels != -100) only."""
+                gradient_checkpointing: bool = True, desc: str = "snip", tokens: str = "response",
+                decision_tokens: int = 4) -> dict[str, torch.Tensor]:
+    """sum_b sum_{w in unit} |w * dL_b/dw| per unit; loss on the response tokens predicted at the `tokens` positions
+    (`all` and `response` are the same here: only response tokens have targets)."""
+    check_tokens(tokens, decision_tokens)
     device = next(model.parameters()).device
     acc = {g.key: torch.zeros(g.n, dtype=torch.float64) for g in groups}
     owners = {}
@@ -178,18 +254,18 @@ def snip_scores(model, groups: list[UnitGroup], batches: Iterable[dict], progres
 
     handles = [p.register_post_accumulate_grad_hook(reduce_and_free) for p in model.parameters()
                if id(p) in owners]
-    was_training = model.training
-    model.eval()  # no dropout; gradients still flow
     enable, disable, gc_was = _checkpointing_api(model)
-    if gradient_checkpointing and enable is not None:
-        enable()
-        model.train()  # HF only checkpoints in training mode; these models have no dropout
     try:
-        for batch in tqdm(list(batches), desc=desc, disable=not progress, leave=False):
-            batch = {k: v.to(device) for k, v in batch.items()}
-            if not (batch["labels"] != -100).any():
-                continue
-            _response_loss(model, batch).backward()
+        with eval_mode(model):  # no dropout: the scores of the model as it is used, and deterministic
+            if gradient_checkpointing and enable is not None:
+                enable()
+                _train_only_checkpointed(model)
+            for batch in tqdm(list(batches), desc=desc, disable=not progress, leave=False):
+                batch = {k: v.to(device) for k, v in batch.items()}
+                positions = token_mask(batch, tokens, decision_tokens)
+                if not (predicts_response(batch["labels"]) & positions).any():
+                    continue
+                _response_loss(model, batch, positions).backward()
     finally:
         for h in handles:
             h.remove()
@@ -198,15 +274,21 @@ def snip_scores(model, groups: list[UnitGroup], batches: Iterable[dict], progres
         for n, p in model.named_parameters():
             p.requires_grad_(saved_flags[n])
             p.grad = None
-        model.train(was_training)
     return {k: v.float() for k, v in acc.items()}
 
 
 def score_units(model, groups: list[UnitGroup], batches: list[dict], method: str, tokens: str = "all",
-                progress: bool = True, desc: str = "", gradient_checkpointing: bool = True) -> dict[str, torch.Tensor]:
-    if method not in METHODS:
-        raise ConfigError(f"scoring.method must be one of {METHODS}, got {method!r}.")
+                progress: bool = True, desc: str = "", gradient_checkpointing: bool = True,
+                decision_tokens: int = 4) -> dict[str, torch.Tensor]:
+    """The scores of one model on one calibration set (wifv, activation, snip); contrast and refusal_direction
+    need a second model or prompt set and are run by attribution.attribute."""
+    if method not in ("wifv", "activation", "snip"):
+        raise ConfigError(f"scoring.method must be one of {METHODS}, got {method!r}"
+                          + (" (score_units scores one model on one set; use attribution.attribute)."
+                             if method in METHODS else "."))
     if method == "snip":
         return snip_scores(model, groups, batches, progress=progress, desc=desc or "snip",
-                           gradient_checkpointing=gradient_checkpointing)
-    return activation_scores(model, groups, batches, method, tokens=tokens, progress=progress, desc=desc or method)
+                           gradient_checkpointing=gradient_checkpointing, tokens=tokens,
+                           decision_tokens=decision_tokens)
+    return activation_scores(model, groups, batches, method, tokens=tokens, decision_tokens=decision_tokens,
+                             progress=progress, desc=desc or method)

@@ -42,7 +42,7 @@ def build_trainer(cfg: DictConfig, extra_callbacks: list, run_dir: Path):
 
 def run_train(cfg: DictConfig) -> dict:
     """Fit the configured model on the configured data; returns a summary dict (also used by tests)."""
-    from safety_units.masking import build_masker
+    from safety_units.freezing import build_masker
     from safety_units.module import CausalLMModule
 
     setup_run(cfg)
@@ -58,11 +58,18 @@ def run_train(cfg: DictConfig) -> dict:
     masker = None
     if cfg.get("freeze") is not None:
         masker, unit_map_path = build_masker(cfg, model, tokenizer)
-    module = CausalLMModule(model, masker=masker, **OmegaConf.to_container(cfg.optim, resolve=True))
+    # With an adapter only the LoRA factors train; their own masker holds them at zero on frozen unit slices,
+    # while `masker` (snapshot of the loaded weights) checks the merged weights at the end.
+    adapter = instantiate(cfg.adapter, "adapter") if cfg.get("adapter") else None
+    train_masker = masker
+    if adapter is not None:
+        model, train_masker = adapter.wrap(model, masker)
+    module = CausalLMModule(model, masker=train_masker, **OmegaConf.to_container(cfg.optim, resolve=True))
 
     finalize = FinalizeRun(str(run_dir), tokenizer, resolved_yaml(cfg), unit_map_path=unit_map_path,
-                           export=bool(cfg.get("export", True)))
+                           export=bool(cfg.get("export", True)), masker=masker, adapter=adapter)
     module.tokenizer = tokenizer  # for callbacks that generate (callbacks=eval)
+    module.unit_map_path = unit_map_path  # callbacks=drift classifies with the map's settings
     extra = [InterruptCheckpoint(str(run_dir / "checkpoints")), finalize]
     trainer = build_trainer(cfg, extra, run_dir)
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
@@ -73,6 +80,8 @@ def run_train(cfg: DictConfig) -> dict:
     summary.update(finalize.summary)
     if masker is not None:
         summary["freeze"] = masker.describe()
+    if adapter is not None:
+        summary["adapter"] = adapter.describe()
     for cb in trainer.callbacks:
         if type(cb).__name__ == "EvalCallback":
             summary["eval"] = cb.results

@@ -7,6 +7,7 @@ Files (one run directory):
     units_per_layer.png    stacked bars of classes per layer (MLP and attention)
 
 A *selection* is a dict {"mlp.3": BoolTensor[n_units], ...} of units; masking and ablation take selections.
+`save_selection` / `load_selection` store one (e.g. `trained_units.safetensors` beside an exported model).
 """
 
 from __future__ import annotations
@@ -15,10 +16,11 @@ import json
 import logging
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from safety_units.classification import CLASS_CODES, normalise
-from safety_units.errors import UnitMapError
+from safety_units.errors import ConfigError, UnitMapError
 from safety_units.models import model_fingerprint
 from safety_units.units import resolve_units, unit_counts
 
@@ -26,6 +28,7 @@ log = logging.getLogger(__name__)
 
 Selection = dict[str, torch.Tensor]
 FORMAT_VERSION = "1"
+RANKINGS = ("safety_minus_utility", "safety", "utility")
 
 
 def full_fingerprint(model, names: dict | None = None) -> dict:
@@ -154,6 +157,33 @@ class UnitMap:
     def safety_ranks(self) -> dict[str, torch.Tensor]:
         return normalise(self.safety, self.metadata.get("normalization", "per_layer"))
 
+    def sizes(self) -> dict[str, int]:
+        return {k: self.classes[k].numel() for k in self.keys}
+
+    def top(self, by: str, counts: dict[str, int]) -> Selection:
+        """The counts[kind] units of each kind ranked highest `by` one of RANKINGS.
+
+        Ranks are the percentile ranks the classifier uses (the map's normalisation: within each layer or over all
+        layers of a kind); safety_minus_utility is the ESU criterion without its safety-rank floor. Ties go to the
+        higher safety rank (by=safety_minus_utility) or the lower other rank (by=safety / utility), then to the lower
+        position (layer, channel)."""
+        if by not in RANKINGS:
+            raise ConfigError(f"rank units by one of {RANKINGS}, got {by!r}.")
+        mode = self.metadata.get("normalization", "per_layer")
+        rs, ru = normalise(self.safety, mode), normalise(self.utility, mode)
+        out = {k: torch.zeros(self.classes[k].numel(), dtype=torch.bool) for k in self.keys}
+        for kind, want in counts.items():
+            keys = [k for k in self.keys if k.startswith(kind + ".")]
+            s = torch.cat([rs[k] for k in keys]).numpy()
+            u = torch.cat([ru[k] for k in keys]).numpy()
+            primary, secondary = {"safety_minus_utility": (s - u, s), "safety": (s, -u), "utility": (u, -s)}[by]
+            order = np.lexsort((np.arange(s.size), -secondary, -primary))  # last key sorts first
+            flat = torch.zeros(s.size, dtype=torch.bool)
+            flat[torch.from_numpy(order[:want].copy())] = True
+            for k, part in zip(keys, torch.split(flat, [self.classes[k].numel() for k in keys])):
+                out[k] = part.clone()
+        return out
+
     def esu_plus_top_cu(self, total_share: float) -> Selection:
         """ESU plus the CU units with the highest (normalised) safety score, so that `total_share` of the units
         of each kind are selected (the paper freezes ESU + top CU = 7.5%)."""
@@ -178,23 +208,45 @@ class UnitMap:
 
     def random_like(self, selection: Selection, seed: int = 0, match: str = "kind") -> Selection:
         """A seeded random selection with as many units as `selection`: per kind (default) or per layer."""
-        g = torch.Generator().manual_seed(int(seed))
-        out = {k: torch.zeros_like(v, dtype=torch.bool) for k, v in selection.items()}
         if match == "layer":
+            g = torch.Generator().manual_seed(int(seed))
+            out = {k: torch.zeros_like(v, dtype=torch.bool) for k, v in selection.items()}
             for k, v in selection.items():
                 out[k][torch.randperm(v.numel(), generator=g)[: int(v.sum())]] = True
             return out
         if match != "kind":
             raise UnitMapError(f"random match must be 'kind' or 'layer', got {match!r}.")
-        for kind in sorted({k.split(".")[0] for k in selection}):
-            keys = [k for k in _sort_keys(selection) if k.startswith(kind + ".")]
-            sizes = [selection[k].numel() for k in keys]
-            want = sum(int(selection[k].sum()) for k in keys)
-            flat = torch.zeros(sum(sizes), dtype=torch.bool)
-            flat[torch.randperm(sum(sizes), generator=g)[:want]] = True
-            for k, part in zip(keys, torch.split(flat, sizes)):
-                out[k] = part.clone()
-        return out
+        counts = {kind: n["units"] for kind, n in selection_size(selection).items()}
+        return random_units({k: v.numel() for k, v in selection.items()}, counts, seed)
+
+
+def _kinds(keys) -> list[str]:
+    return sorted({k.split(".")[0] for k in keys})
+
+
+def share_counts(sizes: dict[str, int], share, key: str) -> dict[str, int]:
+    """round(share * units of the kind) for each unit kind; `key` names the config key in errors."""
+    if share is None or isinstance(share, bool) or not isinstance(share, (int, float)) or not 0.0 < share < 1.0:
+        raise ConfigError(f"{key} must be a share of units in (0, 1), e.g. 0.02, got {share!r}.")
+    totals = {kind: sum(n for k, n in sizes.items() if k.startswith(kind + ".")) for kind in _kinds(sizes)}
+    counts = {kind: int(round(share * n)) for kind, n in totals.items()}
+    if not any(counts.values()):
+        raise ConfigError(f"{key}={share} selects no unit (units per kind: {totals}); use a larger share.")
+    return counts
+
+
+def random_units(sizes: dict[str, int], counts: dict[str, int], seed: int = 0) -> Selection:
+    """counts[kind] units of each kind, drawn uniformly over all layers of that kind (seeded)."""
+    g = torch.Generator().manual_seed(int(seed))
+    out = {k: torch.zeros(n, dtype=torch.bool) for k, n in sizes.items()}
+    for kind in _kinds(sizes):
+        keys = [k for k in _sort_keys(sizes) if k.startswith(kind + ".")]
+        n = [sizes[k] for k in keys]
+        flat = torch.zeros(sum(n), dtype=torch.bool)
+        flat[torch.randperm(sum(n), generator=g)[: counts.get(kind, 0)]] = True
+        for k, part in zip(keys, torch.split(flat, n)):
+            out[k] = part.clone()
+    return out
 
 
 def selection_size(sel: Selection) -> dict:
@@ -205,3 +257,28 @@ def selection_size(sel: Selection) -> dict:
         tot = sum(sel[k].numel() for k in keys)
         out[kind] = {"units": n, "of": tot, "share": round(n / tot, 5) if tot else 0.0}
     return out
+
+
+def save_selection(sel: Selection, path: str | Path, metadata: dict | None = None) -> Path:
+    """Store a selection as bool tensors per key, with JSON metadata (what it is, how it was drawn)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    meta = {k: json.dumps(v) for k, v in (metadata or {}).items()}
+    save_file({k: sel[k].bool().contiguous() for k in _sort_keys(sel)}, str(path), metadata=meta)
+    return path
+
+
+def load_selection(path: str | Path) -> tuple[Selection, dict]:
+    from safetensors import safe_open
+
+    p = Path(path)
+    if not p.is_file():
+        raise UnitMapError(f"unit selection {p} does not exist.")
+    try:
+        with safe_open(str(p), framework="pt") as f:
+            meta = {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
+            sel = {k: f.get_tensor(k).bool() for k in f.keys()}
+    except Exception as e:  # noqa: BLE001 - any parse failure is a bad file
+        raise UnitMapError(f"{p} is not a readable unit selection ({e}).") from None
+    return sel, meta

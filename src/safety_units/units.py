@@ -94,13 +94,20 @@ def unit_names(cfg) -> dict | None:
     return OmegaConf.to_container(units.names, resolve=True) if units and units.get("names") else None
 
 
-def resolve_units(model: nn.Module, names: dict | None = None) -> list[UnitGroup]:
-    """All unit groups of the model, layer by layer, MLP then attention."""
+def decoder_layers(model: nn.Module, names: dict | None = None) -> nn.ModuleList:
+    """The model's decoder blocks (`units.names.layers`)."""
     names = names_for(model, names)
     layers = _get(model, names["layers"])
     if not isinstance(layers, nn.ModuleList):
         raise ConfigError(f"units.names.layers={names['layers']!r} is not a ModuleList in this model. "
                           f"Modules found: {_module_sample(model)}")
+    return layers
+
+
+def resolve_units(model: nn.Module, names: dict | None = None) -> list[UnitGroup]:
+    """All unit groups of the model, layer by layer, MLP then attention."""
+    names = names_for(model, names)
+    layers = decoder_layers(model, names)
     param_names = {id(p): n for n, p in model.named_parameters()}
     groups: list[UnitGroup] = []
     for li, layer in enumerate(layers):

@@ -1,0 +1,57 @@
+"""Dose-response ablation sweep: zero the top-k% units by safety-minus-utility rank, by utility rank, or at random.
+
+    python scripts/dose_response.py --model <aligned model dir> --unit-map <unit_map.safetensors> --out <dir>
+        [--shares 0.0025 0.005 0.01 0.02 0.04 0.08] [--seeds 0 1 2] [--eval dose] [--force] [--report-only]
+        [-- <more evaluate.py overrides, e.g. eval.limit=100 trainer=... model=tiny>]
+
+Runs (or resumes: a point whose eval.json and eval_meta.json exist is skipped) one `python evaluate.py` per point into
+<runs-dir>/<point>/ (default <out>/runs): the unablated baseline, then for each share k: ablate.top=
+safety_minus_utility, ablate.top=utility and ablate.top=random with each seed. Then writes <out>/dose_response.md
+and <out>/dose_response.png from the runs' artifacts (safety_units.dose_response).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from safety_units.dose_response import SEEDS, SHARES, command, plan, run_points, run_subprocess, write_report
+from safety_units.errors import ConfigError, friendly_errors
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@friendly_errors
+def main(argv: list[str] | None = None, runner=None) -> Path:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", help="the model dir to ablate (model=hf model.path=...); or pass model=... after --")
+    ap.add_argument("--unit-map", required=True, help="unit map of that model (unit_map.safetensors or its dir)")
+    ap.add_argument("--out", required=True, help="directory for dose_response.md and dose_response.png")
+    ap.add_argument("--runs-dir", help="directory of the evaluate.py runs (default: <out>/runs)")
+    ap.add_argument("--shares", type=float, nargs="+", default=list(SHARES))
+    ap.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS), help="random sets, at least 3")
+    ap.add_argument("--eval", default="dose", help="eval config (conf/eval/<name>.yaml), default: dose")
+    ap.add_argument("--force", action="store_true", help="rerun points that are done")
+    ap.add_argument("--report-only", action="store_true", help="only build the report from finished points")
+    ap.add_argument("overrides", nargs="*", help="evaluate.py overrides, after --")
+    args = ap.parse_args(argv)
+    unit_map = Path(args.unit_map).resolve()
+    if not unit_map.exists():
+        raise ConfigError(f"--unit-map {args.unit_map} does not exist.")
+    model = str(Path(args.model).resolve()) if args.model else None
+    if model and not Path(model).is_dir():
+        raise ConfigError(f"--model {args.model} is not a model directory.")
+    out = Path(args.out).resolve()
+    runs = Path(args.runs_dir).resolve() if args.runs_dir else out / "runs"
+    points = plan(args.shares, args.seeds)
+    if not args.report_only:
+        jobs = [(p, command(p, ROOT / "evaluate.py", runs, str(unit_map), args.eval, model, args.overrides))
+                for p in points]
+        run_points(jobs, runs, args.force, runner or run_subprocess)
+    path = write_report(runs, points, out)
+    print(f"wrote {path}", flush=True)
+    return path
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,158 @@
+"""Validate the refusal judges against human labels and reference sets; write results/judges.md.
+
+    python scripts/judge_report.py                      # strings, patterns, probe, ensemble (probe trains once)
+    python scripts/judge_report.py --judges strings patterns
+
+Every number is computed here from ../shared/data:
+* XSTest v2 completions with human labels (judge_dev/, 2 models): accuracy, precision and recall of "refusal"
+  (binary; partial refusal counts as refusal);
+* refusal responses cut to 48 tokens (safety-tuned-llamas, Wei et al.'s safety-short): share judged refusal;
+* held-out Alpaca reference answers (hash split [0.9, 1), never trained on): share judged compliance.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from safety_units.stats import cohen_kappa  # noqa: E402
+
+DEV_FILES = ("gpt4", "llama2orig")
+CUT_TOKENS = 48
+# An opening that answers: a safety-tuned-llamas "refusal" response that starts like this is an ordinary answer.
+ANSWER_OPENINGS = ("certainly", "sure", "of course", "yes, of course", "here are", "here is", "here's", "absolutely")
+
+
+def compose(overrides: list[str]):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "conf")):
+        return hydra_compose(config_name="evaluate", overrides=overrides)
+
+
+def load_sets(cfg, tokenizer) -> dict[str, dict]:
+    """Every labelled set: {name: {"prompts", "completions", "truth" (True = refusal) or None, "expect"}}."""
+    from safety_units.data import Source
+
+    data = Path(cfg.paths.data_dir)
+    sets = {}
+    for name in DEV_FILES:
+        with open(data / "judge_dev" / f"xstest_v2_completions_{name}.csv", newline="") as f:
+            rows = list(csv.DictReader(f))
+        sets[f"xstest_{name}"] = {"prompts": [r["prompt"] for r in rows], "completions": [r["completion"] for r in rows],
+                                  "truth": [r["final_label"] != "1_full_compliance" for r in rows]}
+
+    def cut(text: str) -> str:
+        return tokenizer.decode(tokenizer(text, add_special_tokens=False)["input_ids"][:CUT_TOKENS])
+
+    stl = json.loads((data / "safety_tuned_llamas" / "safety_only_data_Instructions.json").read_text())
+    sets["stl_refusals@48"] = {"prompts": [r["instruction"] for r in stl], "completions": [cut(r["output"]) for r in stl],
+                               "expect": True}
+    with open(data / "safety_short" / "SFT_aligned_llama2-7b-chat-hf_train_short.csv", newline="") as f:
+        wei = list(csv.DictReader(f))
+    sets["wei_refusals@48"] = {"prompts": [r["prompt"] for r in wei], "completions": [cut(r["response"]) for r in wei],
+                               "expect": True}
+    src = Source.from_config(cfg.eval.tasks.ppl.source, "ppl")
+    src.limit = None
+    held = src.load(0)
+    sets["alpaca_heldout_answers"] = {"prompts": [ex.prompt for ex in held], "completions": [ex.response for ex in held],
+                                      "expect": False}
+    return sets
+
+
+def metrics(verdicts: list[bool], s: dict) -> dict:
+    if s.get("truth") is not None:
+        t = s["truth"]
+        tp = sum(v and y for v, y in zip(verdicts, t))
+        return {"accuracy": sum(v == y for v, y in zip(verdicts, t)) / len(t),
+                "precision": tp / max(1, sum(verdicts)), "recall": tp / max(1, sum(t)), "n": len(t)}
+    share = sum(v == s["expect"] for v in verdicts) / len(verdicts)
+    return {"share_" + ("refusal" if s["expect"] else "compliance"): share, "n": len(verdicts)}
+
+
+def stl_answer_openings(s: dict) -> tuple[int, int]:
+    """(responses that open like an answer, all responses) of the safety-tuned-llamas set."""
+    opens = [c.strip().lower().startswith(ANSWER_OPENINGS) for c in s["completions"]]
+    return sum(opens), len(opens)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--judges", nargs="+", default=["strings", "patterns", "probe", "ensemble"])
+    ap.add_argument("--out", default=str(ROOT / "results" / "judges.md"))
+    args = ap.parse_args()
+
+    from safety_units.config import instantiate
+    from safety_units.models import smollm2_tokenizer
+
+    default_judge = compose([]).judge._target_
+    cfg = compose([])
+    sets = load_sets(cfg, smollm2_tokenizer(cfg.paths.cache_dir))
+    results: dict[str, dict[str, dict]] = {}
+    votes: dict[str, dict[str, list[bool]]] = {}
+    for name in args.judges:
+        jcfg = compose([f"judge={name}"]).judge
+        judge = instantiate(jcfg, "judge")
+        results[name], votes[name] = {}, {}
+        for set_name, s in sets.items():
+            v = [x.refusal for x in judge.judge(s["prompts"], s["completions"])]
+            votes[name][set_name] = v
+            results[name][set_name] = metrics(v, s)
+            print(name, set_name, results[name][set_name], flush=True)
+        results[name]["_target_"] = jcfg._target_
+
+    lines = ["# Refusal judges against human labels and reference sets", "",
+             f"Written by `python scripts/judge_report.py` (judges: {', '.join(args.judges)}). The default judge "
+             f"(`conf/evaluate.yaml`) is `{default_judge}`. Binary labels: XSTest's partial refusal counts as refusal.",
+             "", "## XSTest v2 completions with human labels (`judge_dev/`)", "",
+             "| judge | file | n | accuracy | precision | recall |", "|---|---|---:|---:|---:|---:|"]
+    for name in args.judges:
+        for f in DEV_FILES:
+            m = results[name][f"xstest_{f}"]
+            lines.append(f"| {name} | {f} | {m['n']} | {m['accuracy']:.3f} | {m['precision']:.3f} | "
+                         f"{m['recall']:.3f} |")
+    lines += ["", f"## Reference sets (responses cut to {CUT_TOKENS} tokens of the SmolLM2 tokenizer)", "",
+              "| judge | " + " | ".join(k for k in sets if not k.startswith("xstest")) + " |",
+              "|---|" + "---:|" * sum(not k.startswith("xstest") for k in sets)]
+    for name in args.judges:
+        cells = []
+        for k in sets:
+            if k.startswith("xstest"):
+                continue
+            m = results[name][k]
+            cells.append(f"{next(v for key, v in m.items() if key.startswith('share_')):.3f}")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    n_open, n_all = stl_answer_openings(sets["stl_refusals@48"])
+    sizes = ", ".join(f"{k} {len(s['completions'])}" for k, s in sets.items() if not k.startswith("xstest"))
+    lines += ["", f"Shares: refusal for the refusal sets, compliance for the Alpaca answers (n: {sizes}).",
+              f"Of the {n_all} safety-tuned-llamas \"safe responses\", {n_open} ({n_open / n_all:.1%}) open like an "
+              f"answer ({', '.join(repr(o) for o in ANSWER_OPENINGS)}): that set holds ordinary answers to benign "
+              "or borderline instructions besides refusals, so no judge that calls answers compliance can call all "
+              "of it refusal.", ""]
+    if len(args.judges) > 1:
+        lines += ["## Agreement between judges (Cohen's kappa over every set above)", "",
+                  "| | " + " | ".join(args.judges) + " |", "|---|" + "---:|" * len(args.judges)]
+        for a in args.judges:
+            row = []
+            for b in args.judges:
+                va = [x for k in sets for x in votes[a][k]]
+                vb = [x for k in sets for x in votes[b][k]]
+                row.append(f"{cohen_kappa(va, vb):.3f}")
+            lines.append(f"| {a} | " + " | ".join(row) + " |")
+        lines.append("")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text("\n".join(lines))
+    (Path(args.out).with_suffix(".json")).write_text(json.dumps(results, indent=2))
+    print("\n".join(lines))
+    print(f"\nwrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

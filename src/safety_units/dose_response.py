@@ -1,0 +1,265 @@
+"""Dose-response of unit ablation: zero the top-k share of units and read safety and utility against k.
+
+At each share k (per unit kind: round(k * units) MLP units and as many attention units) three arms are zeroed:
+the units with the highest safety-minus-utility percentile rank (`ablate.top=safety_minus_utility`), those with the
+highest utility rank (`ablate.top=utility`, the second control) and seeded random sets of the same size
+(`ablate.top=random`, one run per seed). Each point is one `python evaluate.py` run in <runs>/<point>/, plus one
+unablated baseline; a point whose eval.json and eval_meta.json exist is not run again.
+
+The report reads every number from those runs' eval.json / eval_meta.json: per task the value at each k for each
+arm, the random band (mean, sd, min-max over seeds), and paired tests (compare.paired_difference: paired bootstrap
+95% CI and exact McNemar p) of the top safety-minus-utility set against the baseline and against each random set.
+scripts/dose_response.py is the command line.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from safety_units.compare import paired_difference
+from safety_units.errors import ConfigError, SafetyUnitsError
+
+SHARES = (0.0025, 0.005, 0.01, 0.02, 0.04, 0.08)
+SEEDS = (0, 1, 2)
+TOP, UTILITY, RANDOM = "safety_minus_utility", "utility", "random"
+ARM_LABELS = {TOP: "top safety-utility", UTILITY: "top utility", RANDOM: "random"}
+
+
+class RunFailed(SafetyUnitsError):
+    """An evaluate.py run of the sweep exited with an error."""
+
+
+@dataclass(frozen=True)
+class Point:
+    top: str | None = None  # None: the unablated baseline
+    share: float | None = None
+    seed: int | None = None
+
+    @property
+    def name(self) -> str:
+        if self.top is None:
+            return "base"
+        return f"{self.top}_k{self.share:g}" + (f"_s{self.seed}" if self.top == RANDOM else "")
+
+    def overrides(self, unit_map: str) -> list[str]:
+        if self.top is None:
+            return []
+        out = [f"ablate.unit_map={unit_map}", f"ablate.top={self.top}", f"ablate.share={self.share!r}"]
+        return out + ([f"ablate.seed={self.seed}"] if self.top == RANDOM else [])
+
+
+def plan(shares=SHARES, seeds=SEEDS) -> list[Point]:
+    shares, seeds = list(dict.fromkeys(float(s) for s in shares)), list(dict.fromkeys(int(s) for s in seeds))
+    bad = [s for s in shares if not 0.0 < s < 1.0]
+    if bad or not shares:
+        raise ConfigError(f"--shares must be shares of units in (0, 1), got {bad or 'none'}.")
+    if len(seeds) < 3:
+        raise ConfigError(f"--seeds: the random band needs at least 3 distinct seeds, got {seeds}.")
+    return [Point()] + [p for k in shares for p in
+                        [Point(TOP, k), Point(UTILITY, k)] + [Point(RANDOM, k, s) for s in seeds]]
+
+
+def command(point: Point, evaluate_py: Path, runs_dir: Path, unit_map: str, eval_name: str,
+            model_path: str | None = None, overrides: list[str] | None = None) -> list[str]:
+    model = ["model=hf", f"model.path={model_path}"] if model_path else []
+    return [sys.executable, str(evaluate_py), *model, f"eval={eval_name}", *(overrides or []),
+            *point.overrides(unit_map), f"hydra.run.dir={runs_dir / point.name}"]
+
+
+def is_done(run_dir: Path) -> bool:
+    return (run_dir / "eval.json").is_file() and (run_dir / "eval_meta.json").is_file()
+
+
+def run_subprocess(cmd: list[str], log_path: Path) -> int:
+    with open(log_path, "w") as f:
+        return subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, check=False,
+                              cwd=Path(cmd[1]).parent).returncode
+
+
+def run_points(jobs: list[tuple[Point, list[str]]], runs_dir: Path, force: bool = False,
+               runner=run_subprocess) -> list[str]:
+    """Run each job whose run dir is not done (all with force); returns the names that ran."""
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    ran = []
+    for point, cmd in jobs:
+        if is_done(runs_dir / point.name) and not force:
+            print(f"[skip] {point.name}: done", flush=True)
+            continue
+        print(f"[run ] {point.name}: {' '.join(cmd[1:])}", flush=True)
+        log = runs_dir / f"{point.name}.log"
+        if runner(cmd, log) != 0:
+            raise RunFailed(f"evaluate.py failed for point {point.name}; see {log}.")
+        ran.append(point.name)
+    return ran
+
+
+# --------------------------------------------------------------------------- artifacts
+def load_point(point: Point, run_dir: Path) -> tuple[dict, dict]:
+    """(eval.json, eval_meta.json) of a finished point, checked against what the point should have zeroed."""
+    results = json.loads((run_dir / "eval.json").read_text())
+    meta = json.loads((run_dir / "eval_meta.json").read_text())
+    ab = meta.get("ablation")
+    if point.top is None:
+        ok = ab is None
+    else:
+        ok = (ab is not None and ab.get("top") == point.top and math.isclose(ab.get("share") or -1, point.share)
+              and (point.top != RANDOM or ab.get("seed") == point.seed))
+    if not ok:
+        raise ConfigError(f"{run_dir}/eval_meta.json records ablation {ab}, not point {point.name}: a run dir of "
+                          f"another sweep? Remove it or choose another --runs-dir.")
+    return results, meta
+
+
+def _same(found: dict, what: str, get) -> str:
+    values = {str(get(meta)) for _, meta in found.values()}
+    if len(values) > 1:
+        raise ConfigError(f"the sweep's runs differ in {what}: {sorted(values)}; points of one sweep must share it.")
+    return values.pop()
+
+
+def _cell(r: dict | None) -> str:
+    return "n/a" if r is None else f"{r['value']:.4f} [{r['ci_low']:.3f}, {r['ci_high']:.3f}]"
+
+
+def _band(values: list[float]) -> dict | None:
+    if not values:
+        return None
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return {"mean": statistics.fmean(values), "sd": sd, "min": min(values), "max": max(values), "n": len(values)}
+
+
+def _paired_cell(a: dict | None, b: dict | None, task: str) -> str:
+    """b - a on the same prompts, as one table cell."""
+    if a is None or b is None:
+        return "n/a"
+    d = paired_difference(a, b, task)
+    p = "n/a" if d["p_mcnemar"] is None else f"{d['p_mcnemar']:.3g}"
+    return f"{d['diff']:+.4f} [{d['ci_low']:+.3f}, {d['ci_high']:+.3f}] p={p}"
+
+
+def summarise(runs_dir: Path, points: list[Point]) -> dict:
+    """Everything the report shows, from the runs' artifacts: per task and share, each arm's result and band."""
+    found = {p: load_point(p, runs_dir / p.name) for p in points if is_done(runs_dir / p.name)}
+    if not found:
+        raise ConfigError(f"no finished point under {runs_dir}: run the sweep first (without --report-only).")
+    ablated = {p: v for p, v in found.items() if p.top is not None}
+    info = {"model": _same(found, "the evaluated model", lambda m: m.get("model_path") or m.get("model")),
+            "judge": _same(found, "the refusal judge", lambda m: m.get("judge")),
+            "unit_map": _same(ablated, "unit map", lambda m: m["ablation"]["unit_map"]) if ablated else None,
+            "normalization": _same(ablated, "rank normalisation", lambda m: m["ablation"].get("normalization"))
+            if ablated else None,
+            "missing": [p for p in points if p not in found]}
+    tasks = list(dict.fromkeys(t for results, _ in found.values() for t in results))
+    metrics = {t: next(res[t]["metric"] for res, _ in found.values() if t in res) for t in tasks}
+    shares = sorted({p.share for p in points if p.top is not None})
+    seeds = sorted({p.seed for p in points if p.top == RANDOM})
+    base = found.get(Point(), (None, None))[0]
+    rows = {}
+    for task in tasks:
+        for k in shares:
+            res = {arm: (found.get(Point(arm, k), (None, None))[0] or {}).get(task) for arm in (TOP, UTILITY)}
+            rnd = {s: (found.get(Point(RANDOM, k, s), (None, None))[0] or {}).get(task) for s in seeds}
+            metas = [found[p][1]["ablation"] for p in found if p.top is not None and p.share == k]
+            rows[task, k] = {**res, "random": rnd, "base": (base or {}).get(task),
+                             "band": _band([r["value"] for r in rnd.values() if r is not None]),
+                             "units": metas[0]["units"] if metas else None,
+                             "share": metas[0]["share"] if metas else None}
+    return info | {"tasks": tasks, "metrics": metrics, "shares": shares, "seeds": seeds, "rows": rows, "base": base}
+
+
+# --------------------------------------------------------------------------- report
+def markdown(s: dict, png_name: str = "dose_response.png") -> str:
+    out = ["## Dose-response ablation", "",
+           f"Model `{s['model']}`, unit map `{s['unit_map']}` ({s['normalization']} percentile ranks), refusal "
+           f"judge {s['judge']}. At each share k the round(k x units) units of each kind (MLP, attention) are "
+           f"zeroed: those with the highest safety-minus-utility rank (top safety-utility), the highest utility "
+           f"rank (top utility), or drawn at random (seeds {', '.join(map(str, s['seeds']))}; band: mean +- sd "
+           f"[min, max]). Values: metric [95% CI] from each run's eval.json; k and units zeroed from its "
+           f"eval_meta.json.", ""]
+    for task in s["tasks"]:
+        out += [f"### {task} ({s['metrics'][task]})", "",
+                "| k | units zeroed (MLP / attn) | top safety-utility | top utility | random: mean +- sd [min, max] |",
+                "|---:|---|---:|---:|---:|",
+                f"| 0 (baseline) | 0 | {_cell((s['base'] or {}).get(task))} | | |"]
+        for k in s["shares"]:
+            r = s["rows"][task, k]
+            units = "n/a" if r["units"] is None else " / ".join(
+                str(r["units"][kind]["units"]) for kind in ("mlp", "attn") if kind in r["units"])
+            b = r["band"]
+            band = "n/a" if b is None else (f"{b['mean']:.4f} +- {b['sd']:.4f} [{b['min']:.4f}, {b['max']:.4f}]"
+                                            + ("" if b["n"] == len(s["seeds"]) else f" ({b['n']} seeds)"))
+            share = "n/a" if r["share"] is None else f"{r['share']:.4g}"
+            out.append(f"| {share} | {units} | {_cell(r[TOP])} | {_cell(r[UTILITY])} | {band} |")
+        out.append("")
+    out += ["### Paired tests: top safety-utility set vs baseline and vs each random set", "",
+            "Change = top safety-utility minus the other run on the same prompts; [paired-bootstrap 95% CI]; "
+            "p: exact McNemar test (binary outcomes; n/a for perplexity).", ""]
+    for task in s["tasks"]:
+        heads = ["vs baseline"] + [f"vs random s{x}" for x in s["seeds"]]
+        out += [f"**{task}**", "", "| k | " + " | ".join(heads) + " |", "|---:|" + "---|" * len(heads)]
+        for k in s["shares"]:
+            r = s["rows"][task, k]
+            cells = [_paired_cell(r["base"], r[TOP], task)] + [_paired_cell(r["random"][x], r[TOP], task)
+                                                                 for x in s["seeds"]]
+            out.append(f"| {k:g} | " + " | ".join(cells) + " |")
+        out.append("")
+    out += [f"![dose response]({png_name})", ""]
+    if s["missing"]:
+        out += ["**Missing runs** (shown as n/a): " + ", ".join(p.name for p in s["missing"]), ""]
+    return "\n".join(out)
+
+
+def plot(s: dict, path: Path) -> Path:
+    from safety_units.plots import plt
+
+    ncols = min(2, len(s["tasks"]))
+    nrows = math.ceil(len(s["tasks"]) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(5.2 * ncols, 3.8 * nrows), squeeze=False)
+    for ax in axes.flat[len(s["tasks"]):]:
+        ax.set_visible(False)
+    for ax, task in zip(axes.flat, s["tasks"]):
+        rows = [s["rows"][task, k] for k in s["shares"]]
+        for arm, color, dodge in ((TOP, "#d62728", 0.95), (UTILITY, "#1f77b4", 1.05)):  # side by side on log x
+            pts = [(k * dodge, r[arm]) for k, r in zip(s["shares"], rows) if r[arm] is not None]
+            if pts:
+                # clipped at 0: a Wilson bound can sit a rounding error beyond a rate of 0 or 1
+                err = [[max(0.0, r["value"] - r["ci_low"]) for _, r in pts],
+                       [max(0.0, r["ci_high"] - r["value"]) for _, r in pts]]
+                ax.errorbar([k for k, _ in pts], [r["value"] for _, r in pts], yerr=err, capsize=3, marker="o",
+                            color=color, label=ARM_LABELS[arm])
+        band = [(k, r["band"]) for k, r in zip(s["shares"], rows) if r["band"] is not None]
+        if band:
+            ks = [k for k, _ in band]
+            ax.fill_between(ks, [b["min"] for _, b in band], [b["max"] for _, b in band], color="#999999",
+                            alpha=0.35, label="random (min-max)")
+            ax.plot(ks, [b["mean"] for _, b in band], color="#555555", linestyle="--", label="random (mean)")
+        base = (s["base"] or {}).get(task)
+        if base is not None:
+            ax.axhline(base["value"], color="k", linestyle=":", label="baseline")
+        ax.set_xscale("log")
+        ax.set_xticks(s["shares"], [f"{k:.2%}" for k in s["shares"]], rotation=45, fontsize=7)
+        ax.minorticks_off()
+        ax.set_xlabel("share of units zeroed (per kind)")
+        ax.set_ylabel(s["metrics"][task])
+        ax.set_title(task, fontsize=10)
+        ax.grid(alpha=0.3)
+    axes.flat[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_report(runs_dir: Path, points: list[Point], out_dir: Path) -> Path:
+    s = summarise(runs_dir, points)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    plot(s, out_dir / "dose_response.png")
+    path = out_dir / "dose_response.md"
+    path.write_text(markdown(s))
+    return path

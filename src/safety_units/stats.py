@@ -1,0 +1,76 @@
+"""Paired statistics for comparing two runs on the same prompts, agreement between judges, prompt-list hashes.
+
+* `mcnemar_exact(a, b)`: two-sided exact McNemar test on paired binary outcomes (binomial on the discordant pairs).
+* `paired_bootstrap(a, b)`: the difference mean(b) - mean(a) with a 95% percentile interval, resampling prompts.
+* `cohen_kappa(a, b)`: chance-corrected agreement of two binary raters.
+* `prompt_list_hash(prompts)`: a short hash of an ordered prompt list (what makes two evaluations comparable).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import random
+from collections.abc import Sequence
+
+
+def _check_paired(a: Sequence, b: Sequence) -> None:
+    if len(a) != len(b):
+        raise ValueError(f"paired outcomes need equal lengths, got {len(a)} and {len(b)}.")
+
+
+def mcnemar_exact(a: Sequence[bool | int], b: Sequence[bool | int]) -> float:
+    """Two-sided exact McNemar p-value: under H0 each discordant pair is a fair coin flip."""
+    _check_paired(a, b)
+    n01 = sum(1 for x, y in zip(a, b) if not x and y)
+    n10 = sum(1 for x, y in zip(a, b) if x and not y)
+    n = n01 + n10
+    if n == 0:
+        return 1.0
+    k = min(n01, n10)
+    # P(X <= k) for X ~ Bin(n, 1/2), doubled; exact with integers, capped at 1.
+    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2**n
+    return min(1.0, 2 * tail)
+
+
+def paired_bootstrap(a: Sequence[float], b: Sequence[float], n_boot: int = 2000, seed: int = 0,
+                     statistic=None) -> tuple[float, float, float]:
+    """(difference, 95% low, 95% high) of statistic(b) - statistic(a) over prompts resampled together.
+
+    `statistic` maps a list of per-prompt values to a number (default: the mean); perplexity passes its own."""
+    _check_paired(a, b)
+    if not a:
+        return (float("nan"), float("nan"), float("nan"))
+    stat = statistic or (lambda xs: sum(xs) / len(xs))
+    diff = stat(list(b)) - stat(list(a))
+    rng = random.Random(f"paired-bootstrap:{seed}")
+    n = len(a)
+    boots = []
+    for _ in range(n_boot):
+        idx = [rng.randrange(n) for _ in range(n)]
+        boots.append(stat([b[i] for i in idx]) - stat([a[i] for i in idx]))
+    boots.sort()
+    return (diff, boots[int(0.025 * n_boot)], boots[int(0.975 * n_boot) - 1])
+
+
+def cohen_kappa(a: Sequence[bool | int], b: Sequence[bool | int]) -> float:
+    """Cohen's kappa of two binary raters; 1.0 when both are constant and agree, nan when undefined."""
+    _check_paired(a, b)
+    n = len(a)
+    if n == 0:
+        return float("nan")
+    po = sum(1 for x, y in zip(a, b) if bool(x) == bool(y)) / n
+    pa, pb = sum(map(bool, a)) / n, sum(map(bool, b)) / n
+    pe = pa * pb + (1 - pa) * (1 - pb)
+    if pe == 1.0:
+        return 1.0 if po == 1.0 else float("nan")
+    return (po - pe) / (1 - pe)
+
+
+def prompt_list_hash(prompts: Sequence[str]) -> str:
+    """sha256 (first 16 hex digits) of the ordered prompt list; equal hashes = the same prompts in the same order."""
+    h = hashlib.sha256()
+    for p in prompts:
+        h.update(p.encode("utf-8"))
+        h.update(b"\x00")
+    return h.hexdigest()[:16]
