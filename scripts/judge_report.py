@@ -21,12 +21,24 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
+from safety_units.judge import EnsembleJudge  # noqa: E402
 from safety_units.stats import cohen_kappa  # noqa: E402
 
 DEV_FILES = ("gpt4", "llama2orig")
 CUT_TOKENS = 48
-# An opening that answers: a safety-tuned-llamas "refusal" response that starts like this is an ordinary answer.
-ANSWER_OPENINGS = ("certainly", "sure", "of course", "yes, of course", "here are", "here is", "here's", "absolutely")
+
+
+class Memo:
+    """A judge that remembers its verdicts, so an ensemble of judges already run costs nothing more."""
+
+    def __init__(self, judge):
+        self.judge_, self.seen = judge, {}
+
+    def judge(self, prompts: list[str], completions: list[str]):
+        key = hash((tuple(prompts), tuple(completions)))
+        if key not in self.seen:
+            self.seen[key] = self.judge_.judge(prompts, completions)
+        return self.seen[key]
 
 
 def compose(overrides: list[str]):
@@ -77,12 +89,6 @@ def metrics(verdicts: list[bool], s: dict) -> dict:
     return {"share_" + ("refusal" if s["expect"] else "compliance"): share, "n": len(verdicts)}
 
 
-def stl_answer_openings(s: dict) -> tuple[int, int]:
-    """(responses that open like an answer, all responses) of the safety-tuned-llamas set."""
-    opens = [c.strip().lower().startswith(ANSWER_OPENINGS) for c in s["completions"]]
-    return sum(opens), len(opens)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--judges", nargs="+", default=["strings", "patterns", "probe", "ensemble"])
@@ -97,9 +103,15 @@ def main() -> None:
     sets = load_sets(cfg, smollm2_tokenizer(cfg.paths.cache_dir))
     results: dict[str, dict[str, dict]] = {}
     votes: dict[str, dict[str, list[bool]]] = {}
+    built: dict[str, Memo] = {}
     for name in args.judges:
         jcfg = compose([f"judge={name}"]).judge
-        judge = instantiate(jcfg, "judge")
+        if jcfg._target_.endswith("EnsembleJudge"):  # reuse the members already built (the probe is the slow one)
+            members = {k: built.get(k) or Memo(instantiate(v, f"judge.judges.{k}"))
+                       for k, v in jcfg.judges.items() if v is not None}
+            judge = EnsembleJudge(members, decision=jcfg.decision, min_words=jcfg.min_words)
+        else:
+            judge = built[name] = Memo(instantiate(jcfg, "judge"))
         results[name], votes[name] = {}, {}
         for set_name, s in sets.items():
             v = [x.refusal for x in judge.judge(s["prompts"], s["completions"])]
@@ -129,13 +141,17 @@ def main() -> None:
             m = results[name][k]
             cells.append(f"{next(v for key, v in m.items() if key.startswith('share_')):.3f}")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    n_open, n_all = stl_answer_openings(sets["stl_refusals@48"])
     sizes = ", ".join(f"{k} {len(s['completions'])}" for k, s in sets.items() if not k.startswith("xstest"))
-    lines += ["", f"Shares: refusal for the refusal sets, compliance for the Alpaca answers (n: {sizes}).",
-              f"Of the {n_all} safety-tuned-llamas \"safe responses\", {n_open} ({n_open / n_all:.1%}) open like an "
-              f"answer ({', '.join(repr(o) for o in ANSWER_OPENINGS)}): that set holds ordinary answers to benign "
-              "or borderline instructions besides refusals, so no judge that calls answers compliance can call all "
-              "of it refusal.", ""]
+    stl = sets["stl_refusals@48"]
+    none = [i for i in range(len(stl["completions"])) if not any(votes[j]["stl_refusals@48"][i] for j in args.judges)]
+    n_all = len(stl["completions"])
+    lines += ["", f"Shares: refusal for the refusal sets, compliance for the Alpaca answers (n: {sizes}).", "",
+              f"**The safety-tuned-llamas set is not all refusals.** {len(none)} of its {n_all} \"safe responses\" "
+              f"({len(none) / n_all:.1%}) are called compliance by every judge above (the probe was trained with this "
+              "set as its refusal side). The first five of them (file order):", ""]
+    lines += [f"- *{stl['prompts'][i][:90]}* -> \"{' '.join(stl['completions'][i].split())[:160]}...\""
+              for i in none[:5]]
+    lines.append("")
     if len(args.judges) > 1:
         lines += ["## Agreement between judges (Cohen's kappa over every set above)", "",
                   "| | " + " | ".join(args.judges) + " |", "|---|" + "---:|" * len(args.judges)]

@@ -2,7 +2,7 @@
 
     python train.py logger=csv hydra.run.dir=logs/quickstart_ru                                    # RU only
     python train.py freeze=random freeze.like=ru_only logger=csv hydra.run.dir=logs/quickstart_random  # control
-    python scripts/quickstart_report.py logs/quickstart_ru logs/quickstart_random
+    python scripts/quickstart_report.py logs/quickstart_ru logs/quickstart_random [--rejudge]
 
 Copies each run's evaluations (eval_before/after.json, their generations, eval_compare.md, freeze_check.json) into
 results/quickstart/<name>/ and writes results/quickstart.md from them: before vs after for each run and RU vs the
@@ -23,6 +23,7 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from safety_units.compare import compare_table, load_eval  # noqa: E402
 from safety_units.errors import ConfigError  # noqa: E402
+from safety_units.rejudge import rejudge_results  # noqa: E402
 from safety_units.stats import cohen_kappa  # noqa: E402
 
 ARTIFACTS = ("eval_before.json", "eval_after.json", "generations_eval_before.jsonl", "generations_eval_after.jsonl",
@@ -42,6 +43,15 @@ def copy_run(run: Path, dest: Path) -> None:
 
 def rows(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def default_judge():
+    from hydra import compose, initialize_config_dir
+
+    from safety_units.config import instantiate
+
+    with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "conf")):
+        return instantiate(compose(config_name="evaluate").judge, "judge")
 
 
 def judge_agreement(dirs: dict[str, Path], judges: list[str]) -> list[str]:
@@ -76,6 +86,9 @@ def main() -> None:
     ap.add_argument("random_run", type=Path)
     ap.add_argument("--out", type=Path, default=ROOT / "results" / "quickstart.md")
     ap.add_argument("--judges", nargs="+", default=["strings", "patterns", "probe"])
+    ap.add_argument("--rejudge", action="store_true",
+                    help="re-judge the refusal tasks' saved completions with the default judge (the runs' own "
+                         "eval_*.json keep the judge they were run with; the copies get the new verdicts)")
     args = ap.parse_args()
 
     dest = args.out.parent / "quickstart"
@@ -83,11 +96,17 @@ def main() -> None:
     for run, d in ((args.ru_run, dirs["ru_only"]), (args.random_run, dirs["random"])):
         copy_run(run, d)
     ev = {name: {ph: load_eval(d / f"eval_{ph}.json") for ph in ("before", "after")} for name, d in dirs.items()}
+    if args.rejudge:  # re-score the saved completions with the current default judge (prompts unchanged)
+        judge = default_judge()
+        for name, d in dirs.items():
+            for ph in ("before", "after"):
+                ev[name][ph] = rejudge_results(ev[name][ph], rows(d / f"generations_eval_{ph}.jsonl"), judge)
+                (d / f"eval_{ph}.json").write_text(json.dumps(ev[name][ph], indent=2))
     checks = {name: json.loads((d / "model" / "freeze_check.json").read_text())
               if (d / "model" / "freeze_check.json").is_file() else None for name, d in dirs.items()}
     rel = {name: d.relative_to(ROOT) if d.is_relative_to(ROOT) else d for name, d in dirs.items()}
     lines = ["# Quickstart: RU-only alignment and its size-matched random control", "",
-             f"Written by `python scripts/quickstart_report.py {args.ru_run} {args.random_run}` from the runs' "
+             f"Written by `python scripts/quickstart_report.py {' '.join(sys.argv[1:])}` from the runs' "
              f"evaluations (copied to `{dest.relative_to(ROOT) if dest.is_relative_to(ROOT) else dest}/`). Both runs "
              "start from the shipped SmolLM2 and are evaluated with the quick suite on identical prompts (prompt "
              "hashes are checked); one seed each.", ""]

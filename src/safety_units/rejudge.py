@@ -9,6 +9,7 @@ judges every completion, and returns the rows in input order, each with a boolea
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from pathlib import Path
 
 from safety_units.data import _row_matches, read_rows
@@ -51,3 +52,27 @@ def load_completions(source: dict, task: str) -> tuple[list[str], list[str], lis
     if not kept:
         raise DataError(f"{path}: no rows to judge (where={source.get('where')}).")
     return prompts, completions, kept
+
+
+def rejudge_results(results: dict, rows: list[dict], judge) -> dict:
+    """An eval.json's results with every refusal task re-judged from its saved generations (other tasks as they
+    were): re-scores a finished run with another judge, keeping its prompts, order and prompt hashes."""
+    from safety_units.evaluation import refusal_result
+
+    out = dict(results)
+    for name, res in results.items():
+        if res.get("metric") not in ("asr", "refusal_rate") or "attack_successes" not in (res.get("extra") or {}):
+            continue
+        task_rows = [r for r in rows if r.get("task") == name]
+        if len(task_rows) != res["n"]:
+            raise DataError(f"task {name}: the generations hold {len(task_rows)} rows, its result n={res['n']}; "
+                            "pass the generations file written with this eval.json.")
+        prompts, completions = [r["prompt"] for r in task_rows], [r["completion"] for r in task_rows]
+        keep = {k: v for k, v in res["extra"].items() if k in ("overlaps_removed", "train_overlap", "source",
+                                                               "system", "template")}
+        new, _ = refusal_result(name, res["metric"], prompts, completions, judge.judge(prompts, completions), judge,
+                                keep)
+        if res["extra"].get("prompt_hash") not in (None, new.extra["prompt_hash"]):
+            raise DataError(f"task {name}: the generations' prompts do not hash to the result's prompt_hash.")
+        out[name] = asdict(new)
+    return out
