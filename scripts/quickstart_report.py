@@ -45,6 +45,31 @@ def rows(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def combined_table(ev: dict) -> str:
+    """One row per task: before, RU-only after and random after (each with its paired p against before), and the
+    paired difference random - RU-only. Every pair is checked for identical prompts."""
+    from safety_units.compare import paired_difference
+
+    def p(d):
+        return "n/a" if d["p_mcnemar"] is None else f"{d['p_mcnemar']:.2g}"
+
+    before, ru, rnd = ev["ru_only"]["before"], ev["ru_only"]["after"], ev["random"]["after"]
+    judges = {r["extra"]["judge"] for e in (before, ru, rnd) for r in e.values() if r["extra"].get("judge")}
+    out = [f"Refusal judge: {', '.join(sorted(judges))}. p: exact McNemar test, paired over the same prompts; "
+           "CI: paired bootstrap 95%.", "",
+           "| task | metric | n | before | RU-only after (p vs before) | random after (p vs before) | "
+           "random - RU-only [95% CI] (p) |", "|---|---|---:|---:|---:|---:|---:|"]
+    for k, b in before.items():
+        if k not in ru or k not in rnd:
+            continue
+        d_ru, d_rnd = paired_difference(b, ru[k], k), paired_difference(b, rnd[k], k)
+        d = paired_difference(ru[k], rnd[k], k)
+        out.append(f"| {b['task']} | {b['metric']} | {b['n']} | {b['value']:.3f} | {ru[k]['value']:.3f} ({p(d_ru)}) | "
+                   f"{rnd[k]['value']:.3f} ({p(d_rnd)}) | {d['diff']:+.3f} [{d['ci_low']:+.3f}, {d['ci_high']:+.3f}] "
+                   f"({p(d)}) |")
+    return "\n".join(out)
+
+
 def default_judge():
     from hydra import compose, initialize_config_dir
 
@@ -102,6 +127,7 @@ def main() -> None:
             for ph in ("before", "after"):
                 ev[name][ph] = rejudge_results(ev[name][ph], rows(d / f"generations_eval_{ph}.jsonl"), judge)
                 (d / f"eval_{ph}.json").write_text(json.dumps(ev[name][ph], indent=2))
+            (d / "eval_compare.md").write_text(compare_table(ev[name]["before"], ev[name]["after"]) + "\n")
     checks = {name: json.loads((d / "model" / "freeze_check.json").read_text())
               if (d / "model" / "freeze_check.json").is_file() else None for name, d in dirs.items()}
     rel = {name: d.relative_to(ROOT) if d.is_relative_to(ROOT) else d for name, d in dirs.items()}
@@ -110,6 +136,7 @@ def main() -> None:
              f"evaluations (copied to `{dest.relative_to(ROOT) if dest.is_relative_to(ROOT) else dest}/`). Both runs "
              "start from the shipped SmolLM2 and are evaluated with the quick suite on identical prompts (prompt "
              "hashes are checked); one seed each.", ""]
+    lines += ["## Summary", "", combined_table(ev), ""]
     for name in dirs:
         fc = checks[name]
         frozen = f" Frozen entries: max |delta| = {fc.get('frozen_max_abs_delta')}." if fc else ""
