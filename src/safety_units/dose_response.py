@@ -243,6 +243,8 @@ def plot(s: dict, path: Path) -> Path:
         if base is not None:
             ax.axhline(base["value"], color="k", linestyle=":", label="baseline")
         ax.set_xscale("log")
+        if s["metrics"][task] == "ppl":  # a destroyed model's perplexity is orders of magnitude off the rest
+            ax.set_yscale("log")
         ax.set_xticks(s["shares"], [f"{k:.2%}" for k in s["shares"]], rotation=45, fontsize=7)
         ax.minorticks_off()
         ax.set_xlabel("share of units zeroed (per kind)")
