@@ -42,6 +42,20 @@ def tokenizer():
     return smollm2_tokenizer(cache)
 
 
+def tiny_unit_map(out: Path) -> str:
+    """A unit map of model=tiny (16 calibration samples of 64 tokens), attributed into `out`."""
+    from safety_units.attribution import run_attribution
+
+    cfg = compose("attribute", ["model=tiny", "calibration.nsamples=16", "calibration.max_length=64"], output_dir=out)
+    return run_attribution(cfg)["unit_map"]
+
+
+@pytest.fixture(scope="session")
+def unit_map(tmp_path_factory):
+    """One tiny-model unit map shared by every test that freezes or ablates by classes (read-only)."""
+    return tiny_unit_map(tmp_path_factory.mktemp("map"))
+
+
 TINY_TRAIN = ["~experiment", "model=tiny", "logger=csv", "data=alpaca", "data.num_samples=48", "data.max_length=64",
               "data.batch_size=4", "data.val_fraction=0.1", "trainer.max_steps=4", "callbacks=none",
               "trainer.enable_progress_bar=false"]

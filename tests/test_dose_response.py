@@ -8,7 +8,6 @@ import torch
 from conftest import ROOT, compose
 from safetensors.torch import load_file
 
-from safety_units.attribution import run_attribution
 from safety_units.classification import normalise
 from safety_units.dose_response import RANDOM, SEEDS, SHARES, TOP, UTILITY, Point, command, plan, write_report
 from safety_units.errors import ConfigError
@@ -19,11 +18,6 @@ from safety_units.units import resolve_units
 UNITS = {"mlp": 2 * 128, "attn": 2 * 64}  # model=tiny
 
 
-@pytest.fixture(scope="module")
-def unit_map(tmp_path_factory):
-    out = tmp_path_factory.mktemp("map")
-    cfg = compose("attribute", ["model=tiny", "calibration.nsamples=8", "calibration.max_length=48"], output_dir=out)
-    return run_attribution(cfg)["unit_map"]
 
 
 def _script():

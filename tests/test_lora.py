@@ -7,7 +7,6 @@ from conftest import compose, train_cfg
 from safetensors.torch import load_file
 from test_masking import EXACT, _loaded_weights, _unit_deltas
 
-from safety_units.attribution import run_attribution
 from safety_units.config import instantiate
 from safety_units.errors import ConfigError
 from safety_units.freezing import build_masker
@@ -16,12 +15,6 @@ from safety_units.training import run_train
 from safety_units.units import resolve_units
 
 
-@pytest.fixture(scope="module")
-def unit_map(tmp_path_factory):
-    out = tmp_path_factory.mktemp("map")
-    cfg = compose("attribute", ["model=tiny", "calibration.nsamples=16", "calibration.max_length=64"],
-                  output_dir=out)
-    return run_attribution(cfg)["unit_map"]
 
 
 def _tiny():

@@ -6,7 +6,6 @@ import torch
 from conftest import compose, train_cfg
 from safetensors.torch import load_file
 
-from safety_units.attribution import run_attribution
 from safety_units.errors import ConfigError, UnitMapError
 from safety_units.freezing import build_masker
 from safety_units.masking import Masker, masks_from_selection
@@ -19,12 +18,6 @@ EXACT = ["optim.weight_decay=0.1", "optim.lr=5e-3", "trainer.accumulate_grad_bat
          "trainer.gradient_clip_val=0.5", "trainer.max_steps=4"]
 
 
-@pytest.fixture(scope="module")
-def unit_map(tmp_path_factory):
-    out = tmp_path_factory.mktemp("map")
-    cfg = compose("attribute", ["model=tiny", "calibration.nsamples=16", "calibration.max_length=64"],
-                  output_dir=out)
-    return run_attribution(cfg)["unit_map"]
 
 
 def _loaded_weights():

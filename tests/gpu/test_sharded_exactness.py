@@ -15,18 +15,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from conftest import compose, train_cfg  # noqa: E402
+from conftest import tiny_unit_map, train_cfg  # noqa: E402
 
 STRATEGIES = ["gpu", "deepspeed_zero1", "deepspeed_zero2", "deepspeed_zero3", "fsdp"]
 LORA_STRATEGIES = ["ddp", "deepspeed_zero2"]
 pytestmark = pytest.mark.gpu
-
-
-def _unit_map(out: Path) -> str:
-    from safety_units.attribution import run_attribution
-
-    cfg = compose("attribute", ["model=tiny", "calibration.nsamples=16", "calibration.max_length=64"], output_dir=out)
-    return run_attribution(cfg)["unit_map"]
 
 
 def run_strategy(strategy: str, unit_map: str, out: Path, *extra: str, freeze: str = "esu_cu") -> dict:
@@ -37,11 +30,6 @@ def run_strategy(strategy: str, unit_map: str, out: Path, *extra: str, freeze: s
                     "trainer.gradient_clip_val=0.5", "trainer.max_steps=4",
                     *(["trainer.accumulate_grad_batches=2"] if strategy != "fsdp" else []), *extra)
     return run_train(cfg)
-
-
-@pytest.fixture(scope="module")
-def unit_map(tmp_path_factory):
-    return _unit_map(tmp_path_factory.mktemp("map"))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -70,7 +58,7 @@ if __name__ == "__main__":
     import tempfile
 
     root = Path(tempfile.mkdtemp())
-    um = _unit_map(root / "map")
+    um = tiny_unit_map(root / "map")
     rows = []
     for s in STRATEGIES:
         try:
