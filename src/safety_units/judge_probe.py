@@ -46,6 +46,8 @@ def embed(model, tokenizer, texts: list[str], layer: int, max_tokens: int, batch
     ids = [tokenizer(t, add_special_tokens=False)["input_ids"][:max_tokens] or [pad] for t in texts]
     order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))  # similar lengths together: little padding
     out = torch.zeros(len(ids), model.config.hidden_size)
+    # the backbone without the LM head: the vocabulary projection is most of the cost and not needed
+    backbone = getattr(model, "base_model", model)
     was_training = model.training
     model.eval()
     try:
@@ -57,8 +59,6 @@ def embed(model, tokenizer, texts: list[str], layer: int, max_tokens: int, batch
             for r, i in enumerate(idx):
                 x[r, :len(ids[i])] = torch.tensor(ids[i])
                 mask[r, :len(ids[i])] = 1
-            # the backbone without the LM head: the vocabulary projection is most of the cost and not needed
-            backbone = getattr(model, "base_model", model)
             hs = backbone(input_ids=x.to(device), attention_mask=mask.to(device), output_hidden_states=True,
                           use_cache=False).hidden_states[layer].float()
             m = mask.to(hs.device).unsqueeze(-1).float()
@@ -92,7 +92,7 @@ def fit_logistic(x: torch.Tensor, y: torch.Tensor, l2: float = 1e-3, steps: int 
 
 def _texts(sources: dict, seed: int, cache_dir: str, model, tokenizer, max_new_tokens: int) -> list[str]:
     """Responses of every source (prompt-only sources with self_distill get the backbone's own answers)."""
-    from safety_units.data import Source
+    from safety_units.sources import Source
     from safety_units.generation import self_distill_responses
 
     out: list[str] = []
