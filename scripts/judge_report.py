@@ -51,7 +51,7 @@ def compose(overrides: list[str]):
 
 def load_sets(cfg, tokenizer) -> dict[str, dict]:
     """Every labelled set: {name: {"prompts", "completions", "truth" (True = refusal) or None, "expect"}}."""
-    from safety_units.data import Source
+    from safety_units.sources import Source
 
     data = Path(cfg.paths.data_dir)
     sets = {}

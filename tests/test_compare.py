@@ -9,7 +9,7 @@ from conftest import SHARED_DATA, compose
 from omegaconf import OmegaConf
 
 from safety_units.compare import PromptMismatchError, compare_table, main, paired_difference
-from safety_units.data import normalize_prompt
+from safety_units.sources import normalize_prompt
 from safety_units.evaluate_run import run_evaluate
 from safety_units.evaluation import judge_name, prompt_set_texts, refusal_prompts, select_by_hash
 from safety_units.stats import paired_bootstrap

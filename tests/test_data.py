@@ -1,9 +1,9 @@
 import pytest
 from conftest import FIXTURES, SHARED_DATA
 
-from safety_units.data import (IGNORE_INDEX, Source, SFTDataModule, collate, encode_example, normalize_prompt,
-                               prompt_text, read_rows, stable_fraction, strip_llama2_markup)
+from safety_units.data import IGNORE_INDEX, SFTDataModule, collate, encode_example, prompt_text
 from safety_units.errors import ConfigError, DataError
+from safety_units.sources import Source, normalize_prompt, read_rows, stable_fraction, strip_llama2_markup
 
 
 def src(**kw):

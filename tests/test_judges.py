@@ -81,7 +81,7 @@ def test_default_judge_accuracy_on_human_labels(name):
 def test_default_judge_calls_held_out_reference_answers_compliance():
     """>= 97% of the held-out Alpaca reference answers (hash split [0.9, 1), never trained on) are compliance."""
     from safety_units.config import instantiate
-    from safety_units.data import Source
+    from safety_units.sources import Source
 
     cfg = compose("evaluate", ["eval=ppl"])
     judge = instantiate(cfg.judge, "judge")

@@ -2,7 +2,8 @@
 
 Modules, one per concept:
     models          load the real SmolLM2, any local HF causal LM, or a tiny random Llama
-    data            read CSV/JSON/JSONL, apply the chat template, mask prompt labels, the Lightning datamodule
+    sources         read CSV/JSON/JSONL/TXT rows with a field mapping into examples, hash splits
+    data            apply the chat template, mask prompt labels, the Lightning datamodule
     generation      batched greedy decoding with left padding
     units           which parameter slices make up an MLP / attention unit, per architecture
     scoring         per-unit importance scores (wifv, activation, snip), O(units) memory

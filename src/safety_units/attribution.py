@@ -13,7 +13,8 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from safety_units.classification import class_shares, classify_from_config
 from safety_units.config import output_dir, setup_run
 from safety_units.contrast import contrast_scores, load_reference
-from safety_units.data import IGNORE_INDEX, Encoded, Source, collate, encode_example, prompt_text
+from safety_units.data import IGNORE_INDEX, Encoded, collate, encode_example, prompt_text
+from safety_units.sources import Source
 from safety_units.errors import ConfigError
 from safety_units.models import LoadedModel, load_model, resolve_device
 from safety_units.refusal_direction import refusal_direction_scores

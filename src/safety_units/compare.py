@@ -22,7 +22,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 
 from safety_units.callbacks import weights_sharded
-from safety_units.data import normalize_prompt
+from safety_units.sources import normalize_prompt
 from safety_units.errors import ConfigError, friendly_errors
 from safety_units.stats import mcnemar_exact, paired_bootstrap
 

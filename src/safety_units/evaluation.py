@@ -28,7 +28,9 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from safety_units.data import Source, collate, encode_example, normalize_prompt, stable_fraction
+from safety_units.data import collate, encode_example
+
+from safety_units.sources import Source, normalize_prompt, stable_fraction
 from safety_units.errors import ConfigError, DataError
 from safety_units.generation import generate_chat
 from safety_units.models import eval_mode

@@ -14,7 +14,9 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from safety_units.data import Example, prompt_text
+from safety_units.data import prompt_text
+
+from safety_units.sources import Example
 from safety_units.models import eval_mode
 
 log = logging.getLogger(__name__)

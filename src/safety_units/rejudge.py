@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import asdict
 from pathlib import Path
 
-from safety_units.data import _row_matches, read_rows
+from safety_units.sources import read_rows, row_matches
 from safety_units.errors import ConfigError, DataError
 
 REJUDGE_KEYS = ("path", "prompt", "completion", "format", "records", "where")
@@ -35,7 +35,7 @@ def load_completions(source: dict, task: str) -> tuple[list[str], list[str], lis
     for i, row in enumerate(rows, 1):
         if not isinstance(row, dict):
             raise DataError(f"{path}: row {i} is not a record with fields (got {type(row).__name__}).")
-        if source.get("where") and not _row_matches(row, source["where"]):
+        if source.get("where") and not row_matches(row, source["where"]):
             continue
         for key in (prompt_key, completion_key):
             if key not in row:
