@@ -42,11 +42,9 @@ class Memo:
 
 
 def compose(overrides: list[str]):
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
+    from safety_units.config import compose_config
 
-    with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "conf")):
-        return hydra_compose(config_name="evaluate", overrides=overrides)
+    return compose_config("evaluate", overrides)
 
 
 def load_sets(cfg, tokenizer) -> dict[str, dict]:

@@ -70,27 +70,19 @@ def combined_table(ev: dict) -> str:
     return "\n".join(out)
 
 
-def default_judge():
-    from hydra import compose, initialize_config_dir
+def build_judge(name: str | None = None):
+    """The judge of conf/judge/<name>.yaml, or the default one of evaluate.yaml."""
+    from safety_units.config import compose_config, instantiate
 
-    from safety_units.config import instantiate
-
-    with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "conf")):
-        return instantiate(compose(config_name="evaluate").judge, "judge")
+    return instantiate(compose_config("evaluate", [f"judge={name}"] if name else []).judge, "judge")
 
 
 def judge_agreement(dirs: dict[str, Path], judges: list[str]) -> list[str]:
     """Cohen's kappa between judges over every completion of every run and phase, per task."""
-    from hydra import compose, initialize_config_dir
-
-    from safety_units.config import instantiate
-
     gens = [r for d in dirs.values() for ph in ("before", "after") for r in rows(d / f"generations_eval_{ph}.jsonl")]
     votes: dict[str, list[bool]] = {}
     for name in judges:
-        with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "conf")):
-            cfg = compose(config_name="evaluate", overrides=[f"judge={name}"])
-        judge = instantiate(cfg.judge, "judge")
+        judge = build_judge(name)
         votes[name] = [v.refusal for v in judge.judge([r["prompt"] for r in gens], [r["completion"] for r in gens])]
     tasks = sorted({r["task"] for r in gens})
     out = ["| task | n | " + " | ".join(f"refusal rate: {j}" for j in judges) + " | "
@@ -122,7 +114,7 @@ def main() -> None:
         copy_run(run, d)
     ev = {name: {ph: load_eval(d / f"eval_{ph}.json") for ph in ("before", "after")} for name, d in dirs.items()}
     if args.rejudge:  # re-score the saved completions with the current default judge (prompts unchanged)
-        judge = default_judge()
+        judge = build_judge()
         for name, d in dirs.items():
             for ph in ("before", "after"):
                 ev[name][ph] = rejudge_results(ev[name][ph], rows(d / f"generations_eval_{ph}.jsonl"), judge)

@@ -145,15 +145,9 @@ def _print_summary(summary: dict, path: Path) -> None:
 
 def attribution_config(overrides: list[str] | None = None) -> DictConfig:
     """The attribute.yaml config composed inside a running Hydra app or on its own."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
+    from safety_units.config import compose_config
 
-    overrides = list(overrides or [])
-    if GlobalHydra.instance().is_initialized():
-        return compose(config_name="attribute", overrides=overrides)
-    conf_dir = Path(__file__).resolve().parents[2] / "conf"
-    with initialize_config_dir(version_base="1.3", config_dir=str(conf_dir)):
-        return compose(config_name="attribute", overrides=overrides)
+    return compose_config("attribute", overrides)
 
 
 def cached_attribution(train_cfg: DictConfig, model, tokenizer) -> Path:

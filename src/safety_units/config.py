@@ -66,3 +66,17 @@ def setup_run(cfg: DictConfig) -> None:
         transformers.logging.set_verbosity_error()
     except ImportError:  # pragma: no cover
         pass
+
+
+def compose_config(config_name: str, overrides: list[str] | None = None) -> DictConfig:
+    """A top-level config (train / attribute / evaluate) composed with overrides, inside a running Hydra app or on
+    its own (scripts, nested attribution)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    overrides = list(overrides or [])
+    if GlobalHydra.instance().is_initialized():
+        return compose(config_name=config_name, overrides=overrides)
+    conf_dir = Path(__file__).resolve().parents[2] / "conf"
+    with initialize_config_dir(version_base="1.3", config_dir=str(conf_dir)):
+        return compose(config_name=config_name, overrides=overrides)
