@@ -2,12 +2,18 @@
 
     python scripts/dose_response.py --model <aligned model dir> --unit-map <unit_map.safetensors> --out <dir>
         [--shares 0.0025 0.005 0.01 0.02 0.04 0.08] [--seeds 0 1 2] [--eval dose] [--force] [--report-only]
+        [--controls-dir <dir>] [--arms safety_minus_utility utility random]
         [-- <more evaluate.py overrides, e.g. eval.limit=100 trainer=... model=tiny>]
 
 Runs (or resumes: a point whose eval.json and eval_meta.json exist is skipped) one `python evaluate.py` per point into
 <runs-dir>/<point>/ (default <out>/runs): the unablated baseline, then for each share k: ablate.top=
 safety_minus_utility, ablate.top=utility and ablate.top=random with each seed. Then writes <out>/dose_response.md
 and <out>/dose_response.png from the runs' artifacts (safety_units.dose_response).
+
+Sweeping several unit maps (scorers) of one model: give each the same --controls-dir, where the baseline and the
+random sets (which do not depend on a map's scores) run once and are shared; the report checks that every arm at a
+share zeroes as many units. --arms safety_minus_utility random leaves out the top-utility control; --arms random
+runs only the controls (any map of the model gives the unit counts).
 """
 
 from __future__ import annotations
@@ -15,7 +21,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from safety_units.dose_response import SEEDS, SHARES, command, plan, run_points, run_subprocess, write_report
+from safety_units.dose_response import (ARM_LABELS, SEEDS, SHARES, command, plan, run_points, run_subprocess,
+                                        write_report)
 from safety_units.errors import ConfigError, friendly_errors
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,6 +37,9 @@ def main(argv: list[str] | None = None, runner=None) -> Path:
     ap.add_argument("--runs-dir", help="directory of the evaluate.py runs (default: <out>/runs)")
     ap.add_argument("--shares", type=float, nargs="+", default=list(SHARES))
     ap.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS), help="random sets, at least 3")
+    ap.add_argument("--controls-dir", help="shared directory of the baseline and random runs (several maps of one "
+                                           "model); default: in --runs-dir")
+    ap.add_argument("--arms", nargs="+", default=list(ARM_LABELS), help="which arms to run (default: all three)")
     ap.add_argument("--eval", default="dose", help="eval config (conf/eval/<name>.yaml), default: dose")
     ap.add_argument("--force", action="store_true", help="rerun points that are done")
     ap.add_argument("--report-only", action="store_true", help="only build the report from finished points")
@@ -43,12 +53,13 @@ def main(argv: list[str] | None = None, runner=None) -> Path:
         raise ConfigError(f"--model {args.model} is not a model directory.")
     out = Path(args.out).resolve()
     runs = Path(args.runs_dir).resolve() if args.runs_dir else out / "runs"
-    points = plan(args.shares, args.seeds)
+    controls = Path(args.controls_dir).resolve() if args.controls_dir else None
+    points = plan(args.shares, args.seeds, args.arms)
     if not args.report_only:
-        jobs = [(p, command(p, ROOT / "evaluate.py", runs, str(unit_map), args.eval, model, args.overrides))
-                for p in points]
-        run_points(jobs, runs, args.force, runner or run_subprocess)
-    path = write_report(runs, points, out)
+        jobs = [(p, command(p, ROOT / "evaluate.py", runs, str(unit_map), args.eval, model, args.overrides,
+                            controls)) for p in points]
+        run_points(jobs, runs, args.force, runner or run_subprocess, controls)
+    path = write_report(runs, points, out, controls)
     print(f"wrote {path}", flush=True)
     return path
 

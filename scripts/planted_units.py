@@ -15,8 +15,8 @@ import argparse
 from pathlib import Path
 
 from safety_units.errors import ConfigError, friendly_errors
-from safety_units.stability import labels_for, planted_table
-from safety_units.unit_map import UnitMap, load_selection
+from safety_units.stability import labels_for, load_planted, planted_table
+from safety_units.unit_map import UnitMap
 
 
 @friendly_errors
@@ -27,15 +27,7 @@ def main(argv: list[str] | None = None) -> str:
     ap.add_argument("--labels", nargs="+", help="a short name per map (default: the map's run dir name)")
     ap.add_argument("--out", help="also write the table to this markdown file")
     args = ap.parse_args(argv)
-    path = Path(args.planted)
-    if path.is_dir():
-        path = path / "trained_units.safetensors"
-    if not path.is_file():
-        raise ConfigError(f"{path} does not exist: pass the model/ dir of a freeze=train_only run (it exports the "
-                          f"trained unit set as trained_units.safetensors).")
-    planted, meta = load_selection(path)
-    if meta.get("role") != "trained":
-        raise ConfigError(f"{path} is not a trained unit set (role {meta.get('role')!r}).")
+    planted, meta, path = load_planted(args.planted)
     maps = [UnitMap.load(m) for m in args.maps]
     how = (f"random share {meta['random_share']} of each kind's units, seed {meta['seed']}"
            if meta.get("random_share") is not None else f"classes {meta.get('classes')} of {meta.get('unit_map')}")

@@ -204,3 +204,42 @@ def test_report_refuses_runs_of_another_sweep(tmp_path):
     _write(runs, Point(TOP, 0.01), [1, 0], judge="strings")
     with pytest.raises(ConfigError, match="differ in the refusal judge"):
         write_report(runs, plan([0.01], [0, 1, 2]), tmp_path / "out")
+
+
+def test_sweeps_of_two_maps_share_the_baseline_and_random_runs(unit_map, tmp_path):
+    calls = []
+
+    def in_process(cmd, log):
+        overrides, run_dir = _overrides(cmd)
+        calls.append(run_dir)
+        run_evaluate(compose("evaluate", overrides, output_dir=run_dir))
+        return 0
+
+    other_map = tmp_path / "other" / "unit_map.safetensors"
+    other_map.parent.mkdir()
+    other_map.write_bytes(open(unit_map, "rb").read())
+    controls = tmp_path / "controls"
+    script = _script()
+    for i, (m, arms) in enumerate(((unit_map, [TOP, UTILITY, RANDOM]), (str(other_map), [TOP, RANDOM]))):
+        md = script.main(["--unit-map", m, "--out", str(tmp_path / f"out{i}"), "--shares", "0.02", "--eval", "ppl",
+                          "--controls-dir", str(controls), "--arms", *arms, "--", "model=tiny", "eval.limit=4"],
+                         runner=in_process).read_text()
+    # the second sweep ran only its own top set: baseline and the 3 random sets were shared
+    assert len(calls) == 6 + 1 and calls[-1] == str(tmp_path / "out1" / "runs" / "safety_minus_utility_k0.02")
+    assert sorted(p.name for p in controls.iterdir() if p.is_dir()) == ["base"] + [f"random_k0.02_s{s}" for s in SEEDS]
+    assert f"`{other_map}`" in md and "| 0.02 | 5 / 3 |" in md and "not run" in md
+
+
+def test_report_refuses_controls_of_another_size(tmp_path):
+    runs, controls = tmp_path / "runs", tmp_path / "controls"
+    _write(runs, Point(TOP, 0.01), [1, 0])
+    _write(controls, Point(RANDOM, 0.01, 0), [1, 0])
+    meta_path = controls / "random_k0.01_s0" / "eval_meta.json"
+    meta = json.loads(meta_path.read_text())
+    meta["ablation"]["units"]["mlp"]["units"] = 8
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(ConfigError, match="zero different numbers of units"):
+        write_report(runs, plan([0.01], [0, 1, 2]), tmp_path / "out", controls)
+    with pytest.raises(ConfigError, match="--arms must name"):
+        plan([0.01], [0, 1, 2], [TOP, UTILITY])
+    assert [p.name for p in plan([0.01], [0, 1, 2], [RANDOM])] == ["base"] + [f"random_k0.01_s{s}" for s in SEEDS]

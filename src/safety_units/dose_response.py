@@ -54,22 +54,34 @@ class Point:
         return out + ([f"ablate.seed={self.seed}"] if self.top == RANDOM else [])
 
 
-def plan(shares=SHARES, seeds=SEEDS) -> list[Point]:
+def plan(shares=SHARES, seeds=SEEDS, arms=(TOP, UTILITY, RANDOM)) -> list[Point]:
     shares, seeds = list(dict.fromkeys(float(s) for s in shares)), list(dict.fromkeys(int(s) for s in seeds))
     bad = [s for s in shares if not 0.0 < s < 1.0]
     if bad or not shares:
         raise ConfigError(f"--shares must be shares of units in (0, 1), got {bad or 'none'}.")
     if len(seeds) < 3:
         raise ConfigError(f"--seeds: the random band needs at least 3 distinct seeds, got {seeds}.")
+    unknown = sorted(set(arms) - {TOP, UTILITY, RANDOM})
+    if unknown or RANDOM not in arms:
+        raise ConfigError(f"--arms must name {RANDOM} and may add {TOP} and {UTILITY}, got {list(arms)}.")
     return [Point()] + [p for k in shares for p in
-                        [Point(TOP, k), Point(UTILITY, k)] + [Point(RANDOM, k, s) for s in seeds]]
+                        ([Point(TOP, k)] if TOP in arms else []) + ([Point(UTILITY, k)] if UTILITY in arms else [])
+                        + [Point(RANDOM, k, s) for s in seeds]]
+
+
+def point_dir(point: Point, runs_dir: Path, controls_dir: Path | None = None) -> Path:
+    """The run dir of a point. The baseline and the random sets depend on the model and k only, not on a map's
+    scores, so sweeps of several unit maps of one model can share them in controls_dir."""
+    shared = controls_dir is not None and point.top in (None, RANDOM)
+    return (controls_dir if shared else runs_dir) / point.name
 
 
 def command(point: Point, evaluate_py: Path, runs_dir: Path, unit_map: str, eval_name: str,
-            model_path: str | None = None, overrides: list[str] | None = None) -> list[str]:
+            model_path: str | None = None, overrides: list[str] | None = None,
+            controls_dir: Path | None = None) -> list[str]:
     model = ["model=hf", f"model.path={model_path}"] if model_path else []
     return [sys.executable, str(evaluate_py), *model, f"eval={eval_name}", *(overrides or []),
-            *point.overrides(unit_map), f"hydra.run.dir={runs_dir / point.name}"]
+            *point.overrides(unit_map), f"hydra.run.dir={point_dir(point, runs_dir, controls_dir)}"]
 
 
 def is_done(run_dir: Path) -> bool:
@@ -83,16 +95,17 @@ def run_subprocess(cmd: list[str], log_path: Path) -> int:
 
 
 def run_points(jobs: list[tuple[Point, list[str]]], runs_dir: Path, force: bool = False,
-               runner=run_subprocess) -> list[str]:
+               runner=run_subprocess, controls_dir: Path | None = None) -> list[str]:
     """Run each job whose run dir is not done (all with force); returns the names that ran."""
-    runs_dir.mkdir(parents=True, exist_ok=True)
     ran = []
     for point, cmd in jobs:
-        if is_done(runs_dir / point.name) and not force:
+        run_dir = point_dir(point, runs_dir, controls_dir)
+        if is_done(run_dir) and not force:
             print(f"[skip] {point.name}: done", flush=True)
             continue
         print(f"[run ] {point.name}: {' '.join(cmd[1:])}", flush=True)
-        log = runs_dir / f"{point.name}.log"
+        run_dir.parent.mkdir(parents=True, exist_ok=True)
+        log = run_dir.parent / f"{point.name}.log"
         if runner(cmd, log) != 0:
             raise RunFailed(f"evaluate.py failed for point {point.name}; see {log}.")
         ran.append(point.name)
@@ -143,17 +156,29 @@ def _paired_cell(a: dict | None, b: dict | None, task: str) -> str:
     return f"{d['diff']:+.4f} [{d['ci_low']:+.3f}, {d['ci_high']:+.3f}] p={p}"
 
 
-def summarise(runs_dir: Path, points: list[Point]) -> dict:
+def _check_size_matched(found: dict) -> None:
+    """Every arm at one share zeroes as many units of each kind (random sets are compared at their own size)."""
+    for k in {p.share for p in found if p.top is not None}:
+        counts = {p.name: {kind: u["units"] for kind, u in found[p][1]["ablation"]["units"].items()}
+                  for p in found if p.share == k}
+        if len({str(sorted(c.items())) for c in counts.values()}) > 1:
+            raise ConfigError(f"the points at k={k:g} zero different numbers of units ({counts}): the shared "
+                              f"controls are of a model with other units?")
+
+
+def summarise(runs_dir: Path, points: list[Point], controls_dir: Path | None = None) -> dict:
     """Everything the report shows, from the runs' artifacts: per task and share, each arm's result and band."""
-    found = {p: load_point(p, runs_dir / p.name) for p in points if is_done(runs_dir / p.name)}
+    dirs = {p: point_dir(p, runs_dir, controls_dir) for p in points}
+    found = {p: load_point(p, d) for p, d in dirs.items() if is_done(d)}
     if not found:
         raise ConfigError(f"no finished point under {runs_dir}: run the sweep first (without --report-only).")
-    ablated = {p: v for p, v in found.items() if p.top is not None}
+    _check_size_matched(found)
+    scored = {p: v for p, v in found.items() if p.top in (TOP, UTILITY)}  # random sets ignore the map's scores
     info = {"model": _same(found, "the evaluated model", lambda m: m.get("model_path") or m.get("model")),
             "judge": _same(found, "the refusal judge", lambda m: m.get("judge")),
-            "unit_map": _same(ablated, "unit map", lambda m: m["ablation"]["unit_map"]) if ablated else None,
-            "normalization": _same(ablated, "rank normalisation", lambda m: m["ablation"].get("normalization"))
-            if ablated else None,
+            "unit_map": _same(scored, "unit map", lambda m: m["ablation"]["unit_map"]) if scored else None,
+            "normalization": _same(scored, "rank normalisation", lambda m: m["ablation"].get("normalization"))
+            if scored else None,
             "missing": [p for p in points if p not in found]}
     tasks = list(dict.fromkeys(t for results, _ in found.values() for t in results))
     metrics = {t: next(res[t]["metric"] for res, _ in found.values() if t in res) for t in tasks}
@@ -170,7 +195,8 @@ def summarise(runs_dir: Path, points: list[Point]) -> dict:
                              "band": _band([r["value"] for r in rnd.values() if r is not None]),
                              "units": metas[0]["units"] if metas else None,
                              "share": metas[0]["share"] if metas else None}
-    return info | {"tasks": tasks, "metrics": metrics, "shares": shares, "seeds": seeds, "rows": rows, "base": base}
+    return info | {"tasks": tasks, "metrics": metrics, "shares": shares, "seeds": seeds, "rows": rows, "base": base,
+                   "utility_arm": any(p.top == UTILITY for p in points)}
 
 
 # --------------------------------------------------------------------------- report
@@ -187,6 +213,7 @@ def markdown(s: dict, png_name: str = "dose_response.png") -> str:
                 "| k | units zeroed (MLP / attn) | top safety-utility | top utility | random: mean +- sd [min, max] |",
                 "|---:|---|---:|---:|---:|",
                 f"| 0 (baseline) | 0 | {_cell((s['base'] or {}).get(task))} | | |"]
+        utility = _cell if s["utility_arm"] else (lambda r: "not run")
         for k in s["shares"]:
             r = s["rows"][task, k]
             units = "n/a" if r["units"] is None else " / ".join(
@@ -195,7 +222,7 @@ def markdown(s: dict, png_name: str = "dose_response.png") -> str:
             band = "n/a" if b is None else (f"{b['mean']:.4f} +- {b['sd']:.4f} [{b['min']:.4f}, {b['max']:.4f}]"
                                             + ("" if b["n"] == len(s["seeds"]) else f" ({b['n']} seeds)"))
             share = "n/a" if r["share"] is None else f"{r['share']:.4g}"
-            out.append(f"| {share} | {units} | {_cell(r[TOP])} | {_cell(r[UTILITY])} | {band} |")
+            out.append(f"| {share} | {units} | {_cell(r[TOP])} | {utility(r[UTILITY])} | {band} |")
         out.append("")
     out += ["### Paired tests: top safety-utility set vs baseline and vs each random set", "",
             "Change = top safety-utility minus the other run on the same prompts; [paired-bootstrap 95% CI]; "
@@ -258,8 +285,8 @@ def plot(s: dict, path: Path) -> Path:
     return path
 
 
-def write_report(runs_dir: Path, points: list[Point], out_dir: Path) -> Path:
-    s = summarise(runs_dir, points)
+def write_report(runs_dir: Path, points: list[Point], out_dir: Path, controls_dir: Path | None = None) -> Path:
+    s = summarise(runs_dir, points, controls_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     plot(s, out_dir / "dose_response.png")
     path = out_dir / "dose_response.md"

@@ -138,6 +138,22 @@ def planted_recovery(planted: Selection, um: UnitMap) -> dict[str, dict]:
     return out
 
 
+def load_planted(path: str | Path) -> tuple[Selection, dict, Path]:
+    """The trained unit set S of a freeze=train_only run: (S, its metadata, the file), from the model/ dir or file."""
+    from safety_units.unit_map import load_selection
+
+    path = Path(path)
+    if path.is_dir():
+        path = path / "trained_units.safetensors"
+    if not path.is_file():
+        raise ConfigError(f"{path} does not exist: pass the model/ dir of a freeze=train_only run (it exports the "
+                          f"trained unit set as trained_units.safetensors).")
+    planted, meta = load_selection(path)
+    if meta.get("role") != "trained":
+        raise ConfigError(f"{path} is not a trained unit set (role {meta.get('role')!r}).")
+    return planted, meta, path
+
+
 def planted_table(planted: Selection, maps: list[UnitMap], labels: list[str]) -> str:
     rows = ["| unit map | ranked by | planted units | hits in top-|S| | precision | recall | chance |",
             "|---|---|---:|---:|---:|---:|---:|"]

@@ -1,0 +1,112 @@
+"""Cost of each scorer, relative to wifv, in one run: a whole attribution (safety and utility side, classification;
+for contrast also loading its reference model) on the same model and calibration data.
+
+    python benchmarks/scorers.py [--model-path <HF dir>] [--nsamples 32] [--max-length 128] [--threads 1]
+                                 [--json cost.json] [-- <more attribute.py overrides>]
+
+Scorers: wifv (tokens=all and tokens=decision), activation (tokens=decision), snip, contrast, refusal_direction
+(the settings of results/attribution_validity.md). Each runs `attribution.attribute` in a fresh subprocess; time
+counts from the call (the model loaded, one warm-up forward done) to its return, and peak extra memory is peak RSS
+minus RSS just before, sampled every 2 ms (MALLOC_MMAP_THRESHOLD_ makes glibc hand large freed blocks back at
+once). Prints a table: samples scored per second (both sides) and peak extra MB, each also as a ratio to wifv.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+SCORERS = {
+    "wifv": ["scoring=wifv"],
+    "wifv_decision": ["scoring=wifv", "scoring.tokens=decision"],
+    "activation_decision": ["scoring=activation", "scoring.tokens=decision"],
+    "snip": ["scoring=snip"],
+    "contrast": ["scoring=contrast"],
+    "refusal_direction": ["scoring=refusal_direction"],
+}
+
+
+def worker(name: str, overrides: list[str]) -> dict:
+    import psutil
+    import torch
+
+    from safety_units.attribution import attribute, attribution_config
+    from safety_units.models import load_model
+
+    cfg = attribution_config([*SCORERS[name], *overrides])
+    loaded = load_model(cfg.model)
+    probe = loaded.tokenizer("Hello there", return_tensors="pt")
+    with torch.no_grad():  # warm-up: one-time kernel and thread-pool allocations do not count
+        loaded.model(**probe)
+    proc = psutil.Process()
+    base = proc.memory_info().rss
+    peak = [base]
+    stop = threading.Event()
+
+    def sample():
+        while not stop.is_set():
+            peak[0] = max(peak[0], proc.memory_info().rss)
+            time.sleep(0.002)
+
+    th = threading.Thread(target=sample, daemon=True)
+    th.start()
+    t0 = time.perf_counter()
+    attribute(loaded, cfg)
+    seconds = time.perf_counter() - t0
+    stop.set()
+    th.join()
+    n = 2 * int(cfg.calibration.nsamples)  # safety + utility side
+    return {"scorer": name, "samples_per_s": n / seconds, "peak_extra_mb": (peak[0] - base) / 2**20,
+            "seconds": seconds, "samples": n}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model-path", help="a local HF model dir (model=hf model.path=...); default: shipped SmolLM2")
+    ap.add_argument("--nsamples", type=int, default=32)
+    ap.add_argument("--max-length", type=int, default=128)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads per worker (OMP_NUM_THREADS)")
+    ap.add_argument("--json", help="also write the measured rows to this JSON file (for reports)")
+    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("overrides", nargs="*", help="more attribute.py overrides, after --")
+    args = ap.parse_args()
+    overrides = (["model=hf", f"model.path={Path(args.model_path).resolve()}"] if args.model_path else []) + [
+        f"calibration.nsamples={args.nsamples}", f"calibration.max_length={args.max_length}", *args.overrides]
+    if args.worker:
+        print(json.dumps(worker(args.worker, overrides)))
+        return
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072", OMP_NUM_THREADS=str(args.threads),
+               MKL_NUM_THREADS=str(args.threads))
+    rows = {}
+    for name in SCORERS:
+        res = subprocess.run([sys.executable, __file__, "--worker", name, "--", *overrides],
+                             check=False, capture_output=True, text=True, env=env)
+        if res.returncode != 0:
+            sys.exit(f"scorer {name} failed:\n{res.stderr[-3000:]}")
+        rows[name] = json.loads(res.stdout.strip().splitlines()[-1])
+    base = rows["wifv"]
+    print(f"model={args.model_path or 'smollm2'} samples per side={args.nsamples} max_length={args.max_length} "
+          f"threads={args.threads}")
+    print("| scorer | samples/s | throughput vs wifv | peak extra MB | memory vs wifv | seconds |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for name, r in rows.items():
+        print(f"| {name} | {r['samples_per_s']:.2f} | {r['samples_per_s'] / base['samples_per_s']:.2f}x | "
+              f"{r['peak_extra_mb']:.0f} | {r['peak_extra_mb'] / max(base['peak_extra_mb'], 1e-9):.2f}x | "
+              f"{r['seconds']:.1f} |")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps({"settings": {"model": args.model_path or "smollm2", "threads":
+                                               args.threads, "nsamples": args.nsamples, "max_length": args.max_length,
+                                               "overrides": args.overrides}, "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

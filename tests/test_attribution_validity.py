@@ -1,0 +1,90 @@
+"""The attribution-validity report: its criteria (goal, default scorer) on constructed sweeps, and the script
+end to end -- every number read from run artifacts."""
+import importlib.util
+import json
+import math
+
+import pytest
+from conftest import ROOT
+
+from safety_units.attribution_validity import MAX_PPL_RISE, choose_default, dose_rows, goal_met, load_sweep
+from safety_units.dose_response import RANDOM, TOP, Point
+
+N = 40
+
+
+def _rate(outcomes):
+    v = sum(outcomes) / len(outcomes)
+    return {"metric": "asr", "value": v, "ci_low": max(0, v - 0.1), "ci_high": min(1, v + 0.1), "n": len(outcomes),
+            "extra": {"prompt_hash": "h1", "outcomes": outcomes}}
+
+
+def _ppl(ppl):
+    pairs = [[math.log(ppl) * 10, 10]] * N
+    return {"metric": "ppl", "value": ppl, "ci_low": ppl, "ci_high": ppl, "n": N,
+            "extra": {"prompt_hash": "h2", "outcomes": pairs}}
+
+
+def _write(d, point: Point, asr_ones: int, ppl: float):
+    d = d / point.name
+    d.mkdir(parents=True)
+    harmful = [1] * asr_ones + [0] * (N - asr_ones)
+    (d / "eval.json").write_text(json.dumps({"harmful": _rate(harmful), "ppl": _ppl(ppl)}))
+    ablation = None if point.top is None else {
+        "top": point.top, "share": point.share, "seed": point.seed, "normalization": "per_layer",
+        "unit_map": str(d.parent), "units": {"mlp": {"units": round(point.share * 1000)}, "attn": {"units": 3}}}
+    (d / "eval_meta.json").write_text(json.dumps({"model": "m", "model_path": "/m", "judge": "patterns",
+                                                  "ablation": ablation}))
+
+
+@pytest.fixture
+def sweeps(tmp_path):
+    """Controls: baseline ASR 2/40, random sets 4/40. Scorer `strong` zeroes refusal (ASR 36/40 at 1% and 2%);
+    `wifv` stays at random level; `costly` is strong but breaks perplexity."""
+    controls = tmp_path / "controls"
+    _write(controls, Point(), 2, 10.0)
+    for k in (0.01, 0.02):
+        for s in (0, 1, 2):
+            _write(controls, Point(RANDOM, k, s), 4, 10.3)
+    runs = {}
+    for name, ones, ppl in (("wifv", 5, 10.4), ("strong", 36, 10.5), ("costly", 38, 10.0 * (1 + 2 * MAX_PPL_RISE))):
+        runs[name] = tmp_path / name
+        for k in (0.01, 0.02):
+            _write(runs[name], Point(TOP, k), ones, ppl)
+    return controls, runs
+
+
+def test_goal_and_default_scorer_rules(sweeps):
+    controls, runs = sweeps
+    loaded = {n: load_sweep(r, controls) for n, r in runs.items()}
+    rows = {n: dose_rows(s) for n, s in loaded.items()}
+    strong = {r["k"]: r for r in rows["strong"]}
+    assert strong[0.01]["excess"] == pytest.approx(32 / 40) and strong[0.01]["seeds"] == 3
+    assert strong[0.01]["ppl_rise"] == pytest.approx(0.05) and strong[0.01]["p_max"] < 1e-6
+    assert goal_met(rows["strong"]) == {"met": True, "shares": [0.01, 0.02]}
+    assert not goal_met(rows["wifv"])["met"]
+    assert not goal_met(rows["costly"])["met"]  # ASR collapses, but perplexity rises 20%
+    decision = choose_default(loaded, rows)
+    assert decision["default"] == "strong" and "McNemar" in decision["reason"]
+    # without the strong scorer, the costly one is no candidate (perplexity) and wifv stays
+    del loaded["strong"], rows["strong"]
+    assert choose_default(loaded, rows)["default"] == "wifv"
+
+
+def test_script_writes_the_report_from_artifacts(sweeps, tmp_path):
+    controls, runs = sweeps
+    spec = importlib.util.spec_from_file_location("validity", ROOT / "scripts" / "attribution_validity.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "report" / "attribution_validity.md"
+    out.parent.mkdir()
+    mod.main(["--out", str(out), "--controls-dir", str(controls),
+              *[a for n, r in runs.items() for a in ("--sweep", f"{n}={r}")]])
+    md = out.read_text()
+    assert "**Default scorer: strong**" in md
+    assert "| strong | 1.00% | 0.900 | 0.100 | +0.800 [+0.800] |" in md
+    assert "| strong | yes | 1.00%, 2.00% | +0.800 |" in md and "| wifv | no | - | +0.025 |" in md
+    assert "Unablated ASR on the fixed harmful set: 0.050" in md
+    assert (out.parent / "attribution_validity" / "dose_curves.png").stat().st_size > 0
+    summary = json.loads((out.parent / "attribution_validity" / "summary.json").read_text())
+    assert summary["default"]["default"] == "strong"
