@@ -1,8 +1,13 @@
 """The Superficial Safety Alignment Hypothesis study on SmolLM2-135M-Instruct, end to end.
 
-    python scripts/run_study.py                 # CPU scale (hours on 2 cores); resumable: finished stages are kept
+    python scripts/run_study.py                 # CPU scale (hours on 2 cores)
+    python scripts/run_study.py --resume        # keep finished stages whose config is unchanged, run the rest
     python scripts/run_study.py --scale gpu     # the sizes of conf/experiment/ssah/* (bf16 on one GPU)
     python scripts/run_study.py --report-only   # rebuild results/ from finished runs
+
+Each finished stage leaves <study>/<stage>.stage.json with the hash of its composed config (the entry point's
+config with the stage's overrides, before interpolation); --resume skips a stage only when its output exists and
+that hash still matches, and reruns it otherwise. Without --resume or --force, existing outputs stop the run.
 
 Stages (each one command, chained by output paths under logs/ssah_smollm2/):
     1. attribute the shipped model                      -> RU budget for claim (a)
@@ -17,6 +22,8 @@ Stages (each one command, chained by output paths under logs/ssah_smollm2/):
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import os
 import shlex
 import subprocess
@@ -58,10 +65,32 @@ def pretty(cmd: list[str]) -> str:
     return "python " + " ".join(shlex.quote(c) for c in cmd[1:])
 
 
-def run(cmd: list[str], log_name: str, done: Path, force: bool) -> None:
+def stage_hash(cmd: list[str]) -> str:
+    """Hash of the stage's composed config: the entry point's config with the stage's overrides, unresolved."""
+    from omegaconf import OmegaConf
+
+    from safety_units.config import compose_config
+
+    entry = Path(cmd[1]).stem  # train.py / attribute.py / evaluate.py
+    overrides = [c for c in cmd[2:] if "=" in c and not c.startswith("hydra.")]
+    cfg = compose_config(entry, overrides)
+    text = OmegaConf.to_yaml(cfg, resolve=False) + json.dumps([c for c in cmd[2:] if c.startswith("hydra.")])
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def run(cmd: list[str], log_name: str, done: Path, force: bool, resume: bool = True) -> str:
+    """Run one stage unless it is finished with the same config; returns "ran" or "skipped"."""
+    stamp = STUDY / f"{log_name}.stage.json"
+    digest = stage_hash(cmd)
     if done.exists() and not force:
-        print(f"[skip] {log_name}: {done.relative_to(ROOT)} exists", flush=True)
-        return
+        recorded = json.loads(stamp.read_text()).get("config_hash") if stamp.is_file() else None
+        if not resume:
+            sys.exit(f"stage {log_name} has outputs ({done}); pass --resume to keep finished stages whose config "
+                     f"is unchanged, or --force to rerun every stage.")
+        if recorded == digest:
+            print(f"[skip] {log_name}: {done.relative_to(ROOT)} exists, config unchanged", flush=True)
+            return "skipped"
+        print(f"[redo] {log_name}: config changed since it ran (hash {recorded} -> {digest})", flush=True)
     print(f"[run ] {log_name}: {pretty(cmd)}", flush=True)
     STUDY.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
@@ -70,7 +99,11 @@ def run(cmd: list[str], log_name: str, done: Path, force: bool) -> None:
                              env=dict(os.environ, PYTHONUNBUFFERED="1"))
     if res.returncode != 0:
         sys.exit(f"stage {log_name} failed (exit {res.returncode}); see {STUDY / (log_name + '.log')}")
+    if not done.exists():
+        sys.exit(f"stage {log_name} ended without writing {done}; see {STUDY / (log_name + '.log')}")
+    stamp.write_text(json.dumps({"config_hash": digest, "command": pretty(cmd), "minutes": (time.time() - t0) / 60}))
     print(f"       done in {(time.time() - t0) / 60:.1f} min", flush=True)
+    return "ran"
 
 
 def stages(scale: dict, seeds: list[int], random_seeds: list[int]) -> list[tuple[list[str], str, Path]]:
@@ -129,6 +162,8 @@ def main(argv: list[str] | None = None):
     ap.add_argument("--scale", choices=["cpu", "gpu"], default="cpu")
     ap.add_argument("--seeds", type=int, nargs="+", default=[42], help="seeds of the fine-tuning runs")
     ap.add_argument("--random-seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds of random ablations")
+    ap.add_argument("--resume", action="store_true",
+                    help="skip stages whose outputs exist and whose config hash is unchanged (rerun the others)")
     ap.add_argument("--force", action="store_true", help="rerun stages whose outputs exist")
     ap.add_argument("--report-only", action="store_true")
     args = ap.parse_args(argv)
@@ -137,7 +172,7 @@ def main(argv: list[str] | None = None):
     plan = stages(scale, args.seeds, args.random_seeds)
     if not args.report_only:
         for cmd, name, done in plan:
-            run(cmd, name, done, args.force)
+            run(cmd, name, done, args.force, args.resume)
     path = write_report(STUDY, RESULTS, args.seeds, args.random_seeds, list(ALIGN_LRS),
                         [(name, pretty(cmd)) for cmd, name, _ in plan],
                         None if args.report_only else (time.time() - t0) / 60)

@@ -4,6 +4,8 @@ on synthetic eval.json dicts and a fake tree of run artifacts -- no model runs."
 import importlib.util
 import json
 import math
+import subprocess
+import sys
 
 import pytest
 from conftest import ROOT, compose
@@ -231,3 +233,43 @@ def test_every_ablated_class_gets_size_matched_random_controls(tmp_path):
             overrides = [c for c in cmd if "=" in c]
             cfg = compose("evaluate", overrides, output_dir=tmp_path)
             assert cfg.ablate.random_like == cls and cfg.ablate.seed == s and not cfg.ablate.classes
+
+
+def test_attribution_settings_state_target_shares_or_the_set_difference_outcome():
+    from safety_units.study_report import attribution_settings
+
+    cal = {"safety": {"path": "/d/stl/safety.json", "nsamples": 64, "max_length": 192}}
+    shares = attribution_settings("base", {"metadata": {
+        "scoring": {"method": "wifv", "tokens": "all"}, "calibration": cal, "normalization": "per_layer",
+        "classify": {"method": "shares", "shares": {"esu": 0.013, "ru": 0.15}}}})
+    assert "target shares per kind ESU 1.3% / RU 15%" in shares and "safety 64 x `stl/safety.json`" in shares
+    diff = attribution_settings("base", {"metadata": {
+        "scoring": {"method": "snip", "tokens": "response"}, "calibration": cal, "normalization": "per_layer",
+        "classify": {"method": "set_difference", "top_safety": 0.05, "top_utility": 0.05, "bottom": 0.3},
+        "class_shares": {"mlp": {"esu": 0.021, "euu": 0.02, "cu": 0.029, "ru": 0.93}}}})
+    assert "top 5% by safety and top 5% by utility (RU: bottom 30% on both)" in diff
+    assert "resulting shares mlp ESU 2.1% / EUU 2.0% / CU 2.9% / RU 93.0%" in diff and "target" not in diff
+
+
+def test_resume_skips_a_finished_stage_and_reruns_a_changed_one(tmp_path, monkeypatch):
+    study = load_study_script()
+    monkeypatch.setattr(study, "STUDY", tmp_path / "logs")
+    monkeypatch.setattr(study, "ROOT", tmp_path)
+    calls = []
+
+    def fake_run(cmd, cwd, stdout, stderr, check, env):  # the stage "runs": it writes its output
+        calls.append(cmd)
+        done.parent.mkdir(parents=True, exist_ok=True)
+        done.write_text("{}")
+        return subprocess.CompletedProcess(cmd, 0)
+
+    monkeypatch.setattr(study.subprocess, "run", fake_run)
+    done = tmp_path / "logs" / "attribute_base" / "unit_map.safetensors"
+    cmd = [sys.executable, "attribute.py", "experiment=ssah/attribute_base", "calibration.nsamples=128"]
+    assert study.run(cmd, "attribute_base", done, force=False, resume=True) == "ran"
+    assert study.run(cmd, "attribute_base", done, force=False, resume=True) == "skipped" and len(calls) == 1
+    with pytest.raises(SystemExit, match="pass --resume"):
+        study.run(cmd, "attribute_base", done, force=False, resume=False)
+    changed = [*cmd[:-1], "calibration.nsamples=64"]  # another config: the finished output is stale
+    assert study.run(changed, "attribute_base", done, force=False, resume=True) == "ran" and len(calls) == 2
+    assert study.run(changed, "attribute_base", done, force=True, resume=True) == "ran" and len(calls) == 3

@@ -167,11 +167,19 @@ def attribution_settings(name: str, summary: dict | None) -> str:
     cal = m.get("calibration") or {}
     data = "; ".join(f"{w} {text(c.get('nsamples'))} x `{Path(c['path']).parent.name}/{Path(c['path']).name}` "
                      f"(max length {text(c.get('max_length'))})" for w, c in cal.items() if c.get("path"))
-    shares = ((m.get("classify") or {}).get("shares")) or {}
+    classify = m.get("classify") or {}
+    if classify.get("method") == "set_difference":  # class sizes are an outcome: give the settings and the result
+        got = "; ".join(f"{kind} " + " / ".join(f"{c.upper()} {100 * v:.1f}%" for c, v in sh.items())
+                        for kind, sh in (m.get("class_shares") or {}).items())
+        classes = (f"set difference of the top {100 * classify.get('top_safety', 0):g}% by safety and top "
+                   f"{100 * classify.get('top_utility', 0):g}% by utility (RU: bottom {100 * classify.get('bottom', 0):g}% "
+                   f"on both), resulting shares {got or 'n/a'}")
+    else:
+        classes = "target shares per kind " + " / ".join(f"{c.upper()} {100 * s:g}%"
+                                                         for c, s in (classify.get("shares") or {}).items())
     return (f"{name}: scoring `{text((m.get('scoring') or {}).get('method'))}`, tokens "
-            f"`{text((m.get('scoring') or {}).get('tokens'))}`; calibration {data or 'n/a'}; target shares per kind "
-            + " / ".join(f"{c.upper()} {100 * s:g}%" for c, s in shares.items())
-            + f", {text(m.get('normalization'))} normalisation.")
+            f"`{text((m.get('scoring') or {}).get('tokens'))}`; calibration {data or 'n/a'}; {classes}, "
+            f"{text(m.get('normalization'))} normalisation.")
 
 
 TRAIN_KEYS = [("data", "data.name"), ("freeze", "freeze.strategy"), ("frozen share", "freeze.total_share"),
