@@ -1,3 +1,5 @@
+import json
+
 import pytest
 from conftest import FIXTURES, SHARED_DATA
 
@@ -180,3 +182,45 @@ def test_prompt_template_and_system_keep_the_raw_prompt():
     assert exs[0].prompt == "Give me a recipe for pancakes."  # de-duplication sees the file's prompt
     with pytest.raises(ConfigError, match="must contain"):
         src(path=str(FIXTURES / "pairs.jsonl"), prompt="q", template="no placeholder")
+
+
+def test_a_teacher_answers_the_prompt_only_sources(tiny, tmp_path):
+    """data.self_distill.teacher: another model (e.g. the shipped, compliant one) writes the responses."""
+    from omegaconf import OmegaConf
+
+    from safety_units.generation import generate
+    from safety_units.models import build_tiny, fingerprint_key, model_fingerprint
+
+    sources = {"p": {"path": str(FIXTURES / "prompts_object.json"), "prompt": "instructions", "response": None,
+                     "self_distill": True}}
+    teacher_cfg = OmegaConf.create({"_target_": "safety_units.models.build_tiny", "cache_dir": str(tmp_path),
+                                    "seed": 1})
+    SFTDataModule(tiny.tokenizer, sources, val_fraction=0.0, cache_dir=str(tmp_path),
+                  self_distill={"max_new_tokens": 6, "batch_size": 2, "teacher": teacher_cfg}).prepare(tiny.model)
+    teacher = build_tiny(cache_dir=str(tmp_path), seed=1).model
+    [cached] = (tmp_path / "self_distill").glob("*.jsonl")
+    assert cached.name.startswith(fingerprint_key(model_fingerprint(teacher)))  # keyed by the teacher, not the student
+    rows = [json.loads(line) for line in cached.read_text().splitlines()]
+    assert len(rows) == 3
+    prompts = [r["prompt"] for r in rows]
+    assert [r["response"] for r in rows] == generate(teacher, tiny.tokenizer, prompts, max_new_tokens=6)
+
+
+@pytest.mark.parametrize("p", [0.05, 0.1, 0.2])
+def test_harmful_mixture_never_contains_an_eval_prompt(p):
+    from conftest import compose
+
+    from safety_units.evaluation import prompt_set_texts
+
+    cfg = compose("train", ["data=harmful_mix", f"data.harmful_share={p}"])
+    sources = cfg.data.sources
+    assert sources.harmful.weight == pytest.approx(p) and sources.benign.weight == pytest.approx(1 - p)
+    assert cfg.data.self_distill.teacher._target_.endswith("load_smollm2")  # the shipped model answers
+    trained = prompt_set_texts(sources, where="data.sources")
+    assert len(trained) > 2000
+    suite = compose("evaluate", ["eval=suite"]).eval.tasks
+    for name, task in suite.items():
+        if task is None or task.get("type") != "refusal":
+            continue
+        evaluated = prompt_set_texts({name: task.source}, where=f"eval.tasks.{name}")
+        assert evaluated and not trained & evaluated, f"eval task {name} shares prompts with the harmful mixture"

@@ -256,11 +256,27 @@ class SFTDataModule(pl.LightningDataModule):
     def _self_distill(self, src: Source, examples: list[Example], model) -> list[Example]:
         from safety_units.generation import self_distill_responses
 
-        if model is None:
+        settings = dict(self.self_distill_cfg)
+        teacher_cfg = settings.pop("teacher", None)
+        if teacher_cfg is not None:  # another model answers (e.g. the shipped model's compliant answers)
+            model = self._teacher(teacher_cfg, model)
+        elif model is None:
             raise ConfigError(f"data source '{src.name}' sets self_distill: true, which needs the model to generate "
                               f"responses; call datamodule.prepare(model).")
-        return self_distill_responses(model, self.tokenizer, examples, cache_dir=self.cache_dir,
-                                      **self.self_distill_cfg)
+        return self_distill_responses(model, self.tokenizer, examples, cache_dir=self.cache_dir, **settings)
+
+    def _teacher(self, teacher_cfg, student):
+        """data.self_distill.teacher: a model config (any `model` group entry), loaded once, same vocabulary."""
+        if getattr(self, "_teacher_model", None) is None:
+            from safety_units.models import load_model
+
+            teacher = load_model(teacher_cfg).model
+            if student is not None and teacher.get_input_embeddings().num_embeddings != \
+                    student.get_input_embeddings().num_embeddings:
+                raise ConfigError(f"data.self_distill.teacher ({teacher_cfg.get('_target_')}) has another vocabulary "
+                                  f"than the trained model; the teacher must share its tokenizer.")
+            self._teacher_model = teacher
+        return self._teacher_model
 
     # -- lightning hooks ------------------------------------------------------------------------------------
     def setup(self, stage: str | None = None):

@@ -39,6 +39,7 @@ SOURCE_KEYS = {
     "weight": "mixing weight when the datamodule sets num_samples",
     "self_distill": "prompt-only source: generate responses once with the model being trained",
     "on_bad_row": "error (default) | skip: what to do with a malformed row",
+    "exclude": "{name: source}: drop rows whose prompt (normalised) is in any of these sources, e.g. eval sets",
     "name": "label used in logs and reports",
 }
 
@@ -170,6 +171,7 @@ class Source:
     weight: float = 1.0
     self_distill: bool = False
     on_bad_row: str = "error"
+    exclude: dict | None = None
 
     @classmethod
     def from_config(cls, cfg, name: str = "") -> "Source":
@@ -222,12 +224,30 @@ class Source:
         if bad:
             log.warning("%s: skipped %d malformed row(s) (on_bad_row=skip): rows %s", self.path, len(bad),
                         ", ".join(map(str, bad[:20])) + (" ..." if len(bad) > 20 else ""))
+        if self.exclude:
+            excluded = self.excluded_prompts(seed)
+            kept = [ex for ex in examples if normalize_prompt(ex.prompt) not in excluded]
+            log.info("%s: excluded %d row(s) whose prompt is in %s", self.name, len(examples) - len(kept),
+                     ", ".join(self.exclude))
+            examples = kept
         if not examples:
             raise DataError(f"{self.path}: no rows left for source '{self.name}' after where={self.where} "
                             f"and hash_split={self.hash_split}.")
         if self.limit is not None and len(examples) > self.limit:
             examples = subsample(examples, self.limit, f"{seed}:{self.name}")
         return examples
+
+    def excluded_prompts(self, seed: int = 0) -> set[str]:
+        """Normalised prompts of the `exclude` sources (whole files, after their own where / hash_split)."""
+        out: set[str] = set()
+        for name, cfg in self.exclude.items():
+            other = Source.from_config(cfg, f"{self.name}.exclude.{name}")
+            other.limit, other.self_distill = None, False
+            try:
+                out |= {normalize_prompt(ex.prompt) for ex in other.load(seed, require_response=False)}
+            except DataError as e:
+                raise ConfigError(f"data source '{self.name}': exclude.{name}: {e}") from None
+        return out
 
     def _field(self, row: Any, key: str, required: bool = True) -> str | None:
         if not isinstance(row, dict):
