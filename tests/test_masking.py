@@ -223,3 +223,21 @@ def test_train_only_errors(unit_map, tmp_path, overrides, match):
     cfg = train_cfg(tmp_path, "freeze=train_only", *[o.format(map=unit_map) for o in overrides])
     with pytest.raises(ConfigError, match=match):
         build_masker(cfg, tiny.model)
+
+
+def test_layers_like_esu_cu_freezes_the_middle_block_closest_in_entries(unit_map, tmp_path):
+    model = build_tiny(cache_dir=compose("train", ["model=tiny"]).paths.cache_dir).model
+    esu_cu, _ = build_masker(train_cfg(tmp_path, "freeze=esu_cu", f"freeze.unit_map={unit_map}"), model)
+    target = esu_cu.describe()["entries"]["frozen"]
+    masker, _ = build_masker(train_cfg(tmp_path, "freeze=layers", "freeze.layers_like=esu_cu",
+                                       f"freeze.unit_map={unit_map}"), model)
+    d = masker.describe()
+    assert d["like_entries"] == target and d["layers_like"] == "esu_cu"
+    per_layer = [sum(p.numel() for n, p in model.named_parameters() if n.startswith(f"model.layers.{i}."))
+                 for i in range(2)]
+    candidates = {(0,): per_layer[0], (0, 1): sum(per_layer)}  # 2 layers: middle block of size 1 or 2
+    best = min(candidates, key=lambda c: abs(candidates[c] - target))
+    assert tuple(d["layers"]) == best and d["entries"]["frozen"] == candidates[best]
+    with pytest.raises(ConfigError, match="layers_like must be esu or esu_cu"):
+        build_masker(train_cfg(tmp_path, "freeze=layers", "freeze.layers_like=ru_only", f"freeze.unit_map={unit_map}"),
+                     model)

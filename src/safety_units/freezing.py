@@ -5,7 +5,8 @@
 * random: a seeded random unit set as large as freeze.like's selection, frozen or trained as that strategy does;
 * train_only: train only freeze.classes of a map, or a seeded random freeze.random_share of each kind's units
   (a planted set, no map);
-* layers: freeze whole decoder layers.
+* layers: freeze whole decoder layers (freeze.layers, or freeze.layers_like=esu_cu: the contiguous middle layers
+  with the closest number of entries).
 
 "Train only" freezes everything outside the selected units: other units, embeddings, norms, q/k/v and lm_head.
 """
@@ -27,13 +28,18 @@ log = logging.getLogger(__name__)
 STRATEGIES = ("none", "esu", "esu_cu", "ru_only", "random", "train_only", "layers")
 
 
-def _layer_masks(f, model: nn.Module, names: dict | None, description: dict) -> tuple[dict, set[str]]:
-    layer_ids = list(f.get("layers") or [])
-    if not layer_ids:
-        raise ConfigError("freeze=layers needs freeze.layers=[i, j, ...] (layer indices to freeze).")
+def _layer_masks(cfg, model: nn.Module, tokenizer, names: dict | None, description: dict) -> tuple[dict, set[str]]:
+    f = cfg.freeze
     groups = resolve_units(model, names)
     prefix = groups[0].out_name.rsplit(".", 3)[0] if groups else "model.layers"
     n_layers = max(g.layer for g in groups) + 1
+    if f.get("layers_like"):
+        layer_ids = _middle_layers_like(cfg, model, tokenizer, names, prefix, n_layers, description)
+    else:
+        layer_ids = list(f.get("layers") or [])
+    if not layer_ids:
+        raise ConfigError("freeze=layers needs freeze.layers=[i, j, ...] (layer indices to freeze) or "
+                          "freeze.layers_like=esu_cu (contiguous middle layers with as many frozen entries).")
     bad = [i for i in layer_ids if not -n_layers <= i < n_layers]
     if bad:
         raise ConfigError(f"freeze.layers: {bad} out of range for a model with {n_layers} layers.")
@@ -41,6 +47,30 @@ def _layer_masks(f, model: nn.Module, names: dict | None, description: dict) -> 
     description["layers"] = sorted(i % n_layers for i in layer_ids)
     partial: dict[str, PartialMask] = {}
     return partial, {n for n, _ in model.named_parameters() if any(n.startswith(w) for w in wanted)}
+
+
+def _middle_layers_like(cfg, model: nn.Module, tokenizer, names, prefix: str, n_layers: int,
+                        description: dict) -> list[int]:
+    """The contiguous block of middle decoder layers whose parameter entries come closest to the entries that
+    freeze=<layers_like> freezes (SPPFT-style safety-layer freezing at the same budget)."""
+    from omegaconf import OmegaConf
+
+    like = cfg.freeze.layers_like
+    if like not in ("esu", "esu_cu"):
+        raise ConfigError(f"freeze.layers_like must be esu or esu_cu (a frozen unit set), got {like!r}.")
+    like_cfg = OmegaConf.merge(cfg, {"freeze": {"strategy": like}})
+    selection, _, _ = unit_selection(like_cfg, model, tokenizer, names, {})
+    target = count_entries(model, *masks_from_selection(model, selection, "freeze", names))["frozen"]
+    per_layer = [sum(p.numel() for n, p in model.named_parameters() if n.startswith(f"{prefix}.{i}."))
+                 for i in range(n_layers)]
+    best = None
+    for size in range(1, n_layers + 1):
+        start = (n_layers - size) // 2
+        entries = sum(per_layer[start:start + size])
+        if best is None or abs(entries - target) < abs(best[1] - target):
+            best = (list(range(start, start + size)), entries)
+    description.update(layers_like=like, like_entries=target)
+    return best[0]
 
 
 def _load_map(cfg, model: nn.Module, tokenizer, names: dict | None) -> tuple[UnitMap, str]:
@@ -117,7 +147,7 @@ def build_masker(cfg, model: nn.Module, tokenizer=None):
     unit_map_path = selection = None
     mode = "freeze"
     if strategy == "layers":
-        partial, frozen_full = _layer_masks(f, model, names, description)
+        partial, frozen_full = _layer_masks(cfg, model, tokenizer, names, description)
     else:
         selection, mode, unit_map_path = unit_selection(cfg, model, tokenizer, names, description)
         partial, frozen_full = masks_from_selection(model, selection, mode, names)
