@@ -24,7 +24,7 @@ sys.path.insert(0, str(ROOT / "src"))
 from safety_units.compare import compare_table, load_eval  # noqa: E402
 from safety_units.errors import ConfigError  # noqa: E402
 from safety_units.rejudge import rejudge_results  # noqa: E402
-from safety_units.stats import cohen_kappa  # noqa: E402
+from safety_units.stats import pairwise_kappa  # noqa: E402
 
 ARTIFACTS = ("eval_before.json", "eval_after.json", "generations_eval_before.jsonl", "generations_eval_after.jsonl",
              "eval_compare.md", "model/freeze_check.json", ".hydra/overrides.yaml")
@@ -92,7 +92,7 @@ def judge_agreement(dirs: dict[str, Path], judges: list[str]) -> list[str]:
         idx = [i for i, r in enumerate(gens) if task == "all" or r["task"] == task]
         v = {j: [votes[j][i] for i in idx] for j in judges}
         rates = [f"{sum(v[j]) / len(idx):.3f}" for j in judges]
-        kappas = [f"{cohen_kappa(v[a], v[b]):.3f}" for i, a in enumerate(judges) for b in judges[i + 1:]]
+        kappas = [f"{k:.3f}" for k in pairwise_kappa(v).values()]
         out.append(f"| {task} | {len(idx)} | " + " | ".join(rates) + " | " + " | ".join(kappas) + " |")
     return out
 

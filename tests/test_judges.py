@@ -295,3 +295,12 @@ def test_rejudge_results_rescores_refusal_tasks_and_keeps_the_rest(tmp_path):
     assert new["harmful"]["extra"]["judge"] == "patterns" and new["ppl"] == results["ppl"]
     with pytest.raises(DataError, match="rows"):
         rejudge_results(results, rows[:1], P)
+
+
+def test_pairwise_kappa_covers_every_pair_once():
+    from safety_units.stats import cohen_kappa, pairwise_kappa
+
+    votes = {"a": [1, 0, 1, 0], "b": [1, 0, 0, 0], "c": [0, 1, 0, 1]}
+    k = pairwise_kappa(votes)
+    assert list(k) == ["a~b", "a~c", "b~c"]
+    assert k["a~b"] == cohen_kappa(votes["a"], votes["b"]) == 0.5 and k["a~c"] == -1.0

@@ -35,7 +35,7 @@ from safety_units.errors import ConfigError, DataError
 from safety_units.generation import generate_chat
 from safety_units.models import eval_mode
 from safety_units.scoring import response_token_nll
-from safety_units.stats import cohen_kappa, prompt_list_hash
+from safety_units.stats import pairwise_kappa, prompt_list_hash
 
 log = logging.getLogger(__name__)
 
@@ -166,10 +166,8 @@ def judge_agreement(verdicts: list) -> dict:
     """Per-judge refusal rates and pairwise Cohen's kappa, when the judge is an ensemble (verdicts carry votes)."""
     if not verdicts or verdicts[0].votes is None:
         return {}
-    names = list(verdicts[0].votes)
-    votes = {k: [v.votes[k] for v in verdicts] for k in names}
-    kappa = {f"{a}~{b}": round(cohen_kappa(votes[a], votes[b]), 4)
-             for i, a in enumerate(names) for b in names[i + 1:]}
+    votes = {k: [v.votes[k] for v in verdicts] for k in verdicts[0].votes}
+    kappa = {pair: round(k, 4) for pair, k in pairwise_kappa(votes).items()}
     return {"judge_refusal_rates": {k: sum(v) / len(v) for k, v in votes.items()}, "judge_kappa": kappa}
 
 

@@ -67,6 +67,12 @@ def cohen_kappa(a: Sequence[bool | int], b: Sequence[bool | int]) -> float:
     return (po - pe) / (1 - pe)
 
 
+def pairwise_kappa(votes: dict[str, Sequence[bool | int]]) -> dict[str, float]:
+    """Cohen's kappa of every pair of raters, keyed "a~b" in the order the raters are given."""
+    names = list(votes)
+    return {f"{a}~{b}": cohen_kappa(votes[a], votes[b]) for i, a in enumerate(names) for b in names[i + 1:]}
+
+
 def prompt_list_hash(prompts: Sequence[str]) -> str:
     """sha256 (first 16 hex digits) of the ordered prompt list; equal hashes = the same prompts in the same order."""
     h = hashlib.sha256()
