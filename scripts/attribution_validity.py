@@ -50,6 +50,7 @@ def main(argv: list[str] | None = None) -> Path:
     ap.add_argument("--sweep", action="append", required=True, help="scorer=runs dir of its dose-response sweep")
     ap.add_argument("--planted", help="planted model dir (with trained_units.safetensors)")
     ap.add_argument("--planted-map", action="append", default=[], help="scorer=unit map of the planted model")
+    ap.add_argument("--planted-eval", help="an evaluate.py run dir of the planted model (its ASR on the fixed set)")
     ap.add_argument("--stability", action="append", nargs="+", default=[], metavar="TITLE LABEL=MAP",
                     help="a comparison: its title, then label=map for each map")
     ap.add_argument("--cost", help="JSON written by benchmarks/scorers.py --json")
@@ -96,9 +97,14 @@ def main(argv: list[str] | None = None) -> Path:
         maps = _pairs(args.planted_map, "--planted-map")
         n = sum(int(v.sum()) for v in planted.values())
         total = sum(v.numel() for v in planted.values())
+        asr = ""
+        if args.planted_eval:
+            r = json.loads((Path(args.planted_eval) / "eval.json").read_text())[HARMFUL]
+            asr = (f" Its ASR on the fixed harmful set is {r['value']:.3f} [{r['ci_low']:.3f}, {r['ci_high']:.3f}] "
+                   f"(n = {r['n']}; the issue asks for <= 0.3: {'met' if r['value'] <= 0.3 else 'NOT met'}).")
         md += ["## Planted units", "",
-               f"Only a seeded random set S of {n} units ({n / total:.1%}) of `{args.planted}` was trained; each scorer "
-               f"attributed that model. Precision and recall of its top-|S| units against S:", "",
+               f"Only a seeded random set S of {n} units ({n / total:.1%}) of `{args.planted}` was trained.{asr} Each "
+               f"scorer attributed that model. Precision and recall of its top-|S| units against S:", "",
                planted_table(planted, [UnitMap.load(p) for p in maps.values()], list(maps)), ""]
     for title, *items in args.stability:
         maps = _pairs(items, f"--stability {title!r}")

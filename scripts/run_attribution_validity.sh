@@ -81,8 +81,23 @@ lane_maps_then_sweeps() {
   for s in refusal_direction wifv_decision activation_decision; do sweep "$s" safety_minus_utility random; done
 }
 
-LANES=${LANES:-"controls maps"}   # e.g. LANES=maps to (re)start one lane
+report() {
+  local sweeps=() planted=() scorers=()
+  for s in wifv contrast snip refusal_direction wifv_decision activation_decision; do
+    sweeps+=(--sweep "$s=$V/dose/$s"); planted+=(--planted-map "$s=$V/planted/$s"); scorers+=("$s=$V/maps/$s")
+  done
+  $PY scripts/attribution_validity.py --out "$RESULTS.md" --model-run "$(dirname "$ALIGNED")" \
+    --controls-dir "$V/dose/controls" "${sweeps[@]}" \
+    --planted "$PLANTED" --planted-eval "$V/planted_eval" "${planted[@]}" \
+    --stability "calibration halves (disjoint prompts)" "half_a=$V/stability/half_a" "half_b=$V/stability/half_b" \
+    --stability "calibration sources" "stl=$V/maps/wifv" "wei=$V/stability/wei" "self=$V/stability/self" \
+    --stability "scorers" "${scorers[@]}" \
+    --stability "shipped vs aligned" "shipped=$V/stability/shipped" "aligned=$V/maps/wifv" \
+    --cost "$V/cost.json"
+}
+
+LANES=${LANES:-"controls maps report"}   # e.g. LANES=maps to (re)start one lane, LANES=report for the report only
 [[ $LANES == *controls* ]] && lane_controls_then_sweeps &
 [[ $LANES == *maps* ]] && lane_maps_then_sweeps &
 wait
-echo "all runs done; build the report with scripts/attribution_validity.py (see the report's command line)"
+[[ $LANES == *report* ]] && report

@@ -224,3 +224,16 @@ def test_harmful_mixture_never_contains_an_eval_prompt(p):
             continue
         evaluated = prompt_set_texts({name: task.source}, where=f"eval.tasks.{name}")
         assert evaluated and not trained & evaluated, f"eval task {name} shares prompts with the harmful mixture"
+
+
+def test_exclude_drops_rows_found_in_other_sources_and_names_a_bad_one(tmp_path):
+    rows = [{"q": "Say hi.", "a": "hi"}, {"q": "Count to three!", "a": "1 2 3"}, {"q": "Name a colour", "a": "red"}]
+    (tmp_path / "train.json").write_text(json.dumps(rows))
+    (tmp_path / "eval.json").write_text(json.dumps([{"q": "count to THREE"}]))
+    kept = src(path=str(tmp_path / "train.json"), prompt="q", response="a",
+               exclude={"ev": {"path": str(tmp_path / "eval.json"), "prompt": "q", "response": None}}).load()
+    assert [e.prompt for e in kept] == ["Say hi.", "Name a colour"]  # matched after normalisation
+    bad = src(path=str(tmp_path / "train.json"), prompt="q", response="a",
+              exclude={"ev": {"path": str(tmp_path / "eval.json"), "prompt": "question", "response": None}})
+    with pytest.raises(ConfigError, match="exclude.ev: .*missing field 'question'"):
+        bad.load()
