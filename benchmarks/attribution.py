@@ -18,12 +18,12 @@ import json
 import os
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from peak_memory import timed_peak  # noqa: E402
 CACHE = os.environ.get("SAFETY_UNITS_CACHE", str(Path.home() / ".cache" / "safety_units"))
 METHODS = ["wifv", "activation", "snip", "naive_snip"]
 
@@ -47,7 +47,6 @@ def naive_snip(model, groups, batches):
 
 
 def worker(method: str, model_name: str, nsamples: int, batch: int, max_length: int) -> dict:
-    import psutil
     import torch
 
     from safety_units.attribution import calibration_batches
@@ -62,28 +61,12 @@ def worker(method: str, model_name: str, nsamples: int, batch: int, max_length: 
     groups = resolve_units(loaded.model)
     with torch.no_grad():  # warm-up: one-time kernel and thread-pool allocations do not count
         loaded.model(input_ids=batches[0]["input_ids"], attention_mask=batches[0]["attention_mask"])
-    proc = psutil.Process()
-    base = proc.memory_info().rss
-    peak = [base]
-    stop = threading.Event()
-
-    def sample():
-        while not stop.is_set():
-            peak[0] = max(peak[0], proc.memory_info().rss)
-            time.sleep(0.002)
-
-    th = threading.Thread(target=sample, daemon=True)
-    th.start()
-    t0 = time.perf_counter()
     if method == "naive_snip":
-        naive_snip(loaded.model, groups, batches)
+        seconds, peak_mb = timed_peak(lambda: naive_snip(loaded.model, groups, batches))
     else:
-        score_units(loaded.model, groups, batches, method, progress=False)
-    seconds = time.perf_counter() - t0
-    stop.set()
-    th.join()
+        seconds, peak_mb = timed_peak(lambda: score_units(loaded.model, groups, batches, method, progress=False))
     n = sum(b["input_ids"].shape[0] for b in batches)
-    return {"method": method, "samples_per_s": n / seconds, "peak_extra_mb": (peak[0] - base) / 2**20,
+    return {"method": method, "samples_per_s": n / seconds, "peak_extra_mb": peak_mb,
             "seconds": seconds, "samples": n}
 
 

@@ -18,12 +18,12 @@ import json
 import os
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from peak_memory import timed_peak  # noqa: E402
 SCORERS = {
     "wifv": ["scoring=wifv"],
     "wifv_decision": ["scoring=wifv", "scoring.tokens=decision"],
@@ -35,7 +35,6 @@ SCORERS = {
 
 
 def worker(name: str, overrides: list[str]) -> dict:
-    import psutil
     import torch
 
     from safety_units.attribution import attribute, attribution_config
@@ -46,25 +45,9 @@ def worker(name: str, overrides: list[str]) -> dict:
     probe = loaded.tokenizer("Hello there", return_tensors="pt")
     with torch.no_grad():  # warm-up: one-time kernel and thread-pool allocations do not count
         loaded.model(**probe)
-    proc = psutil.Process()
-    base = proc.memory_info().rss
-    peak = [base]
-    stop = threading.Event()
-
-    def sample():
-        while not stop.is_set():
-            peak[0] = max(peak[0], proc.memory_info().rss)
-            time.sleep(0.002)
-
-    th = threading.Thread(target=sample, daemon=True)
-    th.start()
-    t0 = time.perf_counter()
-    attribute(loaded, cfg)
-    seconds = time.perf_counter() - t0
-    stop.set()
-    th.join()
+    seconds, peak_mb = timed_peak(lambda: attribute(loaded, cfg))
     n = 2 * int(cfg.calibration.nsamples)  # safety + utility side
-    return {"scorer": name, "samples_per_s": n / seconds, "peak_extra_mb": (peak[0] - base) / 2**20,
+    return {"scorer": name, "samples_per_s": n / seconds, "peak_extra_mb": peak_mb,
             "seconds": seconds, "samples": n}
 
 

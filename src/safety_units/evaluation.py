@@ -30,8 +30,8 @@ from tqdm.auto import tqdm
 
 from safety_units.data import collate, encode_example
 
-from safety_units.sources import Source, normalize_prompt, stable_fraction
-from safety_units.errors import ConfigError, DataError
+from safety_units.sources import Source, normalize_prompt, normalized_prompts, stable_fraction
+from safety_units.errors import ConfigError
 from safety_units.generation import generate_chat
 from safety_units.models import eval_mode
 from safety_units.scoring import response_token_nll
@@ -85,17 +85,7 @@ def task_limit(task: DictConfig, settings: DictConfig) -> int | None:
 # --------------------------------------------------------------------------- prompt sets and dedupe
 def prompt_set_texts(sources: dict | DictConfig | None, seed: int = 0, where: str = "eval.dedupe_against") -> set[str]:
     """Normalised prompts of every source, whole files (`where` names the sources in errors)."""
-    out: set[str] = set()
-    for name, cfg in (sources or {}).items():
-        if cfg is None:
-            continue
-        src = Source.from_config(cfg, name)
-        src.limit, src.self_distill = None, False
-        try:
-            out |= {normalize_prompt(ex.prompt) for ex in src.load(seed, require_response=False)}
-        except DataError as e:
-            raise ConfigError(f"{where}.{name}: {e}") from None
-    return out
+    return normalized_prompts(sources, seed, where)
 
 
 def training_prompts_of(model_dir: str | Path | None) -> set[str] | None:

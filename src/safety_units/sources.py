@@ -239,15 +239,7 @@ class Source:
 
     def excluded_prompts(self, seed: int = 0) -> set[str]:
         """Normalised prompts of the `exclude` sources (whole files, after their own where / hash_split)."""
-        out: set[str] = set()
-        for name, cfg in self.exclude.items():
-            other = Source.from_config(cfg, f"{self.name}.exclude.{name}")
-            other.limit, other.self_distill = None, False
-            try:
-                out |= {normalize_prompt(ex.prompt) for ex in other.load(seed, require_response=False)}
-            except DataError as e:
-                raise ConfigError(f"data source '{self.name}': exclude.{name}: {e}") from None
-        return out
+        return normalized_prompts(self.exclude, seed, f"data source '{self.name}': exclude")
 
     def _field(self, row: Any, key: str, required: bool = True) -> str | None:
         if not isinstance(row, dict):
@@ -298,6 +290,22 @@ class Source:
             elif need_response:
                 raise DataError(f"empty response in field '{self.response}'")
         return Example(msgs, self.name, i, raw_prompt=prompt.strip())
+
+
+def normalized_prompts(sources: dict | None, seed: int = 0, where: str = "sources") -> set[str]:
+    """Normalised prompts of every source config in `sources` ({name: config}), whole files: their own where and
+    hash_split apply, no limit, no self-distillation. Errors name `<where>.<name>`."""
+    out: set[str] = set()
+    for name, cfg in (sources or {}).items():
+        if cfg is None:
+            continue
+        src = Source.from_config(cfg, name)
+        src.limit, src.self_distill = None, False
+        try:
+            out |= {normalize_prompt(ex.prompt) for ex in src.load(seed, require_response=False)}
+        except DataError as e:
+            raise ConfigError(f"{where}.{name}: {e}") from None
+    return out
 
 
 def row_matches(row: Any, where: dict) -> bool:
