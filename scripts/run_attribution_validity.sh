@@ -70,9 +70,9 @@ lane_maps_then_sweeps() {
     eval.tasks.oktest=null eval.tasks.harmless=null hydra.run.dir="$V/planted_eval" > "$V/planted_eval.log" 2>&1
   for s in "${!SCORER[@]}"; do attribute "$PLANTED" "$V/planted/$s" ${SCORER[$s]}; done
   # stability of wifv maps of the aligned model: disjoint calibration halves, sources, shipped vs aligned
-  attribute "$ALIGNED" "$V/stability/half_a" scoring=wifv calibration.safety.hash_split=[0.0,0.5] \
+  attribute "$ALIGNED" "$V/stability/half_a" scoring=wifv +calibration.safety.hash_split=[0.0,0.5] \
     calibration.utility.hash_split=[0.0,0.45]
-  attribute "$ALIGNED" "$V/stability/half_b" scoring=wifv calibration.safety.hash_split=[0.5,1.0] \
+  attribute "$ALIGNED" "$V/stability/half_b" scoring=wifv +calibration.safety.hash_split=[0.5,1.0] \
     calibration.utility.hash_split=[0.45,0.9]
   attribute "$ALIGNED" "$V/stability/wei" scoring=wifv calibration=wei
   attribute "$ALIGNED" "$V/stability/self" scoring=wifv calibration=self
