@@ -237,3 +237,13 @@ def test_exclude_drops_rows_found_in_other_sources_and_names_a_bad_one(tmp_path)
               exclude={"ev": {"path": str(tmp_path / "eval.json"), "prompt": "question", "response": None}})
     with pytest.raises(ConfigError, match="exclude.ev: .*missing field 'question'"):
         bad.load()
+
+
+def test_dolly_fine_tune_and_its_held_out_perplexity_set_are_disjoint():
+    from conftest import compose
+
+    from safety_units.evaluation import prompt_set_texts
+
+    trained = prompt_set_texts(compose("train", ["data=dolly"]).data.sources, where="data.sources")
+    held_out = prompt_set_texts({"ppl_dolly": compose("evaluate", ["eval=ppl_dolly"]).eval.tasks.ppl_dolly.source})
+    assert len(held_out) >= 50 and len(trained) >= 250 and not trained & held_out
