@@ -37,6 +37,23 @@ def _pairs(items: list[str], flag: str) -> dict[str, Path]:
     return out
 
 
+def training_scale(run: Path) -> str:
+    """How the ablated model was trained: its command line and scale, from the run's .hydra and exported config."""
+    from omegaconf import OmegaConf
+
+    out = ""
+    ov = run / ".hydra" / "overrides.yaml"
+    if ov.is_file():
+        out += f", trained by `python train.py {' '.join(line[2:] for line in ov.read_text().splitlines())}`"
+    exported = run / "model" / "safety_units_config.yaml"
+    if exported.is_file():
+        c = OmegaConf.load(exported)
+        sources = ", ".join(f"{n} (weight {s.get('weight', 1)})" for n, s in c.data.sources.items())
+        out += (f" (freeze={c.freeze.strategy}: {c.data.num_samples} examples of {sources}, max length "
+                f"{c.data.max_length}, batch {c.data.batch_size}, lr {c.optim.lr}, {c.trainer.max_epochs} epoch(s))")
+    return out
+
+
 def _slug(text: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in text.lower()).strip("_")
 
@@ -70,9 +87,7 @@ def main(argv: list[str] | None = None) -> Path:
     md = ["# Do the scorers find causal safety units?", ""]
     setup = f"Ablated model: `{first['model']}`"
     if args.model_run:
-        ov = Path(args.model_run) / ".hydra" / "overrides.yaml"
-        setup += f", trained by `python train.py {' '.join(line[2:] for line in ov.read_text().splitlines())}`" \
-            if ov.is_file() else ""
+        setup += training_scale(Path(args.model_run))
     md += [setup + f". Refusal judge: {first['judge']}. Unablated ASR on the fixed harmful set: "
            f"{base['value']:.3f} [{base['ci_low']:.3f}, {base['ci_high']:.3f}] (n = {base['n']}; the issue asks for "
            f"<= 0.2: {'met' if base['value'] <= 0.2 else 'NOT met'}).", "",
@@ -115,7 +130,13 @@ def main(argv: list[str] | None = None) -> Path:
                f"![stability]({figs.name}/{png.name})", ""]
     if args.cost:
         md += ["## Cost", "", cost_table(Path(args.cost)), ""]
-    md += ["## Per-scorer sweeps", "", *[f"* {name}: `{p}`" for name, p in _pairs(args.sweep, "--sweep").items()], ""]
+    md += ["## Per-scorer sweeps", "", "Every point's eval.json and eval_meta.json (runs), and the report of each sweep "
+           "with all paired tests, where scripts/dose_response.py wrote it next to this report:", ""]
+    for name, runs in _pairs(args.sweep, "--sweep").items():
+        own = figs / "dose" / name / "dose_response.md"
+        md.append(f"* {name}: runs `{runs}`" + (f", [report]({figs.name}/dose/{name}/dose_response.md)"
+                                               if own.is_file() else ""))
+    md.append("")
     out.write_text("\n".join(md))
     (figs / "summary.json").write_text(json.dumps({"rows": rows, "goal": goals, "default": decision}, indent=1,
                                                   default=str))
