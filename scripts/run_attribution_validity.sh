@@ -82,12 +82,16 @@ lane_maps_then_sweeps() {
 }
 
 report() {
-  local sweeps=() planted=() scorers=()
+  # every dose point's eval.json / eval_meta.json travel with the report (results/.../runs); the maps stay in logs
+  local runs="$RESULTS/runs" sweeps=() planted=() scorers=()
+  (cd "$V/dose" && find . -name eval.json -o -name eval_meta.json) | while read -r f; do
+    mkdir -p "$runs/$(dirname "$f")" && cp "$V/dose/$f" "$runs/$f"
+  done
   for s in wifv contrast snip refusal_direction wifv_decision activation_decision; do
-    sweeps+=(--sweep "$s=$V/dose/$s"); planted+=(--planted-map "$s=$V/planted/$s"); scorers+=("$s=$V/maps/$s")
+    sweeps+=(--sweep "$s=$runs/$s"); planted+=(--planted-map "$s=$V/planted/$s"); scorers+=("$s=$V/maps/$s")
   done
   $PY scripts/attribution_validity.py --out "$RESULTS.md" --model-run "$(dirname "$ALIGNED")" \
-    --controls-dir "$V/dose/controls" "${sweeps[@]}" \
+    --controls-dir "$runs/controls" "${sweeps[@]}" \
     --planted "$PLANTED" --planted-eval "$V/planted_eval" "${planted[@]}" \
     --stability "calibration halves (disjoint prompts)" "half_a=$V/stability/half_a" "half_b=$V/stability/half_b" \
     --stability "calibration sources" "stl=$V/maps/wifv" "wei=$V/stability/wei" "self=$V/stability/self" \
