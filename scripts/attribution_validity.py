@@ -101,11 +101,14 @@ def main(argv: list[str] | None = None) -> Path:
            f"(perplexity rise <= {MAX_PPL_RISE:.0%}) replaces wifv only if it beats wifv's top sets on the same "
            f"prompts (see the module docstring).", "",
            "## Dose-response", "", "![dose curves](" + f"{figs.name}/dose_curves.png)", "", dose_table(rows), "",
-           "| scorer | goal met | at k | effect (mean excess ASR at 1% and 2%) |", "|---|---|---|---:|"]
+           "| scorer | goal met | at k | effect (mean excess ASR at 1% and 2%) | smallest k (any size) with excess "
+           f">= {GOAL_EXCESS_ASR} and p < {GOAL_P}: k, ppl rise |", "|---|---|---|---:|---|"]
     for name, g in goals.items():
         e = decision["effects"][name]
+        first = "none" if g["asr_part_first_k"] is None else \
+            f"{g['asr_part_first_k']:.2%}, {g['asr_part_ppl_rise']:+.1%}"
         md.append(f"| {name} | {'yes' if g['met'] else 'no'} | {', '.join(f'{k:.2%}' for k in g['shares']) or '-'} | "
-                  f"{'n/a' if e is None else f'{e:+.3f}'} |")
+                  f"{'n/a' if e is None else f'{e:+.3f}'} | {first} |")
     md += ["", f"**Default scorer: {decision['default']}** ({decision['reason']}).", ""]
     if args.planted:
         planted, _, _ = load_planted(args.planted)

@@ -61,14 +61,18 @@ def test_goal_and_default_scorer_rules(sweeps):
     strong = {r["k"]: r for r in rows["strong"]}
     assert strong[0.01]["excess"] == pytest.approx(32 / 40) and strong[0.01]["seeds"] == 3
     assert strong[0.01]["ppl_rise"] == pytest.approx(0.05) and strong[0.01]["p_max"] < 1e-6
-    assert goal_met(rows["strong"]) == {"met": True, "shares": [0.01, 0.02]}
-    assert not goal_met(rows["wifv"])["met"]
-    assert not goal_met(rows["costly"])["met"]  # ASR collapses, but perplexity rises 20%
+    assert goal_met(rows["strong"]) == {"met": True, "shares": [0.01, 0.02], "asr_part_first_k": 0.01,
+                                        "asr_part_ppl_rise": pytest.approx(0.05)}
+    assert goal_met(rows["wifv"]) == {"met": False, "shares": [], "asr_part_first_k": None, "asr_part_ppl_rise": None}
+    costly = goal_met(rows["costly"])  # ASR collapses, but perplexity rises 20%
+    assert not costly["met"] and costly["asr_part_first_k"] == 0.01
+    assert costly["asr_part_ppl_rise"] == pytest.approx(2 * MAX_PPL_RISE)
     decision = choose_default(loaded, rows)
     assert decision["default"] == "strong" and "McNemar" in decision["reason"]
     # without the strong scorer, the costly one is no candidate (perplexity) and wifv stays
     del loaded["strong"], rows["strong"]
-    assert choose_default(loaded, rows)["default"] == "wifv"
+    decision = choose_default(loaded, rows)
+    assert decision["default"] == "wifv" and "not candidates: costly (perplexity rises" in decision["reason"]
 
 
 def test_script_writes_the_report_from_artifacts(sweeps, tmp_path):
@@ -83,7 +87,7 @@ def test_script_writes_the_report_from_artifacts(sweeps, tmp_path):
     md = out.read_text()
     assert "**Default scorer: strong**" in md
     assert "| strong | 1.00% | 0.900 | 0.100 | +0.800 [+0.800] |" in md
-    assert "| strong | yes | 1.00%, 2.00% | +0.800 |" in md and "| wifv | no | - | +0.025 |" in md
+    assert "| strong | yes | 1.00%, 2.00% | +0.800 | 1.00%, +5.0% |" in md and "| wifv | no | - | +0.025 | none |" in md
     assert "Unablated ASR on the fixed harmful set: 0.050" in md
     assert (out.parent / "attribution_validity" / "dose_curves.png").stat().st_size > 0
     summary = json.loads((out.parent / "attribution_validity" / "summary.json").read_text())

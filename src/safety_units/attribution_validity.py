@@ -68,13 +68,20 @@ def dose_rows(s: dict) -> list[dict]:
     return rows
 
 
+def _asr_part(r: dict) -> bool:
+    """The ASR half of the goal at one share: excess over random >= GOAL_EXCESS_ASR, p < GOAL_P vs every seed."""
+    return (r["seeds"] >= 3 and r["excess"] is not None and r["excess"] >= GOAL_EXCESS_ASR
+            and r["p_max"] is not None and r["p_max"] < GOAL_P)
+
+
 def goal_met(rows: list[dict]) -> dict:
-    """The GOAL criterion (module docstring) over a scorer's dose rows: the shares that meet it, if any."""
-    ok = [r["k"] for r in rows if r["k"] <= max(GOAL_SHARES) + 1e-12 and r["seeds"] >= 3
-          and r["excess"] is not None and r["excess"] >= GOAL_EXCESS_ASR
-          and r["p_max"] is not None and r["p_max"] < GOAL_P
+    """The GOAL criterion (module docstring) over a scorer's dose rows: the shares that meet it, if any; and, for
+    the curve's shape, the smallest share of any size where the ASR half alone is met (with its perplexity rise)."""
+    ok = [r["k"] for r in rows if r["k"] <= max(GOAL_SHARES) + 1e-12 and _asr_part(r)
           and r["ppl_rise"] is not None and r["ppl_rise"] <= MAX_PPL_RISE]
-    return {"met": bool(ok), "shares": ok}
+    first = next((r for r in rows if _asr_part(r)), None)
+    return {"met": bool(ok), "shares": ok, "asr_part_first_k": first and first["k"],
+            "asr_part_ppl_rise": first and first["ppl_rise"]}
 
 
 def effect(rows: list[dict]) -> float | None:
@@ -92,10 +99,19 @@ def choose_default(sweeps: dict[str, dict], rows: dict[str, list[dict]], incumbe
     ppl_ok = {name: all(x["ppl_rise"] is not None and x["ppl_rise"] <= MAX_PPL_RISE
                         for x in r if x["k"] in DEFAULT_SHARES) for name, r in rows.items()}
     candidates = {n: e for n, e in effects.items() if e is not None and ppl_ok[n]}
+    dropped = [f"{n} (perplexity rises > {MAX_PPL_RISE:.0%} at k = {' or '.join(f'{k:.0%}' for k in DEFAULT_SHARES)})"
+               for n, e in effects.items() if e is not None and not ppl_ok[n]]
     if not candidates:
         return {"default": incumbent, "best": None, "effects": effects,
                 "reason": "no scorer has both shares measured with perplexity within the limit"}
     best = max(candidates, key=candidates.get)
+    decision = _decide(sweeps, effects, candidates, best, incumbent)
+    if dropped:
+        decision["reason"] += "; not candidates: " + ", ".join(dropped)
+    return decision
+
+
+def _decide(sweeps: dict, effects: dict, candidates: dict, best: str, incumbent: str) -> dict:
     if best == incumbent:
         return {"default": incumbent, "best": best, "effects": effects, "reason": f"{incumbent} has the largest effect"}
     if effects[incumbent] is not None and candidates[best] - effects[incumbent] <= DEFAULT_MARGIN:
