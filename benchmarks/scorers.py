@@ -1,7 +1,7 @@
 """Cost of each scorer, relative to wifv, in one run: a whole attribution (safety and utility side, classification;
 for contrast also loading its reference model) on the same model and calibration data.
 
-    python benchmarks/scorers.py [--model-path <HF dir>] [--nsamples 32] [--max-length 128] [--threads 1]
+    python benchmarks/scorers.py --model-path <aligned HF dir> [--nsamples 32] [--max-length 128] [--threads 1]
                                  [--json cost.json] [-- <more attribute.py overrides>]
 
 Scorers: wifv (tokens=all and tokens=decision), activation (tokens=decision), snip, contrast, refusal_direction
@@ -53,7 +53,8 @@ def worker(name: str, overrides: list[str]) -> dict:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model-path", help="a local HF model dir (model=hf model.path=...); default: shipped SmolLM2")
+    ap.add_argument("--model-path", required=True,
+                    help="an aligned model dir (model=hf model.path=...); contrast compares it with the shipped SmolLM2")
     ap.add_argument("--nsamples", type=int, default=32)
     ap.add_argument("--max-length", type=int, default=128)
     ap.add_argument("--threads", type=int, default=1, help="torch threads per worker (OMP_NUM_THREADS)")
@@ -61,7 +62,9 @@ def main():
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("overrides", nargs="*", help="more attribute.py overrides, after --")
     args = ap.parse_args()
-    overrides = (["model=hf", f"model.path={Path(args.model_path).resolve()}"] if args.model_path else []) + [
+    if not Path(args.model_path).is_dir():
+        sys.exit(f"--model-path {args.model_path} is not a model directory (e.g. logs/align_full/model).")
+    overrides = ["model=hf", f"model.path={Path(args.model_path).resolve()}"] + [
         f"calibration.nsamples={args.nsamples}", f"calibration.max_length={args.max_length}", *args.overrides]
     if args.worker:
         print(json.dumps(worker(args.worker, overrides)))
@@ -70,13 +73,15 @@ def main():
                MKL_NUM_THREADS=str(args.threads))
     rows = {}
     for name in SCORERS:
-        res = subprocess.run([sys.executable, __file__, "--worker", name, "--", *overrides],
+        res = subprocess.run([sys.executable, __file__, "--worker", name, "--model-path", args.model_path,
+                              "--nsamples", str(args.nsamples), "--max-length", str(args.max_length),
+                              "--", *args.overrides],
                              check=False, capture_output=True, text=True, env=env)
         if res.returncode != 0:
             sys.exit(f"scorer {name} failed:\n{res.stderr[-3000:]}")
         rows[name] = json.loads(res.stdout.strip().splitlines()[-1])
     base = rows["wifv"]
-    print(f"model={args.model_path or 'smollm2'} samples per side={args.nsamples} max_length={args.max_length} "
+    print(f"model={args.model_path} samples per side={args.nsamples} max_length={args.max_length} "
           f"threads={args.threads}")
     print("| scorer | samples/s | throughput vs wifv | peak extra MB | memory vs wifv | seconds |")
     print("|---|---:|---:|---:|---:|---:|")
@@ -86,7 +91,7 @@ def main():
               f"{r['seconds']:.1f} |")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps({"settings": {"model": args.model_path or "smollm2", "threads":
+        Path(args.json).write_text(json.dumps({"settings": {"model": args.model_path, "threads":
                                                args.threads, "nsamples": args.nsamples, "max_length": args.max_length,
                                                "overrides": args.overrides}, "rows": rows}, indent=1))
 
