@@ -212,7 +212,10 @@ def test_harmful_mixture_never_contains_an_eval_prompt(p):
 
     from safety_units.evaluation import prompt_set_texts
 
+    from safety_units.data import build_datamodule
+
     cfg = compose("train", ["data=harmful_mix", f"data.harmful_share={p}"])
+    assert build_datamodule(cfg.data, tokenizer=None).stats == {"harmful_share": p}  # the config instantiates
     sources = cfg.data.sources
     assert sources.harmful.weight == pytest.approx(p) and sources.benign.weight == pytest.approx(1 - p)
     assert cfg.data.self_distill.teacher._target_.endswith("load_smollm2")  # the shipped model answers

@@ -174,7 +174,9 @@ class SFTDataModule(pl.LightningDataModule):
     def __init__(self, tokenizer, sources, num_samples: int | None = None, val_fraction: float = 0.05,
                  max_length: int = 512, min_response_tokens: int = 16, batch_size: int = 8,
                  eval_batch_size: int | None = None, num_workers: int = 0, seed: int = 0,
-                 self_distill: dict | None = None, cache_dir: str | None = None, name: str = "data"):
+                 self_distill: dict | None = None, cache_dir: str | None = None, name: str = "data",
+                 harmful_share: float | None = None):
+        """harmful_share: data=harmful_mix's p, which its sources' weights interpolate; kept in stats."""
         super().__init__()
         if not 0.0 <= val_fraction < 1.0:
             raise ConfigError(f"data.val_fraction must be in [0, 1), got {val_fraction}.")
@@ -189,7 +191,7 @@ class SFTDataModule(pl.LightningDataModule):
         self.train_examples: list[Example] = []
         self.val_examples: list[Example] = []
         self.train_set = self.val_set = None
-        self.stats: dict[str, Any] = {}
+        self.stats: dict[str, Any] = {} if harmful_share is None else {"harmful_share": float(harmful_share)}
 
     # -- building -------------------------------------------------------------------------------------------
     def prepare(self, model=None) -> "SFTDataModule":

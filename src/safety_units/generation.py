@@ -77,7 +77,8 @@ def self_distill_responses(model, tokenizer, examples: list[Example], cache_dir:
         responses = [json.loads(line)["response"] for line in path.read_text().splitlines()]
         log.info("self-distill: %d cached responses from %s", len(responses), path)
     else:
-        log.info("self-distill: generating %d responses with the model being trained (cached in %s)", len(prompts), path)
+        log.info("self-distill: generating %d responses with %s (cached in %s)", len(prompts),
+                 getattr(model.config, "_name_or_path", None) or type(model).__name__, path)
         responses = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
                              desc="self-distill")
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -37,7 +37,7 @@ SOURCE_KEYS = {
     "hash_split": "[lo, hi): keep rows whose prompt hashes into this fraction (stable train/eval partition)",
     "limit": "keep at most this many rows (seeded random subset)",
     "weight": "mixing weight when the datamodule sets num_samples",
-    "self_distill": "prompt-only source: generate responses once with the model being trained",
+    "self_distill": "prompt-only source: generate responses once with the model being trained (or data.self_distill.teacher)",
     "on_bad_row": "error (default) | skip: what to do with a malformed row",
     "exclude": "{name: source}: drop rows whose prompt (normalised) is in any of these sources, e.g. eval sets",
     "name": "label used in logs and reports",
