@@ -76,7 +76,8 @@ def main(argv: list[str] | None = None) -> Path:
     figs = out.with_suffix("")
     figs.mkdir(parents=True, exist_ok=True)
     controls = Path(args.controls_dir)
-    sweeps = {name: load_sweep(path, controls) for name, path in _pairs(args.sweep, "--sweep").items()}
+    sweep_dirs = _pairs(args.sweep, "--sweep")
+    sweeps = {name: load_sweep(path, controls) for name, path in sweep_dirs.items()}
     rows = {name: dose_rows(s) for name, s in sweeps.items()}
     first = next(iter(sweeps.values()))
     base = (first["base"] or {}).get(HARMFUL)
@@ -135,7 +136,7 @@ def main(argv: list[str] | None = None) -> Path:
         md += ["## Cost", "", cost_table(Path(args.cost)), ""]
     md += ["## Per-scorer sweeps", "", "Every point's eval.json and eval_meta.json (runs), and the report of each sweep "
            "with all paired tests, where scripts/dose_response.py wrote it next to this report:", ""]
-    for name, runs in _pairs(args.sweep, "--sweep").items():
+    for name, runs in sweep_dirs.items():
         own = figs / "dose" / name / "dose_response.md"
         md.append(f"* {name}: runs `{runs}`" + (f", [report]({figs.name}/dose/{name}/dose_response.md)"
                                                if own.is_file() else ""))

@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from safety_units.errors import ConfigError, friendly_errors
+from safety_units.errors import friendly_errors
 from safety_units.stability import labels_for, load_planted, planted_table
 from safety_units.unit_map import UnitMap
 
