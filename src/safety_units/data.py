@@ -187,6 +187,7 @@ class SFTDataModule(pl.LightningDataModule):
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
         self.num_workers, self.seed, self.name = num_workers, seed, name
         self.self_distill_cfg = dict(self_distill or {})
+        self._teacher_model = None  # data.self_distill.teacher, loaded on first use
         self.cache_dir = cache_dir
         self.train_examples: list[Example] = []
         self.val_examples: list[Example] = []
@@ -269,7 +270,7 @@ class SFTDataModule(pl.LightningDataModule):
 
     def _teacher(self, teacher_cfg, student):
         """data.self_distill.teacher: a model config (any `model` group entry), loaded once, same vocabulary."""
-        if getattr(self, "_teacher_model", None) is None:
+        if self._teacher_model is None:
             from safety_units.models import load_model
 
             teacher = load_model(teacher_cfg).model

@@ -63,14 +63,13 @@ def _middle_layers_like(cfg, model: nn.Module, tokenizer, names, prefix: str, n_
     target = count_entries(model, *masks_from_selection(model, selection, "freeze", names))["frozen"]
     per_layer = [sum(p.numel() for n, p in model.named_parameters() if n.startswith(f"{prefix}.{i}."))
                  for i in range(n_layers)]
-    best = None
-    for size in range(1, n_layers + 1):
-        start = (n_layers - size) // 2
-        entries = sum(per_layer[start:start + size])
-        if best is None or abs(entries - target) < abs(best[1] - target):
-            best = (list(range(start, start + size)), entries)
+
+    def middle(size: int) -> range:
+        return range((n_layers - size) // 2, (n_layers - size) // 2 + size)
+
+    size = min(range(1, n_layers + 1), key=lambda n: abs(sum(per_layer[i] for i in middle(n)) - target))
     description.update(layers_like=like, like_entries=target)
-    return best[0]
+    return list(middle(size))
 
 
 def _load_map(cfg, model: nn.Module, tokenizer, names: dict | None) -> tuple[UnitMap, str]:
