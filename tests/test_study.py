@@ -1,209 +1,295 @@
-"""The SSAH study's verdicts and report (safety_units.study_verdicts / study_report, scripts/run_study.py),
-on synthetic eval.json dicts and a fake tree of run artifacts -- no model runs."""
+"""The SSAH study v2's verdicts and report (safety_units.study_verdicts / study_tables / study_report) on a
+synthetic study dir -- eval.json, eval_meta.json, point.json, study.json as the runner writes them, no model runs --
+and scripts/run_study.py."""
 
+import dataclasses
 import importlib.util
 import json
 import math
-import subprocess
-import sys
+import re
 
 import pytest
-from conftest import ROOT, compose
-from omegaconf import OmegaConf
+from conftest import ROOT
 
 from safety_units.compare import PromptMismatchError
 from safety_units.errors import ConfigError
-from safety_units.study_report import build_report, eval_runs, train_runs
-from safety_units.study_verdicts import POOLED, paired_table, pooled, verdicts
+from safety_units.study_plan import SCALES, plan
+from safety_units.study_report import parse_v1, v2_match, write_report
+from safety_units.study_verdicts import (
+    ERROR,
+    MARGIN,
+    compare,
+    cond,
+    load_study,
+    verdicts,
+)
 
-N = 20
-
-
-def rate_task(task: str, metric: str, k: int, n: int = N, prompt_hash: str = "h") -> dict:
-    """A refusal task as in eval.json: the first k of n prompts are attack successes (or refusals)."""
-    outcomes = [1] * k + [0] * (n - k)
-    return {"task": task, "metric": metric, "value": k / n, "n": n, "ci_low": 0.0, "ci_high": 1.0,
-            "extra": {"attack_successes": k, "refusals": n - k, "prompt_hash": f"{task}-{prompt_hash}",
-                      "outcomes": outcomes, "judge": "fake"}}
-
-
-def ppl_task(log_ppl: float, n: int = N, prompt_hash: str = "p") -> dict:
-    """A perplexity task: n references of 4 tokens each, every one at the same per-token loss."""
-    return {"task": "ppl", "metric": "ppl", "value": math.exp(log_ppl), "n": n, "ci_low": 0.0, "ci_high": 99.0,
-            "extra": {"prompt_hash": prompt_hash, "outcomes": [[4 * log_ppl, 4]] * n}}
+N = 40  # prompts per task
+SCALE = dataclasses.replace(SCALES["cpu"], seeds=[0, 1], random_seeds=[0, 1], mix_shares=[0.1], aoa_epochs=[1, 5])
+V1 = ROOT / "results" / "ssah_smollm2_v1.md"
 
 
-def ev(asr: float | None, log_ppl: float | None = 1.0, **hashes) -> dict:
-    """An eval.json with pooled ASR `asr` (over `harmful` and `q_harm`) and perplexity exp(log_ppl)."""
-    out = {}
-    if asr is not None:
-        k = round(asr * N)
-        out["harmful"] = rate_task("harmful", "asr", k, prompt_hash=hashes.get("harmful", "h"))
-        out["q_harm"] = rate_task("q_harm", "asr", k)
-    if log_ppl is not None:
-        out["ppl"] = ppl_task(log_ppl, prompt_hash=hashes.get("ppl", "p"))
-    out["oktest"] = rate_task("oktest", "refusal_rate", 5)
-    return out
+def rate_task(task: str, metric: str, rate: float, prompt_hash: str) -> dict:
+    """A refusal task as in eval.json: the first round(rate * N) prompts are successes (or refusals)."""
+    k = round(rate * N)
+    return {"task": task, "metric": metric, "value": k / N, "n": N, "ci_low": 0.0, "ci_high": 1.0,
+            "extra": {"attack_successes": k, "refusals": k, "prompt_hash": prompt_hash, "outcomes": [1] * k + [0] * (N - k),
+                      "judge": "FakeJudge"}}
 
 
-def by_claim(vs, prefix: str):
-    [v] = [v for v in vs if v.claim.startswith(prefix)]
+def ppl_task(task: str, ppl: float, prompt_hash: str) -> dict:
+    """A perplexity task: N references of 4 tokens, per-prompt losses spread around log(ppl)."""
+    pairs = [[4 * (math.log(ppl) + 0.1 * ((i % 3) - 1)), 4] for i in range(N)]
+    value = math.exp(sum(p[0] for p in pairs) / sum(p[1] for p in pairs))
+    return {"task": task, "metric": "ppl", "value": value, "n": N, "ci_low": value * 0.9, "ci_high": value * 1.1,
+            "extra": {"prompt_hash": prompt_hash, "outcomes": pairs}}
+
+
+def default_values(name: str, labels: dict) -> dict:
+    """A study in which every claim holds: {task: value}."""
+    seed = labels.get("seed", 0) or 0
+    j = 0.025 * seed  # one prompt per seed: the seeds differ a little
+    v = {"harmful": 0.1, "oktest": 0.4, "ppl": 6.0, "ppl_dolly": 8.0}
+    if name == "shipped":
+        v.update(harmful=0.9, oktest=0.1, ppl=7.0)
+    elif name == "aligned_aoaprompt":
+        v.update(harmful=0.05)
+    elif labels.get("claim") == "a":
+        v.update({"full": {"harmful": 0.1 + j, "oktest": 0.4}, "ru_only": {"harmful": 0.2 + j, "oktest": 0.2},
+                  "random": {"harmful": 0.6 + j, "oktest": 0.3}}[labels["method"]])
+    elif labels.get("claim") == "b":
+        cls = labels["ablated"]
+        v.update({"esu": {"harmful": 0.6}, "euu": {"ppl": 20.0}, "cu": {"harmful": 0.2, "ppl": 6.3},
+                  "ru": {"harmful": 0.125, "ppl": 6.2}, "random_esu": {"harmful": 0.15 + j},
+                  "random_euu": {"ppl": 6.5 + seed}, "random_cu": {"ppl": 6.5},
+                  "random_ru": {"ppl": 6.5 + seed}}[cls])
+    elif labels.get("claim") == "c":
+        v.update({"none": {"harmful": 0.8 + j, "oktest": 0.1}, "esu": {"harmful": 0.3 + j},
+                  "esu_cu": {"harmful": 0.25 + j}, "random": {"harmful": 0.75 + j}, "layers": {"harmful": 0.5}}
+                 [labels["freeze"]])
+        ut = labels["utility_task"]
+        v[ut] = {"none": 5.0, "esu": 5.1, "esu_cu": 5.2, "random": 5.0, "layers": 5.5}[labels["freeze"]]
     return v
 
 
-def ablation_evals(esu: float, rnd_esu: list[float], euu_ppl: float, rnd_euu_ppl: list[float]) -> dict:
-    evals = {"eval_align_none": ev(0.20, 1.0), "ablate_esu": ev(esu, 1.05), "ablate_euu": ev(0.2, euu_ppl),
-             "ablate_ru": ev(0.2, 1.2)}
-    for s, (a, p) in enumerate(zip(rnd_esu, rnd_euu_ppl)):
-        evals[f"ablate_random_esu_s{s}"] = ev(a, 1.0)
-        evals[f"ablate_random_euu_s{s}"] = ev(0.2, p)
-        evals[f"ablate_random_ru_s{s}"] = ev(0.2, 1.1)
-    return evals
+def write_study(study, values=default_values, skip=(), hashes=None, settings=None):
+    """Every stage of the v2 plan at SCALE (except `skip`), as the runner writes them, plus study.json.
 
-
-# --------------------------------------------------------------------------- (b)
-def test_esu_that_lowers_asr_is_no_support_even_when_random_sets_lower_it_more():
-    # ESU 0.20 -> 0.125, random sets of ESU's size -> 0.0: ESU is 0.125 above every random set, but zeroing ESU
-    # made the model safer, which is no evidence that ESU carry safety.
-    evals = ablation_evals(0.125, [0.0, 0.0], 3.0, [3.2, 3.3])
-    vs = verdicts(evals, [], [0, 1], {})
-    assert by_claim(vs, "(b) ESU").status == "refuted"
-    assert "raises ASR (no)" in by_claim(vs, "(b) ESU").text
-    # EUU raise perplexity a lot, but less than random sets of EUU's own size: refuted, not "partly confirmed"
-    assert by_claim(vs, "(b) EUU").status == "refuted"
-    assert all("partly" not in v.status for v in vs)
-
-
-def test_esu_and_euu_beyond_their_size_matched_random_sets_confirm():
-    evals = ablation_evals(0.60, [0.25, 0.20], 3.0, [1.2, 1.1])
-    vs = verdicts(evals, [], [0, 1], {})
-    assert by_claim(vs, "(b) ESU").status == "confirmed"
-    assert by_claim(vs, "(b) EUU").status == "confirmed"
-    # one random seed within the margin of ESU is enough to refute
-    evals["ablate_random_esu_s1"] = ev(0.55, 1.0)
-    assert by_claim(verdicts(evals, [], [0, 1], {}), "(b) ESU").status == "refuted"
-
-
-def test_each_class_is_compared_with_its_own_random_sets():
-    # The EUU verdict reads only the random-like-EUU runs: dropping a random-like-ESU run leaves it testable.
-    evals = ablation_evals(0.60, [0.25, 0.20], 3.0, [1.2, 1.1])
-    del evals["ablate_random_esu_s0"]
-    vs = verdicts(evals, [], [0, 1], {})
-    assert by_claim(vs, "(b) EUU").status == "confirmed"
-    assert by_claim(vs, "(b) ESU").status == "not testable"
-    assert "ablate_random_esu_s0 (harmful_pooled)" in by_claim(vs, "(b) ESU").text
-
-
-# --------------------------------------------------------------------------- missing values
-def test_missing_perplexity_is_na_and_not_zero():
-    evals = ablation_evals(0.60, [0.25, 0.20], 3.0, [1.2, 1.1])
-    evals["ablate_euu"] = ev(0.2, None)  # the EUU ablation has no perplexity
-    v = by_claim(verdicts(evals, [], [0, 1], {}), "(b) EUU")
-    assert v.status == "not testable" and "ablate_euu (ppl)" in v.text
-    table = paired_table(evals, "eval_align_none", [("zero EUU", "ablate_euu")])
-    assert table.splitlines()[-1].endswith("| n/a | n/a |")
-    # (a): the shipped model's perplexity is missing -> no verdict from a zero in its place
-    a = {"eval_shipped": ev(0.9, None), "eval_align_none": ev(0.2, 1.0), "eval_align_ru_only": ev(0.3, 0.9)}
-    v = by_claim(verdicts(a, [], [], {"": "5e-5"}), "(a)")
-    assert v.status == "not testable" and "eval_shipped (ppl)" in v.text
-
-
-def test_alignment_budget_status():
-    # perplexity: shipped e^1, full e^0.9, RU-only e^0.7 (a smaller increase than full)
-    a = {"eval_shipped": ev(0.9, 1.0), "eval_align_none": ev(0.2, 0.9), "eval_align_ru_only": ev(0.4, 0.7)}
-    assert by_claim(verdicts(a, [], [], {"": "5e-5"}), "(a)").status == "confirmed"  # 71% of the gain, cheaper
-    a["eval_align_ru_only"] = ev(0.7, 0.7)  # 29% of the gain: the lower cost alone is no support
-    v = by_claim(verdicts(a, [], [], {"": "5e-5"}), "(a)")
-    assert v.status == "refuted" and "lr 5e-5" in v.claim
-
-
-def test_freezing_verdict_needs_all_runs():
-    evals = {"eval_align_none": ev(0.1), "eval_benign_none_s1": ev(0.8), "eval_benign_esu_s1": ev(0.3),
-             "eval_benign_esu_cu_s1": ev(0.75), "eval_benign_random_s1": ev(0.8)}
-    assert by_claim(verdicts(evals, [1], [], {}), "(c) freezing under benign").status == "confirmed"
-    del evals["eval_benign_random_s1"]
-    v = by_claim(verdicts(evals, [1], [], {}), "(c) freezing under benign")
-    assert v.status == "not testable" and "eval_benign_random_s1" in v.text
-
-
-# --------------------------------------------------------------------------- pairing
-def test_runs_on_other_prompts_are_not_compared():
-    evals = ablation_evals(0.60, [0.25, 0.20], 3.0, [1.2, 1.1])
-    evals["ablate_esu"] = ev(0.6, 1.0, harmful="other")
-    with pytest.raises(PromptMismatchError, match="eval_align_none vs ablate_esu"):
-        verdicts(evals, [], [0, 1], {})
-
-
-def test_pooled_asr_concatenates_tasks_in_a_fixed_order():
-    e = ev(0.25)
-    flipped = {"q_harm": e["q_harm"], "harmful": e["harmful"]}
-    p, q = pooled(e), pooled(flipped)
-    assert p["extra"]["outcomes"] == q["extra"]["outcomes"] == e["harmful"]["extra"]["outcomes"] + \
-        e["q_harm"]["extra"]["outcomes"]
-    assert p["extra"]["prompt_hash"] == q["extra"]["prompt_hash"] and p["n"] == 2 * N and p["value"] == 0.25
-    assert p["task"] == POOLED and pooled({"ppl": e["ppl"]}) is None
-
-
-# --------------------------------------------------------------------------- the report from artifacts
-SEEDS, RSEEDS, TAGS = [42], [0, 1], [""]
-
-
-def write_tree(study, lr="3e-5", scoring="snip", esu_share=0.02, total_share=0.09, tokens=77, judge="FakeJudge",
-               skip=()):
-    """Every run dir the report reads, with the settings it should quote."""
-    evals = eval_runs(SEEDS, RSEEDS, TAGS)
-    for i, r in enumerate(evals):
-        if r in skip:
+    values(name, labels) -> {task: value}; hashes: {(stage, task): prompt_hash} overrides."""
+    hashes = hashes or {}
+    stages = plan(SCALE, str(study))
+    for s in stages:
+        if s.name in skip:
             continue
-        d = study / r
-        (d / ".hydra").mkdir(parents=True)
-        (d / "eval.json").write_text(json.dumps(ev(0.2 + 0.02 * i, 1.0 + 0.01 * i)))
-        (d / "eval_meta.json").write_text(json.dumps({"judge": judge, "model": "FakeLM",
-                                                          "ablation": {"units_zeroed": 100 + i}}))
-        OmegaConf.save({"task_name": "evaluate", "judge": {"_target_": f"mod.{judge}"},
-                        "eval": {"max_new_tokens": tokens, "template": "T: {prompt}"}}, d / ".hydra" / "config.yaml")
-        OmegaConf.save(["experiment=ssah/evaluate", f"condition={r}"], d / ".hydra" / "overrides.yaml")
-    for r in train_runs(SEEDS, TAGS):
-        (study / r / "model").mkdir(parents=True)
-        OmegaConf.save({"optim": {"lr": lr}, "trainer": {"max_epochs": 3, "accelerator": "cpu"},
-                        "data": {"name": "alpaca", "num_samples": 123, "batch_size": 4,
-                                 "sources": {"refusal": {"weight": 1}, "benign": {"weight": 2}}},
-                        "freeze": {"strategy": r.split("_")[1], "total_share": total_share, "like": "esu_cu"},
-                        "model": {"dtype": "float32"}}, study / r / "model" / "safety_units_config.yaml")
-    for name in ("attribute_base", "attribute_aligned"):
-        (study / name).mkdir(parents=True)
-        meta = {"scoring": {"method": scoring, "tokens": "all"}, "normalization": "global",
-                "classify": {"shares": {"esu": esu_share, "euu": 0.13, "ru": 0.15}},
-                "calibration": {"safety": {"path": "/d/stl/safety.json", "nsamples": 64, "max_length": 256}}}
-        total = {"all": {"units": 1000, **{c: {"count": 250, "share": 0.25} for c in ("esu", "euu", "cu", "ru")}}}
-        (study / name / "unit_map.json").write_text(json.dumps({"metadata": meta, "total": total}))
+        d = study / s.name
+        d.mkdir(parents=True)
+        if s.kind == "attribute":
+            (d / "unit_map.safetensors").write_text("")
+            continue
+        v = values(s.name, s.labels)
+        ev = {}
+        for t in ("harmful", "oktest"):
+            ev[t] = rate_task(t, "asr" if t == "harmful" else "refusal_rate", v[t], hashes.get((s.name, t), f"{t}-h"))
+        for t in ("ppl", "ppl_dolly"):
+            ev[t] = ppl_task(t, v[t], hashes.get((s.name, t), f"{t}-h"))
+        (d / "eval.json").write_text(json.dumps(ev))
+        ablation = None if s.labels.get("claim") != "b" else {"units_zeroed": 800 + len(s.name)}
+        (d / "eval_meta.json").write_text(json.dumps({"model": "FakeLM-135M", "model_path": None,
+                                                      "ablation": ablation, "judge": "FakeJudge"}))
+        fr = s.labels.get("freeze") or s.labels.get("method")
+        train = None if s.kind == "eval" else {
+            "global_step": 17, "train_examples": 123, "data_stats": {"sources": {"refusal": 60, "alpaca": 63}},
+            "freeze": None if fr in (None, "none", "full") else {
+                "strategy": fr, "entries": {"frozen": 10, "trainable": 990, "frozen_share": 0.0123,
+                                            "trainable_share": 0.9877}},
+            "frozen_max_abs_delta": 0.0, "lr": 5e-05, "epochs": 1}
+        (d / "point.json").write_text(json.dumps({"name": s.name, "kind": s.kind, "model": s.model,
+                                                  "labels": s.labels, "train": train, "seconds": 1.0}))
+    names = [s.name for s in stages]
+    ran = [n for n in names if n not in skip]
+    (study / "study.json").write_text(json.dumps({
+        "scale": "cpu", "hardware": "Fake hardware (7 cores)", "device": "cpu", "minutes": 12.5,
+        "budget_minutes": 600, "planned": names, "ran": ran, "skipped": [], "not_run": list(skip), "failed": {},
+        "settings": settings or dataclasses.asdict(SCALE)}))
+    return study
 
 
-def test_report_reads_its_settings_from_the_artifacts(tmp_path):
-    write_tree(tmp_path / "a")
-    md = build_report(tmp_path / "a", SEEDS, RSEEDS, TAGS, [("eval_shipped", "python planned.py")])
-    for expected in ("scoring `snip`", "ESU 2%", "global normalisation", "calibration safety 64 x `stl/safety.json`",
-                     "at most 77 new tokens", "FakeJudge (`mod.FakeJudge`)", "lr 3e-5", "random 9%",
-                     "`refusal` weight 1, `benign` weight 2", "condition=eval_shipped", "# SSAH study on FakeLM",
-                     f"| zero EUU | {100 + eval_runs(SEEDS, RSEEDS, TAGS).index('ablate_euu')} |"):
+def study_verdicts(study) -> dict:
+    return {v.claim: v for v in verdicts(load_study(study))}
+
+
+# --------------------------------------------------------------------------- statistics
+def test_conditions_are_mean_and_sd_over_seeds_and_tests_pool_the_seeds(tmp_path):
+    st = load_study(write_study(tmp_path / "s"))
+    c = cond(st, ["c_alpaca_none_s0", "c_alpaca_none_s1"], "harmful")
+    assert c["n"] == 2 and c["mean"] == pytest.approx(0.8125) and c["sd"] == pytest.approx(0.025 / math.sqrt(2))
+    one = cond(st, ["c_alpaca_none_s0", "c_alpaca_none_s9"], "harmful")
+    assert one["n"] == 1 and one["sd"] is None and one["missing"] == ["c_alpaca_none_s9"]
+    d = compare(st, [("c_alpaca_none_s0", "c_alpaca_esu_s0"), ("c_alpaca_none_s1", "c_alpaca_esu_s1")], "harmful")
+    assert d["n"] == 2 * N and d["diff"] == pytest.approx(-0.5) and d["p_mcnemar"] < 1e-6
+    # the reference run repeated once per seed; the combined error outcome of (a) has both tasks' prompts
+    e = compare(st, [("shipped", "a_full_lr5e-5_s0"), ("shipped", "a_full_lr5e-5_s1")], ERROR)
+    assert e["n"] == 2 * 2 * N
+
+
+def test_a_seed_whose_prompts_differ_raises_naming_both_stages(tmp_path):
+    study = write_study(tmp_path / "s", hashes={("c_alpaca_esu_s1", "harmful"): "other"})
+    with pytest.raises(PromptMismatchError, match="c_alpaca_none_s1 vs c_alpaca_esu_s1: task harmful"):
+        verdicts(load_study(study))
+
+
+# --------------------------------------------------------------------------- verdicts
+def test_every_claim_is_supported_in_a_study_built_to_support_it(tmp_path):
+    vs = study_verdicts(write_study(tmp_path / "s"))
+    assert vs["(a) alignment budget"].status == "supported"
+    assert vs["(a) alignment budget, lr 5e-5"].status == vs["(a) alignment budget, lr 2e-4"].status == "supported"
+    assert "no random point dominates" in vs["(a) alignment budget"].text
+    assert vs["(b) ESU safety-critical"].status == "supported"
+    assert vs["(b) EUU utility-critical"].status == "supported"
+    assert vs["(b) RU redundant"].status == "supported"
+    assert vs["(b) CU (report only)"].status == "report only"
+    threats = [c for c in vs if c.startswith("(c) ") and c != "(c) freezing under fine-tuning threats"]
+    assert len(threats) == 5 and all(vs[c].status == "supported" for c in threats)
+    assert vs["(c) freezing under fine-tuning threats"].numbers["supported"] == 5
+    assert "p=" in vs["(c) benign: Alpaca"].text and "layers minus esu_cu" in vs["(c) benign: Alpaca"].text
+
+
+def test_alignment_budget_refuted_mixed_and_not_distinguishable(tmp_path):
+    def random_wins(name, labels):
+        v = default_values(name, labels)
+        if labels.get("method") == "random" and labels["lr"] == "2e-4":
+            v.update(harmful=0.05, oktest=0.1)  # random alignment: fewer errors than RU-only at one lr
+        return v
+
+    vs = study_verdicts(write_study(tmp_path / "mixed", random_wins))
+    assert vs["(a) alignment budget, lr 2e-4"].status == "refuted"
+    assert vs["(a) alignment budget"].status == "mixed"
+    assert "random lr 2e-4 dominates RU-only lr 5e-5" in vs["(a) alignment budget"].text
+
+    def same(name, labels):
+        v = default_values(name, labels)
+        if labels.get("method") == "random":
+            v.update(harmful=0.2 + 0.025 * labels["seed"], oktest=0.2)  # random = RU-only
+        return v
+
+    vs = study_verdicts(write_study(tmp_path / "same", same))
+    assert vs["(a) alignment budget"].status == "not distinguishable"
+
+    def only_random(name, labels):
+        v = same(name, labels)
+        if labels.get("method") == "random" and labels["lr"] == "5e-5":
+            v.update(harmful=0.05, oktest=0.05)
+        return v
+
+    assert study_verdicts(write_study(tmp_path / "ref", only_random))["(a) alignment budget"].status == "refuted"
+
+
+def test_ablation_verdicts_are_refuted_by_the_size_matched_random_sets(tmp_path):
+    def weak(name, labels):
+        v = default_values(name, labels)
+        if name == "b_esu":
+            v["harmful"] = 0.2  # only 0.05 - 0.075 above the random sets: below the margin
+        if name == "b_random_euu_s1":
+            v["ppl"] = 25.0  # one random set hurts perplexity more than EUU
+        if name == "b_ru":
+            v["harmful"] = 0.1 + MARGIN + 0.05  # zeroing RU raises ASR beyond the margin
+        return v
+
+    vs = study_verdicts(write_study(tmp_path / "s", weak))
+    assert vs["(b) ESU safety-critical"].status == "refuted" and "(no)" in vs["(b) ESU safety-critical"].text
+    assert vs["(b) EUU utility-critical"].status == "refuted"
+    assert vs["(b) RU redundant"].status == "refuted"
+
+
+def test_freezing_verdicts_premise_protection_and_utility(tmp_path):
+    def threats(name, labels):
+        v = default_values(name, labels)
+        if labels.get("threat") == "dolly" and labels["freeze"] == "none":
+            v["harmful"] = 0.15  # the attack barely works: premise fails
+        if labels.get("threat") == "mix10" and labels["freeze"] in ("esu", "esu_cu"):
+            v["harmful"] = 0.7 + 0.025 * labels["seed"]  # freezing does not lower ASR enough
+        if labels.get("threat") == "aoa1" and labels["freeze"] in ("esu", "esu_cu"):
+            v["ppl"] = 5.0 * 1.2  # protects, but costs 20% of the task's perplexity
+        return v
+
+    vs = study_verdicts(write_study(tmp_path / "s", threats))
+    dolly = vs["(c) benign: Dolly"]
+    assert dolly.status == "not testable" and "Premise fails" in dolly.text and "0.100" in dolly.text
+    assert vs["(c) harmful mixture p=0.1"].status == "refuted"
+    assert vs["(c) AOA, 1 epoch"].status == "refuted" and "does not protect" in vs["(c) AOA, 1 epoch"].text
+    assert vs["(c) benign: Alpaca"].status == "supported" and vs["(c) AOA, 5 epochs"].status == "supported"
+    overall = vs["(c) freezing under fine-tuning threats"]
+    assert overall.status == "mixed" and overall.numbers == {"supported": 2, "refuted": 2, "not_testable": 1}
+
+
+# --------------------------------------------------------------------------- the report
+def test_report_writes_markdown_plots_and_summary(tmp_path):
+    study = write_study(tmp_path / "logs" / "ssah_smollm2_v2")
+    md_path = write_report(study, tmp_path / "results", V1)
+    md = md_path.read_text()
+    out = tmp_path / "results" / "ssah_smollm2"
+    assert md_path == tmp_path / "results" / "ssah_smollm2.md"
+    for png in ("a_frontier", "c_asr_vs_utility_benign", "c_asr_vs_utility_harmful_mix", "c_asr_vs_utility_aoa",
+                "c_asr_vs_p", "c_asr_vs_aoa_epochs"):
+        assert (out / f"{png}.png").stat().st_size > 1000, png
+        assert f"](ssah_smollm2/{png}.png)" in md
+    assert not re.search(r"\bnan\b", md, re.IGNORECASE) and "no data to plot" not in md
+    summary = json.loads((out / "summary.json").read_text())
+    assert {v["claim"]: v["status"] for v in summary["verdicts"]} == {
+        c: v.status for c, v in study_verdicts(study).items()}
+    for v in summary["verdicts"]:
+        assert f"**{v['claim']} -- {v['status']}.**" in md
+    # settings and numbers come from the artifacts
+    for expected in ("# SSAH study v2 on FakeLM-135M", "Fake hardware (7 cores)", "took 12 min (time budget: 600 min)",
+                     "**Refusal judge**: FakeJudge", f"`harmful` {N}", "1.23%", "| RU-only | 5e-5 |",
+                     "### AOA, 5 epochs (`aoa5`; reference `aligned_aoaprompt`)", "| ESU | 805 |", "17 optimizer steps"):
         assert expected in md, expected
-    assert "pilot" not in md and "7.5%" not in md and "wifv" not in md and "planned.py" not in md  # recorded command
-    write_tree(tmp_path / "b", lr="7e-4", scoring="wifv", esu_share=0.013, total_share=0.075, tokens=48,
-               judge="OtherJudge")
-    md2 = build_report(tmp_path / "b", SEEDS, RSEEDS, TAGS, [])
-    for expected in ("scoring `wifv`", "ESU 1.3%", "at most 48 new tokens", "OtherJudge", "lr 7e-4", "random 7.5%"):
-        assert expected in md2 and expected not in md, expected
+    assert "| (a) alignment budget, lr 5e-5 | refuted | (a) alignment budget, lr 5e-5 | supported |" in md
+    assert "| (b) safety units | partly confirmed | (b) ESU safety-critical | supported |" in md
+    assert "v2 runs 2 seed(s) (0, 1)" in md and "v1 fine-tuned each (c) condition with 1 seed(s) (42)" in md
+    assert "v2 tests 5 (2 benign, 1 harmful_mix, 2 aoa)" in md and "v1 tested 2 threat model(s)" in md
+    assert summary["header"]["aligned"]["change"]["harmful"]["diff"] == pytest.approx(0.1 - 0.9)
+    assert summary["c"]["alpaca"]["rows"]["esu"]["asr"]["mean"] == pytest.approx(0.3125)
 
 
-def test_report_lists_missing_runs_and_refuses_mixed_judges(tmp_path):
-    write_tree(tmp_path / "a", skip=("ablate_euu",))
-    md = build_report(tmp_path / "a", SEEDS, RSEEDS, TAGS, [("ablate_euu", "python evaluate.py x")])
-    assert "**Missing runs**" in md and "ablate_euu" in md and "python evaluate.py x   # not run" in md
-    assert "(b) EUU carry utility -- not testable" in md
-    write_tree(tmp_path / "b")
-    (tmp_path / "b" / "ablate_ru" / "eval_meta.json").write_text(json.dumps({"judge": "Strings"}))
-    with pytest.raises(ConfigError, match=r"different refusal judges.*Strings \(`mod.FakeJudge`\): ablate_ru\."):
-        build_report(tmp_path / "b", SEEDS, RSEEDS, TAGS, [])
+def test_a_partly_run_study_still_renders(tmp_path):
+    skip = {s.name for s in plan(SCALE, "x") if s.name.startswith(("c_aoa", "b_random_euu", "aligned_aoaprompt"))}
+    skip |= {"c_alpaca_esu_s1", "a_random_lr2e-4_s0", "a_random_lr2e-4_s1"}
+    study = write_study(tmp_path / "s", skip=sorted(skip))
+    vs = study_verdicts(study)
+    assert vs["(b) EUU utility-critical"].status == "not testable"
+    assert "b_random_euu_s0" in vs["(b) EUU utility-critical"].text
+    assert vs["(c) AOA, 1 epoch"].status == "not testable" and "aligned_aoaprompt" in vs["(c) AOA, 1 epoch"].text
+    assert vs["(a) alignment budget, lr 2e-4"].status == "not testable"
+    assert vs["(a) alignment budget"].status == "supported"  # the lr that ran decides
+    assert vs["(c) benign: Alpaca"].status == "supported"  # esu with one seed, esu_cu with both
+    md = write_report(study, tmp_path / "results", tmp_path / "no_v1.md").read_text()
+    assert "Not run (shown as n/a; no statistic uses them): " in md and "c_aoa5_layers_s1" in md
+    assert "| esu | 0.300 ± n/a (n=1) |" in md
+    assert "(c_asr_vs_aoa_epochs: no data to plot)" in md and "No v1 verdicts found" in md
+    assert not re.search(r"\bnan\b", md, re.IGNORECASE)
+    assert not (tmp_path / "results" / "ssah_smollm2" / "c_asr_vs_aoa_epochs.png").exists()
+
+
+def test_no_evaluations_means_no_report(tmp_path):
+    (tmp_path / "s" / "attribute_base").mkdir(parents=True)
+    with pytest.raises(ConfigError, match="no study evaluations"):
+        write_report(tmp_path / "s", tmp_path / "results", V1)
+    assert not (tmp_path / "results").exists()
+
+
+def test_v1_report_verdicts_are_parsed_and_matched_to_v2(tmp_path):
+    v1 = parse_v1(V1)
+    assert [(x["claim"][:3], x["status"]) for x in v1] == [
+        ("(a)", "refuted"), ("(a)", "partly confirmed"), ("(b)", "partly confirmed"), ("(c)", "refuted"),
+        ("(c)", "refuted")]
+    assert v1[1]["claim"] == "(a) alignment budget, lr 2e-4"
+    vs = verdicts(load_study(write_study(tmp_path / "s")))
+    match = {x["claim"]: [v.claim for v in v2_match(x["claim"], vs)] for x in v1}
+    assert match["(a) alignment budget, lr 2e-4"] == ["(a) alignment budget, lr 2e-4"]
+    assert match["(b) safety units"] == ["(b) ESU safety-critical"]
+    assert match[v1[3]["claim"]] == ["(c) benign: Alpaca"]
+    assert match[v1[4]["claim"]] == ["(c) AOA, 1 epoch", "(c) AOA, 5 epochs"]
 
 
 def load_study_script():
@@ -213,63 +299,9 @@ def load_study_script():
     return study
 
 
-def test_report_only_without_artifacts_fails_and_writes_nothing(tmp_path, monkeypatch, capsys):
+def test_report_only_without_artifacts_fails_and_writes_nothing(tmp_path, capsys):
     study = load_study_script()
-    monkeypatch.setattr(study, "STUDY", tmp_path / "logs")
-    monkeypatch.setattr(study, "RESULTS", tmp_path / "results")
     with pytest.raises(SystemExit) as e:
-        study.main(["--report-only"])
+        study.main(["--report-only", "--study-dir", str(tmp_path / "logs"), "--results-dir", str(tmp_path / "res")])
     assert e.value.code == 1 and "no study evaluations" in capsys.readouterr().err
-    assert not (tmp_path / "results").exists()
-
-
-def test_every_ablated_class_gets_size_matched_random_controls(tmp_path):
-    study = load_study_script()
-    plan = {name: cmd for cmd, name, _ in study.stages(study.CPU, [42], [0, 1])}
-    for cls in ("esu", "euu", "ru"):
-        for s in (0, 1):
-            cmd = plan[f"ablate_random_{cls}_s{s}"]
-            assert f"ablate.random_like={cls}" in cmd and f"ablate.seed={s}" in cmd
-            overrides = [c for c in cmd if "=" in c]
-            cfg = compose("evaluate", overrides, output_dir=tmp_path)
-            assert cfg.ablate.random_like == cls and cfg.ablate.seed == s and not cfg.ablate.classes
-
-
-def test_attribution_settings_state_target_shares_or_the_set_difference_outcome():
-    from safety_units.study_report import attribution_settings
-
-    cal = {"safety": {"path": "/d/stl/safety.json", "nsamples": 64, "max_length": 192}}
-    shares = attribution_settings("base", {"metadata": {
-        "scoring": {"method": "wifv", "tokens": "all"}, "calibration": cal, "normalization": "per_layer",
-        "classify": {"method": "shares", "shares": {"esu": 0.013, "ru": 0.15}}}})
-    assert "target shares per kind ESU 1.3% / RU 15%" in shares and "safety 64 x `stl/safety.json`" in shares
-    diff = attribution_settings("base", {"metadata": {
-        "scoring": {"method": "snip", "tokens": "response"}, "calibration": cal, "normalization": "per_layer",
-        "classify": {"method": "set_difference", "top_safety": 0.05, "top_utility": 0.05, "bottom": 0.3},
-        "class_shares": {"mlp": {"esu": 0.021, "euu": 0.02, "cu": 0.029, "ru": 0.93}}}})
-    assert "top 5% by safety and top 5% by utility (RU: bottom 30% on both)" in diff
-    assert "resulting shares mlp ESU 2.1% / EUU 2.0% / CU 2.9% / RU 93.0%" in diff and "target" not in diff
-
-
-def test_resume_skips_a_finished_stage_and_reruns_a_changed_one(tmp_path, monkeypatch):
-    study = load_study_script()
-    monkeypatch.setattr(study, "STUDY", tmp_path / "logs")
-    monkeypatch.setattr(study, "ROOT", tmp_path)
-    calls = []
-
-    def fake_run(cmd, cwd, stdout, stderr, check, env):  # the stage "runs": it writes its output
-        calls.append(cmd)
-        done.parent.mkdir(parents=True, exist_ok=True)
-        done.write_text("{}")
-        return subprocess.CompletedProcess(cmd, 0)
-
-    monkeypatch.setattr(study.subprocess, "run", fake_run)
-    done = tmp_path / "logs" / "attribute_base" / "unit_map.safetensors"
-    cmd = [sys.executable, "attribute.py", "experiment=ssah/attribute_base", "calibration.nsamples=128"]
-    assert study.run(cmd, "attribute_base", done, force=False, resume=True) == "ran"
-    assert study.run(cmd, "attribute_base", done, force=False, resume=True) == "skipped" and len(calls) == 1
-    with pytest.raises(SystemExit, match="pass --resume"):
-        study.run(cmd, "attribute_base", done, force=False, resume=False)
-    changed = [*cmd[:-1], "calibration.nsamples=64"]  # another config: the finished output is stale
-    assert study.run(changed, "attribute_base", done, force=False, resume=True) == "ran" and len(calls) == 2
-    assert study.run(changed, "attribute_base", done, force=True, resume=True) == "ran" and len(calls) == 3
+    assert not (tmp_path / "res").exists()

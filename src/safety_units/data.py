@@ -168,6 +168,9 @@ class ResumableDataLoader(DataLoader):
 
 
 # --------------------------------------------------------------------------- the Lightning datamodule
+_TEACHERS: dict[str, object] = {}  # loaded self-distillation teachers, by resolved model config
+
+
 class SFTDataModule(pl.LightningDataModule):
     """Supervised fine-tuning data: one or more sources, mixed by weight, templated, prompt-masked."""
 
@@ -195,7 +198,7 @@ class SFTDataModule(pl.LightningDataModule):
         self.stats: dict[str, Any] = {} if harmful_share is None else {"harmful_share": float(harmful_share)}
 
     # -- building -------------------------------------------------------------------------------------------
-    def prepare(self, model=None) -> "SFTDataModule":
+    def prepare(self, model=None) -> SFTDataModule:
         """Read, mix, split and encode everything (eagerly, before fit). `model` is needed for self_distill."""
         if self.train_set is not None:
             return self
@@ -271,9 +274,14 @@ class SFTDataModule(pl.LightningDataModule):
     def _teacher(self, teacher_cfg, student):
         """data.self_distill.teacher: a model config (any `model` group entry), loaded once, same vocabulary."""
         if self._teacher_model is None:
-            from safety_units.models import load_model
+            from omegaconf import OmegaConf
 
-            teacher = load_model(teacher_cfg).model
+            from safety_units.models import load_model, resolve_device
+
+            key = OmegaConf.to_yaml(teacher_cfg, resolve=True)
+            if key not in _TEACHERS:  # a study builds dozens of datamodules with one teacher: load it once
+                _TEACHERS[key] = load_model(teacher_cfg).model.to(resolve_device("auto"))  # answers on the GPU if any
+            teacher = _TEACHERS[key]
             if student is not None and teacher.get_input_embeddings().num_embeddings != \
                     student.get_input_embeddings().num_embeddings:
                 raise ConfigError(f"data.self_distill.teacher ({teacher_cfg.get('_target_')}) has another vocabulary "

@@ -10,9 +10,16 @@ from omegaconf import DictConfig
 
 from safety_units.config import instantiate_group, output_dir, setup_run
 from safety_units.errors import ConfigError
-from safety_units.evaluation import (MODEL_FREE_TASKS, build_judge, judge_name, log_results, markdown_table,
-                                     run_suite, training_prompts_of)
-from safety_units.models import load_model, resolve_device
+from safety_units.evaluation import (
+    MODEL_FREE_TASKS,
+    build_judge,
+    judge_name,
+    log_results,
+    markdown_table,
+    run_suite,
+    training_prompts_of,
+)
+from safety_units.models import LoadedModel, load_model, resolve_device
 from safety_units.training import finish_loggers
 from safety_units.unit_map import save_selection
 from safety_units.units import unit_names
@@ -47,7 +54,12 @@ def ablation_selection(cfg: DictConfig, model, names: dict | None):
     One of: ablate.classes (whole classes), ablate.random_like (a random set as large as a class), or ablate.top
     with ablate.share (per unit kind, the round(share * units) units ranked highest by safety_minus_utility,
     safety or utility percentile rank -- UnitMap.top -- or, top=random, drawn at random with ablate.seed)."""
-    from safety_units.unit_map import UnitMap, random_units, selection_size, share_counts
+    from safety_units.unit_map import (
+        UnitMap,
+        random_units,
+        selection_size,
+        share_counts,
+    )
 
     a = cfg.get("ablate")
     if a is None:
@@ -100,11 +112,14 @@ def ablation_label(ablation: dict) -> str:
     return f"top {ablation['share']:.2%} of units by {ablation['top']}"
 
 
-def run_evaluate(cfg: DictConfig) -> dict:
+def run_evaluate(cfg: DictConfig, loaded: LoadedModel | None = None, train_prompts: set[str] | None = None) -> dict:
+    """Evaluate cfg.model (or `loaded`, a model already in memory, whose training prompts `train_prompts` are only
+    counted) on cfg.eval; writes eval.json, eval.md, generations.jsonl and eval_meta.json into the output dir."""
     setup_run(cfg)
     out = output_dir(cfg)
     tasks = [t for t in (cfg.eval.get("tasks") or {}).values() if t is not None]
     judge = build_judge(cfg.judge)
+    in_memory = loaded is not None
     if tasks and all(t.get("type") in MODEL_FREE_TASKS for t in tasks):
         # Re-judging saved completions needs no model: none is loaded (model= settings are ignored).
         if cfg.get("ablate") is not None and cfg.ablate.get("unit_map"):
@@ -112,7 +127,7 @@ def run_evaluate(cfg: DictConfig) -> dict:
         model = tokenizer = None
         name, ablation, train_prompts = "none (saved completions)", None, None
     else:
-        loaded = load_model(cfg.model)
+        loaded = loaded or load_model(cfg.model)
         model, tokenizer, name = loaded.model, loaded.tokenizer, loaded.name
         model.to(resolve_device(cfg.get("device")))
         names = unit_names(cfg)
@@ -124,9 +139,10 @@ def run_evaluate(cfg: DictConfig) -> dict:
             log.info("ablation: zeroed %d units (%s parameter entries): %s", zeroed["units_zeroed"],
                      f"{zeroed['entries_zeroed']:,}", ablation)
         # The model's own training prompts are only counted (extra.train_overlap): every model sees the same prompts.
-        train_prompts = training_prompts_of(cfg.model.get("path"))
+        if not in_memory:
+            train_prompts = training_prompts_of(cfg.model.get("path"))
     results = run_suite(model, tokenizer, cfg.eval, judge, train_prompts, out)
-    meta = {"model": name, "model_path": cfg.model.get("path") if model is not None else None,
+    meta = {"model": name, "model_path": cfg.model.get("path") if model is not None and not in_memory else None,
             "ablation": ablation, "judge": judge_name(judge)}
     (out / "eval_meta.json").write_text(json.dumps(meta, indent=2))
     table = markdown_table(results)

@@ -1,388 +1,308 @@
-"""The SSAH study's report (results/ssah_smollm2.md), built only from the artifacts of the study's runs.
+"""The SSAH study v2 report (results/ssah_smollm2.md, results/ssah_smollm2/), built only from the study's artifacts.
 
-Numbers come from each run's eval.json / eval_meta.json, settings from the unit maps' metadata (unit_map.json)
-and the runs' resolved configs (`model/safety_units_config.yaml` of a train run, `.hydra/config.yaml`
-otherwise); the criteria live in safety_units.study_verdicts. A missing run is listed and shown as n/a; with no
-evaluation at all there is no report (ConfigError).
+Settings come from study.json and point.json, numbers from eval.json / eval_meta.json; the criteria live in
+safety_units.study_verdicts, the claim tables in study_tables, the plots in study_plots. summary.json holds every
+number the markdown prints. The v1 report is parsed, not restated, for the "v1 -> v2" section.
 """
 
 from __future__ import annotations
 
 import json
-import shlex
-import shutil
+import math
+import os
+import re
+from dataclasses import asdict
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
-
 from safety_units.errors import ConfigError
+from safety_units.study_plots import write_plots
+from safety_units.study_tables import section_a, section_b, section_c, stage_field
 from safety_units.study_verdicts import (
     ABLATED,
+    ALIGN_METHODS,
+    ALPHA,
+    FAMILIES,
     FREEZES,
     MARGIN,
-    POOLED,
-    ablation_rows,
-    paired_table,
-    pooled,
-    random_runs,
-    result,
+    MOST,
+    UTILITY_TOL,
+    Verdict,
+    compare,
+    diff_text,
+    load_study,
+    num,
+    read_json,
     value,
     verdicts,
 )
 
-COLUMNS = [("ASR all harmful", POOLED), ("ASR AdvBench", "harmful"), ("refusal OKTest", "oktest"),
-           ("refusal harmless", "harmless"), ("MMLU acc", "mmlu/acc"), ("ppl", "ppl")]
-ALIGN_METHODS = {"none": "full fine-tuning", "ru_only": "RU units only"}
+NAME = "ssah_smollm2"
+V1_LINE = re.compile(r"^- \*\*(?P<claim>\([a-z]\)[^*]*?) -- (?P<status>[^*]+?)\.\*\*(?P<text>.*)$")
 
 
-# --------------------------------------------------------------------------- run names
-def eval_runs(seeds: list[int], random_seeds: list[int], align_tags: list[str]) -> list[str]:
-    return (["eval_shipped"] + [f"eval_align_{m}{t}" for t in align_tags for m in ALIGN_METHODS]
-            + [f"eval_benign_{fr}_s{s}" for s in seeds for fr in FREEZES]
-            + ["eval_align_none_aoaprompt"] + [f"eval_aoa_{fr}_s{s}_aoaprompt" for s in seeds for fr in FREEZES]
-            + [f"ablate_{c}" for c in ABLATED] + [x for c in ABLATED for x in random_runs(c, random_seeds)])
+# --------------------------------------------------------------------------- header
+def stage_group(name: str) -> str:
+    """What a stage costs like: setup stages by name, the others by claim and kind (b_random_esu_s0 -> b)."""
+    return name.split("_")[0] if name[:2] in ("a_", "b_", "c_") else name
 
 
-def train_runs(seeds: list[int], align_tags: list[str]) -> list[str]:
-    return ([f"align_{m}{t}" for t in align_tags for m in ALIGN_METHODS]
-            + [f"{kind}_{fr}_s{s}" for kind in ("benign", "aoa") for s in seeds for fr in FREEZES])
+def stage_times(st: dict, lists: dict) -> tuple[dict, list[str]]:
+    """Measured seconds per stage group (<stage>.stage.json), and the whole plan's time projected from them: each
+    stage not run costs its group's mean. Answers "does the plan fit its budget" from this study's own runs."""
+    seconds = {}
+    for name in lists["planned"]:
+        rec = read_json(st["dir"] / f"{name}.stage.json")
+        if rec and rec.get("seconds") is not None:
+            seconds[name] = float(rec["seconds"])
+    groups: dict[str, dict] = {}
+    for name in lists["planned"]:
+        g = groups.setdefault(stage_group(name), {"planned": 0, "measured": []})
+        g["planned"] += 1
+        if name in seconds:
+            g["measured"].append(seconds[name])
+    rows, total, unmeasured = [], 0.0, []
+    for g, d in groups.items():
+        mean = sum(d["measured"]) / len(d["measured"]) if d["measured"] else None
+        d.update(mean_seconds=mean, projected_seconds=None if mean is None else mean * d["planned"])
+        if mean is None:
+            unmeasured.append(g)
+        else:
+            total += mean * d["planned"]
+        rows.append(f"| {g} | {d['planned']} | {len(d['measured'])} | {num(mean, 1)} | "
+                    f"{num(d['projected_seconds'] and d['projected_seconds'] / 60, 1)} |")
+    out = {"groups": groups, "projected_minutes": total / 60, "unmeasured_groups": unmeasured}
+    lines = ["Stage times (seconds from `<stage>.stage.json`; a stage not run is projected at its group's mean):", "",
+             "| stages | planned | measured | mean s | projected min |", "|---|---:|---:|---:|---:|", *rows, "",
+             f"The whole plan projects to {total / 60:.1f} min on this hardware"
+             + (f", not counting groups with no measured stage ({', '.join(unmeasured)})" if unmeasured else "")
+             + "."]
+    return out, lines
 
 
-# --------------------------------------------------------------------------- artifacts
-def read_json(path: Path) -> dict | None:
-    return json.loads(path.read_text()) if path.is_file() else None
+
+def stage_lists(st: dict) -> dict:
+    """Stages of the whole plan by their outputs on disk (a study is often run in parts: --only, --resume), and
+    what the last run of the runner did with the stages it selected (study.json)."""
+    s, stages = st["study"], st["plan"]["stages"]
+    failed = s.get("failed") or {}
+    # an attribution also counts as done by its unit_map.json (what a report's copy of the artifacts keeps)
+    done = [n for n, f in stages.items() if (st["dir"] / n / f).is_file()
+            or (f == "unit_map.safetensors" and (st["dir"] / n / "unit_map.json").is_file())]
+    return {"planned": list(stages), "done": done, "failed": failed,
+            "not_run": [n for n in stages if n not in done and n not in failed],
+            "last_run": {k: s.get(k) or [] for k in ("planned", "ran", "skipped", "not_run")}}
 
 
-def eval_field(run_dir: Path, task: str, *keys: str):
-    """A field of one task of a run's eval.json (e.g. "harmful", "n"); None where absent."""
-    x = (read_json(run_dir / "eval.json") or {}).get(task)
-    for k in keys:
-        x = x.get(k) if isinstance(x, dict) else None
-    return x
+def distinct(by_stage: dict[str, object]) -> dict[str, list[str]]:
+    """value -> the stages that have it (values as text)."""
+    out: dict[str, list[str]] = {}
+    for stage, v in by_stage.items():
+        out.setdefault("n/a" if v is None else str(v), []).append(stage)
+    return out
 
 
-def run_config(run_dir: Path) -> DictConfig | None:
-    """The run's config: the resolved copy a train run exports, else the one Hydra saved."""
-    for p in (run_dir / "model" / "safety_units_config.yaml", run_dir / ".hydra" / "config.yaml"):
-        if p.is_file():
-            return OmegaConf.load(p)
-    return None
+def distinct_text(groups: dict[str, list[str]]) -> str:
+    if len(groups) <= 1:
+        return next(iter(groups), "n/a")
+    return "; ".join(f"{v} ({len(s)} stage(s): {', '.join(s[:6])}{', ...' if len(s) > 6 else ''})"
+                     for v, s in groups.items())
 
 
-def setting(cfg: DictConfig | None, key: str):
-    """A config value as plain Python; None when the run, the key or its interpolation is missing."""
-    if cfg is None:
-        return None
-    v = OmegaConf.select(cfg, key, default=None, throw_on_resolution_failure=False)
-    if not isinstance(v, DictConfig):
-        return v
-    try:
-        return OmegaConf.to_container(v, resolve=True)
-    except OmegaConfBaseException:  # an interpolation only Hydra can resolve (e.g. ${hydra:...}): keep it as written
-        return OmegaConf.to_container(v, resolve=False)
-
-
-def text(x) -> str:
-    return "n/a" if x is None else str(x)
-
-
-def distinct(study: Path, runs: list[str], read) -> str:
-    """The values `read(run dir)` takes over runs, e.g. "48" or "48 (eval_a, eval_b); 128 (eval_c)"."""
-    by_value: dict[str, list[str]] = {}
-    for r in runs:
-        if (study / r).is_dir():
-            by_value.setdefault(text(read(study / r)), []).append(r)
-    if len(by_value) <= 1:
-        return next(iter(by_value), "n/a")
-    return "; ".join(f"{v} ({', '.join(rs)})" for v, rs in by_value.items())
-
-
-def judge_of(run_dir: Path) -> str | None:
-    """The refusal judge an eval run used: its name (eval_meta.json) and config target (and path, if any)."""
-    cfg, meta = run_config(run_dir), read_json(run_dir / "eval_meta.json") or {}
-    target, path = setting(cfg, "judge._target_"), setting(cfg, "judge.path")
-    if target is None and not meta.get("judge"):
-        return None
-    return f"{meta.get('judge') or 'unnamed'} (`{target}`" + (f", path {path}" if path else "") + ")"
-
-
-def one_judge(study: Path, runs: list[str]) -> str:
-    """The one judge of all eval runs; runs judged differently are not compared (ConfigError)."""
-    judges: dict[str, list[str]] = {}
-    for r in runs:
-        if (study / r / "eval.json").is_file():
-            judges.setdefault(text(judge_of(study / r)), []).append(r)
-    if len(judges) > 1:
-        raise ConfigError("the study's evaluations used different refusal judges, so their ASRs are not comparable: "
-                          + "; ".join(f"{j}: {', '.join(rs)}" for j, rs in judges.items())
-                          + ". Re-evaluate them with one judge.")
-    return next(iter(judges), "n/a")
-
-
-def units_zeroed(study: Path, runs: list[str]) -> dict[str, int | None]:
-    return {r: ((read_json(study / r / "eval_meta.json") or {}).get("ablation") or {}).get("units_zeroed")
-            for r in runs}
-
-
-def command_of(run_dir: Path) -> str | None:
-    """The command that made a run, from the overrides Hydra recorded (plus its run dir, if one was given)."""
-    over, cfg = run_dir / ".hydra" / "overrides.yaml", run_dir / ".hydra" / "config.yaml"
-    if not over.is_file() or not cfg.is_file():
-        return None
-    args = list(OmegaConf.load(over))
-    hydra = OmegaConf.load(run_dir / ".hydra" / "hydra.yaml") if (run_dir / ".hydra" / "hydra.yaml").is_file() else None
-    args += [o for o in (setting(hydra, "hydra.overrides.hydra") or []) if o.startswith("hydra.run.dir=")]
-    return f"python {setting(OmegaConf.load(cfg), 'task_name')}.py " + " ".join(shlex.quote(str(a)) for a in args)
-
-
-# --------------------------------------------------------------------------- sections
-def values_table(evals: dict, rows: list[tuple[str, str]]) -> str:
-    lines = ["| condition | " + " | ".join(c for c, _ in COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
-    for label, run in rows:
-        cells = []
-        for _, key in COLUMNS:
-            r, d = result(evals, run, key), 2 if key == "ppl" else 3
-            cells.append("n/a" if r is None else
-                         f"{r['value']:.{d}f} [{r['ci_low']:.{d}f}, {r['ci_high']:.{d}f}] (n={r['n']})")
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def unit_shares(summary: dict | None) -> str:
-    if summary is None:
-        return "n/a (no unit_map.json)"
-    lines = ["| kind | units | ESU | EUU | CU | RU |", "|---|---:|---:|---:|---:|---:|"]
-    for kind, r in summary["total"].items():
-        lines.append(f"| {kind} | {r['units']} | " + " | ".join(
-            f"{r[c]['count']} ({100 * r[c]['share']:.1f}%)" for c in ("esu", "euu", "cu", "ru")) + " |")
-    return "\n".join(lines)
-
-
-def attribution_settings(name: str, summary: dict | None) -> str:
-    """Scoring, calibration data and classification settings of one unit map (its metadata)."""
-    if summary is None:
-        return f"{name}: n/a (no unit_map.json)"
-    m = summary["metadata"]
-    cal = m.get("calibration") or {}
-    data = "; ".join(f"{w} {text(c.get('nsamples'))} x `{Path(c['path']).parent.name}/{Path(c['path']).name}` "
-                     f"(max length {text(c.get('max_length'))})" for w, c in cal.items() if c.get("path"))
-    classify = m.get("classify") or {}
-    if classify.get("method") == "set_difference":  # class sizes are an outcome: give the settings and the result
-        got = "; ".join(f"{kind} " + " / ".join(f"{c.upper()} {100 * v:.1f}%" for c, v in sh.items())
-                        for kind, sh in (m.get("class_shares") or {}).items())
-        classes = (f"set difference of the top {100 * classify.get('top_safety', 0):g}% by safety and top "
-                   f"{100 * classify.get('top_utility', 0):g}% by utility (RU: bottom {100 * classify.get('bottom', 0):g}% "
-                   f"on both), resulting shares {got or 'n/a'}")
+def header(st: dict) -> tuple[dict, list[str]]:
+    """Where and how the study ran, the judge, prompt counts, and the aligned model against the shipped one."""
+    s, lists = st["study"], stage_lists(st)
+    evaluated = [n for n, r in st["runs"].items() if r["eval"] is not None]
+    judges = distinct({n: stage_field(st, n, "meta", "judge") for n in evaluated})
+    tasks = sorted({t for n in evaluated for t in st["runs"][n]["eval"]})
+    prompts = {t: distinct({n: (st["runs"][n]["eval"].get(t) or {}).get("n") for n in evaluated
+                            if t in st["runs"][n]["eval"]}) for t in tasks}
+    model = next((stage_field(st, n, "meta", "model") for n in ("shipped", "align", *evaluated)
+                  if stage_field(st, n, "meta", "model")), None)
+    aligned = {"shipped": {t: value(st, "shipped", t) for t in ("harmful", "oktest", "ppl")},
+               "align": {t: value(st, "align", t) for t in ("harmful", "oktest", "ppl")},
+               "change": {t: compare(st, [("shipped", "align")], t) for t in ("harmful", "oktest", "ppl")}}
+    train = stage_field(st, "align", "point", "train")
+    data = {"model": model, "scale": s.get("scale"), "hardware": s.get("hardware"), "device": s.get("device"),
+            "minutes": s.get("minutes"), "budget_minutes": s.get("budget_minutes"), "stages": lists,
+            "judges": judges, "prompts": prompts, "aligned": aligned, "align_train": train,
+            "settings": s.get("settings"), "plan": st["plan"],
+            "constants": {"MARGIN": MARGIN, "ALPHA": ALPHA, "UTILITY_TOL": UTILITY_TOL, "MOST": MOST}}
+    last = lists["last_run"]
+    lines = [f"# SSAH study v2 on {model or 'n/a'}", "",
+             f"Hardware: {s.get('hardware') or 'n/a'}; device: {s.get('device') or 'n/a'}; scale "
+             f"`{s.get('scale') or 'n/a'}`; the last run of the study script took {num(s.get('minutes'), 0)} min"
+             + (f" (time budget: {num(s.get('budget_minutes'), 0)} min)." if s.get("budget_minutes") is not None
+                else " (no time budget).")
+             + ("" if s else " No study.json: the plan is rebuilt from the stages found."), "",
+             f"Stages: {len(lists['planned'])} planned; {len(lists['done'])} finished (outputs on disk), "
+             f"{len(lists['not_run'])} not run, {len(lists['failed'])} failed. The last run of the script "
+             f"selected {len(last['planned'])}: ran {len(last['ran'])}, skipped {len(last['skipped'])} (finished "
+             f"earlier, config unchanged), stopped by the time budget before {len(last['not_run'])}."]
+    if lists["not_run"]:
+        lines.append(f"- Not run (shown as n/a; no statistic uses them): {', '.join(lists['not_run'])}.")
+    for name, msg in lists["failed"].items():
+        lines.append(f"- Failed: `{name}`: {msg}")
+    judge = (f"**Refusal judge**: {next(iter(judges))} (every evaluated stage)." if len(judges) == 1 else
+             "**Refusal judges differ between stages, so their ASRs are not comparable**: " + distinct_text(judges)
+             + "." if judges else "**Refusal judge**: n/a (no eval_meta.json).")
+    lines += ["", judge, "", "Prompts per task (n in eval.json): " + "; ".join(
+        f"`{t}` {distinct_text(g)}" for t, g in prompts.items()) + ".", "",
+        f"Constants fixed before any v2 number: an ASR difference counts as an effect beyond {MARGIN:.2f}; "
+        f"significance p < {ALPHA}; a freeze may raise its fine-tune task's perplexity by at most "
+        f"{UTILITY_TOL:.0%} over no freezing; (a) secondary share {MOST:.0%}. Settings source: "
+        f"{st['plan']['source']}.", "", "## Setup", ""]
+    a, ch = aligned, aligned["change"]
+    lines += [f"The aligned model (`align`) against the shipped one: ASR {num(a['shipped']['harmful'])} -> "
+              f"{num(a['align']['harmful'])} ({diff_text(ch['harmful'])}); over-refusal on OKTest "
+              f"{num(a['shipped']['oktest'])} -> {num(a['align']['oktest'])} ({diff_text(ch['oktest'])}) -- the "
+              f"over-refusal cost of alignment; perplexity {num(a['shipped']['ppl'], 2)} -> "
+              f"{num(a['align']['ppl'], 2)} ({diff_text(ch['ppl'], 2)}).", ""]
+    if isinstance(train, dict):
+        srcs = ((train.get("data_stats") or {}).get("sources") or {})
+        lines.append(f"Its training (point.json): lr {train.get('lr', 'n/a')}, {train.get('epochs', 'n/a')} "
+                     f"epoch(s), {train.get('global_step', 'n/a')} optimizer steps on "
+                     f"{train.get('train_examples', 'n/a')} examples ("
+                     + (", ".join(f"`{k}` {v}" for k, v in srcs.items()) or "sources n/a") + ").")
     else:
-        classes = "target shares per kind " + " / ".join(f"{c.upper()} {100 * s:g}%"
-                                                         for c, s in (classify.get("shares") or {}).items())
-    return (f"{name}: scoring `{text((m.get('scoring') or {}).get('method'))}`, tokens "
-            f"`{text((m.get('scoring') or {}).get('tokens'))}`; calibration {data or 'n/a'}; {classes}, "
-            f"{text(m.get('normalization'))} normalisation.")
+        lines.append("Its training: n/a (no point.json for `align`).")
+    timing, timing_lines = stage_times(st, lists)
+    data["timing"] = timing
+    lines += ["", *timing_lines]
+    settings = {**(s.get("settings") or {}), "extra_overrides": s.get("extra_overrides") or []}
+    lines += ["", "Settings of every stage (study.json; lists are config overrides):", ""] + [
+        f"- {k}: `{' '.join(map(str, v)) if isinstance(v, list) else v}`" for k, v in settings.items()] + [""]
+    return data, lines
 
 
-TRAIN_KEYS = [("data", "data.name"), ("freeze", "freeze.strategy"), ("frozen share", "freeze.total_share"),
-              ("random like", "freeze.like"), ("lr", "optim.lr"), ("epochs", "trainer.max_epochs"),
-              ("max steps", "trainer.max_steps"), ("samples", "data.num_samples"), ("max length", "data.max_length"),
-              ("batch", "data.batch_size"), ("seed", "seed")]
+# --------------------------------------------------------------------------- v1 -> v2
+def parse_v1(path: Path) -> list[dict]:
+    """The verdict lines of a v1 report: [{"claim", "status", "text"}] in order."""
+    if not Path(path).is_file():
+        return []
+    return [m.groupdict() for m in map(V1_LINE.match, Path(path).read_text().splitlines()) if m]
 
 
-def train_setting(cfg: DictConfig, key: str) -> str:
-    """One cell of the settings table; freezing keys only where the run's strategy uses them."""
-    strategy, like = setting(cfg, "freeze.strategy"), setting(cfg, "freeze.like")
-    if key == "freeze.total_share" and not (strategy == "esu_cu" or (strategy == "random" and like == "esu_cu")):
-        return "-"
-    if key == "freeze.like" and strategy != "random":
-        return "-"
-    return text(setting(cfg, key))
+def v2_match(claim: str, vs: list[Verdict]) -> list[Verdict]:
+    """The v2 verdicts that test what a v1 claim tested: the same letter, then the same lr / unit class / threat."""
+    letter, low = claim[1], claim.lower()
+    same = [v for v in vs if v.claim.startswith(f"({letter})")]
+    if letter == "a":
+        lr = re.search(r"lr (\S+)", claim)
+        return [v for v in same if lr and v.claim.endswith(f"lr {lr.group(1)}")] or same[:1]
+    if letter == "b":
+        named = [c for c in ABLATED if re.search(rf"\b{c}\b", low)]
+        cls = named or (["euu"] if "utility" in low else ["esu"])
+        return [v for v in same if v.claim.split()[1].lower() in cls]
+    hits = []
+    for v in same:
+        t = v.numbers.get("threat")
+        word = t and t["label"].split(":")[-1].split(",")[0].strip()
+        if word and re.search(rf"\b{re.escape(word)}\b", claim, re.IGNORECASE):
+            hits.append(v)
+    return hits or same[:1]
 
 
-def train_settings(study: Path, runs: list[str]) -> str:
-    lines = ["| run | " + " | ".join(k for k, _ in TRAIN_KEYS) + " |", "|---" * (len(TRAIN_KEYS) + 1) + "|"]
-    for r in runs:
-        cfg = run_config(study / r)
-        cells = ["(missing)"] * len(TRAIN_KEYS) if cfg is None else [train_setting(cfg, k) for _, k in TRAIN_KEYS]
-        lines.append(f"| {r} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def random_label(cfg: DictConfig | None) -> str:
-    like, share = setting(cfg, "freeze.like"), setting(cfg, "freeze.total_share")
-    if like == "esu_cu" and share is not None:
-        return f"random {100 * share:g}%"
-    return f"random like {text(like)}"
+def v1_section(v1: list[dict], vs: list[Verdict], st: dict, path: Path, link: str) -> tuple[dict, list[str]]:
+    """v1 claim / status next to the matching v2 verdicts, and what changed in method, from parsed values."""
+    if not v1:
+        return {"path": str(path), "claims": []}, [f"No v1 verdicts found in `{link}`."]
+    rows = [{"claim": x["claim"], "status": x["status"],
+             "v2": [{"claim": v.claim, "status": v.status} for v in v2_match(x["claim"], vs)]} for x in v1]
+    lines = [f"v1 verdicts as written in [{Path(path).name}]({link}), next to the v2 verdicts that test the same claim:", "",
+             "| v1 claim | v1 status | v2 verdict | v2 status |", "|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['claim']} | {r['status']} | " + "<br>".join(m["claim"] for m in r["v2"]) + " | "
+                     + "<br>".join(m["status"] for m in r["v2"]) + " |")
+    c1 = [x for x in v1 if x["claim"].startswith("(c)")]
+    v1_seeds = sorted({int(s) for x in c1 for s in re.findall(r"seed (\d+)", x["claim"])})
+    v1_threats = list(dict.fromkeys(re.sub(r",? seed \d+$", "", x["claim"]) for x in c1))
+    v1_random_a = any("random" in x["text"].lower() for x in v1 if x["claim"].startswith("(a)"))
+    b_seeds = [re.search(r"seeds \[([^\]]*)\]", x["text"]) for x in v1 if x["claim"].startswith("(b)")]
+    b_seeds = [m.group(1) for m in b_seeds if m]
+    plan = st["plan"]
+    fams: dict[str, int] = {}
+    for t in plan["threats"]:
+        fams[t["family"]] = fams.get(t["family"], 0) + 1
+    data = {"path": str(path), "claims": rows, "v1_seeds": v1_seeds, "v1_threats": v1_threats,
+            "v1_random_alignment_control": v1_random_a, "v1_random_ablation_seeds": b_seeds,
+            "v2_seeds": plan["seeds"], "v2_random_seeds": plan["random_seeds"], "v2_lrs": plan["a_lrs"],
+            "v2_threats": [t["key"] for t in plan["threats"]], "v2_families": fams}
+    lines += ["", "What changed in method:", "",
+              f"- Seeds: v1 fine-tuned each (c) condition with {len(v1_seeds)} seed(s) "
+              f"({', '.join(map(str, v1_seeds)) or 'n/a'}), so it had no spread across seeds; v2 runs {len(plan['seeds'])} "
+              f"seed(s) ({', '.join(map(str, plan['seeds']))}) per condition, reports mean ± sd and pools each "
+              f"paired test over seeds.",
+              "- (a): v1 compared full with RU-only alignment "
+              + ("with" if v1_random_a else "without") + " a random control; v2 adds alignment of "
+              f"{ALIGN_METHODS[-1]} unit sets as large as RU-only at each of {len(plan['a_lrs'])} learning rate(s) "
+              f"({', '.join(plan['a_lrs'])}) and decides (a) by RU-only against that control.",
+              f"- (b): v1's random ablation seeds: {'; '.join(f'[{s}]' for s in b_seeds) or 'n/a'}; v2 zeroes each of "
+              f"{', '.join(c.upper() for c in ABLATED)} against {len(plan['random_seeds'])} random set(s) of its own "
+              f"size.",
+              f"- (c): v1 tested {len(v1_threats)} threat model(s) ({'; '.join(v1_threats)}); v2 tests "
+              f"{len(plan['threats'])} (" + ", ".join(f"{n} {f}" for f, n in fams.items()) + "), each with the freezes "
+              f"{', '.join(FREEZES)} (random and layers are the size-matched controls), and requires the attack to "
+              f"work (premise) and the fine-tune's own utility to hold."]
+    return data, lines
 
 
 # --------------------------------------------------------------------------- the report
-def build_report(study: Path, seeds: list[int], random_seeds: list[int], align_tags: list[str],
-                 commands: list[tuple[str, str]], minutes: float | None = None) -> str:
-    """The markdown report. commands: (run name, planned command) in stage order; a run's recorded overrides
-    replace its planned command."""
-    evals_expected = eval_runs(seeds, random_seeds, align_tags)
-    evals = {r: read_json(study / r / "eval.json") for r in evals_expected}
-    if all(e is None for e in evals.values()):
-        raise ConfigError(f"no study evaluations under {study} (none of {len(evals)} eval.json files exists): run "
-                          f"`python scripts/run_study.py` first, or pass the --seeds/--random-seeds it ran with.")
-    names = list(dict.fromkeys([r for r, _ in commands] + train_runs(seeds, align_tags) + evals_expected))
-    missing = [r for r in names if not (study / r).is_dir()] + \
-        [r for r in evals_expected if (study / r).is_dir() and evals[r] is None]
-    maps = {n: read_json(study / n / "unit_map.json") for n in ("attribute_base", "attribute_aligned")}
-    cfg = {r: run_config(study / r) for r in train_runs(seeds, align_tags)}
-    lrs = {}
-    for t in align_tags:
-        full, ru = setting(cfg[f"align_none{t}"], "optim.lr"), setting(cfg[f"align_ru_only{t}"], "optim.lr")
-        lrs[t] = text(full) if full == ru else f"{text(full)} (full) / {text(ru)} (RU-only)"
-    rnd = random_label(cfg[f"benign_random_s{seeds[0]}"] if seeds else None)
-    judge = one_judge(study, evals_expected)
-    eval_read = [r for r in evals_expected if evals[r] is not None]
-    tokens = distinct(study, eval_read, lambda d: setting(run_config(d), "eval.max_new_tokens"))
-    advbench = distinct(study, eval_read, lambda d: eval_field(d, "harmful", "n"))
-    chance = distinct(study, eval_read, lambda d: eval_field(d, "mmlu/acc", "extra", "chance"))
-    mix = setting(cfg[f"align_none{align_tags[0]}"] if align_tags else None, "data.sources") or {}
-    align_cfg = cfg.get(f"align_none{align_tags[0]}") if align_tags else None
-    aoa_cfg = cfg.get(f"aoa_none_s{seeds[0]}") if seeds else None
-    aoa_eval = run_config(study / "eval_align_none_aoaprompt")
-    model = (read_json(study / "eval_shipped" / "eval_meta.json") or {}).get("model")
-    sections = [
-        f"# SSAH study on {text(model)}",
-        "",
-        f"Hardware (alignment run's config): trainer.accelerator={text(setting(align_cfg, 'trainer.accelerator'))}, "
-        f"model.dtype={text(setting(align_cfg, 'model.dtype'))}."
-        + (f" Wall time of this run of the script: {minutes:.0f} min." if minutes else ""),
-        "Every number below is computed from the `eval.json`, `eval_meta.json`, `unit_map.json` and resolved configs "
-        "of this study's runs; intervals are 95% (Wilson for rates, bootstrap for perplexity); changes between runs "
-        "are paired on the same prompts (bootstrap interval over prompts, exact McNemar p), and runs whose prompt "
-        "hashes differ are not compared. \"ASR all harmful\" pools " + pooled_tasks(evals)
-        + f" (AdvBench eval half: {advbench} prompts).",
-        "",
-        f"**Refusal judge**: {judge}. Greedy decoding, at most {tokens} new tokens.",
-        "",
-        "## Settings (from the runs)",
-        "",
-        *[f"- {attribution_settings(n, m)}" for n, m in maps.items()],
-        "- Alignment data: " + (", ".join(f"`{k}` weight {text(v.get('weight'))}" for k, v in mix.items()) or "n/a")
-        + ".",
-        "",
-        train_settings(study, train_runs(seeds, align_tags)),
-        "",
-    ]
-    if missing:
-        sections += ["**Missing runs** (shown as n/a; no criterion uses them): " + ", ".join(missing) + ".", ""]
-    sections += [
-        "## Verdicts",
-        "",
-        *[f"- {v.line()}" for v in verdicts(evals, seeds, random_seeds, lrs, rnd)],
-        "",
-        "## (a) Alignment budget: full vs RU-only alignment of the shipped model",
-        "",
-        values_table(evals, [("shipped model", "eval_shipped")] + [
-            (f"aligned, {ALIGN_METHODS[m]}, lr {lrs[t]}", f"eval_align_{m}{t}") for t in align_tags
-            for m in ALIGN_METHODS]),
-        "",
-        paired_table(evals, "eval_shipped", [(f"aligned, {ALIGN_METHODS[m]}, lr {lrs[t]}", f"eval_align_{m}{t}")
-                                             for t in align_tags for m in ALIGN_METHODS]),
-        "",
-        ("The perplexity task is a held-out slice of instruction data; an alignment mix that contains such data lowers "
-        "perplexity in proportion to how much of it a run learned, so over-refusal (OKTest, harmless) is the cleaner "
-        f"utility cost here. MMLU accuracy at chance would be {chance}."),
-        "",
-        "Units of the shipped model (its RU are the budget):",
-        "",
-        unit_shares(maps["attribute_base"]),
-        "",
-        "## (b) Ablating units of the aligned model",
-        "",
-        "Each class is compared only with random unit sets of its own size (per unit kind):",
-        "",
-        paired_table(evals, "eval_align_none", ablation_rows(random_seeds),
-                     units_zeroed(study, [r for _, r in ablation_rows(random_seeds)])),
-        "",
-        values_table(evals, [("aligned (no ablation)", "eval_align_none")] + ablation_rows(random_seeds)),
-        "",
-        "Units of the aligned model:",
-        "",
-        unit_shares(maps["attribute_aligned"]),
-        "",
-        "![classes per layer, aligned](units_per_layer_aligned.png)",
-        "",
-        "## (c) Fine-tuning the aligned model with units frozen",
-        "",
-    ]
-    aoa_title = (f"The AOA identity-shift attack: fine-tuned on data `{text(setting(aoa_cfg, 'data.name'))}`, batch "
-                 f"{text(setting(aoa_cfg, 'data.batch_size'))}, {text(setting(aoa_cfg, 'trainer.max_epochs'))} epochs "
-                 f"at lr {text(setting(aoa_cfg, 'optim.lr'))}; evaluated with the user template "
-                 f"`{text(setting(aoa_eval, 'eval.template'))}` and "
-                 + ("a system prompt" if setting(aoa_eval, "eval.system") else "no system prompt")
-                 + ", like the aligned baseline in the first row")
-    for kind, title, base, suffix in (("benign", "Benign fine-tuning (evaluated plainly)", "eval_align_none", ""),
-                                      ("aoa", aoa_title, "eval_align_none_aoaprompt", "_aoaprompt")):
-        rows = [(f"{kind} fine-tune, freeze={fr}, seed {s}", f"eval_{kind}_{fr}_s{s}{suffix}")
-                for s in seeds for fr in FREEZES]
-        sections += [f"{title}:", "", values_table(evals, [("aligned (before fine-tuning)", base)] + rows), ""]
-        for s in seeds:
-            none = f"eval_{kind}_none_s{s}{suffix}"
-            sections += [paired_table(evals, none, [(lab, r) for lab, r in rows if r.endswith(f"_s{s}{suffix}")
-                                                    and r != none]), ""]
-    sections += [
-        "![ASR vs perplexity](asr_vs_ppl.png)",
-        "",
-        "## Limits of this run",
-        "",
-        ("- Scale: the sizes in the settings table; `conf/experiment/ssah/` holds the GPU-scale ones "
-        "(`python scripts/run_study.py --scale gpu`)."),
-        f"- Seeds: fine-tuning seed(s) {seeds}; random ablation seeds {random_seeds}; an ASR change counts only "
-        f"beyond {MARGIN:.2f}."
-        + (" With one fine-tuning seed, differences between freeze strategies are not replicated." if len(seeds) == 1
-           else ""),
-        ("- The aligned model comes from one supervised alignment run, not a model aligned at length (SFT + RLHF) "
-        "like the paper's Llama-2-chat; where its safety lives may differ."),
-        f"- Refusal is judged by {judge} on at most {tokens} generated tokens.",
-        "",
-        "## Commands (in order)",
-        "",
-        "```bash",
-        *[command_of(study / r) or f"{cmd}   # not run" for r, cmd in commands],
-        "```",
-        "",
-        "Generations with per-completion verdicts: `<run dir>/generations.jsonl` (not committed).",
-    ]
-    return "\n".join(sections) + "\n"
+def clean(x):
+    """JSON-safe: NaN/inf become null, tuples lists, dataclasses dicts."""
+    if isinstance(x, float):
+        return None if math.isnan(x) or math.isinf(x) else x
+    if isinstance(x, dict):
+        return {str(k): clean(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [clean(v) for v in x]
+    if isinstance(x, Verdict):
+        return clean(asdict(x))
+    return x
 
 
-def pooled_tasks(evals: dict) -> str:
-    """The harmful tasks the runs' pooled ASR is made of (as found in the first run that has them)."""
-    for ev in evals.values():
-        p = pooled(ev)
-        if p is not None:
-            return ", ".join(f"`{t}`" for t in p["extra"]["tasks"])
-    return "n/a"
+def build_report(study: Path, v1_report: Path, results: Path) -> tuple[dict, dict, dict]:
+    """(markdown lines per section, summary, section data for the plots); raises before writing anything."""
+    st = load_study(study)
+    if not any(r["eval"] is not None for r in st["runs"].values()):
+        raise ConfigError(f"no study evaluations under {study} (no stage dir has an eval.json): run "
+                          f"`python scripts/run_study.py` first.")
+    head, head_lines = header(st)
+    vs = verdicts(st)
+    a, a_lines = section_a(st)
+    b, b_lines = section_b(st)
+    c, c_lines = section_c(st)
+    link = os.path.relpath(Path(v1_report).resolve(), Path(results).resolve())
+    v1, v1_lines = v1_section(parse_v1(v1_report), vs, st, v1_report, link)
+    summary = {"header": head, "verdicts": vs, "a": a, "b": b, "c": c, "v1_to_v2": v1}
+    sections = {"head": head_lines, "verdicts": ["## Verdicts", "", *[f"- {v.line()}" for v in vs], ""],
+                "a": ["## (a) Alignment budget: full, RU-only and random alignment of the shipped model", "",
+                      *a_lines, ""],
+                "b": ["## (b) Ablating unit classes of the aligned model", "",
+                      "Each class is compared only with random unit sets of its own size (eval_meta.json "
+                      "`ablation.units_zeroed`).", "", *b_lines, ""],
+                "c": ["## (c) Fine-tuning the aligned model under threat models, units frozen", "", *c_lines],
+                "v1": ["## v1 -> v2", "", *v1_lines, ""]}
+    return sections, summary, {"a": a, "c": c}
 
 
-def tradeoff_points(evals: dict, rows: list[tuple[str, str]]) -> list[dict]:
-    return [{"label": label, "asr": value(evals, r, POOLED), "ppl": value(evals, r, "ppl")} for label, r in rows
-            if value(evals, r, POOLED) is not None and value(evals, r, "ppl") is not None]
+def plot_lines(plots: dict[str, str], names: list[str], name: str = NAME) -> list[str]:
+    return [f"![{n}]({name}/{plots[n]})" if n in plots else f"({n}: no data to plot)" for n in names] + [""]
 
 
-def write_report(study: Path, results: Path, seeds: list[int], random_seeds: list[int], align_tags: list[str],
-                 commands: list[tuple[str, str]], minutes: float | None = None) -> Path:
-    """Build the report (raises before writing anything if it cannot), then copy plots and unit maps beside it."""
-    from safety_units.plots import plot_tradeoff
-
-    md = build_report(study, seeds, random_seeds, align_tags, commands, minutes)
-    results.mkdir(parents=True, exist_ok=True)
-    for name, dst in (("attribute_base", "shipped"), ("attribute_aligned", "aligned")):
-        if (study / name / "units_per_layer.png").is_file():
-            shutil.copy2(study / name / "units_per_layer.png", results / f"units_per_layer_{dst}.png")
-        if (study / name / "unit_map.json").is_file():
-            shutil.copy2(study / name / "unit_map.json", results / f"unit_map_{name.split('_')[1]}.json")
-    runs = eval_runs(seeds, random_seeds, align_tags)
-    evals = {r: read_json(study / r / "eval.json") for r in runs}
-    points = tradeoff_points(evals, [(r.removeprefix("eval_"), r) for r in runs])
-    if points:
-        plot_tradeoff(points, results / "asr_vs_ppl.png", "ppl", "asr", "perplexity on held-out instructions "
-                      "(lower is better)", "attack success rate, pooled harmful sets (lower is safer)",
-                      "safety vs utility per condition")
-    path = results / "ssah_smollm2.md"
-    path.write_text(md)
+def write_report(study: Path, results: Path, v1_report: Path, name: str = NAME) -> Path:
+    """Write results/<name>.md and results/<name>/ (plots, summary.json) from the study dir `study`; `v1_report` is
+    the v1 markdown report the "v1 -> v2" section parses. Returns the markdown's path."""
+    study, results, v1_report = Path(study), Path(results), Path(v1_report)
+    sections, summary, data = build_report(study, v1_report, results)
+    out = results / name
+    plots = write_plots(data["a"], data["c"], out)
+    fams = [f for f in FAMILIES if any(t["family"] == f for t in data["c"].values())]
+    md = [*sections["head"], *sections["verdicts"], *sections["a"], *plot_lines(plots, ["a_frontier"], name),
+          *sections["b"], *sections["c"],
+          *plot_lines(plots, [f"c_asr_vs_utility_{f}" for f in fams] + ["c_asr_vs_p", "c_asr_vs_aoa_epochs"], name),
+          *sections["v1"]]
+    summary["plots"] = plots
+    (out / "summary.json").write_text(json.dumps(clean(summary), indent=1, default=str) + "\n")
+    path = results / f"{name}.md"
+    path.write_text("\n".join(md) + "\n")
     return path

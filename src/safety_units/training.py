@@ -8,10 +8,16 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from safety_units.callbacks import FinalizeRun, InterruptCheckpoint
-from safety_units.config import instantiate, instantiate_group, output_dir, resolved_yaml, setup_run
+from safety_units.config import (
+    instantiate,
+    instantiate_group,
+    output_dir,
+    resolved_yaml,
+    setup_run,
+)
 from safety_units.data import build_datamodule
 from safety_units.errors import ConfigError
-from safety_units.models import load_model
+from safety_units.models import LoadedModel, load_model
 
 log = logging.getLogger(__name__)
 
@@ -42,12 +48,18 @@ def build_trainer(cfg: DictConfig, extra_callbacks: list, run_dir: Path):
 
 def run_train(cfg: DictConfig) -> dict:
     """Fit the configured model on the configured data; returns a summary dict (also used by tests)."""
+    return fit(cfg)[0]
+
+
+def fit(cfg: DictConfig, loaded: LoadedModel | None = None) -> tuple[dict, object]:
+    """run_train's work, returning (summary, the trained model). `loaded` (a model already in memory, e.g. kept on
+    the GPU between study stages) is trained in place instead of loading cfg.model."""
     from safety_units.freezing import build_masker
     from safety_units.module import CausalLMModule
 
     setup_run(cfg)
     run_dir = output_dir(cfg)
-    loaded = load_model(cfg.model)
+    loaded = loaded or load_model(cfg.model)
     model, tokenizer = loaded.model, loaded.tokenizer
     log.info("model %s: %.1fM parameters", loaded.name, sum(p.numel() for p in model.parameters()) / 1e6)
 
@@ -90,7 +102,7 @@ def run_train(cfg: DictConfig) -> dict:
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if getattr(v, "numel", lambda: 1)() == 1}
     summary["metrics"] = metrics
     finish_loggers(trainer.loggers)
-    return summary
+    return summary, module.model
 
 
 def finish_loggers(loggers) -> None:

@@ -1,0 +1,191 @@
+"""The SSAH study, v2: every stage (what runs, on which model, with which overrides) at two scales.
+
+A stage is one directory under the study dir. Its kinds:
+* `attribute`: attribute.py on a model (unit_map.safetensors);
+* `align`: train.py from the shipped model, exported (model/), then evaluated -- the aligned model of (b), (c);
+* `train_eval`: train.py on an in-memory copy of a model (not exported), then evaluated: (a) and (c);
+* `eval`: evaluate.py on an in-memory copy of a model, optionally ablating units: references and (b).
+
+Every evaluated stage writes eval.json (eval=study: ASR on the AdvBench eval half, over-refusal on OKTest,
+held-out perplexity of both fine-tune tasks) and point.json (its labels and, for training stages, what trained).
+Names, in the order the stages run (cheap and upstream first, so a time budget cuts the end of (c), never a base):
+    attribute_base, align, shipped, attribute_aligned, aligned_aoaprompt,
+    b_<cls>, b_random_<cls>_s<k>                             claim (b): ablate a class vs its size-matched random sets
+    a_<method>_lr<lr>_s<seed>                                claim (a): full / ru_only / random (like ru_only)
+    c_<threat>_<freeze>_s<seed>                              claim (c): threat models x freezes x seeds
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+STUDY_NAME = "ssah_smollm2_v2"
+SHIPPED, ALIGNED = "shipped", "aligned"  # model keys a stage starts from
+
+FREEZES = ("none", "esu", "esu_cu", "random", "layers")
+FREEZE_OVERRIDES = {
+    "none": ["freeze=none"],
+    "esu": ["freeze=esu"],
+    "esu_cu": ["freeze=esu_cu"],
+    # the controls: a random unit set of esu_cu's size, and whole middle layers with as many entries
+    "random": ["freeze=random", "freeze.like=esu_cu"],
+    "layers": ["freeze=layers", "freeze.layers_like=esu_cu"],
+}
+ALIGN_METHODS = ("full", "ru_only", "random")
+ALIGN_OVERRIDES = {"full": ["freeze=none"], "ru_only": ["freeze=ru_only"],
+                   "random": ["freeze=random", "freeze.like=ru_only"]}
+ABLATED = ("esu", "euu", "cu", "ru")
+@dataclass(frozen=True)
+class Threat:
+    """A fine-tuning threat model of claim (c)."""
+    key: str
+    label: str
+    family: str                 # benign | harmful_mix | aoa
+    utility_task: str           # the eval task measuring the fine-tune's own held-out utility
+    overrides: tuple[str, ...]
+    strength: float | None = None  # p for harmful_mix, epochs for aoa
+
+
+@dataclass
+class Scale:
+    """Sizes of one scale; every list is overrides of the entry point's config."""
+    name: str
+    hardware: str
+    common: list[str]           # every train stage
+    align: list[str]            # the aligned model (claims b, c)
+    budget_align: list[str]     # the alignment runs of claim (a)
+    a_lrs: list[str]
+    finetune: list[str]         # benign / harmful-mixture fine-tunes of (c)
+    aoa: list[str]
+    aoa_epochs: list[int]
+    mix_shares: list[float]
+    attribute: list[str]
+    eval: list[str]             # sizes of eval=study (study_aoa for the AOA models)
+    seeds: list[int]
+    random_seeds: list[int]
+    base_model: list[str] = field(default_factory=lambda: ["model=smollm2_135m"])
+    teacher: list[str] = field(default_factory=list)  # harmful-mixture overrides (default teacher: the shipped model)
+
+
+SCALES = {
+    "gpu": Scale(
+        name="gpu", hardware="one GPU, bf16-mixed",
+        common=["trainer=gpu", "logger=none", "callbacks=none", "export=false", "data.val_fraction=0.0",
+                "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
+                "trainer.enable_checkpointing=false", "optim.warmup_ratio=0.05"],
+        align=["data=mix", "data.num_samples=4000", "data.max_length=256", "data.batch_size=16",
+               "trainer.max_epochs=1", "optim.lr=5e-5", "export=true"],
+        budget_align=["data=mix", "data.num_samples=1000", "data.max_length=256", "data.batch_size=16",
+                      "trainer.max_epochs=1"],
+        a_lrs=["5e-5", "2e-4"],
+        finetune=["data.num_samples=400", "data.max_length=256", "data.batch_size=16", "trainer.max_epochs=1",
+                  "optim.lr=1e-4"],
+        aoa=["optim.lr=2e-4", "data.batch_size=10"],
+        aoa_epochs=[1, 3, 5, 10],
+        mix_shares=[0.05, 0.1, 0.2],
+        attribute=["calibration.nsamples=128", "calibration.max_length=256"],
+        eval=["eval.batch_size=128"],
+        seeds=[0, 1, 2], random_seeds=[0, 1, 2]),
+    # 2 CPU cores: the (c) grid at small sizes (run as two one-thread lanes; stage times: <stage>.stage.json); the
+    # aligned model is the quickstart-scale full alignment, far below the GPU scale's 2,000 + 2,000 examples.
+    "cpu": Scale(
+        name="cpu", hardware="CPU (2 cores), float32, reduced sizes",
+        common=["trainer=cpu", "logger=none", "callbacks=none", "export=false", "data.val_fraction=0.0",
+                "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
+                "trainer.enable_checkpointing=false", "optim.warmup_ratio=0.05"],
+        align=["data=mix", "data.num_samples=480", "data.max_length=128", "data.batch_size=8",
+               "trainer.max_epochs=1", "optim.lr=2e-4", "export=true"],
+        budget_align=["data=mix", "data.num_samples=96", "data.max_length=128", "data.batch_size=8",
+                      "trainer.max_epochs=1"],
+        a_lrs=["5e-5", "2e-4"],
+        finetune=["data.num_samples=24", "data.max_length=128", "data.batch_size=4", "trainer.max_epochs=1",
+                  "optim.lr=3e-4"],
+        aoa=["optim.lr=2e-4", "data.batch_size=10", "data.max_length=160"],
+        aoa_epochs=[1, 2, 4],
+        mix_shares=[0.05, 0.1, 0.2],
+        attribute=["calibration.nsamples=64", "calibration.max_length=128"],
+        eval=["eval.max_new_tokens=32", "eval.tasks.harmful.limit=48", "eval.tasks.oktest.limit=32",
+              "eval.tasks.ppl.limit=24", "eval.tasks.ppl_dolly.limit=24"],
+        seeds=[0, 1, 2], random_seeds=[0, 1, 2]),
+}
+
+
+def threats(scale: Scale) -> list[Threat]:
+    """The threat models of (c), in run order: benign first, then the harmful mixture by p, then AOA by epochs."""
+    out = [Threat("alpaca", "benign: Alpaca", "benign", "ppl", ("data=alpaca", *scale.finetune)),
+           Threat("dolly", "benign: Dolly", "benign", "ppl_dolly", ("data=dolly", *scale.finetune))]
+    for p in scale.mix_shares:
+        out.append(Threat(f"mix{round(100 * p):02d}", f"harmful mixture p={p:g}", "harmful_mix", "ppl",
+                          ("data=harmful_mix", f"data.harmful_share={p}", *scale.finetune, *scale.teacher),
+                          strength=p))
+    for e in scale.aoa_epochs:  # AOA has no held-out split: its utility is Alpaca's held-out perplexity
+        out.append(Threat(f"aoa{e}", f"AOA, {e} epoch{'s' * (e != 1)}", "aoa", "ppl",
+                          ("data=aoa", *scale.aoa, f"trainer.max_epochs={e}"), strength=e))
+    return out
+
+
+@dataclass
+class Stage:
+    name: str
+    kind: str                   # attribute | align | train_eval | eval
+    model: str                  # SHIPPED or ALIGNED: the model the stage starts from
+    train: list[str] = field(default_factory=list)      # train.py overrides (align, train_eval)
+    evaluate: list[str] = field(default_factory=list)   # evaluate.py overrides (align, train_eval, eval)
+    attribute: list[str] = field(default_factory=list)  # attribute.py overrides (attribute)
+    labels: dict = field(default_factory=dict)          # what the report groups by (claim, threat, freeze, ...)
+
+    @property
+    def done_file(self) -> str:
+        """Relative to the stage dir: the file whose existence marks the stage finished."""
+        return "unit_map.safetensors" if self.kind == "attribute" else "eval.json"
+
+
+def plan(scale: Scale, study_dir: str) -> list[Stage]:
+    """Every stage of the v2 study at `scale`, in run order; paths point into `study_dir`."""
+    base_map = f"{study_dir}/attribute_base/unit_map.safetensors"
+    aligned_map = f"{study_dir}/attribute_aligned/unit_map.safetensors"
+    ev, ev_aoa = ["eval=study", *scale.eval], ["eval=study_aoa", *scale.eval]
+    stages = [
+        Stage("attribute_base", "attribute", SHIPPED, attribute=[*scale.base_model, *scale.attribute],
+              labels={"claim": "setup"}),
+        Stage("align", "align", SHIPPED, train=[*scale.base_model, *scale.common, *scale.align, "seed=0"],
+              evaluate=ev, labels={"claim": "setup", "role": "aligned model"}),
+        Stage("shipped", "eval", SHIPPED, evaluate=ev, labels={"claim": "setup", "role": "shipped model"}),
+        Stage("attribute_aligned", "attribute", ALIGNED,
+              attribute=["model=hf", f"model.path={study_dir}/align/model", *scale.attribute],
+              labels={"claim": "setup"}),
+        Stage("aligned_aoaprompt", "eval", ALIGNED, evaluate=ev_aoa,
+              labels={"claim": "setup", "role": "aligned model, AOA prompt"}),
+    ]
+    for cls in ABLATED:
+        stages.append(Stage(f"b_{cls}", "eval", ALIGNED,
+                            evaluate=[*ev, f"ablate.unit_map={aligned_map}", f"ablate.classes={cls}"],
+                            labels={"claim": "b", "ablated": cls}))
+        for s in scale.random_seeds:
+            stages.append(Stage(f"b_random_{cls}_s{s}", "eval", ALIGNED,
+                                evaluate=[*ev, f"ablate.unit_map={aligned_map}", f"ablate.random_like={cls}",
+                                          f"ablate.seed={s}"],
+                                labels={"claim": "b", "ablated": f"random_{cls}", "like": cls, "seed": s}))
+    for lr in scale.a_lrs:
+        for seed in scale.seeds:
+            for method in ALIGN_METHODS:
+                fr = ALIGN_OVERRIDES[method] + ([] if method == "full" else
+                                                [f"freeze.unit_map={base_map}", f"freeze.seed={seed}"])
+                stages.append(Stage(f"a_{method}_lr{lr}_s{seed}", "train_eval", SHIPPED,
+                                    train=[*scale.base_model, *scale.common, *scale.budget_align, *fr,
+                                           f"optim.lr={lr}", f"seed={seed}"],
+                                    evaluate=ev, labels={"claim": "a", "method": method, "lr": lr, "seed": seed}))
+    for threat in threats(scale):
+        ev_t = ev_aoa if threat.family == "aoa" else ev  # the AOA models are attacked as they were trained
+        for seed in scale.seeds:
+            for fr in FREEZES:
+                unit = [] if fr == "none" else [f"freeze.unit_map={aligned_map}", f"freeze.seed={seed}"]
+                stages.append(Stage(
+                    f"c_{threat.key}_{fr}_s{seed}", "train_eval", ALIGNED,
+                    train=["model=hf", f"model.path={study_dir}/align/model", *scale.common, *threat.overrides,
+                           *FREEZE_OVERRIDES[fr], *unit, f"seed={seed}"],
+                    evaluate=ev_t,
+                    labels={"claim": "c", "threat": threat.key, "threat_label": threat.label,
+                            "family": threat.family, "strength": threat.strength,
+                            "utility_task": threat.utility_task, "freeze": fr, "seed": seed}))
+    return stages

@@ -1,0 +1,156 @@
+"""The claim sections of the SSAH study v2 report: each returns (data, markdown lines), so that summary.json holds
+every number the markdown prints. Conditions are mean +- sd over seeds; differences are pooled over seeds
+(safety_units.study_verdicts.compare)."""
+
+from __future__ import annotations
+
+import statistics
+
+from safety_units.study_verdicts import (
+    ABLATED,
+    ALIGN_METHODS,
+    ERROR,
+    FREEZES,
+    a_stages,
+    b_random,
+    by_seed,
+    c_stages,
+    compare,
+    cond,
+    diff_text,
+    ms,
+    num,
+    reference,
+    value,
+)
+
+METHOD_LABELS = {"full": "full", "ru_only": "RU-only", "random": "random (as many units as RU-only)"}
+
+
+def stage_field(st: dict, stage: str, where: str, *keys: str):
+    """A nested field of a stage's point.json or eval_meta.json (where: "point" | "meta"); None where absent."""
+    x = (st["runs"].get(stage) or {}).get(where)
+    for k in keys:
+        x = x.get(k) if isinstance(x, dict) else None
+    return x
+
+
+def frozen_share(st: dict, stage: str) -> float | None:
+    """Share of parameter entries a training stage froze (point.json); 0 for a stage that trained without a freeze."""
+    train = stage_field(st, stage, "point", "train")
+    if not isinstance(train, dict):
+        return None
+    entries = (train.get("freeze") or {}).get("entries") or {}
+    return entries.get("frozen_share", 0.0) if train.get("freeze") else 0.0
+
+
+def values_cond(vals: list[float | None]) -> dict:
+    got = [v for v in vals if v is not None]
+    return {"mean": statistics.fmean(got) if got else None, "sd": statistics.stdev(got) if len(got) > 1 else None,
+            "n": len(got), "missing": []}
+
+
+def pct(c: dict) -> str:
+    if not c["n"]:
+        return "n/a"
+    sd = "" if c["sd"] is None or c["sd"] == 0 else f" ± {100 * c['sd']:.2f}%"
+    return f"{100 * c['mean']:.2f}%{sd}"
+
+
+def single(st: dict, stage: str, tasks: tuple[str, ...]) -> dict:
+    return {t: value(st, stage, t) for t in tasks}
+
+
+# --------------------------------------------------------------------------- (a)
+def section_a(st: dict) -> tuple[dict, list[str]]:
+    """method x lr: ASR, OKTest refusal, ppl (mean +- sd), and the pooled error difference vs random."""
+    shipped = single(st, "shipped", ("harmful", "oktest", "ppl"))
+    rows = []
+    for lr in st["plan"]["a_lrs"]:
+        rnd = a_stages(st, "random", lr)
+        for m in ALIGN_METHODS:
+            me = a_stages(st, m, lr)
+            rows.append({"method": m, "lr": lr, **{t: cond(st, me, t) for t in ("harmful", "oktest", "ppl")},
+                         "vs_random": None if m == "random" else compare(st, by_seed(rnd, me), ERROR)})
+    lines = ["| method | lr | ASR | OKTest refusal | ppl (Alpaca held-out) | error vs random: Δ [95% CI, p] |",
+             "|---|---|---:|---:|---:|---|",
+             f"| shipped (reference) | - | {num(shipped['harmful'])} | {num(shipped['oktest'])} | "
+             f"{num(shipped['ppl'], 2)} | - |"]
+    for r in rows:
+        lines.append(f"| {METHOD_LABELS[r['method']]} | {r['lr']} | {ms(r['harmful'])} | {ms(r['oktest'])} | "
+                     f"{ms(r['ppl'], 2)} | {'-' if r['method'] == 'random' else diff_text(r['vs_random'])} |")
+    lines += ["", "Error = attack successes on the harmful set followed by refusals on OKTest, one binary outcome per "
+              "prompt; Δ is the method minus random alignment, per-prompt outcomes pooled over seeds (exact McNemar "
+              "p, paired bootstrap 95% interval)."]
+    return {"shipped": shipped, "rows": rows}, lines
+
+
+# --------------------------------------------------------------------------- (b)
+def section_b(st: dict) -> tuple[dict, list[str]]:
+    """Each class zeroed vs its own size-matched random sets (per seed), with the aligned model as reference."""
+    align = single(st, "align", ("harmful", "oktest", "ppl"))
+    rows = {}
+    for cls in ABLATED:
+        me, rnd = f"b_{cls}", b_random(st, cls)
+        rows[cls] = {
+            "units_zeroed": stage_field(st, me, "meta", "ablation", "units_zeroed"),
+            "random_units_zeroed": [stage_field(st, s, "meta", "ablation", "units_zeroed") for s in rnd],
+            "asr": value(st, me, "harmful"), "ppl": value(st, me, "ppl"),
+            "random_asr": cond(st, rnd, "harmful"), "random_ppl": cond(st, rnd, "ppl"),
+            "per_seed": {s: {"asr": compare(st, [(s, me)], "harmful"), "ppl": compare(st, [(s, me)], "ppl")}
+                         for s in rnd}}
+    lines = ["| class | units zeroed | ASR | ppl | random sets: units zeroed | random ASR | random ppl | "
+             "class minus each random set: ASR Δ [95% CI, p]; ppl Δ [95% CI] |",
+             "|---|---:|---:|---:|---|---:|---:|---|",
+             f"| none (aligned model, `align`) | 0 | {num(align['harmful'])} | {num(align['ppl'], 2)} | - | - | - | - |"]
+    for cls, r in rows.items():
+        units = ", ".join(num(u, 0) for u in r["random_units_zeroed"] if u is not None) or "n/a"
+        seeds = "<br>".join(f"{s}: {diff_text(d['asr'])}; {diff_text(d['ppl'], 2)}" for s, d in r["per_seed"].items()
+                            if d["asr"] is not None or d["ppl"] is not None) or "n/a"
+        lines.append(f"| {cls.upper()} | {num(r['units_zeroed'], 0)} | {num(r['asr'])} | {num(r['ppl'], 2)} | {units} | "
+                     f"{ms(r['random_asr'])} | {ms(r['random_ppl'], 2)} | {seeds} |")
+    return {"align": align, "rows": rows}, lines
+
+
+# --------------------------------------------------------------------------- (c)
+def c_threat(st: dict, threat: dict) -> dict:
+    ut, ref = threat["utility_task"], reference(threat)
+    none, rnd = c_stages(st, threat, "none"), c_stages(st, threat, "random")
+    rows = {}
+    for fr in FREEZES:
+        me = c_stages(st, threat, fr)
+        rows[fr] = {"asr": cond(st, me, "harmful"), "oktest": cond(st, me, "oktest"), "utility": cond(st, me, ut),
+                    "frozen_share": values_cond([frozen_share(st, s) for s in me]),
+                    "vs_none": None if fr == "none" else compare(st, by_seed(none, me), "harmful"),
+                    "vs_random": None if fr == "random" else compare(st, by_seed(rnd, me), "harmful")}
+    return {"key": threat["key"], "label": threat["label"], "family": threat["family"],
+            "strength": threat["strength"], "utility_task": ut,
+            "reference": {"stage": ref, "asr": value(st, ref, "harmful"), "oktest": value(st, ref, "oktest"),
+                          "utility": value(st, ref, ut)},
+            "rows": rows}
+
+
+def c_table(t: dict) -> list[str]:
+    ref = t["reference"]
+    lines = [f"### {t['label']} (`{t['key']}`; reference `{ref['stage']}`)", "",
+             f"| freeze | ASR | OKTest refusal | {t['utility_task']} (own task) | frozen entries | "
+             "Δ ASR vs none [95% CI, p] | Δ ASR vs random [95% CI, p] |",
+             "|---|---:|---:|---:|---:|---|---|",
+             f"| reference (`{ref['stage']}`) | {num(ref['asr'])} | {num(ref['oktest'])} | {num(ref['utility'], 2)} | "
+             f"- | - | - |"]
+    for fr, r in t["rows"].items():
+        lines.append(f"| {fr} | {ms(r['asr'])} | {ms(r['oktest'])} | {ms(r['utility'], 2)} | {pct(r['frozen_share'])} | "
+                     f"{'-' if fr == 'none' else diff_text(r['vs_none'])} | "
+                     f"{'-' if fr == 'random' else diff_text(r['vs_random'])} |")
+    return lines + [""]
+
+
+def section_c(st: dict) -> tuple[dict, list[str]]:
+    """One table per threat model: the freezes (mean +- sd over seeds) and their pooled differences."""
+    data = {t["key"]: c_threat(st, t) for t in st["plan"]["threats"]}
+    lines = ["Every row is mean ± sd over seeds; Δ pools the per-prompt outcomes of the seeds (run of seed s paired "
+             "with the other condition's run of seed s). Utility is the held-out perplexity of the threat's own "
+             "fine-tune task (lower is better).", ""]
+    for t in data.values():
+        lines += c_table(t)
+    return data, lines
