@@ -67,6 +67,23 @@ def config_hash(cfgs: dict[str, DictConfig]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def release_memory() -> None:
+    """Free the stage's model copy, optimizer state and activations now, and hand the freed heap back to the OS:
+    without it a process running dozens of stages grew past 12 GB on CPU (allocator fragmentation) and was killed."""
+    import ctypes
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to trim
+        pass
+
+
 @contextmanager
 def stage_log(path: Path):
     """Log records of the stage also go to <study>/<stage>.log."""
@@ -136,7 +153,10 @@ class StudyRunner:
         t0 = time.time()
         (self.study / stage.name).mkdir(parents=True, exist_ok=True)
         with stage_log(self.study / f"{stage.name}.log"):
-            train = self.execute(stage, cfgs)
+            try:
+                train = self.execute(stage, cfgs)
+            finally:
+                release_memory()
         seconds = time.time() - t0
         if stage.kind != "attribute":
             point = {"name": stage.name, "kind": stage.kind, "model": stage.model, "labels": stage.labels,
