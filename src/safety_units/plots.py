@@ -36,29 +36,6 @@ def plot_units_per_layer(unit_map, path: str | Path, title: str | None = None) -
     return path
 
 
-def plot_tradeoff(rows: list[dict], path: str | Path, x: str, y: str, xlabel: str, ylabel: str,
-                  title: str) -> Path:
-    """Scatter of one metric against another, one numbered point (with error bars if given) per condition.
-
-    Numbers, not text, sit at the points (conditions often land on top of each other); the legend names them.
-    """
-    fig, ax = plt.subplots(figsize=(11, 5.5))
-    for i, r in enumerate(rows, 1):
-        ax.errorbar(r[x], r[y], xerr=r.get(f"{x}_err"), yerr=r.get(f"{y}_err"), fmt="o", capsize=3,
-                    label=f"{i}: {r['label']}")
-        ax.annotate(str(i), (r[x], r[y]), textcoords="offset points", xytext=(4, 4), fontsize=8)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=7, frameon=False)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
 def plot_drift(records: list[dict], classes: list[str], path: str | Path, title: str = "unit drift") -> Path:
     """Per-class IoU with the step-0 classes against the step, and the last transition matrix (row shares)."""
     fig, (ax, hm) = plt.subplots(1, 2, figsize=(11, 4.2), gridspec_kw={"width_ratios": [1.4, 1]})

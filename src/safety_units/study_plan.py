@@ -67,12 +67,18 @@ class Scale:
     teacher: list[str] = field(default_factory=list)  # harmful-mixture overrides (default teacher: the shipped model)
 
 
+def common_overrides(trainer: str) -> list[str]:
+    """Every train stage of a scale: no logger, checkpoint, export, validation split or progress bar (a study has
+    hundreds of short stages, each evaluated in memory)."""
+    return [f"trainer={trainer}", "logger=none", "callbacks=none", "export=false", "data.val_fraction=0.0",
+            "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
+            "trainer.enable_checkpointing=false", "optim.warmup_ratio=0.05"]
+
+
 SCALES = {
     "gpu": Scale(
         name="gpu", hardware="one GPU, bf16-mixed",
-        common=["trainer=gpu", "logger=none", "callbacks=none", "export=false", "data.val_fraction=0.0",
-                "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
-                "trainer.enable_checkpointing=false", "optim.warmup_ratio=0.05"],
+        common=common_overrides("gpu"),
         align=["data=mix", "data.num_samples=4000", "data.max_length=256", "data.batch_size=16",
                "trainer.max_epochs=1", "optim.lr=5e-5", "export=true"],
         budget_align=["data=mix", "data.num_samples=1000", "data.max_length=256", "data.batch_size=16",
@@ -90,9 +96,7 @@ SCALES = {
     # aligned model is the quickstart-scale full alignment, far below the GPU scale's 2,000 + 2,000 examples.
     "cpu": Scale(
         name="cpu", hardware="CPU (2 cores), float32, reduced sizes",
-        common=["trainer=cpu", "logger=none", "callbacks=none", "export=false", "data.val_fraction=0.0",
-                "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
-                "trainer.enable_checkpointing=false", "optim.warmup_ratio=0.05"],
+        common=common_overrides("cpu"),
         align=["data=mix", "data.num_samples=480", "data.max_length=128", "data.batch_size=8",
                "trainer.max_epochs=1", "optim.lr=2e-4", "export=true"],
         budget_align=["data=mix", "data.num_samples=96", "data.max_length=128", "data.batch_size=8",
@@ -124,6 +128,11 @@ def threats(scale: Scale) -> list[Threat]:
     return out
 
 
+def model_overrides(key: str, scale: Scale, study_dir: str) -> list[str]:
+    """The model config of SHIPPED (the scale's base model) or ALIGNED (stage `align`'s export) as overrides."""
+    return list(scale.base_model) if key == SHIPPED else ["model=hf", f"model.path={study_dir}/align/model"]
+
+
 @dataclass
 class Stage:
     name: str
@@ -152,7 +161,7 @@ def plan(scale: Scale, study_dir: str) -> list[Stage]:
               evaluate=ev, labels={"claim": "setup", "role": "aligned model"}),
         Stage("shipped", "eval", SHIPPED, evaluate=ev, labels={"claim": "setup", "role": "shipped model"}),
         Stage("attribute_aligned", "attribute", ALIGNED,
-              attribute=["model=hf", f"model.path={study_dir}/align/model", *scale.attribute],
+              attribute=[*model_overrides(ALIGNED, scale, study_dir), *scale.attribute],
               labels={"claim": "setup"}),
         Stage("aligned_aoaprompt", "eval", ALIGNED, evaluate=ev_aoa,
               labels={"claim": "setup", "role": "aligned model, AOA prompt"}),
@@ -182,7 +191,7 @@ def plan(scale: Scale, study_dir: str) -> list[Stage]:
                 unit = [] if fr == "none" else [f"freeze.unit_map={aligned_map}", f"freeze.seed={seed}"]
                 stages.append(Stage(
                     f"c_{threat.key}_{fr}_s{seed}", "train_eval", ALIGNED,
-                    train=["model=hf", f"model.path={study_dir}/align/model", *scale.common, *threat.overrides,
+                    train=[*model_overrides(ALIGNED, scale, study_dir), *scale.common, *threat.overrides,
                            *FREEZE_OVERRIDES[fr], *unit, f"seed={seed}"],
                     evaluate=ev_t,
                     labels={"claim": "c", "threat": threat.key, "threat_label": threat.label,

@@ -21,6 +21,14 @@ def _xy(c_x: dict, c_y: dict) -> tuple | None:
     return c_x["mean"], c_y["mean"], c_x["sd"] or 0.0, c_y["sd"] or 0.0
 
 
+def _labeled_series(ax, pts: list[tuple[str, tuple]], color: str, label: str) -> None:
+    """One series of (name, (x, y, x sd, y sd)) points with error bars, each point annotated with its name."""
+    ax.errorbar([p[0] for _, p in pts], [p[1] for _, p in pts], xerr=[p[2] for _, p in pts],
+                yerr=[p[3] for _, p in pts], fmt="o", color=color, capsize=3, label=label)
+    for name, p in pts:
+        ax.annotate(name, (p[0], p[1]), textcoords="offset points", xytext=(4, 4), fontsize=7)
+
+
 def _finish(fig, ax, path: Path, xlabel: str, ylabel: str, title: str) -> Path:
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
@@ -38,15 +46,12 @@ def plot_a_frontier(a: dict, path: Path) -> Path | None:
     fig, ax = plt.subplots(figsize=(7, 5))
     drawn = False
     for m, color in METHOD_COLORS.items():
-        pts = [(r["lr"], _xy(r["oktest"], r["harmful"])) for r in a["rows"] if r["method"] == m]
+        pts = [(f"lr {r['lr']}", _xy(r["oktest"], r["harmful"])) for r in a["rows"] if r["method"] == m]
         pts = [(lr, p) for lr, p in pts if p is not None]
         if not pts:
             continue
         drawn = True
-        ax.errorbar([p[0] for _, p in pts], [p[1] for _, p in pts], xerr=[p[2] for _, p in pts],
-                    yerr=[p[3] for _, p in pts], fmt="o", color=color, capsize=3, label=m)
-        for lr, p in pts:
-            ax.annotate(f"lr {lr}", (p[0], p[1]), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        _labeled_series(ax, pts, color, m)
     s = a["shipped"]
     if s["oktest"] is not None and s["harmful"] is not None:
         drawn = True
@@ -70,10 +75,7 @@ def plot_c_utility(c: dict, family: str, path: Path) -> Path | None:
         if not pts:
             continue
         drawn = True
-        ax.errorbar([p[0] for _, p in pts], [p[1] for _, p in pts], xerr=[p[2] for _, p in pts],
-                    yerr=[p[3] for _, p in pts], fmt="o", color=color, capsize=3, label=fr)
-        for k, p in pts:
-            ax.annotate(k, (p[0], p[1]), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        _labeled_series(ax, pts, color, fr)
     if not drawn:
         plt.close(fig)
         return None

@@ -28,7 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 from safety_units.config import compose_config
 from safety_units.errors import ConfigError
 from safety_units.models import LoadedModel
-from safety_units.study_plan import ALIGNED, SHIPPED, Scale, Stage, plan
+from safety_units.study_plan import ALIGNED, Scale, Stage, model_overrides, plan
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ def stage_configs(stage: Stage, study: Path, scale: Scale, extra: list[str]) -> 
     """The composed configs of a stage, keyed by entry point (train / evaluate / attribute)."""
     out = str(study / stage.name)
     # the evaluated model, as evaluate.py would load it (recorded in eval_meta.json; the study passes it in memory)
-    model = scale.base_model if stage.model == SHIPPED else ["model=hf", f"model.path={study}/align/model"]
+    model = model_overrides(stage.model, scale, str(study))
     parts = {"attribute": stage.attribute, "train": ["~experiment", *stage.train],
              "evaluate": [*([] if stage.kind in ("align", "train_eval") else model), *stage.evaluate]}
     return {entry: _compose(entry, (*overrides, *extra), out)
@@ -114,7 +114,7 @@ class StudyRunner:
         if key not in self.models:
             from safety_units.models import load_model, resolve_device
 
-            over = self.scale.base_model if key == SHIPPED else ["model=hf", f"model.path={self.study}/align/model"]
+            over = model_overrides(key, self.scale, str(self.study))
             if key == ALIGNED and not (self.study / "align" / "model" / "config.json").is_file():
                 raise ConfigError(f"the aligned model {self.study / 'align' / 'model'} does not exist: stage "
                                   f"'align' has not finished.")
