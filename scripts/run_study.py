@@ -1,7 +1,8 @@
-"""The Superficial Safety Alignment Hypothesis study (v2) on SmolLM2-135M-Instruct, end to end, in one process.
+"""The Superficial Safety Alignment Hypothesis study (v2) on SmolLM2-135M-Instruct, end to end.
 
-    python scripts/run_study.py --scale gpu                 # one GPU, bf16-mixed (the report projects its time)
-    python scripts/run_study.py --scale cpu --resume        # 2 CPU cores, reduced sizes; run it in parts
+    python scripts/run_study.py --scale gpu                 # one GPU, bf16-mixed, 3 worker processes
+    python scripts/run_study.py --scale cpu --resume        # 2 CPU cores, reduced sizes, 2 one-thread workers
+    python scripts/run_study.py --scale cpu --workers 1     # everything in this process
     python scripts/run_study.py --list                      # the stages, in run order
     python scripts/run_study.py --only '^c_alpaca_' --resume  # some stages (a regular expression on names)
     python scripts/run_study.py --report-only               # rebuild results/ssah_smollm2.md from the artifacts
@@ -17,8 +18,8 @@ safety_units.study_verdicts.
 
 Each finished stage leaves <study>/<stage>.stage.json with its config hash and seconds: --resume skips a stage only
 when its output exists and the hash matches. --budget-minutes stops starting stages after that long (the rest: "not
-run"). On 2 CPU cores, two one-thread processes with disjoint --only selections share a study dir (after the setup
-stages): results/ssah_smollm2_cpu.md was run that way.
+run"). After the setup stages, --workers processes take the other stages from a queue (the scale's default: 2 on
+CPU, one thread each).
 """
 
 from __future__ import annotations
@@ -49,6 +50,9 @@ def main(argv: list[str] | None = None):
     ap.add_argument("--force", action="store_true", help="rerun stages whose outputs exist")
     ap.add_argument("--only", help="run only the stages whose name matches this regular expression")
     ap.add_argument("--budget-minutes", type=float, help="start no stage after this many minutes")
+    ap.add_argument("--workers", type=int,
+                    help="processes running the stages after the setup (default: the scale's, cpu 2 / gpu "
+                         f"{SCALES['gpu'].workers}); the CPU cores are split between them")
     ap.add_argument("--set", dest="extra", action="append", default=[], metavar="KEY=VALUE",
                     help="an override for every stage's configs (e.g. paths.data_dir=/data); repeatable")
     ap.add_argument("--list", action="store_true", help="print the stages and exit")
@@ -70,7 +74,8 @@ def main(argv: list[str] | None = None):
 
         torch.set_float32_matmul_precision("high")  # TF32 matmuls for the fp32 parts on a GPU
         t0 = time.time()
-        record = run_study(scale, study, args.extra, args.only, args.resume, args.force, args.budget_minutes)
+        workers = scale.workers if args.workers is None else args.workers
+        record = run_study(scale, study, args.extra, args.only, args.resume, args.force, args.budget_minutes, workers)
         print(f"study: {len(record['ran'])} ran, {len(record['skipped'])} skipped, {len(record['not_run'])} not "
               f"run, {len(record['failed'])} failed in {(time.time() - t0) / 60:.1f} min", flush=True)
     if not args.no_report:

@@ -250,3 +250,28 @@ def test_dolly_fine_tune_and_its_held_out_perplexity_set_are_disjoint():
     trained = prompt_set_texts(compose("train", ["data=dolly"]).data.sources, where="data.sources")
     held_out = prompt_set_texts({"ppl_dolly": compose("evaluate", ["eval=ppl_dolly"]).eval.tasks.ppl_dolly.source})
     assert len(held_out) >= 50 and len(trained) >= 250 and not trained & held_out
+
+
+def test_loaded_sources_are_memoised_until_their_file_changes(tmp_path):
+    """A study reads the same files in every stage: Source.load and normalized_prompts remember them, per settings,
+    and read again once the file changes."""
+    import os
+
+    from safety_units.sources import normalized_prompts
+
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps({"q": f"Prompt {i}", "a": "x"}) + "\n" for i in range(3)))
+    src = Source.from_config({"path": str(path), "prompt": "q", "response": "a"}, "rows")
+    first = src.load()
+    first.pop()  # the caller's list, not the memo
+    assert [ex.prompt for ex in src.load()] == ["Prompt 0", "Prompt 1", "Prompt 2"]
+    assert normalized_prompts({"rows": {"path": str(path), "prompt": "q", "response": None}}) == \
+        {normalize_prompt(f"Prompt {i}") for i in range(3)}
+    other = Source.from_config({"path": str(path), "prompt": "q", "response": "a", "limit": 1}, "rows")
+    assert len(other.load()) == 1  # other settings, another entry
+    with open(path, "a") as f:
+        f.write(json.dumps({"q": "Prompt 3", "a": "x"}) + "\n")
+    os.utime(path, ns=(1, 1))  # a changed size alone would do; a changed mtime too
+    assert [ex.prompt for ex in src.load()][-1] == "Prompt 3"
+    assert normalize_prompt("Prompt 3") in normalized_prompts({"rows": {"path": str(path), "prompt": "q",
+                                                                        "response": None}})

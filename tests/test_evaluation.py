@@ -166,6 +166,36 @@ def test_suite_wide_attack_template_is_applied_and_validated(tiny):
     with pytest.raises(ConfigError, match=r"template must contain \{prompt\}"):
         run_refusal("aoa", task, settings, tiny.model, tiny.tokenizer, judge, exclude=set())
 
+def test_pooled_generation_runs_every_refusal_task_in_one_pass_with_the_same_results(tiny, monkeypatch, tmp_path):
+    """eval.pool_generation: one generate pass for both refusal tasks, each task gets its own completions back."""
+    from safety_units import evaluation
+    from safety_units.evaluation import run_suite
+
+    torch.manual_seed(0)
+    with torch.no_grad():  # varied greedy text, so that a mix-up of the tasks' completions would show
+        for p in tiny.model.parameters():
+            if p.ndim == 2:
+                p.normal_(0, 0.3)
+    tasks = {"benign": {"type": "refusal", "report": "refusal_rate", "source": {
+                 "path": str(FIXTURES / "pairs.jsonl"), "prompt": "q", "response": None, "where": {"type": "benign"}}},
+             "harmful": {"type": "refusal", "report": "asr", "source": {
+                 "path": str(FIXTURES / "pairs.csv"), "prompt": "prompt", "response": None, "strip_inst": True,
+                 "where": {"type": "harmful"}}}}
+    calls = []
+    real = evaluation.generate_chat
+    monkeypatch.setattr(evaluation, "generate_chat", lambda *a, **k: calls.append(len(a[2])) or real(*a, **k))
+    out = {}
+    for pool in (False, True):  # batch_size 1: no padding, so the pooled pass must reproduce each task exactly
+        cfg = OmegaConf.create({"batch_size": 1, "max_new_tokens": 6, "limit": None, "seed": 0, "tasks": tasks,
+                                "pool_generation": pool})
+        run_suite(tiny.model, tiny.tokenizer, cfg, StringJudge(min_words=1), output_dir=tmp_path / str(pool))
+        out[pool] = [json.loads(line) for line in (tmp_path / str(pool) / "generations.jsonl").read_text().splitlines()]
+    assert calls == [2, 2, 4]  # two passes of 2 prompts, then one pass of all 4
+    assert [(r["task"], r["prompt"]) for r in out[True]] == [(r["task"], r["prompt"]) for r in out[False]]
+    assert [r["completion"] for r in out[True]] == [r["completion"] for r in out[False]]
+    assert len({r["completion"] for r in out[True]}) == 4
+
+
 def test_ablation_zeroes_exactly_the_selected_slices(tiny):
     from safety_units.units import resolve_units
 

@@ -107,6 +107,24 @@ def test_a_failed_stage_is_recorded_and_the_rest_still_run(tmp_path):
     assert json.loads((study / "study.json").read_text())["failed"] == rec["failed"]
 
 
+def test_workers_run_the_stages_after_the_setup_and_record_a_failure(tmp_path):
+    """--workers: the setup here, then the other stages in worker processes (the shared queue); a stage failing in a
+    worker is recorded with its log, --resume skips what the workers finished and runs what failed."""
+    study = tmp_path / "study"
+    only = r"^(attribute_base|align|b_esu|c_alpaca_(none|esu)_s0)$"
+    rec = run_study(TINY, study, only=only, workers=2)  # no attribute_aligned: b_esu and c_alpaca_esu have no map
+    assert rec["ran"][:2] == ["attribute_base", "align"] and sorted(rec["ran"][2:]) == ["c_alpaca_none_s0"]
+    assert set(rec["failed"]) == {"b_esu", "c_alpaca_esu_s0"} and "Traceback" in (study / "b_esu.log").read_text()
+    assert (study / "c_alpaca_none_s0" / "eval.json").is_file()
+    recorded = json.loads((study / "study.json").read_text())
+    assert recorded["workers"] == 2 and recorded["failed"] == rec["failed"]
+    again = run_study(TINY, study, only=only.replace("align|", "align|attribute_aligned|"), resume=True, workers=2)
+    assert sorted(again["ran"]) == ["attribute_aligned", "b_esu", "c_alpaca_esu_s0"] and again["failed"] == {}
+    assert sorted(again["skipped"]) == ["align", "attribute_base", "c_alpaca_none_s0"]
+    point = json.loads((study / "c_alpaca_esu_s0" / "point.json").read_text())
+    assert point["train"]["frozen_max_abs_delta"] == 0.0
+
+
 def test_a_spent_time_budget_leaves_the_remaining_stages_not_run(tmp_path):
     rec = run_study(TINY, tmp_path / "study", only="^(shipped|b_esu)$", budget_minutes=0)
     assert rec["ran"] == [] and rec["not_run"] == ["shipped", "b_esu"]

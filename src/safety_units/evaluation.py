@@ -183,20 +183,43 @@ def refusal_result(name: str, report: str, prompts: list[str], completions: list
 
 
 def run_refusal(name: str, task: DictConfig, settings: DictConfig, model, tokenizer, judge,
-                exclude: set[str], train_prompts: set[str] | None = None) -> tuple[TaskResult, list[dict]]:
+                exclude: set[str], train_prompts: set[str] | None = None,
+                completions: list[str] | None = None) -> tuple[TaskResult, list[dict]]:
+    """Generate (unless `completions`, from pooled_completions, are given) and judge one refusal task."""
     report = task.get("report", "refusal_rate")
     if report not in ("asr", "refusal_rate"):
         raise ConfigError(f"eval.tasks.{name}.report must be asr or refusal_rate, got {report!r}.")
     src, examples, removed = refusal_prompts(name, task, settings, exclude)
     prompts = [ex.prompt for ex in examples]
-    completions = generate_chat(model, tokenizer, [ex.messages for ex in examples],
-                                max_new_tokens=int(task.get("max_new_tokens") or settings.max_new_tokens),
-                                batch_size=int(settings.batch_size), desc=name)
+    if completions is None:
+        completions = generate_chat(model, tokenizer, [ex.messages for ex in examples],
+                                    max_new_tokens=int(task.get("max_new_tokens") or settings.max_new_tokens),
+                                    batch_size=int(settings.batch_size), desc=name)
     extra = {"overlaps_removed": removed, "train_overlap": train_overlap(name, prompts, train_prompts),
              "source": str(src.path)}
     if src.system or src.template:
         extra.update(system=src.system, template=src.template)
     return refusal_result(name, report, prompts, completions, judge.judge(prompts, completions), judge, extra)
+
+
+def pooled_completions(tasks: DictConfig, settings: DictConfig, model, tokenizer,
+                       exclude: set[str]) -> dict[str, list[str]]:
+    """eval.pool_generation: the prompts of every refusal task generated together, one batched pass per
+    max_new_tokens -- fewer, fuller batches (on a GPU a batch of a small model costs about the same at any size).
+    Off by default: then a task's completions never depend on which other tasks run beside it."""
+    groups: dict[int, list[tuple[str, list]]] = {}
+    for name, task in tasks.items():
+        if task is not None and task.get("type") == "refusal":
+            _, examples, _ = refusal_prompts(name, task, settings, exclude)
+            n_new = int(task.get("max_new_tokens") or settings.max_new_tokens)
+            groups.setdefault(n_new, []).append((name, [ex.messages for ex in examples]))
+    out: dict[str, list[str]] = {}
+    for n_new, parts in groups.items():
+        done = generate_chat(model, tokenizer, [m for _, msgs in parts for m in msgs], max_new_tokens=n_new,
+                             batch_size=int(settings.batch_size), desc="+".join(name for name, _ in parts))
+        for name, msgs in parts:
+            out[name], done = done[:len(msgs)], done[len(msgs):]
+    return out
 
 
 def run_rejudge(name: str, task: DictConfig, settings: DictConfig, judge) -> tuple[TaskResult, list[dict]]:
@@ -276,13 +299,17 @@ def run_suite(model, tokenizer, eval_cfg: DictConfig, judge, train_prompts: set[
     results: dict[str, TaskResult] = {}
     generations: list[dict] = []
     for name, task in tasks.items():
+        if task is not None and task.get("type") not in TASK_TYPES:
+            raise ConfigError(f"eval.tasks.{name}.type must be one of {TASK_TYPES}, got {task.get('type')!r}.")
+    pooled = pooled_completions(tasks, eval_cfg, model, tokenizer, exclude) \
+        if eval_cfg.get("pool_generation", False) else {}
+    for name, task in tasks.items():
         if task is None:
             continue
         kind = task.get("type")
-        if kind not in TASK_TYPES:
-            raise ConfigError(f"eval.tasks.{name}.type must be one of {TASK_TYPES}, got {kind!r}.")
         if kind == "refusal":
-            res, rows = run_refusal(name, task, eval_cfg, model, tokenizer, judge, exclude, train_prompts)
+            res, rows = run_refusal(name, task, eval_cfg, model, tokenizer, judge, exclude, train_prompts,
+                                    completions=pooled.get(name))
             results[name] = res
             generations += rows
         elif kind == "rejudge":

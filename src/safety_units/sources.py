@@ -13,7 +13,7 @@ import json
 import logging
 import random
 import re
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -201,7 +201,27 @@ class Source:
         return src
 
     def load(self, seed: int = 0, require_response: bool | None = None) -> list[Example]:
-        """Read, validate, filter, split and cap the rows of this source."""
+        """Read, validate, filter, split and cap the rows of this source. Memoised per process on the settings and
+        the files' size and mtime: a study reads the same files in every one of its stages."""
+        key = self._memo_key(seed, require_response)
+        if key is None or key not in _LOADED:
+            examples = self._load(seed, require_response)
+            if key is None:
+                return examples
+            if len(_LOADED) >= 64:
+                _LOADED.clear()
+            _LOADED[key] = examples
+        return list(_LOADED[key])
+
+    def _memo_key(self, seed: int, require_response: bool | None) -> tuple | None:
+        paths = [self.path, *(c.get("path") for c in (self.exclude or {}).values() if isinstance(c, dict))]
+        stamps = [file_stamp(p) for p in paths]
+        if None in stamps:
+            return None  # a missing file: _load raises the error that names it
+        settings = json.dumps(asdict(self), sort_keys=True, default=str)
+        return settings, seed, require_response, tuple(stamps)
+
+    def _load(self, seed: int, require_response: bool | None) -> list[Example]:
         rows = read_rows(self.path, self.format, self.records)
         need_response = (self.response is not None or self.messages is not None) if require_response is None \
             else require_response
@@ -292,19 +312,41 @@ class Source:
         return Example(msgs, self.name, i, raw_prompt=prompt.strip())
 
 
+def file_stamp(path) -> tuple | None:
+    """(path, size, mtime) of a file, None when it is missing: a memo entry is stale once its files change."""
+    try:
+        st = Path(path).stat()
+    except (OSError, TypeError):
+        return None
+    return str(path), st.st_size, st.st_mtime_ns
+
+
+_LOADED: dict[tuple, list[Example]] = {}  # Source.load's memo
+_NORMALIZED: dict[tuple, frozenset[str]] = {}  # normalized_prompts' memo, per source
+
+
 def normalized_prompts(sources: dict | None, seed: int = 0, where: str = "sources") -> set[str]:
     """Normalised prompts of every source config in `sources` ({name: config}), whole files: their own where and
-    hash_split apply, no limit, no self-distillation. Errors name `<where>.<name>`."""
+    hash_split apply, no limit, no self-distillation. Errors name `<where>.<name>`. Memoised like Source.load."""
     out: set[str] = set()
     for name, cfg in (sources or {}).items():
         if cfg is None:
             continue
         src = Source.from_config(cfg, name)
         src.limit, src.self_distill = None, False
+        key = src._memo_key(seed, False)
+        if key is not None and key in _NORMALIZED:
+            out |= _NORMALIZED[key]
+            continue
         try:
-            out |= {normalize_prompt(ex.prompt) for ex in src.load(seed, require_response=False)}
+            texts = {normalize_prompt(ex.prompt) for ex in src.load(seed, require_response=False)}
         except DataError as e:
             raise ConfigError(f"{where}.{name}: {e}") from None
+        if key is not None:
+            if len(_NORMALIZED) >= 64:
+                _NORMALIZED.clear()
+            _NORMALIZED[key] = frozenset(texts)
+        out |= texts
     return out
 
 

@@ -63,6 +63,7 @@ class Scale:
     eval: list[str]             # sizes of eval=study (study_aoa for the AOA models)
     seeds: list[int]
     random_seeds: list[int]
+    workers: int = 1            # processes running the stages after the setup (study_runner.run_parallel)
     base_model: list[str] = field(default_factory=lambda: ["model=smollm2_135m"])
     teacher: list[str] = field(default_factory=list)  # harmful-mixture overrides (default teacher: the shipped model)
 
@@ -76,22 +77,27 @@ def common_overrides(trainer: str) -> list[str]:
 
 
 SCALES = {
+    # One H100 ran this scale's setup, (b) and most of (a) with batch 16 and three generation passes per stage
+    # (results/ssah_smollm2.md): a 135M model leaves the GPU latency-bound, so a stage's seconds follow its number
+    # of optimizer steps and decoding passes, not its batch size. Hence batch 32 for the short trainings, every
+    # refusal prompt of a stage in one decoding pass, and 3 worker processes sharing the GPU after the setup
+    # (benchmarks/project_study_time.py projects the time from the measured stages).
     "gpu": Scale(
         name="gpu", hardware="one GPU, bf16-mixed",
         common=common_overrides("gpu"),
         align=["data=mix", "data.num_samples=4000", "data.max_length=256", "data.batch_size=16",
                "trainer.max_epochs=1", "optim.lr=5e-5", "export=true"],
-        budget_align=["data=mix", "data.num_samples=1000", "data.max_length=256", "data.batch_size=16",
+        budget_align=["data=mix", "data.num_samples=1000", "data.max_length=256", "data.batch_size=32",
                       "trainer.max_epochs=1"],
         a_lrs=["5e-5", "2e-4"],
-        finetune=["data.num_samples=400", "data.max_length=256", "data.batch_size=16", "trainer.max_epochs=1",
+        finetune=["data.num_samples=400", "data.max_length=256", "data.batch_size=32", "trainer.max_epochs=1",
                   "optim.lr=1e-4"],
         aoa=["optim.lr=2e-4", "data.batch_size=10"],
         aoa_epochs=[1, 3, 5, 10],
         mix_shares=[0.05, 0.1, 0.2],
         attribute=["calibration.nsamples=128", "calibration.max_length=256"],
-        eval=["eval.batch_size=128"],
-        seeds=[0, 1, 2], random_seeds=[0, 1, 2]),
+        eval=["eval.batch_size=512", "+eval.pool_generation=true"],
+        seeds=[0, 1, 2], random_seeds=[0, 1, 2], workers=3),
     # 2 CPU cores: the (c) grid at small sizes (run as two one-thread lanes; stage times: <stage>.stage.json); the
     # aligned model is the quickstart-scale full alignment, far below the GPU scale's 2,000 + 2,000 examples.
     "cpu": Scale(
@@ -110,7 +116,7 @@ SCALES = {
         attribute=["calibration.nsamples=64", "calibration.max_length=128"],
         eval=["eval.max_new_tokens=32", "eval.tasks.harmful.limit=48", "eval.tasks.oktest.limit=32",
               "eval.tasks.ppl.limit=24", "eval.tasks.ppl_dolly.limit=24"],
-        seeds=[0, 1, 2], random_seeds=[0, 1, 2]),
+        seeds=[0, 1, 2], random_seeds=[0, 1, 2], workers=2),
 }
 
 

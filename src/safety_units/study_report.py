@@ -70,10 +70,16 @@ def stage_times(st: dict, lists: dict) -> tuple[dict, list[str]]:
             total += mean * d["planned"]
         rows.append(f"| {g} | {d['planned']} | {len(d['measured'])} | {num(mean, 1)} | "
                     f"{num(d['projected_seconds'] and d['projected_seconds'] / 60, 1)} |")
-    out = {"groups": groups, "projected_minutes": total / 60, "unmeasured_groups": unmeasured}
+    # after the setup, `workers` processes share the other stages (their seconds were measured running side by side)
+    workers = int(st["study"].get("workers") or 1)
+    setup = sum(d["projected_seconds"] or 0.0 for g, d in groups.items() if g not in ("a", "b", "c"))
+    wall = setup + (total - setup) / workers
+    out = {"groups": groups, "projected_minutes": total / 60, "workers": workers,
+           "projected_wall_minutes": wall / 60, "unmeasured_groups": unmeasured}
+    run_in = "" if workers == 1 else f"; in {workers} worker processes after the setup, {wall / 60:.1f} min of wall time"
     lines = ["Stage times (seconds from `<stage>.stage.json`; a stage not run is projected at its group's mean):", "",
              "| stages | planned | measured | mean s | projected min |", "|---|---:|---:|---:|---:|", *rows, "",
-             f"The whole plan projects to {total / 60:.1f} min on this hardware"
+             f"The whole plan projects to {total / 60:.1f} stage-minutes on this hardware{run_in}"
              + (f", not counting groups with no measured stage ({', '.join(unmeasured)})" if unmeasured else "")
              + "."]
     return out, lines

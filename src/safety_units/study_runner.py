@@ -1,7 +1,8 @@
-"""Run the v2 study's stages (safety_units.study_plan) in one process.
+"""Run the v2 study's stages (safety_units.study_plan) in one process, or the setup in this one and the rest in
+worker processes (run_parallel).
 
-Models stay in memory -- on the GPU when there is one -- between stages: the shipped and the aligned model are
-loaded once, and every stage trains or evaluates a fresh deep copy, so a stage costs its own work and not a
+Models stay in memory -- on the GPU when there is one -- between stages: each process loads the shipped and the
+aligned model once, and every stage trains or evaluates a fresh deep copy, so a stage costs its own work and not a
 process start and a model load (seconds on a GPU, where a study has hundreds of stages).
 
 Each finished stage leaves `<study>/<stage>.stage.json` with the hash of its composed configs. Without --resume
@@ -13,9 +14,11 @@ need its output fail fast after it); a time budget stops starting new stages and
 from __future__ import annotations
 
 import copy
+import gc
 import hashlib
 import json
 import logging
+import queue
 import re
 import time
 import traceback
@@ -71,7 +74,6 @@ def release_memory() -> None:
     """Free the stage's model copy, optimizer state and activations now, and hand the freed heap back to the OS:
     without it a process running dozens of stages grew past 12 GB on CPU (allocator fragmentation) and was killed."""
     import ctypes
-    import gc
 
     import torch
 
@@ -102,10 +104,12 @@ class StudyRunner:
     """Runs a plan; keeps the shipped and the aligned model in memory (the masters are never trained)."""
 
     def __init__(self, scale: Scale, study: Path, extra: list[str] | None = None, resume: bool = False,
-                 force: bool = False, budget_minutes: float | None = None):
+                 force: bool = False, budget_minutes: float | None = None, tag: str = ""):
+        self.tag = tag  # the worker's prefix on progress lines
         self.scale, self.study, self.extra = scale, Path(study), list(extra or [])
         self.resume, self.force, self.budget = resume, force, budget_minutes
         self.models: dict[str, LoadedModel] = {}
+        self.seen_prompts: dict[str, set[str]] = {}  # data.sources (yaml) -> their normalised prompts
         self.record = {"ran": [], "skipped": [], "not_run": [], "failed": {}}
         self.t0 = time.time()
 
@@ -122,6 +126,10 @@ class StudyRunner:
             loaded = load_model(cfg.model)
             loaded.model.to(resolve_device(cfg.get("device"))).eval()
             self.models[key] = loaded
+            # what lives now (masters, modules, configs) lives as long as the process: keep it out of the full
+            # collection release_memory runs after every stage (0.3 s a stage otherwise)
+            gc.collect()
+            gc.freeze()
         return self.models[key]
 
     def copy_of(self, key: str) -> LoadedModel:
@@ -147,9 +155,9 @@ class StudyRunner:
         cfgs = stage_configs(stage, self.study, self.scale, self.extra)
         digest = config_hash(cfgs)
         if self.finished(stage, digest):
-            print(f"[skip] {stage.name}: finished, config unchanged", flush=True)
+            print(f"{self.tag}[skip] {stage.name}: finished, config unchanged", flush=True)
             return "skipped"
-        print(f"[run ] {stage.name}", flush=True)
+        print(f"{self.tag}[run ] {stage.name}", flush=True)
         t0 = time.time()
         (self.study / stage.name).mkdir(parents=True, exist_ok=True)
         with stage_log(self.study / f"{stage.name}.log"):
@@ -165,7 +173,7 @@ class StudyRunner:
         (self.study / f"{stage.name}.stage.json").write_text(json.dumps(
             {"config_hash": digest, "seconds": seconds, "overrides": {
                 "train": stage.train, "evaluate": stage.evaluate, "attribute": stage.attribute}}, indent=2))
-        print(f"       done in {seconds:.1f} s", flush=True)
+        print(f"{self.tag}       {stage.name} done in {seconds:.1f} s", flush=True)
         return "ran"
 
     def execute(self, stage: Stage, cfgs: dict[str, DictConfig]) -> dict | None:
@@ -185,19 +193,27 @@ class StudyRunner:
         start = self.copy_of(stage.model)
         summary, model = fit(cfgs["train"], start)
         trained = LoadedModel(model, start.tokenizer, f"{start.name} + {stage.name}")
-        # the fine-tune's own prompts are counted in the eval (extra.train_overlap), never removed
-        seen = prompt_set_texts(cfgs["train"].data.sources, where=f"stage {stage.name}: data.sources")
+        # the fine-tune's own prompts are counted in the eval (extra.train_overlap), never removed; many stages
+        # share their sources, which are read once per process
+        key = OmegaConf.to_yaml(cfgs["train"].data.sources)
+        if key not in self.seen_prompts:
+            self.seen_prompts[key] = prompt_set_texts(cfgs["train"].data.sources,
+                                                      where=f"stage {stage.name}: data.sources")
+        seen = self.seen_prompts[key]
         run_evaluate(cfgs["evaluate"], trained, train_prompts=seen)
         keep = ("global_step", "train_examples", "data_stats", "freeze", "frozen_max_abs_delta", "trainable_changed")
         return {k: summary.get(k) for k in keep} | {"lr": float(cfgs["train"].optim.lr),
                                                    "epochs": int(cfgs["train"].trainer.max_epochs)}
 
     # ------------------------------------------------------------------ the plan
+    def out_of_budget(self) -> bool:
+        return self.budget is not None and (time.time() - self.t0) / 60 > self.budget
+
     def run(self, stages: list[Stage]) -> dict:
         for i, stage in enumerate(stages):
-            if self.budget is not None and (time.time() - self.t0) / 60 > self.budget:
+            if self.out_of_budget():
                 self.record["not_run"] += [s.name for s in stages[i:]]
-                print(f"[stop] time budget of {self.budget} min spent; {len(stages) - i} stages not run "
+                print(f"{self.tag}[stop] time budget of {self.budget} min spent; {len(stages) - i} stages not run "
                       f"(--resume runs them later)", flush=True)
                 break
             try:
@@ -210,21 +226,90 @@ class StudyRunner:
         self.write_record(stages)
         return self.record
 
+    def run_parallel(self, stages: list[Stage], workers: int) -> dict:
+        """The setup stages here, one after the other; then the others -- independent of each other, each needing
+        only the setup's outputs -- from a shared queue by `workers` processes (one model copy each; the CPU's
+        cores split between them). Small models leave a GPU mostly idle between kernel launches, and one torch
+        process uses two CPU cores poorly, so on both several stages at once finish sooner."""
+        setup = [s for s in stages if s.labels.get("claim") == "setup"]
+        rest = [s for s in stages if s.labels.get("claim") != "setup"]
+        self.run(setup)
+        self.models.clear()  # the workers load their own masters
+        release_memory()
+        todo = []
+        for stage in rest:  # finished stages are skipped here, and existing outputs stop the run as in run()
+            if (self.study / stage.name / stage.done_file).exists() and \
+                    self.finished(stage, config_hash(stage_configs(stage, self.study, self.scale, self.extra))):
+                self.record["skipped"].append(stage.name)
+            else:
+                todo.append(stage.name)
+        if todo and not self.out_of_budget():
+            self.dispatch(todo, workers)
+        elif todo:
+            self.record["not_run"] += todo
+        self.write_record(stages, workers)
+        return self.record
+
+    def dispatch(self, names: list[str], workers: int) -> None:
+        import multiprocessing as mp
+        import os
+
+        ctx = mp.get_context("spawn")  # CUDA cannot be forked; spawn is also what macOS and Windows do
+        todo, messages = ctx.Queue(), ctx.Queue()
+        for name in names:
+            todo.put(name)
+        workers = max(1, min(workers, len(names)))
+        for _ in range(workers):
+            todo.put(None)
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        threads = max(1, cores // workers)
+        print(f"[pool] {len(names)} stages on {workers} worker processes, {threads} CPU thread(s) each", flush=True)
+        args = (self.scale, self.study, self.extra, self.resume, self.force, self.budget, self.t0, threads)
+        procs = {k: ctx.Process(target=_worker, args=(k, *args, todo, messages), daemon=True)
+                 for k in range(workers)}
+        for p in procs.values():
+            p.start()
+        running: dict[int, str] = {}
+        while procs:
+            try:
+                msg = messages.get(timeout=2)
+            except queue.Empty:  # look for workers that died without a word (killed: out of memory)
+                for k, p in list(procs.items()):
+                    if not p.is_alive() and messages.empty():
+                        if k in running:
+                            self.record["failed"][running.pop(k)] = f"worker {k} died (exit code {p.exitcode})"
+                        procs.pop(k)
+                continue
+            kind, k, name = msg[:3]
+            if kind == "start":
+                running[k] = name
+            elif kind == "exit":
+                procs.pop(k).join()
+            else:
+                running.pop(k, None)
+                if kind == "failed":
+                    self.record["failed"][name] = msg[3]
+                else:
+                    self.record[kind].append(name)
+        for name in names:  # stages never started: a dead worker's share, or the budget
+            if not any(name in self.record[key] for key in ("ran", "skipped", "not_run", "failed")):
+                self.record["not_run"].append(name)
+
     def fail(self, stage: Stage, e: BaseException) -> None:
         msg = f"{type(e).__name__}: {e}"
         self.record["failed"][stage.name] = msg
         self.study.mkdir(parents=True, exist_ok=True)
         with open(self.study / f"{stage.name}.log", "a") as f:
             f.write(traceback.format_exc())
-        print(f"[fail] {stage.name}: {msg} (see {self.study / (stage.name + '.log')})", flush=True)
+        print(f"{self.tag}[fail] {stage.name}: {msg} (see {self.study / (stage.name + '.log')})", flush=True)
 
-    def write_record(self, stages: list[Stage]) -> None:
+    def write_record(self, stages: list[Stage], workers: int = 1) -> None:
         import torch
 
         device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
         rec = {"scale": self.scale.name, "hardware": self.scale.hardware, "device": device,
                "minutes": (time.time() - self.t0) / 60, "budget_minutes": self.budget,
-               "planned": [s.name for s in stages], **self.record, "settings": asdict(self.scale),
+               "workers": workers, "planned": [s.name for s in stages], **self.record, "settings": asdict(self.scale),
                "extra_overrides": self.extra}
         self.study.mkdir(parents=True, exist_ok=True)
         (self.study / "study.json").write_text(json.dumps(rec, indent=2))
@@ -244,8 +329,35 @@ def select(stages: list[Stage], only: str | None) -> list[Stage]:
     return chosen
 
 
+def _worker(k: int, scale: Scale, study: Path, extra: list[str], resume: bool, force: bool,
+            budget: float | None, t0: float, threads: int, todo, messages) -> None:
+    """One worker process of run_parallel: run stage names from `todo` until its None; report on `messages`."""
+    import torch
+
+    torch.set_num_threads(threads)
+    by_name = {s.name: s for s in plan(scale, str(study))}
+    runner = StudyRunner(scale, study, extra, resume, force, budget, tag=f"[w{k}] ")
+    runner.t0 = t0  # the budget counts from the start of the whole run
+    while (name := todo.get()) is not None:
+        if runner.out_of_budget():
+            messages.put(("not_run", k, name))
+            continue
+        messages.put(("start", k, name))
+        try:
+            messages.put((runner.run_stage(by_name[name]), k, name))
+        except Exception as e:  # noqa: BLE001 -- recorded like run()'s failures; the worker takes the next stage
+            runner.fail(by_name[name], e)
+            messages.put(("failed", k, name, runner.record["failed"][name]))
+    messages.put(("exit", k, None))
+
+
 def run_study(scale: Scale, study: Path, extra: list[str] | None = None, only: str | None = None,
-              resume: bool = False, force: bool = False, budget_minutes: float | None = None) -> dict:
-    """Run (part of) the plan of `scale` into `study`; returns the record also written to study.json."""
+              resume: bool = False, force: bool = False, budget_minutes: float | None = None,
+              workers: int = 1) -> dict:
+    """Run (part of) the plan of `scale` into `study`, in `workers` processes after the setup stages; returns the
+    record also written to study.json."""
+    if workers < 1:
+        raise ConfigError(f"--workers must be >= 1, got {workers}.")
     stages = select(plan(scale, str(study)), only)
-    return StudyRunner(scale, study, extra, resume, force, budget_minutes).run(stages)
+    runner = StudyRunner(scale, study, extra, resume, force, budget_minutes)
+    return runner.run(stages) if workers == 1 else runner.run_parallel(stages, workers)
