@@ -20,6 +20,7 @@ from safety_units.study_verdicts import (
     MARGIN,
     compare,
     cond,
+    diff_text,
     load_study,
     verdicts,
 )
@@ -130,6 +131,21 @@ def test_conditions_are_mean_and_sd_over_seeds_and_tests_pool_the_seeds(tmp_path
     # the reference run repeated once per seed; the combined error outcome of (a) has both tasks' prompts
     e = compare(st, [("shipped", "a_full_lr5e-5_s0"), ("shipped", "a_full_lr5e-5_s1")], ERROR)
     assert e["n"] == 2 * 2 * N
+
+
+def test_seeds_that_trained_identically_are_counted_once(tmp_path):
+    """Two seeds with the same outcomes in both conditions are one experiment run twice: pooling them would double
+    the evidence. Layers' harmful rate does not depend on the seed in the synthetic study."""
+    st = load_study(write_study(tmp_path / "s"))
+    pairs = [("c_alpaca_layers_s0", "c_alpaca_none_s0"), ("c_alpaca_layers_s1", "c_alpaca_none_s1")]
+    assert compare(st, pairs, "harmful")["repeats"] == []  # none differs between seeds: both pairs count
+    same = [("c_alpaca_layers_s0", "c_alpaca_layers_s0"), ("c_alpaca_layers_s1", "c_alpaca_layers_s1")]
+    d = compare(st, same, "harmful")
+    assert d["n"] == N and d["repeats"] == [["c_alpaca_layers_s1", "c_alpaca_layers_s1"]]
+    twice = compare(st, [("shipped", "c_alpaca_layers_s0"), ("shipped", "c_alpaca_layers_s1")], "harmful")
+    once = compare(st, [("shipped", "c_alpaca_layers_s0")], "harmful")
+    assert twice["n"] == N and twice["p_mcnemar"] == once["p_mcnemar"]
+    assert "1 identical seed pair(s) counted once" in diff_text(twice)
 
 
 def test_a_seed_whose_prompts_differ_raises_naming_both_stages(tmp_path):

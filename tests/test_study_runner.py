@@ -56,6 +56,7 @@ def test_every_study_stage_composes(scale, tmp_path):
                 assert t.data.harmful_share == lab["strength"]
             if lab["family"] == "aoa":
                 assert t.trainer.max_epochs == lab["strength"] and "AOA" in cfgs["evaluate"].eval.system
+                assert t.data.batch_size < 10  # AOA's 10 conversations in one batch: every seed the same run
             else:
                 assert cfgs["evaluate"].eval.system is None
         if st.name.startswith("a_"):

@@ -92,7 +92,7 @@ SCALES = {
         a_lrs=["5e-5", "2e-4"],
         finetune=["data.num_samples=400", "data.max_length=256", "data.batch_size=32", "trainer.max_epochs=1",
                   "optim.lr=1e-4"],
-        aoa=["optim.lr=2e-4", "data.batch_size=10"],
+        aoa=["optim.lr=1e-4", "data.batch_size=5"],  # batch < AOA's 10 conversations: see AOA_SEEDS below
         aoa_epochs=[1, 3, 5, 10],
         mix_shares=[0.05, 0.1, 0.2],
         attribute=["calibration.nsamples=128", "calibration.max_length=256"],
@@ -110,7 +110,7 @@ SCALES = {
         a_lrs=["5e-5", "2e-4"],
         finetune=["data.num_samples=24", "data.max_length=128", "data.batch_size=4", "trainer.max_epochs=1",
                   "optim.lr=3e-4"],
-        aoa=["optim.lr=2e-4", "data.batch_size=10", "data.max_length=160"],
+        aoa=["optim.lr=5e-5", "data.batch_size=5", "data.max_length=160"],
         aoa_epochs=[1, 2, 4],
         mix_shares=[0.05, 0.1, 0.2],
         attribute=["calibration.nsamples=64", "calibration.max_length=128"],
@@ -118,6 +118,11 @@ SCALES = {
               "eval.tasks.ppl.limit=24", "eval.tasks.ppl_dolly.limit=24"],
         seeds=[0, 1, 2], random_seeds=[0, 1, 2], workers=2),
 }
+
+
+# AOA_SEEDS: AOA has 10 conversations. In one batch of 10, every seed trained the same model (the seeded shuffle
+# only reorders one batch; SmolLM2 has no dropout), so "3 seeds" were 3 copies of one run. Batches of 5 make the
+# seed choose which conversations step together and in which order.
 
 
 def threats(scale: Scale) -> list[Threat]:

@@ -235,6 +235,7 @@ class StudyRunner:
         rest = [s for s in stages if s.labels.get("claim") != "setup"]
         self.run(setup)
         self.models.clear()  # the workers load their own masters
+        gc.unfreeze()  # (frozen when loaded) so that the collection below can free them
         release_memory()
         todo = []
         for stage in rest:  # finished stages are skipped here, and existing outputs stop the run as in run()

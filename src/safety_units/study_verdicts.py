@@ -11,6 +11,7 @@ The constants below were fixed before any v2 number existed.
 
 from __future__ import annotations
 
+import json
 import math
 import statistics
 from dataclasses import dataclass, field, fields
@@ -142,11 +143,13 @@ def cond(st: dict, stages: list[str], task: str) -> dict:
 
 
 def compare(st: dict, pairs: list[tuple[str, str]], task: str) -> dict | None:
-    """y minus x over (x, y) stage pairs whose runs both exist, outcomes pooled in pair order; None without any."""
+    """y minus x over (x, y) stage pairs whose runs both exist, outcomes pooled in pair order; None without any.
+    A pair whose two outcome lists equal an earlier pair's is the same experiment again (seeds that train
+    identically: a batch holding the whole dataset, no dropout) and is counted once, not as more evidence."""
     key = (tuple(pairs), task)
     if key in st["cache"]:
         return st["cache"][key]
-    xs, ys, used, metric = [], [], [], None
+    xs, ys, used, metric, seen, repeats = [], [], [], None, set(), []
     for x, y in pairs:
         rx, ry = task_of(st, x, task), task_of(st, y, task)
         if rx is None or ry is None:
@@ -156,12 +159,16 @@ def compare(st: dict, pairs: list[tuple[str, str]], task: str) -> dict | None:
         if hx is None or hy is None or ox is None or oy is None or hx != hy or len(ox) != len(oy):
             raise PromptMismatchError(f"{x} vs {y}: task {task}: the runs saw different prompts (prompt_hash {hx} vs "
                                       f"{hy}); paired statistics need the same prompts in both.")
+        if (fp := json.dumps([ox, oy])) in seen:
+            repeats.append([x, y])
+            continue
+        seen.add(fp)
         xs, ys, metric = xs + ox, ys + oy, rx["metric"]
         used.append([x, y])
     out = None
     if used:
         pseudo = [{"metric": metric, "extra": {"prompt_hash": "pooled", "outcomes": o}} for o in (xs, ys)]
-        out = {**paired_difference(*pseudo, task), "pairs": used, "n": len(xs)}
+        out = {**paired_difference(*pseudo, task), "pairs": used, "n": len(xs), "repeats": repeats}
     st["cache"][key] = out
     return out
 
@@ -198,7 +205,8 @@ def diff_text(d: dict | None, digits: int = 3) -> str:
     if d is None:
         return "n/a"
     p = "" if d.get("p_mcnemar") is None else f", p={d['p_mcnemar']:.2g}"
-    return f"{d['diff']:+.{digits}f} [{d['ci_low']:+.{digits}f}, {d['ci_high']:+.{digits}f}{p}]"
+    once = f", {len(d['repeats'])} identical seed pair(s) counted once" if d.get("repeats") else ""
+    return f"{d['diff']:+.{digits}f} [{d['ci_low']:+.{digits}f}, {d['ci_high']:+.{digits}f}{p}{once}]"
 
 
 def not_testable(claim: str, missing: list[str], numbers: dict | None = None) -> Verdict:
