@@ -6,7 +6,7 @@
 A stage's seconds are modelled as  fixed + steps * t_step + passes * t_pass:
 * t_pass: one batched decoding pass of the refusal prompts (tqdm's s/it of the eval tasks in the device log);
 * fixed + steps * t_step: the rest of a training stage, fitted on the logged (c) stages (their step counts come
-  from the plan they ran under: `--old-batch`); an eval-only stage's fixed part from the (b) stages' stage.json;
+  from the batch sizes they ran with: `--old-batch`, `--old-aoa-batch`); an eval-only stage's fixed part from the (b) stages' stage.json;
 * the setup stages cost what they measured.
 The plan being projected may use other batch sizes. Two bounds: "latency-bound" (a step or a decoding pass costs the
 same at any batch size -- a 135M model on an H100: the measured oktest pass of 100 prompts took as long as a harmful
@@ -80,6 +80,7 @@ def main(argv=None):
     ap.add_argument("--runs", type=Path, default=ROOT / "results" / "ssah_smollm2" / "runs")
     ap.add_argument("--log", type=Path, default=ROOT / "results" / "ssah_smollm2" / "device_timing_c_stages.log")
     ap.add_argument("--old-batch", type=int, default=16, help="training batch of the logged stages")
+    ap.add_argument("--old-aoa-batch", type=int, default=10, help="AOA's training batch in the logged stages")
     ap.add_argument("--old-eval-batch", type=int, default=128, help="eval batch of the measured stages")
     ap.add_argument("--workers", type=int, help="default: the scale's")
     args = ap.parse_args(argv)
@@ -98,8 +99,8 @@ def main(argv=None):
     for n, s in timed.items():
         st = next(x for x in plan(scale, str(args.runs)) if x.name == n)
         cfg = stage_configs(st, args.runs, scale, [])["train"]
-        steps = math.ceil(train_examples(cfg) / (args.old_batch if cfg.data.get("num_samples") else
-                                                  int(cfg.data.batch_size))) * int(cfg.trainer.max_epochs)
+        old_batch = args.old_batch if cfg.data.get("num_samples") else args.old_aoa_batch
+        steps = math.ceil(train_examples(cfg) / old_batch) * int(cfg.trainer.max_epochs)
         rest[n] = (steps, s["seconds"] - sum(k * rate for k, rate in s["passes"].values()))
     xs, ys = zip(*rest.values())
     if len(set(xs)) < 2:
