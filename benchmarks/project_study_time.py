@@ -33,7 +33,6 @@ from safety_units.sources import Source
 from safety_units.study_plan import SCALES, plan
 from safety_units.study_runner import stage_configs
 
-SETUP = ("attribute_base", "align", "shipped", "attribute_aligned", "aligned_aoaprompt")
 RUN = re.compile(r"\[run \] (\S+)")
 DONE = re.compile(r"done in ([0-9.]+) s")
 PASS = re.compile(r"(harmful|oktest): 100%\|[^|]*\| (\d+)/\d+ \[[^,]*,\s+([0-9.]+)s/it\]")
@@ -95,10 +94,11 @@ def main(argv=None):
     if not timed:
         sys.exit(f"{args.log}: no timed (c) stage after the first")
     t_pass = mean(rate for s in timed.values() for _, rate in s["passes"].values())
+    stages = plan(scale, str(args.runs))
+    by_name = {st.name: st for st in stages}
     rest = {}  # (c) stage -> seconds without its decoding passes, by its steps under the old batch
     for n, s in timed.items():
-        st = next(x for x in plan(scale, str(args.runs)) if x.name == n)
-        cfg = stage_configs(st, args.runs, scale, [])["train"]
+        cfg = stage_configs(by_name[n], args.runs, scale, [])["train"]
         old_batch = args.old_batch if cfg.data.get("num_samples") else args.old_aoa_batch
         steps = math.ceil(train_examples(cfg) / old_batch) * int(cfg.trainer.max_epochs)
         rest[n] = (steps, s["seconds"] - sum(k * rate for k, rate in s["passes"].values()))
@@ -113,12 +113,12 @@ def main(argv=None):
     print(f"measured: t_pass {t_pass:.2f} s, t_step {t_step:.3f} s (batch {args.old_batch}), fixed {fixed_train:.2f} s "
           f"a training stage / {fixed_eval:.2f} s an eval stage; setup stages as measured")
     groups: dict[str, list[float]] = {}
-    for st in plan(scale, str(args.runs)):
-        g = st.name if st.name in SETUP else st.name[0]
-        if st.name in SETUP:
-            groups.setdefault(g, [0.0, 0.0, 0])
-            groups[g] = [seconds[st.name], seconds[st.name], 1]
+    setup = [st.name for st in stages if st.labels.get("claim") == "setup"]
+    for st in stages:
+        if st.name in setup:  # as measured
+            groups[st.name] = [seconds[st.name], seconds[st.name], 1]
             continue
+        g = st.name[0]
         w = stage_work(st, args.runs, scale, task_sizes)
         fixed = fixed_train if w["steps"] else fixed_eval
         batch_ratio = w["batch"] / args.old_batch if w["steps"] else 0
@@ -131,11 +131,11 @@ def main(argv=None):
     print("| stages | n | latency-bound | compute-bound |\n|---|---:|---:|---:|")
     for g, (lat, comp, n) in groups.items():
         print(f"| {g} | {n} | {lat / 60:.1f} | {comp / 60:.1f} |")
-    setup = [sum(groups[g][i] for g in SETUP if g in groups) for i in (0, 1)]
+    setup_s = [sum(groups[g][i] for g in setup) for i in (0, 1)]
     total = [sum(v[i] for v in groups.values()) for i in (0, 1)]
     print(f"| total | {sum(v[2] for v in groups.values())} | {total[0] / 60:.1f} | {total[1] / 60:.1f} |")
     for i, label in enumerate(("latency-bound", "compute-bound")):
-        ideal = (setup[i] + (total[i] - setup[i]) / workers) / 60
+        ideal = (setup_s[i] + (total[i] - setup_s[i]) / workers) / 60
         print(f"{label}: {total[i] / 60:.1f} min in one process; with {workers} workers sharing the GPU, "
               f"at best {ideal:.1f} min (unmeasured: perfect overlap)")
 

@@ -203,15 +203,8 @@ class Source:
     def load(self, seed: int = 0, require_response: bool | None = None) -> list[Example]:
         """Read, validate, filter, split and cap the rows of this source. Memoised per process on the settings and
         the files' size and mtime: a study reads the same files in every one of its stages."""
-        key = self._memo_key(seed, require_response)
-        if key is None or key not in _LOADED:
-            examples = self._load(seed, require_response)
-            if key is None:
-                return examples
-            if len(_LOADED) >= 64:
-                _LOADED.clear()
-            _LOADED[key] = examples
-        return list(_LOADED[key])
+        return list(memoised(_LOADED, self._memo_key(seed, require_response),
+                             lambda: self._load(seed, require_response)))
 
     def _memo_key(self, seed: int, require_response: bool | None) -> tuple | None:
         paths = [self.path, *(c.get("path") for c in (self.exclude or {}).values() if isinstance(c, dict))]
@@ -325,6 +318,17 @@ _LOADED: dict[tuple, list[Example]] = {}  # Source.load's memo
 _NORMALIZED: dict[tuple, frozenset[str]] = {}  # normalized_prompts' memo, per source
 
 
+def memoised(store: dict, key: tuple | None, compute):
+    """compute(), remembered in `store` under `key` (None: computed, not remembered); at most 64 entries."""
+    if key is None:
+        return compute()
+    if key not in store:
+        if len(store) >= 64:
+            store.clear()
+        store[key] = compute()
+    return store[key]
+
+
 def normalized_prompts(sources: dict | None, seed: int = 0, where: str = "sources") -> set[str]:
     """Normalised prompts of every source config in `sources` ({name: config}), whole files: their own where and
     hash_split apply, no limit, no self-distillation. Errors name `<where>.<name>`. Memoised like Source.load."""
@@ -334,19 +338,11 @@ def normalized_prompts(sources: dict | None, seed: int = 0, where: str = "source
             continue
         src = Source.from_config(cfg, name)
         src.limit, src.self_distill = None, False
-        key = src._memo_key(seed, False)
-        if key is not None and key in _NORMALIZED:
-            out |= _NORMALIZED[key]
-            continue
         try:
-            texts = {normalize_prompt(ex.prompt) for ex in src.load(seed, require_response=False)}
+            out |= memoised(_NORMALIZED, src._memo_key(seed, False), lambda src=src: frozenset(
+                normalize_prompt(ex.prompt) for ex in src.load(seed, require_response=False)))
         except DataError as e:
             raise ConfigError(f"{where}.{name}: {e}") from None
-        if key is not None:
-            if len(_NORMALIZED) >= 64:
-                _NORMALIZED.clear()
-            _NORMALIZED[key] = frozenset(texts)
-        out |= texts
     return out
 
 

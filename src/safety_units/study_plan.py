@@ -68,6 +68,13 @@ class Scale:
     teacher: list[str] = field(default_factory=list)  # harmful-mixture overrides (default teacher: the shipped model)
 
 
+def one_epoch(num_samples: int, max_length: int, batch_size: int, lr: str | None = None,
+              data: str | None = None) -> list[str]:
+    """The data and trainer overrides of one epoch over `num_samples` examples (optionally data=<data>, then lr)."""
+    return [*([f"data={data}"] if data else []), f"data.num_samples={num_samples}", f"data.max_length={max_length}",
+            f"data.batch_size={batch_size}", "trainer.max_epochs=1", *([f"optim.lr={lr}"] if lr else [])]
+
+
 def common_overrides(trainer: str) -> list[str]:
     """Every train stage of a scale: no logger, checkpoint, export, validation split or progress bar (a study has
     hundreds of short stages, each evaluated in memory)."""
@@ -85,31 +92,25 @@ SCALES = {
     "gpu": Scale(
         name="gpu", hardware="one GPU, bf16-mixed",
         common=common_overrides("gpu"),
-        align=["data=mix", "data.num_samples=4000", "data.max_length=256", "data.batch_size=16",
-               "trainer.max_epochs=1", "optim.lr=5e-5", "export=true"],
-        budget_align=["data=mix", "data.num_samples=1000", "data.max_length=256", "data.batch_size=32",
-                      "trainer.max_epochs=1"],
+        align=[*one_epoch(4000, 256, 16, lr="5e-5", data="mix"), "export=true"],
+        budget_align=one_epoch(1000, 256, 32, data="mix"),
         a_lrs=["5e-5", "2e-4"],
-        finetune=["data.num_samples=400", "data.max_length=256", "data.batch_size=32", "trainer.max_epochs=1",
-                  "optim.lr=1e-4"],
+        finetune=one_epoch(400, 256, 32, lr="1e-4"),
         aoa=["optim.lr=1e-4", "data.batch_size=5"],  # batch < AOA's 10 conversations: see AOA_SEEDS below
         aoa_epochs=[1, 3, 5, 10],
         mix_shares=[0.05, 0.1, 0.2],
         attribute=["calibration.nsamples=128", "calibration.max_length=256"],
         eval=["eval.batch_size=512", "+eval.pool_generation=true"],
         seeds=[0, 1, 2], random_seeds=[0, 1, 2], workers=3),
-    # 2 CPU cores: the (c) grid at small sizes (run as two one-thread lanes; stage times: <stage>.stage.json); the
+    # 2 CPU cores: every stage at small sizes (two one-thread workers; stage times: <stage>.stage.json); the
     # aligned model is the quickstart-scale full alignment, far below the GPU scale's 2,000 + 2,000 examples.
     "cpu": Scale(
         name="cpu", hardware="CPU (2 cores), float32, reduced sizes",
         common=common_overrides("cpu"),
-        align=["data=mix", "data.num_samples=480", "data.max_length=128", "data.batch_size=8",
-               "trainer.max_epochs=1", "optim.lr=2e-4", "export=true"],
-        budget_align=["data=mix", "data.num_samples=96", "data.max_length=128", "data.batch_size=8",
-                      "trainer.max_epochs=1"],
+        align=[*one_epoch(480, 128, 8, lr="2e-4", data="mix"), "export=true"],
+        budget_align=one_epoch(96, 128, 8, data="mix"),
         a_lrs=["5e-5", "2e-4"],
-        finetune=["data.num_samples=24", "data.max_length=128", "data.batch_size=4", "trainer.max_epochs=1",
-                  "optim.lr=3e-4"],
+        finetune=one_epoch(24, 128, 4, lr="3e-4"),
         aoa=["optim.lr=5e-5", "data.batch_size=5", "data.max_length=160"],
         aoa_epochs=[1, 2, 4],
         mix_shares=[0.05, 0.1, 0.2],

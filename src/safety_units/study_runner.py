@@ -109,7 +109,6 @@ class StudyRunner:
         self.scale, self.study, self.extra = scale, Path(study), list(extra or [])
         self.resume, self.force, self.budget = resume, force, budget_minutes
         self.models: dict[str, LoadedModel] = {}
-        self.seen_prompts: dict[str, set[str]] = {}  # data.sources (yaml) -> their normalised prompts
         self.record = {"ran": [], "skipped": [], "not_run": [], "failed": {}}
         self.t0 = time.time()
 
@@ -193,13 +192,9 @@ class StudyRunner:
         start = self.copy_of(stage.model)
         summary, model = fit(cfgs["train"], start)
         trained = LoadedModel(model, start.tokenizer, f"{start.name} + {stage.name}")
-        # the fine-tune's own prompts are counted in the eval (extra.train_overlap), never removed; many stages
-        # share their sources, which are read once per process
-        key = OmegaConf.to_yaml(cfgs["train"].data.sources)
-        if key not in self.seen_prompts:
-            self.seen_prompts[key] = prompt_set_texts(cfgs["train"].data.sources,
-                                                      where=f"stage {stage.name}: data.sources")
-        seen = self.seen_prompts[key]
+        # the fine-tune's own prompts are counted in the eval (extra.train_overlap), never removed (the sources'
+        # prompts are memoised per process: sources.normalized_prompts)
+        seen = prompt_set_texts(cfgs["train"].data.sources, where=f"stage {stage.name}: data.sources")
         run_evaluate(cfgs["evaluate"], trained, train_prompts=seen)
         keep = ("global_step", "train_examples", "data_stats", "freeze", "frozen_max_abs_delta", "trainable_changed")
         return {k: summary.get(k) for k in keep} | {"lr": float(cfgs["train"].optim.lr),
