@@ -14,10 +14,9 @@ from safety_units.errors import friendly_errors  # noqa: E402
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 @friendly_errors
 def main(cfg: DictConfig) -> float | None:
-    from safety_units.training import run_train
+    from safety_units.training import optimized_metric, run_train
 
-    summary = run_train(cfg)
-    return summary["metrics"].get(cfg.optimized_metric)  # for hydra sweepers (hparams_search=optuna)
+    return optimized_metric(cfg, run_train(cfg)["metrics"])  # for hydra sweepers (hparams_search=optuna)
 
 
 if __name__ == "__main__":

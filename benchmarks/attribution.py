@@ -49,7 +49,7 @@ def naive_snip(model, groups, batches):
 def worker(method: str, model_name: str, nsamples: int, batch: int, max_length: int) -> dict:
     import torch
 
-    from safety_units.attribution import calibration_batches
+    from safety_units.calibration import calibration_batches
     from safety_units.models import build_tiny, load_smollm2
     from safety_units.scoring import score_units
     from safety_units.units import resolve_units

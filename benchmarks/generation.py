@@ -19,7 +19,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from safety_units.data import prompt_text  # noqa: E402
+from safety_units.chat import prompt_text  # noqa: E402
 
 from safety_units.sources import Source  # noqa: E402
 from safety_units.generation import generate  # noqa: E402

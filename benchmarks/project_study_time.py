@@ -30,8 +30,8 @@ ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("PROJECT_ROOT", str(ROOT))
 
 from safety_units.sources import Source
-from safety_units.study_plan import SCALES, plan
-from safety_units.study_runner import stage_configs
+from safety_units.study.plan import SCALES, plan
+from safety_units.study.runner import stage_configs
 
 RUN = re.compile(r"\[run \] (\S+)")
 DONE = re.compile(r"done in ([0-9.]+) s")

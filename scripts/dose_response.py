@@ -21,8 +21,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from safety_units.dose_response import (ARM_LABELS, SEEDS, SHARES, command, plan, run_points, run_subprocess,
-                                        write_report)
+from safety_units.dose_response.plan import ARM_LABELS, SEEDS, SHARES, command, plan, run_points, run_subprocess
+from safety_units.dose_response.report import write_report
 from safety_units.errors import ConfigError, friendly_errors
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -7,14 +7,14 @@
     python scripts/run_study.py --only '^c_alpaca_' --resume  # some stages (a regular expression on names)
     python scripts/run_study.py --report-only               # rebuild results/ssah_smollm2.md from the artifacts
 
-Stages (safety_units.study_plan): attribute the shipped model (the RU budget of claim a); align it (--scale
+Stages (safety_units.study.plan): attribute the shipped model (the RU budget of claim a); align it (--scale
 gpu: 2,000 refusal pairs + 2,000 benign instructions; cpu: 480 examples) -> the aligned model; attribute that
 (ESU / EUU / CU / RU); (b) ablate each class and size-matched random sets; (a) full vs RU-only vs random-budget
 alignment x learning rates x seeds; (c) fine-tune the aligned model under each threat model (Alpaca, Dolly,
 harmful mixtures p, AOA epochs) with freeze = none / esu / esu_cu / random 7.5% / layers, x seeds. Every trained
 model is evaluated in memory (ASR, OKTest over-refusal, held-out perplexity of the fine-tune's task);
-safety_units.study_report writes the report from the artifacts only, with the criteria of
-safety_units.study_verdicts.
+safety_units.study.report writes the report from the artifacts only, with the criteria of
+safety_units.study.verdicts.
 
 Each finished stage leaves <study>/<stage>.stage.json with its config hash and seconds: --resume skips a stage only
 when its output exists and the hash matches. --budget-minutes stops starting stages after that long (the rest: "not
@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("PROJECT_ROOT", str(ROOT))
 
 from safety_units.errors import friendly_errors
-from safety_units.study_plan import SCALES, STUDY_NAME, plan
+from safety_units.study.plan import SCALES, STUDY_NAME, plan
 
 RESULTS = ROOT / "results"
 V1_REPORT = RESULTS / "ssah_smollm2_v1.md"
@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None):
     if not args.report_only:
         import torch
 
-        from safety_units.study_runner import run_study
+        from safety_units.study.runner import run_study
 
         torch.set_float32_matmul_precision("high")  # TF32 matmuls for the fp32 parts on a GPU
         t0 = time.time()
@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None):
         print(f"study: {len(record['ran'])} ran, {len(record['skipped'])} skipped, {len(record['not_run'])} not "
               f"run, {len(record['failed'])} failed in {(time.time() - t0) / 60:.1f} min", flush=True)
     if not args.no_report:
-        from safety_units.study_report import write_report
+        from safety_units.study.report import write_report
 
         print(f"wrote {write_report(study, args.results_dir, V1_REPORT, args.report_name)}", flush=True)
     if not args.report_only and record["failed"]:

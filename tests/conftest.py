@@ -12,6 +12,16 @@ FIXTURES = Path(__file__).parent / "fixtures"
 SHARED_DATA = ROOT.parent / "shared" / "data"
 
 
+def load_script(name: str):
+    """A module of scripts/ (command-line entry points live there, not in the package), imported by path."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"script_{name}", ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def compose(config_name: str, overrides: list[str], output_dir: Path | None = None):
     """Compose a config with Hydra's compose API, as the entry points would (output_dir replaces the run dir)."""
     from hydra import compose as hydra_compose

@@ -4,7 +4,8 @@ import pytest
 import torch
 from conftest import compose
 
-from safety_units.attribution import attribute, calibration_batches, run_attribution
+from safety_units.attribution import attribute, run_attribution
+from safety_units.calibration import calibration_batches
 from safety_units.classification import CLASS_CODES, classify, percentile_ranks
 from safety_units.errors import ConfigError, UnitMapError
 from safety_units.models import build_tiny

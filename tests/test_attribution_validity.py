@@ -8,7 +8,7 @@ import pytest
 from conftest import ROOT
 
 from safety_units.attribution_validity import MAX_PPL_RISE, choose_default, dose_rows, goal_met, load_sweep
-from safety_units.dose_response import RANDOM, TOP, Point
+from safety_units.dose_response.plan import RANDOM, TOP, Point
 
 N = 40
 

@@ -5,13 +5,14 @@ import logging
 import math
 
 import pytest
-from conftest import SHARED_DATA, compose
+from conftest import SHARED_DATA, compose, load_script
 from omegaconf import OmegaConf
 
-from safety_units.compare import PromptMismatchError, compare_table, main, paired_difference
+from safety_units.compare import PromptMismatchError, compare_table, paired_difference
 from safety_units.sources import normalize_prompt
 from safety_units.evaluate_run import run_evaluate
-from safety_units.evaluation import judge_name, prompt_set_texts, refusal_prompts, select_by_hash
+from safety_units.evaluation import prompt_set_texts, refusal_prompts
+from safety_units.task_results import judge_name, select_by_hash
 from safety_units.stats import paired_bootstrap
 
 
@@ -92,17 +93,18 @@ def test_compare_cli(tmp_path, capsys):
         (tmp_path / name).mkdir()
         (tmp_path / name / "eval.json").write_text(json.dumps({"harmful": fake("harmful", "asr", outcomes,
                                                                                prompt_hash=h)}))
-    text = main([str(tmp_path / "a"), str(tmp_path / "b" / "eval.json"), "--out", str(tmp_path / "cmp.md")])
+    text = load_script("compare").main([str(tmp_path / "a"), str(tmp_path / "b" / "eval.json"),
+                                        "--out", str(tmp_path / "cmp.md")])
     assert "| harmful | asr | 0.6250" in text and "| -0.2500 |" in text and "| 0.625 | 8 |" in text
     assert (tmp_path / "cmp.md").read_text() == text and "| A | B |" in text
     with pytest.raises(SystemExit) as e:
-        main([str(tmp_path / "a"), str(tmp_path / "c")])
+        load_script("compare").main([str(tmp_path / "a"), str(tmp_path / "c")])
     err = capsys.readouterr().err
     assert e.value.code == 1 and "different prompts" in err and "h1 vs h9" in err
     (tmp_path / "train").mkdir()
     (tmp_path / "train" / "eval_before.json").write_text("{}")
     with pytest.raises(SystemExit):
-        main([str(tmp_path / "a"), str(tmp_path / "train")])
+        load_script("compare").main([str(tmp_path / "a"), str(tmp_path / "train")])
     assert "found eval_before.json" in capsys.readouterr().err
 
 
@@ -162,6 +164,6 @@ def test_models_with_other_training_data_see_the_same_prompts(tiny, tmp_path, ca
     assert (adv["harmless"]["extra"]["train_overlap"], harmless["harmless"]["extra"]["train_overlap"]) == (0, 3)
     assert "eval.tasks.harmful: 3 of 3 prompts occur in the evaluated model's training data" in caplog.text
     # the same weights on the same prompts: every paired change is exactly zero
-    table = main([str(tmp_path / "advbench"), str(tmp_path / "harmless")])
+    table = load_script("compare").main([str(tmp_path / "advbench"), str(tmp_path / "harmless")])
     assert "| harmful | asr |" in table and all("| +0.0000 | [+0.0000, +0.0000] |" in row
                                                 for row in table.splitlines() if row.startswith("| harmful"))

@@ -3,7 +3,8 @@ import json
 import pytest
 from conftest import FIXTURES, SHARED_DATA
 
-from safety_units.data import IGNORE_INDEX, SFTDataModule, collate, encode_example, prompt_text
+from safety_units.chat import IGNORE_INDEX, collate, encode_example, prompt_text
+from safety_units.data import SFTDataModule
 from safety_units.errors import ConfigError, DataError
 from safety_units.sources import Source, normalize_prompt, read_rows, stable_fraction, strip_llama2_markup
 

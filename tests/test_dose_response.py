@@ -9,9 +9,12 @@ from conftest import ROOT, compose
 from safetensors.torch import load_file
 
 from safety_units.classification import normalise
-from safety_units.dose_response import RANDOM, SEEDS, SHARES, TOP, UTILITY, Point, command, plan, write_report
+from safety_units.dose_response.plan import RANDOM, SEEDS, SHARES, TOP, UTILITY, Point, command, plan
+from safety_units.dose_response.report import write_report
 from safety_units.errors import ConfigError
-from safety_units.evaluate_run import ablate_units, ablation_selection, run_evaluate
+from safety_units.evaluate_run import run_evaluate
+from safety_units.masking import ablate_units
+from safety_units.selection import ablation_selection
 from safety_units.stats import mcnemar_exact
 from safety_units.units import resolve_units
 

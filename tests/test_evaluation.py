@@ -7,8 +7,11 @@ from conftest import FIXTURES, compose, train_cfg
 from omegaconf import OmegaConf
 
 from safety_units.errors import ConfigError
-from safety_units.evaluate_run import ablate_units, run_evaluate
-from safety_units.evaluation import judge_name, run_refusal, wilson
+from safety_units.evaluate_run import run_evaluate
+from safety_units.masking import ablate_units
+from safety_units.evaluation import run_refusal
+from safety_units.stats import wilson
+from safety_units.task_results import judge_name
 from safety_units.multiple_choice import _encode_pair, load_mc, loglikelihoods, run_mc
 from safety_units.generation import generate
 from safety_units.judge import PatternJudge, StringJudge
@@ -272,7 +275,7 @@ def test_eval_callback_writes_before_after_table(tmp_path):
 
 
 def test_perplexity_equals_hf_loss(tiny):
-    from safety_units.data import collate, encode_example
+    from safety_units.chat import collate, encode_example
     from safety_units.evaluation import run_ppl
 
     task = OmegaConf.create({"type": "ppl", "max_length": 64, "source": {

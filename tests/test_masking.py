@@ -1,4 +1,5 @@
 """Freezing strategies: frozen entries bit-identical to the loaded weights, trainable entries move."""
+import json
 from pathlib import Path
 
 import pytest
@@ -93,14 +94,26 @@ def test_without_masked_decay_adamw_moves_frozen_entries(unit_map, tiny):
     assert masker.frozen_max_abs_delta(tiny.model.state_dict()) > 0.0
 
 
-def test_ddp_spawn_two_processes_keeps_exactness(unit_map, tmp_path):
-    cfg = train_cfg(tmp_path, *EXACT, "trainer=ddp_spawn", "freeze=esu_cu", f"freeze.unit_map={unit_map}",
-                    "trainer.max_steps=3")
+def test_ddp_spawn_two_processes_keeps_exactness_and_one_rank_writes(unit_map, tmp_path, capfd):
+    """Two gloo processes: frozen entries exact, and rank zero alone writes the run's files and tables (before /
+    after evaluation, export, frozen check); rank one writes nothing under the run dir."""
+    run, spy = tmp_path / "run", tmp_path / "spy"
+    cfg = train_cfg(run, *EXACT, "trainer=ddp_spawn", "freeze=esu_cu", f"freeze.unit_map={unit_map}",
+                    "trainer.max_steps=3", "callbacks=eval", "callbacks.eval.suite.limit=2",
+                    "callbacks.eval.suite.max_new_tokens=4", "~callbacks.model_checkpoint",
+                    "+callbacks.spy._target_=spies.WriteSpy", f"+callbacks.spy.watch={run}",
+                    f"+callbacks.spy.out={spy}")
     run_train(cfg)
-    exported = load_file(tmp_path / "model" / "model.safetensors")
+    exported = load_file(run / "model" / "model.safetensors")
     masker, _ = build_masker(cfg, build_tiny(cache_dir=cfg.paths.cache_dir).model)
     frozen, trainable = _frozen_and_trainable_deltas(masker, exported, _loaded_weights())
     assert frozen == 0.0 and trainable > 1e-4
+    ranks = {r["rank"]: r for r in (json.loads(p.read_text()) for p in spy.glob("rank*.json"))}
+    assert sorted(ranks) == [0, 1] and ranks[0]["world_size"] == 2
+    assert ranks[1]["written"] == []
+    assert {"eval_compare.md", "eval_before.json", "eval_after.json", "model/config.json",
+            "model/freeze_check.json", "model/safety_units_config.yaml"} <= set(ranks[0]["written"])
+    assert capfd.readouterr().out.count("before / after training:") == 1
 
 
 def test_resume_with_masks_equals_uninterrupted(unit_map, tmp_path):
@@ -136,10 +149,10 @@ def test_auto_attribution_is_cached(tmp_path):
     cache = tmp_path / "cache"
     cfg = train_cfg(tmp_path, *overrides, f"paths.cache_dir={cache}", "trainer.max_steps=1")
     tiny = build_tiny(cache_dir=compose("train", ["model=tiny"]).paths.cache_dir)
-    _, path1 = build_masker(cfg, tiny.model, tiny.tokenizer)
+    path1 = build_masker(cfg, tiny.model, tiny.tokenizer)[1].path
     assert str(path1).startswith(str(cache / "unit_maps"))
     mtime = Path(path1).stat().st_mtime_ns
-    _, path2 = build_masker(cfg, tiny.model, tiny.tokenizer)
+    path2 = build_masker(cfg, tiny.model, tiny.tokenizer)[1].path
     assert path2 == path1 and Path(path2).stat().st_mtime_ns == mtime
 
 

@@ -9,7 +9,7 @@ from conftest import compose
 
 from safety_units.attribution import run_attribution
 from safety_units.classification import CLASS_CODES
-from safety_units.data import IGNORE_INDEX
+from safety_units.chat import IGNORE_INDEX
 from safety_units.errors import ConfigError
 from safety_units.models import build_tiny, load_hf
 from safety_units.scoring import score_units
@@ -156,7 +156,7 @@ def planted_dirs(tmp_path):
 
 
 def test_the_planted_unit_decides_the_output(planted_dirs):
-    from safety_units.data import prompt_text
+    from safety_units.chat import prompt_text
 
     _, dirs = planted_dirs
     loaded = load_hf(str(dirs["aligned"]))

@@ -4,7 +4,8 @@ import torch
 
 from safety_units.classification import CLASS_CODES
 from safety_units.errors import ConfigError
-from safety_units.stability import iou, main, pair_metrics, planted_recovery, spearman
+from conftest import load_script
+from safety_units.stability import iou, pair_metrics, planted_recovery, spearman
 from safety_units.unit_map import UnitMap
 
 ESU, RU, CU = CLASS_CODES["esu"], CLASS_CODES["ru"], CLASS_CODES["cu"]
@@ -51,7 +52,7 @@ def test_a_map_with_itself_is_identical_and_spearman_handles_ties():
 
 def test_cli_writes_table_and_heatmaps(tmp_path):
     pa, pb = A.save(tmp_path / "a", plot=False), B.save(tmp_path / "b", plot=False)
-    text = main([str(pa), str(pb), str(pa), "--out", str(tmp_path / "out"), "--top", "0.5"])
+    text = load_script("stability").main([str(pa), str(pb), str(pa), "--out", str(tmp_path / "out"), "--top", "0.5"])
     assert "| a | b | 0.333 | 0.500 | 0.200 | 0.886 | 0.371 |" in text
     assert "| a | a | 1.000 | 1.000 | 1.000 | 1.000 | 1.000 |" in text
     assert (tmp_path / "out" / "stability.md").read_text() == text
@@ -63,7 +64,7 @@ def test_maps_of_another_architecture_are_refused(tmp_path):
              {"mlp.0": [CU, ESU, RU], "attn.0": [RU, CU]})
     pa, pc = A.save(tmp_path / "a", plot=False), c.save(tmp_path / "c", plot=False)
     with pytest.raises(SystemExit):
-        main([str(pa), str(pc), "--out", str(tmp_path / "out")])
+        load_script("stability").main([str(pa), str(pc), "--out", str(tmp_path / "out")])
     from safety_units.stability import load_maps
 
     with pytest.raises(ConfigError, match=r"cover different units \(mlp.0: 4 vs 3\)"):

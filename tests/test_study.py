@@ -1,4 +1,4 @@
-"""The SSAH study v2's verdicts and report (safety_units.study_verdicts / study_tables / study_report) on a
+"""The SSAH study v2's verdicts and report (safety_units.study.verdicts / study_tables / study_report) on a
 synthetic study dir -- eval.json, eval_meta.json, point.json, study.json as the runner writes them, no model runs --
 and scripts/run_study.py."""
 
@@ -13,9 +13,9 @@ from conftest import ROOT
 
 from safety_units.compare import PromptMismatchError
 from safety_units.errors import ConfigError
-from safety_units.study_plan import SCALES, plan
-from safety_units.study_report import parse_v1, v2_match, write_report
-from safety_units.study_verdicts import (
+from safety_units.study.plan import SCALES, plan
+from safety_units.study.report import load_v1, v2_match, write_report
+from safety_units.study.verdicts import (
     ERROR,
     MARGIN,
     compare,
@@ -294,8 +294,11 @@ def test_no_evaluations_means_no_report(tmp_path):
     assert not (tmp_path / "results").exists()
 
 
-def test_v1_report_verdicts_are_parsed_and_matched_to_v2(tmp_path):
-    v1 = parse_v1(V1)
+def test_v1_verdicts_are_the_frozen_reports_and_match_v2(tmp_path):
+    v1 = load_v1(V1)
+    lines = V1.read_text().splitlines()  # the data is the v1 report's verdict lines, word for word
+    assert [f"- **{x['claim']} -- {x['status']}.**{x['text']}" for x in v1] == [ln for ln in lines
+                                                                                 if ln.startswith("- **(")]
     assert [(x["claim"][:3], x["status"]) for x in v1] == [
         ("(a)", "refuted"), ("(a)", "partly confirmed"), ("(b)", "partly confirmed"), ("(c)", "refuted"),
         ("(c)", "refuted")]

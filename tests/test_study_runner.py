@@ -1,4 +1,4 @@
-"""The v2 study's plan and runner (safety_units.study_plan / study_runner, scripts/run_study.py): every stage
+"""The v2 study's plan and runner (safety_units.study.plan / study_runner, scripts/run_study.py): every stage
 composes at both scales, stages train a copy and evaluate it in memory, --resume skips finished stages."""
 import json
 from dataclasses import replace
@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 from conftest import ROOT
 
-from safety_units.study_plan import ABLATED, FREEZES, SCALES, plan, threats
-from safety_units.study_runner import StageExists, run_study, stage_configs
+from safety_units.study.plan import ABLATED, FREEZES, SCALES, plan, threats
+from safety_units.study.runner import StageExists, run_study, stage_configs
 
 # The CPU scale shrunk to a tiny random model: seconds per stage.
 TINY = replace(

@@ -87,10 +87,32 @@ def test_ctrl_c_saves_a_resumable_checkpoint(tmp_path, monkeypatch):
     assert summary["global_step"] == 6
 
 
-def test_wandb_logger_runs_offline(tmp_path):
-    run_train(train_cfg(tmp_path, "logger=wandb", "trainer.max_steps=2"))
-    runs = list((tmp_path / "wandb").glob("offline-run-*"))
-    assert len(runs) == 1
+def test_wandb_logger_runs_offline_and_is_finished_after_a_failing_fit(tmp_path):
+    """A multirun job that fails mid-fit must not leave its wandb run open for the next job."""
+    import wandb
+
+    cfg = train_cfg(tmp_path, "logger=wandb", "trainer.max_steps=3", "+callbacks.fail._target_=spies.FailAtStep",
+                    "+callbacks.fail.step=1")
+    with pytest.raises(RuntimeError, match="failing on purpose"):
+        run_train(cfg)
+    assert len(list((tmp_path / "wandb").glob("offline-run-*"))) == 1  # the run had started, offline
+    assert wandb.run is None
+
+
+def test_a_missing_optimized_metric_is_a_clear_error():
+    """hparams_search=optuna sets optimized_metric; a run that did not log it must not hand the sweeper None."""
+    from omegaconf import OmegaConf
+
+    from safety_units.training import optimized_metric
+
+    assert compose("train", []).optimized_metric is None  # a plain run optimises nothing
+    assert compose("train", ["hparams_search=optuna"]).optimized_metric == "val/loss"
+    cfg = OmegaConf.create({"optimized_metric": "val/loss"})
+    assert optimized_metric(cfg, {"val/loss": 1.5, "train/loss": 2.0}) == 1.5
+    assert optimized_metric(OmegaConf.create({"optimized_metric": None}), {}) is None
+    with pytest.raises(ConfigError, match=r"optimized_metric='val/loss' was not logged .*data.val_fraction > 0.*"
+                                          r"logged: train/loss, train/lr"):
+        optimized_metric(cfg, {"train/loss": 2.0, "train/lr": 1e-5})
 
 
 def test_multirun_writes_one_dir_per_job(tmp_path):

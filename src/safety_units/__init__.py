@@ -1,32 +1,52 @@
 """safety_units: find the safety-critical units of an aligned LLM and train around them.
 
-Modules, one per concept:
-    models          load the real SmolLM2, any local HF causal LM, or a tiny random Llama
-    sources         read CSV/JSON/JSONL/TXT rows with a field mapping into examples, hash splits
-    data            apply the chat template, mask prompt labels, the Lightning datamodule
-    generation      batched greedy decoding with left padding
-    units           which parameter slices make up an MLP / attention unit, per architecture
-    scoring         per-unit importance scores (wifv, activation, snip), O(units) memory
-    contrast        scoring=contrast: activation difference against the base model
-    refusal_direction  scoring=refusal_direction: units writing along the refusal direction
-    classification  ESU / EUU / CU / RU from safety and utility scores
-    unit_map        the portable unit map file and its selections
-    masking         freezing strategies as gradient masks, exact under AdamW decay
-    lora            LoRA adapters held at zero on frozen unit slices; merged and PEFT exports
-    module          the LightningModule
-    judge           refusal judges: strings, patterns, ensemble, a local model
-    judge_probe     the learned refusal probe, trained here and cached
-    evaluation      refusal ASR, over-refusal, perplexity, re-judging saved completions; the suite
-    multiple_choice zero-shot multiple-choice utility by log-likelihood
-    rejudge         reading saved completions
-    compare         paired comparison of runs on the same prompts, the before/after callback
-    drift           unit drift during training: re-scored classes vs step 0 (callbacks=drift)
-    stability       IoU / rank correlation of unit maps, planted-set recovery
-    dose_response   the dose-response ablation sweep and its report
-    attribution_validity  do the scorers find causal safety units: criteria and tables over sweeps
-    stats           McNemar, paired bootstrap, Cohen's kappa, prompt-list hashes
-    training / attribution / evaluate_run   what the top-level entry points run (evaluate_run: ablation)
-    study_verdicts / study_report   the SSAH study's criteria and report
+Modules, one per concept (one name per line; tests/test_structure.py checks that the list is complete):
+    errors              the project's exceptions and the one-paragraph error handler of the entry points
+    ranks               rank-zero logging and printing under multi-process training
+    config              Hydra helpers: instantiate with clear errors, callbacks and loggers from config groups
+    models              load the real SmolLM2, any local HF causal LM, or a tiny random Llama; forward helpers
+    sources             read CSV/JSON/JSONL/TXT rows with a field mapping into examples, hash splits
+    chat                the chat template and label masking: render, encode, pad
+    data                the training datamodule: mixing, self-distillation, a resumable sharded sampler
+    generation          batched greedy decoding with left padding; self-distilled responses
+    units               which parameter slices make up an MLP / attention unit, per architecture
+    calibration         the templated batches that scorers and the drift monitor run the model on
+    scoring             per-unit importance scores (wifv, activation, snip), O(units) memory
+    contrast            scoring=contrast: activation difference against the base model
+    refusal_direction   scoring=refusal_direction: units writing along the refusal direction
+    classification      ESU / EUU / CU / RU from safety and utility scores
+    unit_map            the portable unit map file and its selections
+    selection           which units a freeze= strategy or an ablate= config picks
+    masking             exact gradient masks from a selection; ablation zeroes one
+    freezing            freeze= strategies as maskers
+    lora                LoRA adapters held at zero on frozen unit slices; merged and PEFT exports
+    module              the LightningModule
+    callbacks           Ctrl-C checkpoint, frozen-entry check and export, the before/after evaluation
+    drift               unit drift during training: re-scored classes vs step 0 (callbacks=drift)
+    training            what `python train.py` runs
+    attribution         what `python attribute.py` runs, and the cached attribution of freeze.auto_attribute
+    judge               refusal judges: strings, patterns, ensemble, a local model
+    judge_probe         the learned refusal probe, trained here and cached
+    task_results        task results, prompt selection by stable hash, a refusal task's result from verdicts
+    multiple_choice     zero-shot multiple-choice utility by log-likelihood
+    rejudge             reading saved completions
+    evaluation          refusal ASR, over-refusal, perplexity, re-judging; the suite
+    evaluate_run        what `python evaluate.py` runs (with unit ablation)
+    stats               Wilson intervals, McNemar, paired bootstrap, Cohen's kappa, prompt-list hashes
+    compare             paired comparison of runs on the same prompts, the before/after table
+    stability           IoU / rank correlation of unit maps, planted-set recovery
+    plots               the plots of unit maps and drift (matplotlib, imported where a plot is drawn)
+    dose_response       the dose-response ablation sweep (subpackage):
+    dose_response.plan      the points, their evaluate.py commands, resumable runs
+    dose_response.report    summary, tables and plot from the runs' artifacts
+    attribution_validity    do the scorers find causal safety units: criteria and tables over sweeps
+    study               the SSAH study v2 (subpackage, scripts/run_study.py):
+    study.plan              the stages of a scale
+    study.runner            runs them in memory, resumably, in worker processes
+    study.verdicts          the criteria, fixed before the numbers, and their paired comparisons
+    study.tables            the report's tables
+    study.report            the markdown report and summary.json from the stage artifacts
+    study.plots             the frontier and threat-model plots
 """
 
 __version__ = "0.1.0"

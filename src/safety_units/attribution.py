@@ -4,64 +4,26 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
+import os
+import shutil
 import time
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from safety_units.classification import class_shares, classify_from_config
-from safety_units.config import output_dir, setup_run
+from safety_units.config import compose_config, output_dir, setup_run
 from safety_units.contrast import contrast_scores, load_reference
-from safety_units.data import IGNORE_INDEX, Encoded, collate, encode_example, prompt_text
-from safety_units.sources import Source
+from safety_units.calibration import calibration_batches, prompt_batches
 from safety_units.errors import ConfigError
 from safety_units.models import LoadedModel, load_model, resolve_device
+from safety_units.ranks import RankedLogger, rank_zero_print
 from safety_units.refusal_direction import refusal_direction_scores
 from safety_units.scoring import METHODS, check_tokens, score_units
 from safety_units.unit_map import UnitMap, full_fingerprint
 from safety_units.units import decoder_layers, resolve_units, unit_names
 
-log = logging.getLogger(__name__)
-
-
-def _calibration_examples(source_cfg, nsamples: int, seed: int, name: str) -> tuple[Source, list]:
-    src = Source.from_config(source_cfg, name)
-    if src.limit is None:
-        src.limit = nsamples
-    return src, src.load(seed)[:nsamples]
-
-
-def _batched(encoded: list[Encoded], batch_size: int, pad_id: int) -> list[dict]:
-    encoded.sort(key=lambda e: len(e.input_ids))  # sorted by length: less padding
-    return [collate(encoded[i:i + batch_size], pad_id) for i in range(0, len(encoded), batch_size)]
-
-
-def calibration_batches(tokenizer, source_cfg, nsamples: int, max_length: int, batch_size: int,
-                        seed: int, name: str, model=None, cache_dir: str | None = None) -> list[dict]:
-    """`nsamples` examples of one calibration set, templated and batched."""
-    src, examples = _calibration_examples(source_cfg, nsamples, seed, name)
-    if src.self_distill:
-        from safety_units.generation import self_distill_responses
-
-        examples = self_distill_responses(model, tokenizer, examples, cache_dir=cache_dir)
-    if any(ex.response is None for ex in examples):
-        raise ConfigError(f"calibration set '{name}' ({src.path}) needs responses: set response: <field> or "
-                          f"self_distill: true.")
-    encoded = [encode_example(tokenizer, ex.messages, max_length) for ex in examples]
-    return _batched(encoded, batch_size, tokenizer.pad_token_id)
-
-
-def prompt_batches(tokenizer, source_cfg, nsamples: int, max_length: int, batch_size: int, seed: int,
-                   name: str) -> list[dict]:
-    """Prompts only, each ending with the assistant header (the decision position last); labels are all -100.
-    Responses in the file are ignored; a long prompt loses its start, never its end."""
-    _, examples = _calibration_examples(source_cfg, nsamples, seed, name)
-    encoded = []
-    for ex in examples:
-        ids = tokenizer(prompt_text(tokenizer, ex.messages), add_special_tokens=False)["input_ids"][-max_length:]
-        encoded.append(Encoded(ids, [IGNORE_INDEX] * len(ids)))
-    return _batched(encoded, batch_size, tokenizer.pad_token_id)
+log = RankedLogger(__name__)
 
 
 def attribute(loaded: LoadedModel, cfg: DictConfig, device: str | None = None) -> UnitMap:
@@ -140,13 +102,11 @@ def _print_summary(summary: dict, path: Path) -> None:
     for kind, t in summary["total"].items():
         cells = " | ".join(f"{t[c]['count']} ({100 * t[c]['share']:.1f}%)" for c in ("esu", "euu", "cu", "ru"))
         lines.append(f"| {kind} | {t['units']} | {cells} |")
-    print("\n".join(lines), flush=True)
+    rank_zero_print("\n".join(lines), flush=True)
 
 
 def attribution_config(overrides: list[str] | None = None) -> DictConfig:
     """The attribute.yaml config composed inside a running Hydra app or on its own."""
-    from safety_units.config import compose_config
-
     return compose_config("attribute", overrides)
 
 
@@ -170,6 +130,13 @@ def cached_attribution(train_cfg: DictConfig, model, tokenizer) -> Path:
     device = next(model.parameters()).device
     um = attribute(LoadedModel(model, tokenizer, "auto"), acfg)
     model.to(device)
-    um.save(out)
+    # Written to a private dir and renamed: under trainer=ddp every rank runs this, and a reader never sees half a
+    # map (the maps are identical: same model, same settings).
+    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
+    um.save(tmp)
+    try:
+        os.rename(tmp, out)
+    except OSError:  # another process finished first: keep its map
+        shutil.rmtree(tmp, ignore_errors=True)
     _print_summary(um.summary(), path)
     return path

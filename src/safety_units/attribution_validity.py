@@ -20,7 +20,8 @@ import statistics
 from pathlib import Path
 
 from safety_units.compare import paired_difference
-from safety_units.dose_response import RANDOM, SEEDS, SHARES, TOP, UTILITY, plan, point_dir, summarise
+from safety_units.dose_response.plan import RANDOM, SEEDS, SHARES, TOP, UTILITY, plan, point_dir
+from safety_units.dose_response.report import summarise
 from safety_units.errors import ConfigError
 
 GOAL_MAX_SHARE = 0.02   # "top <= 2% units"
@@ -150,7 +151,7 @@ def dose_table(rows: dict[str, list[dict]]) -> str:
 
 def plot_curves(sweeps: dict[str, dict], path: Path) -> Path:
     """ASR, over-refusal and perplexity against k: one line per scorer's top set, the shared random band in grey."""
-    from safety_units.plots import plt
+    from safety_units.plots import plt  # matplotlib only where a plot is drawn
 
     tasks = [t for t in (HARMFUL, OVERREFUSAL, PPL) if any(t in s["tasks"] for s in sweeps.values())]
     fig, axes = plt.subplots(1, len(tasks), figsize=(5.0 * len(tasks), 3.9), squeeze=False)

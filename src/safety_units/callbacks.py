@@ -1,16 +1,24 @@
-"""Lightning callbacks the training run attaches: Ctrl-C checkpoint, frozen-entry check and final export."""
+"""Lightning callbacks of a training run: Ctrl-C checkpoint, frozen-entry check and final export, and the
+before/after evaluation (callbacks=eval; the unit-drift monitor, callbacks=drift, is safety_units.drift)."""
 
 from __future__ import annotations
 
 import json
-import logging
 import shutil
+from dataclasses import asdict
 from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
 
-log = logging.getLogger(__name__)
+from safety_units.compare import compare_table
+from safety_units.evaluation import log_results, run_suite
+from safety_units.ranks import RankedLogger
+from safety_units.sources import normalize_prompt
+from safety_units.task_results import judge_name, markdown_table
+from safety_units.unit_map import save_selection
+
+log = RankedLogger(__name__)
 
 
 class InterruptCheckpoint(pl.Callback):
@@ -115,9 +123,50 @@ class FinalizeRun(pl.Callback):
                 shutil.copy2(f, out / f.name)
         masker = self.masker
         if masker is not None and masker.selection is not None:  # the exact unit set, e.g. a planted one
-            from safety_units.unit_map import save_selection
-
             role = "trained" if masker.mode == "train_only" else "frozen"
             save_selection(masker.selection, out / f"{role}_units.safetensors", masker.describe() | {"role": role})
         if self.summary:
             (out / "freeze_check.json").write_text(json.dumps(self.summary, indent=2))
+
+
+class EvalCallback(pl.Callback):
+    """Runs an eval suite before and after training (on rank 0) and writes eval_compare.md (compare_table).
+
+    Configured by callbacks=eval; the tokenizer comes from the LightningModule (`pl_module.tokenizer`). Both
+    evaluations see the same prompts; the run's training prompts are counted (extra.train_overlap), not removed.
+    """
+
+    def __init__(self, suite, judge, output_dir: str | Path, before: bool = True, after: bool = True):
+        self.suite, self.judge = suite, judge
+        self.output_dir = Path(output_dir)
+        self.before, self.after = before, after
+        self.results: dict[str, dict] = {}
+
+    def _run(self, trainer, pl_module, when: str):
+        if weights_sharded(trainer.strategy):
+            log.warning("eval callback: weights are sharded under %s; evaluate the exported model with "
+                        "`python evaluate.py model=hf model.path=<run dir>/model` instead",
+                        type(trainer.strategy).__name__)
+            return
+        if trainer.is_global_zero:
+            dm = trainer.datamodule
+            train = {normalize_prompt(p) for p in dm.prompts()} if hasattr(dm, "prompts") else None
+            res = run_suite(pl_module.model, pl_module.tokenizer, self.suite, self.judge, train,
+                            self.output_dir, prefix=f"eval_{when}")
+            self.results[when] = {k: asdict(v) for k, v in res.items()}
+            log_results(trainer.loggers, res, prefix=f"eval_{when}", step=trainer.global_step)
+            if when == "after" and "before" in self.results:
+                table = compare_table(self.results["before"], self.results["after"], judge_name(self.judge))
+                (self.output_dir / "eval_compare.md").write_text(table + "\n")
+                print("\nbefore / after training:\n" + table + "\n", flush=True)
+            else:
+                print(f"\n{when} training:\n" + markdown_table(res) + "\n", flush=True)
+        trainer.strategy.barrier()
+
+    def on_fit_start(self, trainer, pl_module):
+        if self.before and not trainer.ckpt_path:
+            self._run(trainer, pl_module, "before")
+
+    def on_train_end(self, trainer, pl_module):
+        if self.after:
+            self._run(trainer, pl_module, "after")

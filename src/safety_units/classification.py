@@ -25,14 +25,14 @@ all in or all out.
 
 from __future__ import annotations
 
-import logging
 
 import numpy as np
 import torch
 
 from safety_units.errors import ConfigError
+from safety_units.ranks import RankedLogger
 
-log = logging.getLogger(__name__)
+log = RankedLogger(__name__)
 
 CLASS_CODES = {"cu": 0, "esu": 1, "euu": 2, "ru": 3}
 CLASS_NAMES = {v: k for k, v in CLASS_CODES.items()}

@@ -1,32 +1,28 @@
-"""Compare evaluations on the same prompts: paired differences, the before/after table and training callback.
+"""Compare evaluations on the same prompts: paired differences and the before/after table.
 
 Each task of an eval.json records `extra.prompt_hash` (the ordered prompts it saw) and `extra.outcomes` (one
 value per prompt: 0/1 for rates and accuracy, [nll sum, tokens] for perplexity). Two runs are compared prompt by
 prompt -- a paired bootstrap interval for the change and an exact McNemar test for binary metrics -- and only
 when their prompt hashes agree; otherwise PromptMismatchError.
 
-    python -m safety_units.compare <run dir or eval.json A> <B> [<C> ...] [--out table.md]
+    python scripts/compare.py <run dir or eval.json A> <B> [<C> ...] [--out table.md]
 
-compares every later run with the first (the baseline).
+compares every later run with the first (the baseline); callbacks=eval (safety_units.callbacks.EvalCallback)
+writes the before/after table of a training run.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import logging
 import math
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
 
-import lightning.pytorch as pl
-
-from safety_units.callbacks import weights_sharded
-from safety_units.sources import normalize_prompt
-from safety_units.errors import ConfigError, friendly_errors
+from safety_units.errors import ConfigError
+from safety_units.ranks import RankedLogger
 from safety_units.stats import mcnemar_exact, paired_bootstrap
 
-log = logging.getLogger(__name__)
+log = RankedLogger(__name__)
 
 
 class PromptMismatchError(ConfigError):
@@ -106,54 +102,7 @@ def compare_table(before: dict, after: dict, judge: str | None = None,
     return "\n".join([head] + rows)
 
 
-# --------------------------------------------------------------------------- before/after training
-class EvalCallback(pl.Callback):
-    """Runs an eval suite before and after training (on rank 0) and writes eval_compare.md (compare_table).
-
-    Configured by callbacks=eval; the tokenizer comes from the LightningModule (`pl_module.tokenizer`). Both
-    evaluations see the same prompts; the run's training prompts are counted (extra.train_overlap), not removed.
-    """
-
-    def __init__(self, suite, judge, output_dir: str | Path, before: bool = True, after: bool = True):
-        self.suite, self.judge = suite, judge
-        self.output_dir = Path(output_dir)
-        self.before, self.after = before, after
-        self.results: dict[str, dict] = {}
-
-    def _run(self, trainer, pl_module, when: str):
-        # imported here: safety_units.evaluation re-exports this class, the target of conf/callbacks/eval.yaml
-        from safety_units.evaluation import judge_name, log_results, markdown_table, run_suite
-
-        if weights_sharded(trainer.strategy):
-            log.warning("eval callback: weights are sharded under %s; evaluate the exported model with "
-                        "`python evaluate.py model=hf model.path=<run dir>/model` instead",
-                        type(trainer.strategy).__name__)
-            return
-        if trainer.is_global_zero:
-            dm = trainer.datamodule
-            train = {normalize_prompt(p) for p in dm.prompts()} if hasattr(dm, "prompts") else None
-            res = run_suite(pl_module.model, pl_module.tokenizer, self.suite, self.judge, train,
-                            self.output_dir, prefix=f"eval_{when}")
-            self.results[when] = {k: asdict(v) for k, v in res.items()}
-            log_results(trainer.loggers, res, prefix=f"eval_{when}", step=trainer.global_step)
-            if when == "after" and "before" in self.results:
-                table = compare_table(self.results["before"], self.results["after"], judge_name(self.judge))
-                (self.output_dir / "eval_compare.md").write_text(table + "\n")
-                print("\nbefore / after training:\n" + table + "\n", flush=True)
-            else:
-                print(f"\n{when} training:\n" + markdown_table(res) + "\n", flush=True)
-        trainer.strategy.barrier()
-
-    def on_fit_start(self, trainer, pl_module):
-        if self.before and not trainer.ckpt_path:
-            self._run(trainer, pl_module, "before")
-
-    def on_train_end(self, trainer, pl_module):
-        if self.after:
-            self._run(trainer, pl_module, "after")
-
-
-# --------------------------------------------------------------------------- command line
+# --------------------------------------------------------------------------- reading runs
 def load_eval(path: str | Path) -> dict[str, dict]:
     """The task results of an eval.json, or of <run dir>/eval.json."""
     p = Path(path)
@@ -172,30 +121,3 @@ def load_eval(path: str | Path) -> dict[str, dict]:
     if not isinstance(data, dict) or not all(isinstance(v, dict) and "metric" in v for v in data.values()):
         raise ConfigError(f"{p} is not an eval.json (a map from task to its result).")
     return data
-
-
-@friendly_errors
-def main(argv: list[str] | None = None) -> str:
-    ap = argparse.ArgumentParser(prog="python -m safety_units.compare", description=__doc__.split("\n\n")[0])
-    ap.add_argument("runs", nargs="+", help="run dirs or eval.json files; the first is the baseline")
-    ap.add_argument("--out", help="also write the tables to this markdown file")
-    args = ap.parse_args(argv)
-    if len(args.runs) < 2:
-        raise ConfigError("give at least two runs to compare (the first is the baseline).")
-    base = load_eval(args.runs[0])
-    tables = []
-    for other in args.runs[1:]:
-        try:
-            table = compare_table(base, load_eval(other), labels=("A", "B"))
-        except PromptMismatchError as e:
-            raise PromptMismatchError(f"{args.runs[0]} vs {other}: {e}") from None
-        tables.append(f"A = {args.runs[0]}, B = {other}\n\n{table}\n")
-    text = "\n".join(tables)
-    print(text, flush=True)
-    if args.out:
-        Path(args.out).write_text(text)
-    return text
-
-
-if __name__ == "__main__":
-    main()

@@ -2,23 +2,21 @@
 
 from __future__ import annotations
 
-import logging
 import os
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from safety_units.errors import ConfigError
+from safety_units.errors import ConfigError, SafetyUnitsError
+from safety_units.ranks import RankedLogger
 
-log = logging.getLogger(__name__)
+log = RankedLogger(__name__)
 
 
 def instantiate(cfg, key: str, **kwargs):
     """hydra.utils.instantiate, turning a bad key or argument into a ConfigError that names the config key."""
     from hydra.errors import InstantiationException
     from hydra.utils import instantiate as hydra_instantiate
-
-    from safety_units.errors import SafetyUnitsError
 
     try:
         return hydra_instantiate(cfg, **kwargs)
@@ -41,6 +39,14 @@ def instantiate_group(cfg: DictConfig | None, key: str, **kwargs) -> list:
             raise ConfigError(f"{key}.{name} must be a config with a _target_, got {entry!r}.")
         out.append(instantiate(entry, f"{key}.{name}", **kwargs))
     return out
+
+
+def finish_loggers(loggers) -> None:
+    """One wandb run per job: close it so a multirun's next job starts a fresh one (also after a failure)."""
+    if any(type(lg).__name__ == "WandbLogger" for lg in loggers):
+        import wandb  # only where a wandb logger exists: wandb is slow to import
+
+        wandb.finish()
 
 
 def resolved_yaml(cfg: DictConfig) -> str:

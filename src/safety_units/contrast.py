@@ -17,24 +17,22 @@ the two runs share nothing but the per-unit float64 sums.
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import torch
 
+from safety_units.config import instantiate
 from safety_units.errors import ConfigError, ModelError
-from safety_units.models import LoadedModel, load_hf
+from safety_units.models import LoadedModel, load_hf, model_fingerprint
+from safety_units.ranks import RankedLogger
 from safety_units.scoring import activation_stats, column_norms
 from safety_units.units import UnitGroup, resolve_units, unit_counts
 
-log = logging.getLogger(__name__)
+log = RankedLogger(__name__)
 
 
 def load_reference(scoring_cfg, model_dtype: str, loaded: LoadedModel, names: dict | None = None) -> LoadedModel:
     """The base model of `scoring=contrast`, checked against the model being attributed."""
-    from safety_units.config import instantiate
-    from safety_units.models import model_fingerprint
-
     path = scoring_cfg.get("reference_path")
     if path:
         if not Path(path).expanduser().is_dir():

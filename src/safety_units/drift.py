@@ -21,20 +21,22 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
 from omegaconf import OmegaConf
 
+from safety_units.calibration import calibration_batches
 from safety_units.callbacks import weights_sharded
 from safety_units.classification import CLASS_CODES, classify_from_config
 from safety_units.errors import ConfigError
+from safety_units.lora import effective_weight
+from safety_units.ranks import RankedLogger
 from safety_units.scoring import TOKENS, score_units
 from safety_units.units import ParamSlice, UnitGroup, resolve_units
 
-log = logging.getLogger(__name__)
+log = RankedLogger(__name__)
 
 CLASSES = ("esu", "euu", "cu", "ru")
 FORWARD_SCORERS = ("wifv", "activation")
@@ -42,8 +44,6 @@ FORWARD_SCORERS = ("wifv", "activation")
 
 def applied_weight_groups(model, names: dict | None = None) -> list[UnitGroup]:
     """The model's unit groups with each out weight replaced by the weight the module applies (W + LoRA dW)."""
-    from safety_units.lora import effective_weight
-
     groups = []
     for g in resolve_units(model, names):
         w = ParamSlice(g.out_weight.name, effective_weight(g.out_module), g.out_weight.dim)
@@ -111,19 +111,14 @@ class UnitDrift(pl.Callback):
                         type(trainer.strategy).__name__)
         if not self.active:
             return
-        from safety_units.attribution import calibration_batches
-
         cal = self.calibration
         self.batches = {which: calibration_batches(pl_module.tokenizer, cal[which], int(cal.nsamples),
                                                    int(cal.max_length), int(cal.batch_size), self.seed, which,
                                                    model=pl_module.model, cache_dir=self.cache_dir)
                         for which in ("safety", "utility")}
         self.settings = OmegaConf.to_container(self.classify, resolve=True)
-        map_path = getattr(pl_module, "unit_map_path", None)
-        if self.classify_from_unit_map and map_path:
-            from safety_units.unit_map import UnitMap
-
-            self.settings = UnitMap.load(map_path).metadata.get("classify", self.settings)
+        if self.classify_from_unit_map and pl_module.unit_map is not None:
+            self.settings = pl_module.unit_map.metadata.get("classify", self.settings)
 
     def on_train_start(self, trainer, pl_module):
         if self.active and self.start is None:  # a resumed run keeps the step-0 classes of its checkpoint
@@ -139,7 +134,7 @@ class UnitDrift(pl.Callback):
             return
         if not self._measured(trainer.global_step):
             self._measure(trainer, pl_module)
-        from safety_units.plots import plot_drift
+        from safety_units.plots import plot_drift  # matplotlib only where a plot is drawn
 
         plot_drift(self.records, list(CLASSES), self.output_dir / "drift.png",
                    title=f"unit drift ({self.method}, {int(self.calibration.nsamples)} samples per set)")

@@ -18,10 +18,9 @@ interval (Wilson for rates, bootstrap over examples for perplexity), `extra.prom
 from __future__ import annotations
 
 import json
-import logging
 import math
 import random
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -30,56 +29,26 @@ from tqdm.auto import tqdm
 
 from safety_units.data import collate, encode_example
 
-from safety_units.sources import Source, normalize_prompt, normalized_prompts, stable_fraction
+from safety_units.ranks import RankedLogger
+from safety_units.sources import Source, normalize_prompt, normalized_prompts
 from safety_units.errors import ConfigError
+from safety_units.config import instantiate
 from safety_units.generation import generate_chat
-from safety_units.models import eval_mode
-from safety_units.scoring import response_token_nll
-from safety_units.stats import pairwise_kappa, prompt_list_hash
+from safety_units.models import eval_mode, response_token_nll
+from safety_units.multiple_choice import run_mc
+from safety_units.rejudge import load_completions
+from safety_units.stats import prompt_list_hash
+from safety_units.task_results import (
+    TaskResult,
+    refusal_result,
+    select_by_hash,
+    task_limit,
+)
 
-log = logging.getLogger(__name__)
+log = RankedLogger(__name__)
 
 TASK_TYPES = ("refusal", "mc", "ppl", "rejudge")
 MODEL_FREE_TASKS = ("rejudge",)  # tasks that judge saved completions: no model needed
-
-
-# --------------------------------------------------------------------------- statistics
-def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """95% Wilson score interval of a proportion k/n."""
-    if n == 0:
-        return (float("nan"), float("nan"))
-    p = k / n
-    denom = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return (max(0.0, centre - half), min(1.0, centre + half))
-
-
-@dataclass
-class TaskResult:
-    task: str
-    metric: str
-    value: float
-    n: int
-    ci_low: float
-    ci_high: float
-    extra: dict = field(default_factory=dict)
-
-    def row(self) -> str:
-        return (f"| {self.task} | {self.metric} | {self.value:.4f} | [{self.ci_low:.4f}, {self.ci_high:.4f}] | "
-                f"{self.n} |")
-
-
-def markdown_table(results: dict[str, TaskResult]) -> str:
-    lines = ["| task | metric | value | 95% CI | n |", "|---|---|---:|---|---:|"]
-    lines += [r.row() for r in results.values()]
-    return "\n".join(lines)
-
-
-def task_limit(task: DictConfig, settings: DictConfig) -> int | None:
-    """The smaller of the task's own cap and the suite-wide eval.limit (either may be null)."""
-    caps = [int(x) for x in (task.get("limit"), settings.get("limit")) if x]
-    return min(caps) if caps else None
 
 
 # --------------------------------------------------------------------------- prompt sets and dedupe
@@ -101,17 +70,6 @@ def training_prompts_of(model_dir: str | Path | None) -> set[str] | None:
     return prompt_set_texts(sources, where=f"{cfg_path}: data.sources")
 
 
-def select_by_hash(items: list, limit: int | None, key: str, text=lambda x: x) -> list:
-    """At most `limit` items: those with the smallest stable hash of (key, normalised text), in file order.
-
-    An item's rank depends on its own text only, so a limit picks the same prompts whatever the model and whatever
-    else was removed (a seeded random draw would shift with every removal)."""
-    if not limit or len(items) <= limit:
-        return items
-    rank = sorted(range(len(items)), key=lambda i: (stable_fraction(f"{key} {text(items[i])}"), i))
-    return [items[i] for i in sorted(rank[:limit])]
-
-
 def train_overlap(name: str, prompts: list[str], train_prompts: set[str] | None) -> int | None:
     """How many eval prompts the evaluated model trained on (None: unknown). Counted, never removed, so every
     model keeps the same prompts; a warning makes the contamination visible."""
@@ -122,11 +80,6 @@ def train_overlap(name: str, prompts: list[str], train_prompts: set[str] | None)
         log.warning("eval.tasks.%s: %d of %d prompts occur in the evaluated model's training data "
                     "(kept, reported as extra.train_overlap).", name, n, len(prompts))
     return n
-
-
-def judge_name(judge) -> str:
-    """How reports name a judge: its `name` attribute if it has one, else its class name."""
-    return str(getattr(judge, "name", None) or type(judge).__name__)
 
 
 # --------------------------------------------------------------------------- refusal tasks
@@ -150,36 +103,6 @@ def refusal_prompts(name: str, task: DictConfig, settings: DictConfig,
         raise ConfigError(f"eval.tasks.{name}: no prompts left ({removed} removed as found in eval.dedupe_against).")
     key = f"{settings.get('seed', 0)} {name}"
     return src, select_by_hash(examples, task_limit(task, settings), key, lambda ex: ex.prompt), removed
-
-
-def judge_agreement(verdicts: list) -> dict:
-    """Per-judge refusal rates and pairwise Cohen's kappa, when the judge is an ensemble (verdicts carry votes)."""
-    if not verdicts or verdicts[0].votes is None:
-        return {}
-    votes = {k: [v.votes[k] for v in verdicts] for k in verdicts[0].votes}
-    kappa = {pair: round(k, 4) for pair, k in pairwise_kappa(votes).items()}
-    return {"judge_refusal_rates": {k: sum(v) / len(v) for k, v in votes.items()}, "judge_kappa": kappa}
-
-
-def refusal_result(name: str, report: str, prompts: list[str], completions: list[str], verdicts: list, judge,
-                   extra: dict) -> tuple[TaskResult, list[dict]]:
-    """The task result (metric, Wilson interval, prompt hash, per-prompt outcomes) and one row per completion."""
-    if report not in ("asr", "refusal_rate"):
-        raise ConfigError(f"eval.tasks.{name}.report must be asr or refusal_rate, got {report!r}.")
-    n = len(verdicts)
-    refused = sum(v.refusal for v in verdicts)
-    success = sum(v.attack_success() for v in verdicts)
-    k = success if report == "asr" else refused
-    outcomes = [int(v.attack_success() if report == "asr" else v.refusal) for v in verdicts]
-    result = TaskResult(name, report, k / n, n, *wilson(k, n), {
-        "refusals": refused, "attack_successes": success, "short": sum(v.short for v in verdicts), **extra,
-        "judge": judge_name(judge), **judge_agreement(verdicts), "prompt_hash": prompt_list_hash(prompts),
-        "outcomes": outcomes})
-    rows = []
-    for p, c, v in zip(prompts, completions, verdicts):
-        rows.append({"task": name, "prompt": p, "completion": c, "refusal": bool(v.refusal), "short": bool(v.short),
-                     "reason": v.reason, **({"votes": v.votes} if v.votes is not None else {})})
-    return result, rows
 
 
 def run_refusal(name: str, task: DictConfig, settings: DictConfig, model, tokenizer, judge,
@@ -224,8 +147,6 @@ def pooled_completions(tasks: DictConfig, settings: DictConfig, model, tokenizer
 
 def run_rejudge(name: str, task: DictConfig, settings: DictConfig, judge) -> tuple[TaskResult, list[dict]]:
     """Judge saved completions (no model): see safety_units.rejudge."""
-    from safety_units.rejudge import load_completions
-
     source = OmegaConf.to_container(task.get("source") or {}, resolve=True)
     prompts, completions, rows = load_completions(source, name)
     keep = select_by_hash(list(range(len(rows))), task_limit(task, settings), f"{settings.get('seed', 0)} {name}",
@@ -280,8 +201,6 @@ def run_ppl(name: str, task: DictConfig, settings: DictConfig, model, tokenizer,
 
 # --------------------------------------------------------------------------- the suite
 def build_judge(judge_cfg):
-    from safety_units.config import instantiate
-
     return instantiate(judge_cfg, "judge")
 
 
@@ -316,8 +235,6 @@ def run_suite(model, tokenizer, eval_cfg: DictConfig, judge, train_prompts: set[
             results[name], rows = run_rejudge(name, task, eval_cfg, judge)
             generations += rows
         elif kind == "mc":
-            from safety_units.multiple_choice import run_mc
-
             for r in run_mc(name, task, eval_cfg, model, tokenizer):
                 results[f"{name}/{r.metric}"] = r
         else:

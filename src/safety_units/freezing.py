@@ -13,17 +13,19 @@
 
 from __future__ import annotations
 
-import logging
 
 from torch import nn
 
-from safety_units.classification import CLASS_CODES
+from omegaconf import OmegaConf
+
 from safety_units.errors import ConfigError
 from safety_units.masking import Masker, PartialMask, count_entries, masks_from_selection
-from safety_units.unit_map import Selection, UnitMap, random_units, selection_size, share_counts
+from safety_units.ranks import RankedLogger
+from safety_units.selection import freeze_selection
+from safety_units.unit_map import UnitMap, selection_size
 from safety_units.units import resolve_units, unit_names
 
-log = logging.getLogger(__name__)
+log = RankedLogger(__name__)
 
 STRATEGIES = ("none", "esu", "esu_cu", "ru_only", "random", "train_only", "layers")
 
@@ -53,13 +55,11 @@ def _middle_layers_like(cfg, model: nn.Module, tokenizer, names, prefix: str, n_
                         description: dict) -> list[int]:
     """The contiguous block of middle decoder layers whose parameter entries come closest to the entries that
     freeze=<layers_like> freezes (SPPFT-style safety-layer freezing at the same budget)."""
-    from omegaconf import OmegaConf
-
     like = cfg.freeze.layers_like
     if like not in ("esu", "esu_cu"):
         raise ConfigError(f"freeze.layers_like must be esu or esu_cu (a frozen unit set), got {like!r}.")
     like_cfg = OmegaConf.merge(cfg, {"freeze": {"strategy": like}})
-    selection, _, _ = unit_selection(like_cfg, model, tokenizer, names, {})
+    selection, _, _ = freeze_selection(like_cfg, model, tokenizer, names, {})
     target = count_entries(model, *masks_from_selection(model, selection, "freeze", names))["frozen"]
     per_layer = [sum(p.numel() for n, p in model.named_parameters() if n.startswith(f"{prefix}.{i}."))
                  for i in range(n_layers)]
@@ -72,69 +72,9 @@ def _middle_layers_like(cfg, model: nn.Module, tokenizer, names, prefix: str, n_
     return list(middle(size))
 
 
-def _load_map(cfg, model: nn.Module, tokenizer, names: dict | None) -> tuple[UnitMap, str]:
-    f = cfg.freeze
-    path = f.get("unit_map")
-    if not path:
-        if not f.get("auto_attribute", False):
-            raise ConfigError(
-                f"freeze={f.strategy} needs a unit map: run `python attribute.py model=...` and pass "
-                f"freeze.unit_map=<run dir>/unit_map.safetensors (or set freeze.auto_attribute=true).")
-        from safety_units.attribution import cached_attribution
-
-        path = str(cached_attribution(cfg, model, tokenizer))
-    return UnitMap.load(path, model=model, strict=f.get("strict_fingerprint", True), names=names), str(path)
-
-
-def _train_only_classes(f) -> list[str]:
-    classes = f.get("classes") or []
-    classes = [classes] if isinstance(classes, str) else list(classes)
-    bad = [c for c in classes if str(c).lower() not in CLASS_CODES]
-    if bad:
-        raise ConfigError(f"freeze.classes: unknown unit class(es) {bad}; use any of {sorted(CLASS_CODES)}.")
-    if bool(classes) == (f.get("random_share") is not None):
-        raise ConfigError("freeze=train_only needs exactly one of freeze.classes=[esu, ...] (units of a unit map) "
-                          "and freeze.random_share=0.02 (a seeded random set, freeze.seed; no map needed).")
-    return [str(c).lower() for c in classes]
-
-
-def unit_selection(cfg, model: nn.Module, tokenizer, names: dict | None,
-                   description: dict) -> tuple[Selection, str, str | None]:
-    """(selection, mask mode, unit map path or None) of a unit strategy; fills `description`."""
-    f = cfg.freeze
-    strategy = f.strategy
-    seed = int(f.get("seed", 0))
-    if strategy == "train_only":
-        classes = _train_only_classes(f)
-        if not classes:  # a planted set: no map involved
-            sizes = {g.key: g.n for g in resolve_units(model, names)}
-            counts = share_counts(sizes, f.random_share, "freeze.random_share")
-            description.update(random_share=float(f.random_share), seed=seed)
-            return random_units(sizes, counts, seed), "train_only", None
-        um, path = _load_map(cfg, model, tokenizer, names)
-        description["classes"] = classes
-        return um.select(classes), "train_only", path
-    um, path = _load_map(cfg, model, tokenizer, names)
-    base = f.get("like") if strategy == "random" else strategy
-    if base not in ("esu", "esu_cu", "ru_only"):
-        raise ConfigError(f"freeze.like must be esu, esu_cu or ru_only, got {base!r}.")
-    if base == "esu":
-        selection = um.select("esu")
-    elif base == "esu_cu":
-        share = float(f.get("total_share", 0.075))
-        if not 0.0 < share < 1.0:
-            raise ConfigError(f"freeze.total_share must be in (0, 1), got {share}.")
-        selection = um.esu_plus_top_cu(share)
-    else:
-        selection = um.select("ru")
-    if strategy == "random":
-        selection = um.random_like(selection, seed=seed, match=f.get("match", "kind"))
-        description["like"] = base
-    return selection, "train_only" if base == "ru_only" else "freeze", path
-
-
-def build_masker(cfg, model: nn.Module, tokenizer=None):
-    """The Masker for cfg.freeze (None for `none`), and the path of the unit map it used."""
+def build_masker(cfg, model: nn.Module, tokenizer=None) -> tuple[Masker | None, UnitMap | None]:
+    """The Masker for cfg.freeze (None for `none`), and the unit map it used (None without one; `.path` is its
+    file)."""
     f = cfg.freeze
     strategy = f.get("strategy", "none")
     if strategy not in STRATEGIES:
@@ -143,16 +83,16 @@ def build_masker(cfg, model: nn.Module, tokenizer=None):
         return None, None
     names = unit_names(cfg)
     description: dict = {"strategy": strategy}
-    unit_map_path = selection = None
+    unit_map = selection = None
     mode = "freeze"
     if strategy == "layers":
         partial, frozen_full = _layer_masks(cfg, model, tokenizer, names, description)
     else:
-        selection, mode, unit_map_path = unit_selection(cfg, model, tokenizer, names, description)
+        selection, mode, unit_map = freeze_selection(cfg, model, tokenizer, names, description)
         partial, frozen_full = masks_from_selection(model, selection, mode, names)
         description["units_" + ("trainable" if mode == "train_only" else "frozen")] = selection_size(selection)
-        if unit_map_path:
-            description["unit_map"] = unit_map_path
+        if unit_map is not None:
+            description["unit_map"] = str(unit_map.path)
     description["entries"] = count_entries(model, partial, frozen_full)
     masker = Masker(model, partial, frozen_full, mechanism=f.get("mechanism", "auto"), description=description,
                     check_every_n_steps=int(f.get("check_every_n_steps", 0) or 0), selection=selection, mode=mode)
@@ -160,4 +100,4 @@ def build_masker(cfg, model: nn.Module, tokenizer=None):
     log.info("freeze=%s: %s frozen / %s trainable parameter entries (%.2f%% / %.2f%%); units: %s", strategy,
              f"{e['frozen']:,}", f"{e['trainable']:,}", 100 * e["frozen_share"], 100 * e["trainable_share"],
              description.get("units_frozen") or description.get("units_trainable") or description.get("layers"))
-    return masker, unit_map_path
+    return masker, unit_map

@@ -7,19 +7,18 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import os
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from safety_units.data import prompt_text
-
+from safety_units.chat import prompt_text
+from safety_units.models import eval_mode, fingerprint_key, model_fingerprint
+from safety_units.ranks import RankedLogger
 from safety_units.sources import Example
-from safety_units.models import eval_mode
 
-log = logging.getLogger(__name__)
+log = RankedLogger(__name__)
 
 
 def _stop_ids(model, tokenizer) -> list[int]:
@@ -67,8 +66,6 @@ def generate_chat(model, tokenizer, messages_list: list[list[dict]], **kw) -> li
 def self_distill_responses(model, tokenizer, examples: list[Example], cache_dir: str | None,
                            max_new_tokens: int = 256, batch_size: int = 16) -> list[Example]:
     """Give prompt-only examples the model's own greedy answers; cached by model fingerprint and data hash."""
-    from safety_units.models import fingerprint_key, model_fingerprint
-
     prompts = [prompt_text(tokenizer, ex.messages) for ex in examples]
     data_hash = hashlib.sha256("\x00".join(prompts).encode()).hexdigest()[:16]
     key = f"{fingerprint_key(model_fingerprint(model))}-{data_hash}-n{max_new_tokens}"

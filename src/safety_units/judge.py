@@ -280,7 +280,7 @@ class ModelJudge:
                  min_words: int = 20, device: str = "auto", question: str | None = None):
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-        from safety_units.models import load_hf, resolve_device
+        from safety_units.models import load_hf, resolve_device  # here: the other judges stay free of torch
 
         if kind not in ("classifier", "chat"):
             raise ConfigError(f"judge.kind must be classifier or chat, got {kind!r}.")
@@ -310,7 +310,7 @@ class ModelJudge:
 
         short = [len(c.split()) < self.min_words for c in completions]
         if self.kind == "chat":
-            from safety_units.generation import generate_chat
+            from safety_units.generation import generate_chat  # here: the other judges stay free of torch
 
             msgs = [[{"role": "user", "content": self.question.format(prompt=p, completion=c)}]
                     for p, c in zip(prompts, completions)]

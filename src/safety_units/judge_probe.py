@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import random
 from pathlib import Path
 
@@ -26,14 +25,16 @@ import torch
 from tqdm.auto import tqdm
 
 from safety_units.errors import ConfigError
+from safety_units.generation import self_distill_responses
 from safety_units.judge import PatternJudge, Verdict
+from safety_units.models import fingerprint_key, load_hf, load_smollm2, model_fingerprint, resolve_device
+from safety_units.ranks import RankedLogger
+from safety_units.sources import Source
 
-log = logging.getLogger(__name__)
+log = RankedLogger(__name__)
 
 
 def _load_backbone(backbone_path: str | None, cache_dir: str):
-    from safety_units.models import load_hf, load_smollm2
-
     return load_smollm2(cache_dir) if not backbone_path else load_hf(backbone_path)
 
 
@@ -92,9 +93,6 @@ def fit_logistic(x: torch.Tensor, y: torch.Tensor, l2: float = 1e-3, steps: int 
 
 def _texts(sources: dict, seed: int, cache_dir: str, model, tokenizer, max_new_tokens: int) -> list[str]:
     """Responses of every source (prompt-only sources with self_distill get the backbone's own answers)."""
-    from safety_units.sources import Source
-    from safety_units.generation import self_distill_responses
-
     out: list[str] = []
     for name, cfg in (sources or {}).items():
         if cfg is None:
@@ -116,8 +114,6 @@ class ProbeJudge:
                  backbone_path: str | None = None, layer: float = 0.75, max_tokens: int = 64,
                  min_cut_tokens: int = 12, threshold: float = 0.5, l2: float = 1e-3, seed: int = 0,
                  self_distill_tokens: int = 64, batch_size: int = 32, min_words: int = 20, device: str = "auto"):
-        from safety_units.models import fingerprint_key, model_fingerprint, resolve_device
-
         if not refusal_sources or not compliance_sources:
             raise ConfigError("judge.refusal_sources and judge.compliance_sources each need at least one source.")
         if not 0.0 < threshold < 1.0:

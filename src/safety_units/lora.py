@@ -22,7 +22,6 @@ callbacks that evaluate or score the model see an ordinary causal LM whose forwa
 from __future__ import annotations
 
 import copy
-import logging
 from pathlib import Path
 
 import torch
@@ -30,8 +29,9 @@ from torch import nn
 
 from safety_units.errors import ConfigError
 from safety_units.masking import Masker, PartialMask
+from safety_units.ranks import RankedLogger
 
-log = logging.getLogger(__name__)
+log = RankedLogger(__name__)
 
 ADAPTER = "default"  # peft's name of the (only) adapter
 LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -166,6 +166,38 @@ class LoraAdapter:
                    for k, v in sd.items() if ".lora_" in k and k.endswith(suffix)}
         save_file(tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
         return out
+
+
+@torch.no_grad()
+def match_base_dtype(model: nn.Module) -> int:
+    """Give every LoRA factor the dtype of its base layer's weight, in place; returns the number of factors cast.
+
+    For strategies that flatten parameters (FSDP; CausalLMModule.setup calls this before the strategy wraps the
+    model): a flat parameter holds one dtype, but peft keeps the factors in float32 next to a bf16 / fp16 base
+    (its autocast_adapter_dtype), and FSDP refuses to flatten the mix ("Must flatten tensors with uniform dtype").
+    The factors follow the base, not the other way round: the base weights stay in the dtype they were loaded (and
+    are exported) in, and under FSDP's bf16-mixed with a bf16 load every parameter already computes and updates in
+    bf16. Masks stay exact in any dtype: held entries start at exactly 0, their gradient is masked to 0 (so Adam's
+    update is 0) and their decay factor is exactly 1, so the merged frozen slices stay bit-identical.
+    DDP and DeepSpeed keep peft's float32 factors (this is not called there).
+    """
+    from peft.tuners.lora import LoraLayer
+
+    cast = 0
+    for mod in model.modules():
+        if not isinstance(mod, LoraLayer):
+            continue
+        dtype = mod.get_base_layer().weight.dtype
+        if not dtype.is_floating_point:
+            continue
+        for factors in (mod.lora_A, mod.lora_B):
+            for factor in factors.values():
+                if factor.weight.dtype != dtype:
+                    factor.to(dtype)  # in place (param.data), so masks and hooks keep their parameter objects
+                    cast += 1
+    if cast:
+        log.info("adapter=lora: %d LoRA factors cast to the base weights' dtype for FSDP", cast)
+    return cast
 
 
 def held_at_zero(lora_partial: dict[str, PartialMask], model: nn.Module) -> int:

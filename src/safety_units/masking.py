@@ -18,16 +18,16 @@ How exactness is kept:
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from safety_units.errors import ConfigError, UnitMapError
+from safety_units.ranks import RankedLogger
 from safety_units.units import resolve_units
 
-log = logging.getLogger(__name__)
+log = RankedLogger(__name__)
 
 
 @dataclass
@@ -107,7 +107,9 @@ class Masker:
         if mech == "auto":
             mech = "forward" if strategy is not None and "FSDP" in type(strategy).__name__ else "hook"
         self.active_mechanism = mech
-        params = dict(model.named_parameters())
+        # By unwrapped name: Lightning may call this after FSDP's auto-wrap put `_fsdp_wrapped_module.` into the
+        # names (trainer.validate after fit), or on a model nested in a wrapper.
+        params = _resolve_params(model, self.partial)
         if mech == "hook":
             for name, m in self.partial.items():
                 p = params[name]
@@ -162,7 +164,7 @@ class Masker:
 
     # ------------------------------------------------------------------ optimizer side
     def partially_masked_params(self, model: nn.Module) -> set[int]:
-        return {id(p) for n, p in _live_params(model).items() if n in self.partial}
+        return {id(p) for p in _resolve_params(model, self.partial).values()}
 
     @torch.no_grad()
     def apply_masked_weight_decay(self, optimizer, model: nn.Module, strategy=None) -> None:
@@ -249,6 +251,24 @@ def _live_params(model: nn.Module) -> dict[str, nn.Parameter]:
     return out
 
 
+def _resolve_params(model: nn.Module, names) -> dict[str, nn.Parameter]:
+    """{name: parameter} for the unwrapped-model `names`, on `model` as it is now: wrapper prefixes inside the names
+    are dropped (_live_params), and a name found only under an outer prefix (`model.`, `module.`, `_forward_module.`:
+    a model nested in a wrapper) is matched by its dotted suffix when exactly one parameter ends with it."""
+    live = _live_params(model)
+    out = {}
+    for name in names:
+        p = live.get(name)
+        if p is None:
+            hits = [q for k, q in live.items() if k.endswith("." + name)]
+            if len(hits) != 1:
+                hint = "; under FSDP, masks need use_orig_params=True" if any("flat_param" in k for k in live) else ""
+                raise KeyError(f"parameter {name} not found in the model ({len(hits)} matches{hint})")
+            p = hits[0]
+        out[name] = p
+    return out
+
+
 def _lookup(sd: dict, name: str) -> torch.Tensor:
     if name in sd:
         return sd[name]
@@ -308,3 +328,20 @@ def masks_from_selection(model: nn.Module, selection: dict[str, torch.Tensor], m
     if mode == "train_only":
         frozen_full |= {n for n in params if n not in unit_params}
     return partial, frozen_full
+
+
+# --------------------------------------------------------------------------- ablation: the same units, zeroed
+def ablate_units(model, selection: dict[str, torch.Tensor], names: dict | None = None) -> dict:
+    """Zero every parameter slice of the selected units (rows of gate/up, columns of down/o_proj)."""
+    zeroed = {"units_zeroed": 0, "entries_zeroed": 0}
+    with torch.no_grad():
+        for g in resolve_units(model, names):
+            sel = selection.get(g.key)
+            if sel is None or not sel.any():
+                continue
+            idx = torch.nonzero(sel).flatten()
+            zeroed["units_zeroed"] += len(idx)
+            for s in g.slices:
+                s.param.index_fill_(s.dim, idx.to(s.param.device), 0.0)
+                zeroed["entries_zeroed"] += len(idx) * (s.param.numel() // s.param.shape[s.dim])
+    return zeroed

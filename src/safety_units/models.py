@@ -10,16 +10,18 @@ import contextlib
 import hashlib
 import importlib.util
 import json
-import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
+from safety_units.config import instantiate
 from safety_units.errors import ModelError
+from safety_units.ranks import RankedLogger
 
-log = logging.getLogger(__name__)
+log = RankedLogger(__name__)
 
 # Nothing is ever downloaded at run time.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -220,8 +222,6 @@ def build_tiny(cache_dir: str, num_layers: int = 2, hidden_size: int = 64, inter
 
 def load_model(model_cfg) -> LoadedModel:
     """Instantiate a `model` config group entry (its `_target_` is one of the loaders above)."""
-    from safety_units.config import instantiate
-
     loaded = instantiate(model_cfg, "model")
     if not isinstance(loaded, LoadedModel):
         raise ModelError(f"model._target_ must return a LoadedModel, got {type(loaded).__name__}")
@@ -261,3 +261,44 @@ def model_fingerprint(model: torch.nn.Module) -> dict:
 
 def fingerprint_key(fp: dict) -> str:
     return hashlib.sha256(json.dumps(fp, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------- forward helpers
+def _decoder(model):
+    """The transformer without its LM head: attribution needs unit activations, not 49k-way logits."""
+    prefix = getattr(model, "base_model_prefix", "")
+    return getattr(model, prefix, model) if prefix else model
+
+
+def hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Last hidden states [batch, seq, hidden] without the LM head."""
+    return _decoder(model)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+
+
+def head_logits(model, h: torch.Tensor) -> torch.Tensor:
+    """LM-head logits (float32) for selected hidden states, with the model's final soft-capping if it has one."""
+    logits = model.get_output_embeddings()(h).float()
+    cap = getattr(getattr(model, "config", None), "final_logit_softcapping", None)
+    return torch.tanh(logits / cap) * cap if cap else logits
+
+
+def response_token_nll(model, batch: dict, chunk: int = 64, checkpointed: bool = False,
+                       positions: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Next-token NLL of every response token (labels != -100) and the number of them per row.
+
+    Logits are computed only at response positions and in chunks, so the [batch, seq, vocab] tensor never exists;
+    `checkpointed` recomputes each chunk in backward instead of keeping its logits (SNIP). `positions` ([batch, seq]
+    bool, as `token_mask`) restricts the loss to the response tokens predicted at those positions."""
+    hidden = hidden_states(model, batch["input_ids"], batch["attention_mask"])
+    labels = batch["labels"][:, 1:]
+    keep = labels != -100
+    if positions is not None:
+        keep = keep & positions[:, :-1]
+    h, y = hidden[:, :-1][keep], labels[keep]
+
+    def nll(h_part, y_part):
+        return torch.nn.functional.cross_entropy(head_logits(model, h_part), y_part, reduction="none")
+
+    parts = [checkpoint(nll, h[i:i + chunk], y[i:i + chunk], use_reentrant=False) if checkpointed
+             else nll(h[i:i + chunk], y[i:i + chunk]) for i in range(0, y.numel(), chunk)]
+    return (torch.cat(parts) if parts else h.new_zeros(0)), keep.sum(dim=1)

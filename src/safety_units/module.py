@@ -1,17 +1,59 @@
-"""The LightningModule: a Hugging Face causal LM, AdamW + warmup/cosine, optional gradient masks."""
+"""The LightningModule: a Hugging Face causal LM, AdamW + warmup/cosine, optional gradient masks (FSDP-aware:
+masks attach by unwrapped names, clipping by norm goes through the FSDP root, LoRA factors take the base dtype)."""
 
 from __future__ import annotations
 
-import logging
 import math
+import warnings
 
 import lightning.pytorch as pl
 import torch
 
 from safety_units.callbacks import weights_sharded
 from safety_units.errors import ConfigError, NonFiniteLossError
+from safety_units.lora import match_base_dtype
+from safety_units.masking import _live_params
+from safety_units.ranks import RankedLogger
 
-log = logging.getLogger(__name__)
+log = RankedLogger(__name__)
+
+# Overriding configure_gradient_clipping (for FSDP, below) makes Lightning's DeepSpeed strategy warn that the hook
+# "will not actually clip gradients". Under DeepSpeed the override defers to Lightning's default, and DeepSpeed
+# clips by norm itself (its config's gradient_clipping = trainer.gradient_clip_val), so the warning is moot.
+warnings.filterwarnings("ignore", message="Since DeepSpeed handles gradient clipping internally")
+
+
+def _is_fsdp(strategy) -> bool:
+    """Lightning's FSDPStrategy (and subclasses): flat, possibly sharded parameters; masks act in forward."""
+    return strategy is not None and "FSDP" in type(strategy).__name__
+
+
+def _restore_fsdp_param_views(root) -> int:
+    """Give FSDP units that backward left with forward-time views their original Parameters back; returns how many.
+
+    torch FSDP (use_orig_params=True) swaps each original parameter for a plain Tensor view in forward and swaps
+    the Parameter back when the unit reshards after backward. A unit none of whose parameters gets a gradient -- the
+    root's embeddings, norms and tied lm_head, frozen under ru_only / train_only and with adapter=lora -- runs no
+    post-backward hook, and under NO_SHARD (FSDP on one device) the final catch-all reshard takes it for resharded
+    (same storage), so the views stay: the masked decay's summon_full_params and the export's full state dict then
+    fail on the tied embedding ("as_params=True type(prim_param)=<class 'torch.Tensor'>"), and the next unshard
+    adopts the plain Tensors as the unit's parameters. Uses FSDP's private handle API: a no-op where it is absent,
+    and for units whose Parameters are in place (every unit under a sharded strategy, trainable units always).
+    """
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    restored = 0
+    for unit in FSDP.fsdp_modules(root):
+        handle = getattr(unit, "_handle", None)
+        flat = getattr(handle, "flat_param", None)
+        params, infos = getattr(flat, "_params", None), getattr(flat, "_param_infos", None)
+        if not params or infos is None or not getattr(handle, "_use_orig_params", False) \
+                or not hasattr(handle, "_use_sharded_views"):
+            continue
+        if any(getattr(mod, name, None) is not p for p, (name, mod, *_) in zip(params, infos)):
+            handle._use_sharded_views()
+            restored += 1
+    return restored
 
 
 def lr_lambda(step: int, warmup: int, total: int, schedule: str, min_lr_ratio: float) -> float:
@@ -29,26 +71,41 @@ def lr_lambda(step: int, warmup: int, total: int, schedule: str, min_lr_ratio: f
 
 
 class CausalLMModule(pl.LightningModule):
+    """`model` trained with the optimizer settings of cfg.optim. `tokenizer` (for callbacks that generate or
+    calibrate) and `unit_map` (the map `masker` was built from, None without one: callbacks=drift classifies with
+    its settings) are what the run's callbacks read from the module."""
+
     def __init__(self, model: torch.nn.Module, lr: float = 2e-5, weight_decay: float = 0.0,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, warmup_steps: int = 0,
                  warmup_ratio: float = 0.0, schedule: str = "cosine", min_lr_ratio: float = 0.1,
-                 masker=None):
+                 masker=None, tokenizer=None, unit_map=None):
         super().__init__()
+        self.tokenizer, self.unit_map = tokenizer, unit_map
         if lr <= 0:
             raise ConfigError(f"optim.lr must be positive, got {lr}.")
         if weight_decay < 0:
             raise ConfigError(f"optim.weight_decay must be >= 0, got {weight_decay}.")
         self.model = model.train()  # from_pretrained returns eval mode; dropout (GPT-2) must be on for training
         self.masker = masker
+        # Parameter ranks as built, by unwrapped name. Under FSDP (world size > 1) configure_optimizers runs after
+        # wrapping, when every original parameter is a 1-D view of its shard: `p.ndim < 2` would exempt all weights
+        # from decay (the masked decay too).
+        self._param_ndim = {n: p.ndim for n, p in _live_params(model).items()}
         self.hparams_optim = dict(lr=lr, weight_decay=weight_decay, betas=tuple(betas), eps=eps,
                                   warmup_steps=warmup_steps, warmup_ratio=warmup_ratio, schedule=schedule,
                                   min_lr_ratio=min_lr_ratio)
 
     # ------------------------------------------------------------------ masks are attached per process
     def setup(self, stage: str) -> None:
+        # Lightning calls this before the strategy wraps the model (Trainer._run: setup hook, configure_model, then
+        # strategy.setup), and again for a later trainer.validate/test, when FSDP's auto-wrap has already replaced
+        # the decoder layers inside self.model: Masker.attach resolves the unwrapped names either way.
+        strategy = self.trainer.strategy if self._trainer is not None else None
+        if _is_fsdp(strategy):
+            match_base_dtype(self.model)  # FSDP flattens each unit into one dtype; no-op without LoRA adapters
         # Registered here, not in __init__: ddp_spawn pickles the module and tensor hooks do not survive that.
         if self.masker is not None:
-            self.masker.attach(self.model, strategy=self.trainer.strategy if self._trainer is not None else None)
+            self.masker.attach(self.model, strategy=strategy)
 
     def forward(self, **batch):
         return self.model(**batch)
@@ -105,10 +162,10 @@ class CausalLMModule(pl.LightningModule):
         o = self.hparams_optim
         decay, no_decay, masked_decay = [], [], []
         masked = self.masker.partially_masked_params(self.model) if self.masker is not None else set()
-        for name, p in self.model.named_parameters():
+        for name, p in _live_params(self.model).items():
             if not p.requires_grad:
                 continue
-            if p.ndim < 2 or "norm" in name.lower() or name.endswith(".bias"):
+            if self._param_ndim.get(name, p.ndim) < 2 or "norm" in name.lower() or name.endswith(".bias"):
                 no_decay.append(p)
             elif id(p) in masked and o["weight_decay"] > 0:
                 masked_decay.append(p)  # decayed by the masker, only on trainable entries
@@ -149,6 +206,37 @@ class CausalLMModule(pl.LightningModule):
             per_rank = int(per_rank * float(limit))
         return max(1, math.ceil(per_rank / trainer.accumulate_grad_batches) * max(1, trainer.max_epochs or 1))
 
+    def on_after_backward(self) -> None:
+        strategy = self.trainer.strategy
+        if _is_fsdp(strategy) and strategy.model is not None:
+            _restore_fsdp_param_views(strategy.model)  # before anything unshards again (masked decay, export)
+
     def on_before_optimizer_step(self, optimizer) -> None:
         if self.masker is not None:
             self.masker.apply_masked_weight_decay(optimizer, self.model, self.trainer.strategy)
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        """Clip by norm under FSDP through the root FSDP module; Lightning's default path everywhere else.
+
+        Lightning's FSDPPrecision.clip_grad_by_norm raises ("gradient_clip_algorithm='norm' is currently not
+        supported"): torch's clip_grad_norm_ over local shards would clip by a per-rank norm, and the precision plugin
+        has no handle on the root module. The strategy has: `strategy.model` is the FSDP root that wraps this module,
+        and its clip_grad_norm_ all-reduces the norm over the shards. Lightning calls this hook after
+        on_before_optimizer_step (masked weight decay) and before optimizer.step; the gradients it sees are already
+        masked (the masks act in backward), so frozen entries stay 0 whatever the clip coefficient.
+        """
+        strategy = self.trainer.strategy
+        algorithm = str(getattr(gradient_clip_algorithm, "value", gradient_clip_algorithm) or "norm").lower()
+        if not _is_fsdp(strategy) or not gradient_clip_val or gradient_clip_val <= 0 or algorithm != "norm":
+            # clipping by value is elementwise, so it is exact on shards: Lightning's default handles it
+            self.clip_gradients(optimizer, gradient_clip_val=gradient_clip_val,
+                                gradient_clip_algorithm=gradient_clip_algorithm)
+            return
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+        root = strategy.model
+        if not isinstance(root, FSDP):
+            raise ConfigError(f"gradient clipping by norm under {type(strategy).__name__} needs the LightningModule "
+                              f"wrapped in one root FSDP module (got {type(root).__name__}); set "
+                              f"trainer.gradient_clip_val=null or let the strategy wrap the whole module.")
+        root.clip_grad_norm_(gradient_clip_val)

@@ -15,10 +15,9 @@ from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
 from safety_units.errors import ConfigError, DataError
-from safety_units.evaluation import TaskResult, select_by_hash, task_limit, wilson
-from safety_units.models import eval_mode
-from safety_units.scoring import head_logits, hidden_states
-from safety_units.stats import prompt_list_hash
+from safety_units.models import eval_mode, head_logits, hidden_states
+from safety_units.stats import prompt_list_hash, wilson
+from safety_units.task_results import TaskResult, select_by_hash, task_limit
 
 
 @dataclass

@@ -21,17 +21,17 @@ Memory is O(units + layers * hidden): float64 sums of the residual stream per bl
 
 from __future__ import annotations
 
-import logging
 
 import torch
 from tqdm.auto import tqdm
 
 from safety_units.errors import ConfigError
-from safety_units.models import eval_mode
-from safety_units.scoring import ActivationStats, decision_positions, hidden_states
+from safety_units.models import eval_mode, hidden_states
+from safety_units.ranks import RankedLogger
+from safety_units.scoring import ActivationStats, decision_positions
 from safety_units.units import UnitGroup
 
-log = logging.getLogger(__name__)
+log = RankedLogger(__name__)
 
 
 @torch.no_grad()

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from safety_units.sources import read_rows, row_matches
 from safety_units.errors import ConfigError, DataError
+from safety_units.task_results import refusal_result
 
 REJUDGE_KEYS = ("path", "prompt", "completion", "format", "records", "where")
 
@@ -57,8 +58,6 @@ def load_completions(source: dict, task: str) -> tuple[list[str], list[str], lis
 def rejudge_results(results: dict, rows: list[dict], judge) -> dict:
     """An eval.json's results with every refusal task re-judged from its saved generations (other tasks as they
     were): re-scores a finished run with another judge, keeping its prompts, order and prompt hashes."""
-    from safety_units.evaluation import refusal_result
-
     out = dict(results)
     for name, res in results.items():
         if res.get("metric") not in ("asr", "refusal_rate") or "attack_successes" not in (res.get("extra") or {}):

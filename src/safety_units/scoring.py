@@ -18,17 +18,17 @@ or per token is kept. contrast.py and refusal_direction.py (a second model, a se
 
 from __future__ import annotations
 
-import logging
 from typing import Iterable
 
 import torch
 from tqdm.auto import tqdm
 
 from safety_units.errors import ConfigError
-from safety_units.models import eval_mode
+from safety_units.models import eval_mode, hidden_states, response_token_nll
+from safety_units.ranks import RankedLogger
 from safety_units.units import UnitGroup
 
-log = logging.getLogger(__name__)
+log = RankedLogger(__name__)
 
 METHODS = ("wifv", "activation", "snip", "contrast", "refusal_direction")
 TOKENS = ("all", "response", "decision")
@@ -39,48 +39,6 @@ def _column_sq_norms(g: UnitGroup) -> torch.Tensor:
     w = g.out_weight.param.detach().float()
     other = 1 - g.out_weight.dim
     return (w * w).sum(dim=other).double().cpu()
-
-
-def _decoder(model):
-    """The transformer without its LM head: attribution needs unit activations, not 49k-way logits."""
-    prefix = getattr(model, "base_model_prefix", "")
-    return getattr(model, prefix, model) if prefix else model
-
-
-def hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Last hidden states [batch, seq, hidden] without the LM head."""
-    return _decoder(model)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
-
-
-def head_logits(model, h: torch.Tensor) -> torch.Tensor:
-    """LM-head logits (float32) for selected hidden states, with the model's final soft-capping if it has one."""
-    logits = model.get_output_embeddings()(h).float()
-    cap = getattr(getattr(model, "config", None), "final_logit_softcapping", None)
-    return torch.tanh(logits / cap) * cap if cap else logits
-
-
-def response_token_nll(model, batch: dict, chunk: int = 64, checkpointed: bool = False,
-                       positions: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Next-token NLL of every response token (labels != -100) and the number of them per row.
-
-    Logits are computed only at response positions and in chunks, so the [batch, seq, vocab] tensor never exists;
-    `checkpointed` recomputes each chunk in backward instead of keeping its logits (SNIP). `positions` ([batch, seq]
-    bool, as `token_mask`) restricts the loss to the response tokens predicted at those positions."""
-    from torch.utils.checkpoint import checkpoint
-
-    hidden = hidden_states(model, batch["input_ids"], batch["attention_mask"])
-    labels = batch["labels"][:, 1:]
-    keep = labels != -100
-    if positions is not None:
-        keep = keep & positions[:, :-1]
-    h, y = hidden[:, :-1][keep], labels[keep]
-
-    def nll(h_part, y_part):
-        return torch.nn.functional.cross_entropy(head_logits(model, h_part), y_part, reduction="none")
-
-    parts = [checkpoint(nll, h[i:i + chunk], y[i:i + chunk], use_reentrant=False) if checkpointed
-             else nll(h[i:i + chunk], y[i:i + chunk]) for i in range(0, y.numel(), chunk)]
-    return (torch.cat(parts) if parts else h.new_zeros(0)), keep.sum(dim=1)
 
 
 def _response_loss(model, batch: dict, positions: torch.Tensor | None = None) -> torch.Tensor:

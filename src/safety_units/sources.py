@@ -10,7 +10,6 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
-import logging
 import random
 import re
 from dataclasses import asdict, dataclass
@@ -18,8 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from safety_units.errors import ConfigError, DataError
+from safety_units.ranks import RankedLogger
 
-log = logging.getLogger(__name__)
+log = RankedLogger(__name__)
 
 # Every key a source may carry; anything else is a typo and an error.
 SOURCE_KEYS = {

@@ -1,6 +1,6 @@
 """Stability of unit sets across unit maps, and recovery of a planted unit set.
 
-    python -m safety_units.stability <map A> <map B> [<map C> ...] --out <dir> [--top 0.01 0.02] [--labels a b c]
+    python scripts/stability.py <map A> <map B> [<map C> ...] --out <dir> [--top 0.01 0.02] [--labels a b c]
 
 compares every pair of maps -- of the same architecture (unit counts per layer must agree; the weights may differ,
 e.g. the shipped vs the aligned model, or two calibration sets): IoU of their ESU sets, of their RU sets and of
@@ -15,7 +15,6 @@ safety-minus-utility rank against S (scripts/planted_units.py).
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import math
 from pathlib import Path
@@ -24,8 +23,8 @@ import numpy as np
 import torch
 
 from safety_units.classification import percentile_ranks
-from safety_units.errors import ConfigError, friendly_errors
-from safety_units.unit_map import Selection, UnitMap, share_counts
+from safety_units.errors import ConfigError
+from safety_units.unit_map import Selection, UnitMap, load_selection, share_counts
 
 TOP_SHARES = (0.01, 0.02)
 
@@ -98,7 +97,7 @@ def stability_report(maps: list[UnitMap], labels: list[str], tops=TOP_SHARES) ->
 
 
 def plot_heatmaps(matrices: dict[str, np.ndarray], labels: list[str], path: str | Path) -> Path:
-    from safety_units.plots import plt
+    from safety_units.plots import plt  # matplotlib only where a plot is drawn
 
     fig, axes = plt.subplots(1, len(matrices), figsize=(3.2 * len(matrices) + 1, 3.4), squeeze=False)
     for ax, (name, m) in zip(axes[0], matrices.items()):
@@ -140,8 +139,6 @@ def planted_recovery(planted: Selection, um: UnitMap) -> dict[str, dict]:
 
 def load_planted(path: str | Path) -> tuple[Selection, dict, Path]:
     """The trained unit set S of a freeze=train_only run: (S, its metadata, the file), from the model/ dir or file."""
-    from safety_units.unit_map import load_selection
-
     path = Path(path)
     if path.is_dir():
         path = path / "trained_units.safetensors"
@@ -168,29 +165,3 @@ def labels_for(paths: list[str], labels: list[str] | None) -> list[str]:
     if labels and len(labels) != len(paths):
         raise ConfigError(f"--labels: {len(labels)} labels for {len(paths)} maps.")
     return labels or [Path(p).parent.name if Path(p).suffix else Path(p).name for p in paths]
-
-
-@friendly_errors
-def main(argv: list[str] | None = None) -> str:
-    ap = argparse.ArgumentParser(prog="python -m safety_units.stability", description=__doc__.split("\n\n")[0])
-    ap.add_argument("maps", nargs="+", help="unit_map.safetensors files or their run dirs")
-    ap.add_argument("--out", required=True, help="directory for stability.md and stability.png")
-    ap.add_argument("--top", type=float, nargs="+", default=list(TOP_SHARES),
-                    help="shares k of the top-k safety-minus-utility sets (default 0.01 0.02)")
-    ap.add_argument("--labels", nargs="+", help="a short name per map (default: the map's run dir name)")
-    args = ap.parse_args(argv)
-    maps = load_maps(args.maps)
-    labels = labels_for(args.maps, args.labels)
-    table, matrices = stability_report(maps, labels, args.top)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    plot_heatmaps(matrices, labels, out / "stability.png")
-    text = ("## Stability of unit sets\n\n" + "\n".join(f"* {lab}: `{p}`" for lab, p in zip(labels, args.maps))
-            + "\n\n" + table + "\n\n![stability](stability.png)\n")
-    (out / "stability.md").write_text(text)
-    print(text, flush=True)
-    return text
-
-
-if __name__ == "__main__":
-    main()

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from safety_units.callbacks import FinalizeRun, InterruptCheckpoint
+from safety_units.callbacks import EvalCallback, FinalizeRun, InterruptCheckpoint
 from safety_units.config import (
+    finish_loggers,
     instantiate,
     instantiate_group,
     output_dir,
@@ -17,9 +17,12 @@ from safety_units.config import (
 )
 from safety_units.data import build_datamodule
 from safety_units.errors import ConfigError
+from safety_units.freezing import build_masker
 from safety_units.models import LoadedModel, load_model
+from safety_units.module import CausalLMModule
+from safety_units.ranks import RankedLogger
 
-log = logging.getLogger(__name__)
+log = RankedLogger(__name__)
 
 
 def wrap_policy(class_names: list[str]) -> set[type]:
@@ -54,9 +57,6 @@ def run_train(cfg: DictConfig) -> dict:
 def fit(cfg: DictConfig, loaded: LoadedModel | None = None) -> tuple[dict, object]:
     """run_train's work, returning (summary, the trained model). `loaded` (a model already in memory, e.g. kept on
     the GPU between study stages) is trained in place instead of loading cfg.model."""
-    from safety_units.freezing import build_masker
-    from safety_units.module import CausalLMModule
-
     setup_run(cfg)
     run_dir = output_dir(cfg)
     loaded = loaded or load_model(cfg.model)
@@ -66,48 +66,52 @@ def fit(cfg: DictConfig, loaded: LoadedModel | None = None) -> tuple[dict, objec
     datamodule = build_datamodule(cfg.data, tokenizer, cache_dir=cfg.paths.cache_dir)
     datamodule.prepare(model)
 
-    unit_map_path = None
-    masker = None
-    if cfg.get("freeze") is not None:
-        masker, unit_map_path = build_masker(cfg, model, tokenizer)
+    masker, unit_map = build_masker(cfg, model, tokenizer) if cfg.get("freeze") is not None else (None, None)
     # With an adapter only the LoRA factors train; their own masker holds them at zero on frozen unit slices,
     # while `masker` (snapshot of the loaded weights) checks the merged weights at the end.
     adapter = instantiate(cfg.adapter, "adapter") if cfg.get("adapter") else None
     train_masker = masker
     if adapter is not None:
         model, train_masker = adapter.wrap(model, masker)
-    module = CausalLMModule(model, masker=train_masker, **OmegaConf.to_container(cfg.optim, resolve=True))
+    module = CausalLMModule(model, masker=train_masker, tokenizer=tokenizer, unit_map=unit_map,
+                            **OmegaConf.to_container(cfg.optim, resolve=True))
 
+    unit_map_path = str(unit_map.path) if unit_map is not None else None
     finalize = FinalizeRun(str(run_dir), tokenizer, resolved_yaml(cfg), unit_map_path=unit_map_path,
                            export=bool(cfg.get("export", True)), masker=masker, adapter=adapter)
-    module.tokenizer = tokenizer  # for callbacks that generate (callbacks=eval)
-    module.unit_map_path = unit_map_path  # callbacks=drift classifies with the map's settings
     extra = [InterruptCheckpoint(str(run_dir / "checkpoints")), finalize]
     trainer = build_trainer(cfg, extra, run_dir)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
-
-    summary = {"output_dir": str(run_dir), "global_step": trainer.global_step,
-               "model_dir": str(run_dir / "model") if cfg.get("export", True) else None,
-               "train_examples": len(datamodule.train_set), "data_stats": datamodule.stats}
-    summary.update(finalize.summary)
-    if masker is not None:
-        summary["freeze"] = masker.describe()
-    if adapter is not None:
-        summary["adapter"] = adapter.describe()
-    for cb in trainer.callbacks:
-        if type(cb).__name__ == "EvalCallback":
-            summary["eval"] = cb.results
-    if datamodule.val_set and "val/loss" not in trainer.callback_metrics and not trainer.interrupted:
-        trainer.validate(module, datamodule=datamodule, verbose=False)  # max_steps ended the run mid-epoch
-    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if getattr(v, "numel", lambda: 1)() == 1}
-    summary["metrics"] = metrics
-    finish_loggers(trainer.loggers)
+    try:  # a failed job of a multirun must not leave its wandb run open for the next job
+        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+        summary = {"output_dir": str(run_dir), "global_step": trainer.global_step,
+                   "model_dir": str(run_dir / "model") if cfg.get("export", True) else None,
+                   "train_examples": len(datamodule.train_set), "data_stats": datamodule.stats}
+        summary.update(finalize.summary)
+        if masker is not None:
+            summary["freeze"] = masker.describe()
+        if adapter is not None:
+            summary["adapter"] = adapter.describe()
+        for cb in trainer.callbacks:
+            if isinstance(cb, EvalCallback):
+                summary["eval"] = cb.results
+        if datamodule.val_set and "val/loss" not in trainer.callback_metrics and not trainer.interrupted:
+            trainer.validate(module, datamodule=datamodule, verbose=False)  # max_steps ended the run mid-epoch
+        summary["metrics"] = {k: float(v) for k, v in trainer.callback_metrics.items()
+                              if getattr(v, "numel", lambda: 1)() == 1}
+    finally:
+        finish_loggers(trainer.loggers)
     return summary, module.model
 
 
-def finish_loggers(loggers) -> None:
-    """One wandb run per job: close it so a multirun's next job starts a fresh one."""
-    if any(type(lg).__name__ == "WandbLogger" for lg in loggers):
-        import wandb
+def optimized_metric(cfg: DictConfig, metrics: dict[str, float]) -> float | None:
+    """The value a hydra sweeper optimises (cfg.optimized_metric, set by hparams_search=...; None when unset).
 
-        wandb.finish()
+    A metric the run did not log is an error, not a silent None that the sweeper would record as a result."""
+    name = cfg.get("optimized_metric")
+    if not name:
+        return None
+    if name not in metrics:
+        hint = " (val/loss needs a validation split: data.val_fraction > 0)" if name.startswith("val/") else ""
+        raise ConfigError(f"optimized_metric={name!r} was not logged by this run{hint}; the run logged: "
+                          f"{', '.join(sorted(metrics)) or 'nothing'}.")
+    return metrics[name]

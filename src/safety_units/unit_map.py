@@ -13,7 +13,6 @@ A *selection* is a dict {"mlp.3": BoolTensor[n_units], ...} of units; masking an
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 
 import numpy as np
@@ -22,9 +21,10 @@ import torch
 from safety_units.classification import CLASS_CODES, normalise
 from safety_units.errors import ConfigError, UnitMapError
 from safety_units.models import model_fingerprint
+from safety_units.ranks import RankedLogger
 from safety_units.units import resolve_units, unit_counts
 
-log = logging.getLogger(__name__)
+log = RankedLogger(__name__)
 
 Selection = dict[str, torch.Tensor]
 FORMAT_VERSION = "1"
@@ -64,7 +64,7 @@ class UnitMap:
         save_file(tensors, str(out / "unit_map.safetensors"), metadata=meta)
         (out / "unit_map.json").write_text(json.dumps(self.summary(), indent=2))
         if plot:
-            from safety_units.plots import plot_units_per_layer
+            from safety_units.plots import plot_units_per_layer  # matplotlib only where a plot is drawn
 
             plot_units_per_layer(self, out / "units_per_layer.png")
         self.path = out / "unit_map.safetensors"

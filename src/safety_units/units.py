@@ -14,7 +14,6 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-import torch
 from torch import nn
 
 from safety_units.errors import ConfigError
@@ -148,11 +147,3 @@ def _group(layer: nn.Module, li: int, kind: str, spec: dict, layers_name: str, p
 
 def unit_counts(groups: list[UnitGroup]) -> dict[str, list[int]]:
     return {kind: [g.n for g in groups if g.kind == kind] for kind in KINDS}
-
-
-def unit_param_names(groups: list[UnitGroup]) -> set[str]:
-    return {s.name for g in groups for s in g.slices}
-
-
-def select_slices(t: torch.Tensor, dim: int, idx: torch.Tensor) -> torch.Tensor:
-    return t.index_select(dim, idx.to(t.device))

@@ -1,4 +1,4 @@
-"""Plots of the SSAH study v2 report, drawn from the section data of safety_units.study_tables (headless).
+"""Plots of the SSAH study v2 report, drawn from the section data of safety_units.study.tables (headless).
 
 Every point is a mean over seeds with sd error bars; a missing condition is left out, never drawn at zero."""
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from safety_units.compare import PromptMismatchError, load_eval, paired_difference
-from safety_units.study_plan import (
+from safety_units.study.plan import (
     ABLATED,
     ALIGN_METHODS,
     FREEZES,

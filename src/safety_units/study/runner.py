@@ -1,4 +1,4 @@
-"""Run the v2 study's stages (safety_units.study_plan) in one process, or the setup in this one and the rest in
+"""Run the v2 study's stages (safety_units.study.plan) in one process, or the setup in this one and the rest in
 worker processes (run_parallel).
 
 Models stay in memory -- on the GPU when there is one -- between stages: each process loads the shipped and the
@@ -28,12 +28,17 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from safety_units.attribution import run_attribution
 from safety_units.config import compose_config
 from safety_units.errors import ConfigError
-from safety_units.models import LoadedModel
-from safety_units.study_plan import ALIGNED, Scale, Stage, model_overrides, plan
+from safety_units.evaluate_run import run_evaluate
+from safety_units.evaluation import prompt_set_texts
+from safety_units.models import LoadedModel, load_model, resolve_device
+from safety_units.ranks import RankedLogger
+from safety_units.study.plan import ALIGNED, Scale, Stage, model_overrides, plan
+from safety_units.training import fit
 
-log = logging.getLogger(__name__)
+log = RankedLogger(__name__)
 
 
 class StageExists(ConfigError):
@@ -115,8 +120,6 @@ class StudyRunner:
     # ------------------------------------------------------------------ models
     def master(self, key: str) -> LoadedModel:
         if key not in self.models:
-            from safety_units.models import load_model, resolve_device
-
             over = model_overrides(key, self.scale, str(self.study))
             if key == ALIGNED and not (self.study / "align" / "model" / "config.json").is_file():
                 raise ConfigError(f"the aligned model {self.study / 'align' / 'model'} does not exist: stage "
@@ -176,19 +179,12 @@ class StudyRunner:
         return "ran"
 
     def execute(self, stage: Stage, cfgs: dict[str, DictConfig]) -> dict | None:
-        from safety_units.evaluate_run import run_evaluate
-
         if stage.kind == "attribute":
-            from safety_units.attribution import run_attribution
-
             run_attribution(cfgs["attribute"])
             return None
         if stage.kind == "eval":
             run_evaluate(cfgs["evaluate"], self.copy_of(stage.model))
             return None
-        from safety_units.evaluation import prompt_set_texts
-        from safety_units.training import fit
-
         start = self.copy_of(stage.model)
         summary, model = fit(cfgs["train"], start)
         trained = LoadedModel(model, start.tokenizer, f"{start.name} + {stage.name}")

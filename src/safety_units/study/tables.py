@@ -1,12 +1,12 @@
 """The claim sections of the SSAH study v2 report: each returns (data, markdown lines), so that summary.json holds
 every number the markdown prints. Conditions are mean +- sd over seeds; differences are pooled over seeds
-(safety_units.study_verdicts.compare)."""
+(safety_units.study.verdicts.compare)."""
 
 from __future__ import annotations
 
 import statistics
 
-from safety_units.study_verdicts import (
+from safety_units.study.verdicts import (
     ABLATED,
     ALIGN_METHODS,
     ERROR,

@@ -1,7 +1,7 @@
 """The SSAH study v2 report (results/ssah_smollm2.md, results/ssah_smollm2/), built only from the study's artifacts.
 
 Settings come from study.json and point.json, numbers from eval.json / eval_meta.json; the criteria live in
-safety_units.study_verdicts, the claim tables in study_tables, the plots in study_plots. summary.json holds every
+safety_units.study.verdicts, the claim tables in study_tables, the plots in study_plots. summary.json holds every
 number the markdown prints. The v1 report is parsed, not restated, for the "v1 -> v2" section.
 """
 
@@ -15,9 +15,9 @@ from dataclasses import asdict
 from pathlib import Path
 
 from safety_units.errors import ConfigError
-from safety_units.study_plots import write_plots
-from safety_units.study_tables import section_a, section_b, section_c, stage_field
-from safety_units.study_verdicts import (
+from safety_units.study.plots import write_plots
+from safety_units.study.tables import section_a, section_b, section_c, stage_field
+from safety_units.study.verdicts import (
     ABLATED,
     ALIGN_METHODS,
     ALPHA,
@@ -37,9 +37,6 @@ from safety_units.study_verdicts import (
 )
 
 NAME = "ssah_smollm2"
-V1_LINE = re.compile(r"^- \*\*(?P<claim>\([a-z]\)[^*]*?) -- (?P<status>[^*]+?)\.\*\*(?P<text>.*)$")
-
-
 # --------------------------------------------------------------------------- header
 def stage_group(name: str) -> str:
     """What a stage costs like: setup stages by name, the others by claim and kind (b_random_esu_s0 -> b)."""
@@ -181,11 +178,22 @@ def header(st: dict) -> tuple[dict, list[str]]:
 
 
 # --------------------------------------------------------------------------- v1 -> v2
-def parse_v1(path: Path) -> list[dict]:
-    """The verdict lines of a v1 report: [{"claim", "status", "text"}] in order."""
-    if not Path(path).is_file():
+def v1_verdicts_path(v1_report: Path) -> Path:
+    """Where the frozen v1 report's verdicts are kept as data: <report without .md>/verdicts.json."""
+    return Path(v1_report).with_suffix("") / "verdicts.json"
+
+
+def load_v1(v1_report: Path) -> list[dict]:
+    """The v1 verdicts [{"claim", "status", "text"}] in report order ([] when there is no v1 report)."""
+    path = v1_verdicts_path(v1_report)
+    if not path.is_file():
         return []
-    return [m.groupdict() for m in map(V1_LINE.match, Path(path).read_text().splitlines()) if m]
+    try:
+        verdicts = json.loads(path.read_text())["verdicts"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ConfigError(f"{path}: not a v1 verdicts file ({e}); it holds {{\"verdicts\": [{{\"claim\", "
+                          f"\"status\", \"text\"}}, ...]}}.") from None
+    return verdicts
 
 
 def v2_match(claim: str, vs: list[Verdict]) -> list[Verdict]:
@@ -278,7 +286,7 @@ def build_report(study: Path, v1_report: Path, results: Path) -> tuple[dict, dic
     b, b_lines = section_b(st)
     c, c_lines = section_c(st)
     link = os.path.relpath(Path(v1_report).resolve(), Path(results).resolve())
-    v1, v1_lines = v1_section(parse_v1(v1_report), vs, st, v1_report, link)
+    v1, v1_lines = v1_section(load_v1(v1_report), vs, st, v1_report, link)
     summary = {"header": head, "verdicts": vs, "a": a, "b": b, "c": c, "v1_to_v2": v1}
     sections = {"head": head_lines, "verdicts": ["## Verdicts", "", *[f"- {v.line()}" for v in vs], ""],
                 "a": ["## (a) Alignment budget: full, RU-only and random alignment of the shipped model", "",
@@ -297,7 +305,8 @@ def plot_lines(plots: dict[str, str], names: list[str], name: str = NAME) -> lis
 
 def write_report(study: Path, results: Path, v1_report: Path, name: str = NAME) -> Path:
     """Write results/<name>.md and results/<name>/ (plots, summary.json) from the study dir `study`; `v1_report` is
-    the v1 markdown report the "v1 -> v2" section parses. Returns the markdown's path."""
+    the frozen v1 markdown report that the "v1 -> v2" section links, its verdicts read from v1_verdicts_path.
+    Returns the markdown's path."""
     study, results, v1_report = Path(study), Path(results), Path(v1_report)
     sections, summary, data = build_report(study, v1_report, results)
     out = results / name
