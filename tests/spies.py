@@ -44,3 +44,27 @@ class FailAtStep(pl.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if trainer.global_step >= self.step:
             raise RuntimeError(f"FailAtStep: failing on purpose at step {trainer.global_step}")
+
+
+def read_wandb_run(run_dir) -> dict:
+    """An offline wandb run read back with wandb's own reader (`wandb leet inspect --json`): its config, final
+    summary, and the keys of every history item (e.g. `completions/harmful._type` = table-file)."""
+    import subprocess
+
+    res = subprocess.run([sys.executable, "-m", "wandb", "leet", "inspect", "--json", str(run_dir)],
+                         capture_output=True, text=True, timeout=120, check=True)
+    config, summary, history = {}, {}, {}
+    for line in res.stdout.splitlines():
+        if not line.startswith("{"):
+            continue
+        rec = json.loads(line)
+        kind = rec.get("type")
+        if kind == "run":
+            config.update(rec["run"].get("config", {}).get("update", {}))
+        elif kind == "config":
+            config.update(rec["config"].get("update", {}))
+        elif kind == "summary":
+            summary.update(rec["summary"].get("update", {}))
+        elif kind == "history":
+            history.update(rec["history"].get("item", {}))
+    return {"config": config, "summary": summary, "history": history}

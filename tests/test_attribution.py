@@ -138,10 +138,14 @@ def test_bad_shares_are_config_errors():
 
 
 def test_run_writes_three_files_and_map_roundtrips(tmp_path):
-    cfg = _cfg(tmp_path)
+    cfg = _cfg(tmp_path, "logger=csv")
     out = run_attribution(cfg)
     run = tmp_path / "run"
     assert {p.name for p in run.iterdir()} >= {"unit_map.safetensors", "unit_map.json", "units_per_layer.png"}
+    # logger=csv: the run's params (class shares and the map's fingerprint among them) and its summary
+    hparams = (run / "csv" / "hparams.yaml").read_text()
+    assert "unit_map.share.mlp.esu:" in hparams and "unit_map.fingerprint:" in hparams and "scoring.method: wifv" in hparams
+    assert json.loads((run / "summary.json").read_text())["units/all/esu"] == out["summary"]["total"]["all"]["esu"]["share"]
     summary = json.loads((run / "unit_map.json").read_text())
     assert summary["total"]["all"]["units"] == 2 * 128 + 2 * 64
     tiny = build_tiny(cache_dir=cfg.paths.cache_dir)

@@ -96,10 +96,11 @@ def test_without_masked_decay_adamw_moves_frozen_entries(unit_map, tiny):
 
 def test_ddp_spawn_two_processes_keeps_exactness_and_one_rank_writes(unit_map, tmp_path, capfd):
     """Two gloo processes: frozen entries exact, and rank zero alone writes the run's files and tables (before /
-    after evaluation, export, frozen check); rank one writes nothing under the run dir."""
+    after evaluation, export, frozen check, params and summary, the loggers'); rank one writes nothing under the
+    run dir, and there is one wandb run."""
     run, spy = tmp_path / "run", tmp_path / "spy"
     cfg = train_cfg(run, *EXACT, "trainer=ddp_spawn", "freeze=esu_cu", f"freeze.unit_map={unit_map}",
-                    "trainer.max_steps=3", "callbacks=eval", "callbacks.eval.suite.limit=2",
+                    "trainer.max_steps=3", "logger=many", "callbacks=eval", "callbacks.eval.suite.limit=2",
                     "callbacks.eval.suite.max_new_tokens=4", "~callbacks.model_checkpoint",
                     "+callbacks.spy._target_=spies.WriteSpy", f"+callbacks.spy.watch={run}",
                     f"+callbacks.spy.out={spy}")
@@ -111,8 +112,10 @@ def test_ddp_spawn_two_processes_keeps_exactness_and_one_rank_writes(unit_map, t
     ranks = {r["rank"]: r for r in (json.loads(p.read_text()) for p in spy.glob("rank*.json"))}
     assert sorted(ranks) == [0, 1] and ranks[0]["world_size"] == 2
     assert ranks[1]["written"] == []
-    assert {"eval_compare.md", "eval_before.json", "eval_after.json", "model/config.json",
-            "model/freeze_check.json", "model/safety_units_config.yaml"} <= set(ranks[0]["written"])
+    assert {"eval_compare.md", "eval_before.json", "eval_after.json", "model/config.json", "params.json",
+            "summary.json", "model/freeze_check.json", "model/safety_units_config.yaml"} <= set(ranks[0]["written"])
+    assert len(list((run / "wandb").glob("offline-run-*"))) == 1  # one wandb run, rank zero's
+    assert json.loads((run / "summary.json").read_text())["freeze/frozen_max_abs_delta"] == 0.0
     assert capfd.readouterr().out.count("before / after training:") == 1
 
 

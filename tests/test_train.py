@@ -1,4 +1,5 @@
 import csv
+import json
 
 import pytest
 import torch
@@ -115,17 +116,47 @@ def test_a_missing_optimized_metric_is_a_clear_error():
         optimized_metric(cfg, {"train/loss": 2.0, "train/lr": 1e-5})
 
 
-def test_multirun_writes_one_dir_per_job(tmp_path):
+def test_multirun_jobs_are_a_dashboard_online_and_offline(tmp_path, unit_map):
+    """Two jobs (seed=1,2) with logger=wandb offline, read back with wandb's own reader: each run holds the resolved
+    config as dotted keys, a summary with the eval change and the frozen check, a completions table and the unit
+    map's plot; `python -m safety_units.runs` tabulates the jobs with exactly the swept key as its varied column."""
     import subprocess
     import sys
 
     from conftest import ROOT
+    from spies import read_wandb_run
 
-    cmd = [sys.executable, str(ROOT / "train.py"), "-m", "~experiment", "model=tiny", "logger=csv", "callbacks=none",
-           "data=alpaca", "data.num_samples=16", "data.max_length=48", "trainer.max_steps=1",
-           "trainer.enable_progress_bar=false", "seed=1,2", f"hydra.sweep.dir={tmp_path}"]
+    from safety_units.runs import runs_table
+
+    cmd = [sys.executable, str(ROOT / "train.py"), "-m", "~experiment", "model=tiny", "logger=wandb", "callbacks=eval",
+           "callbacks.eval.suite.limit=3", "callbacks.eval.suite.max_new_tokens=4", "~callbacks.model_checkpoint",
+           "freeze=esu_cu", f"freeze.unit_map={unit_map}", "data=alpaca", "data.num_samples=16",
+           "data.max_length=48", "trainer.max_steps=1", "trainer.enable_progress_bar=false", "seed=1,2",
+           f"hydra.sweep.dir={tmp_path}"]
     subprocess.run(cmd, check=True, capture_output=True, timeout=600)
     assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir() and (p / "model" / "config.json").is_file()) == ["0", "1"]
+    for job, seed in (("0", 1), ("1", 2)):
+        (run,) = (tmp_path / job / "wandb").glob("offline-run-*")
+        got = read_wandb_run(run)
+        assert got["config"]["freeze.strategy"] == "esu_cu" and got["config"]["seed"] == seed
+        assert got["config"]["optim.lr"] == compose("train", ["~experiment"]).optim.lr
+        assert "git.commit" in got["config"] and "unit_map.fingerprint" in got["config"]
+        assert got["config"]["freeze.frozen_share"] > 0
+        s = got["summary"]
+        assert s["freeze/frozen_max_abs_delta"] == 0.0 and "eval/harmful/asr/change" in s
+        assert "eval/harmful/asr/p" in s and s["train/tokens_per_s"] > 0 and s["time/wall_s"] > 0
+        assert got["history"]["completions/harmful._type"] == "table-file"
+        assert got["history"]["plots/units_per_layer._type"] in ("image-file", "images/separated")
+        params = json.loads((tmp_path / job / "params.json").read_text())
+        assert params["seed"] == seed and params["freeze.strategy"] == "esu_cu"
+    table = runs_table(tmp_path)
+    assert table["varied"] == ["seed"] and table["jobs"] == ["0", "1"]
+    assert "eval/harmful/asr/change" in table["metrics"] and "freeze/frozen_max_abs_delta" in table["metrics"]
+    out = subprocess.run([sys.executable, "-m", "safety_units.runs", str(tmp_path), "--csv", str(tmp_path / "r.csv")],
+                         check=True, capture_output=True, text=True, timeout=120).stdout
+    header = next(line for line in out.splitlines() if line.startswith("| job |"))
+    assert header.split(" | ")[1] == "seed" and "2 runs; swept: seed" in out
+    assert (tmp_path / "r.csv").read_text().splitlines()[0].startswith("job,seed,")
 
 
 def test_entry_point_prints_one_paragraph_error(tmp_path):

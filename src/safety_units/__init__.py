@@ -34,6 +34,9 @@ Modules, one per concept (one name per line; tests/test_structure.py checks that
     evaluate_run        what `python evaluate.py` runs (with unit ablation)
     stats               Wilson intervals, McNemar, paired bootstrap, Cohen's kappa, prompt-list hashes
     compare             paired comparison of runs on the same prompts, the before/after table
+    run_logging         what a run tells its loggers: params, summary, completions tables, plots
+    runs                a sweep's runs table from the jobs' files, offline (subpackage):
+    runs.__main__           python -m safety_units.runs <multirun dir>
     stability           IoU / rank correlation of unit maps, planted-set recovery
     plots               the plots of unit maps and drift (matplotlib, imported where a plot is drawn)
     dose_response       the dose-response ablation sweep (subpackage):

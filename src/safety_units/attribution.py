@@ -12,13 +12,14 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from safety_units.classification import class_shares, classify_from_config
-from safety_units.config import compose_config, output_dir, setup_run
+from safety_units.config import compose_config, finish_loggers, instantiate_group, output_dir, setup_run
 from safety_units.contrast import contrast_scores, load_reference
 from safety_units.calibration import calibration_batches, prompt_batches
 from safety_units.errors import ConfigError
 from safety_units.models import LoadedModel, load_model, resolve_device
 from safety_units.ranks import RankedLogger, rank_zero_print
 from safety_units.refusal_direction import refusal_direction_scores
+from safety_units.run_logging import Stopwatch, log_images, log_params, run_params, set_summary
 from safety_units.scoring import METHODS, check_tokens, score_units
 from safety_units.unit_map import UnitMap, full_fingerprint
 from safety_units.units import decoder_layers, resolve_units, unit_names
@@ -87,13 +88,29 @@ def attribute(loaded: LoadedModel, cfg: DictConfig, device: str | None = None) -
 
 
 def run_attribution(cfg: DictConfig) -> dict:
+    """What `python attribute.py` runs: attribute cfg.model, write the unit map; with logger=..., the run's params
+    (the unit map's fingerprint and class shares among them), a summary and units_per_layer.png are logged."""
     setup_run(cfg)
+    t0 = time.perf_counter()
     out = output_dir(cfg)
     loaded = load_model(cfg.model)
     um = attribute(loaded, cfg)
     path = um.save(out)
     summary = um.summary()
     _print_summary(summary, path)
+    loggers = instantiate_group(cfg.get("logger"), "logger")
+    try:
+        with Stopwatch():
+            log_params(loggers, run_params(cfg, unit_map=um), out)
+            shares = {f"units/{kind}/{c}": s["share"] for kind, t in summary["total"].items() for c, s in t.items()
+                      if isinstance(s, dict)}
+            seconds = {f"time/{k}_s": v for k, v in (um.metadata.get("seconds") or {}).items()
+                       if isinstance(v, (int, float))}
+            set_summary(loggers, shares | seconds | {"time/wall_s": round(time.perf_counter() - t0, 3)}, out)
+            log_images(loggers, {"plots/units_per_layer": out / "units_per_layer.png"})
+    finally:
+        with Stopwatch():
+            finish_loggers(loggers)
     return {"unit_map": str(path), "summary": summary}
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -14,6 +15,16 @@ import torch
 from safety_units.compare import compare_table
 from safety_units.evaluation import log_results, run_suite
 from safety_units.ranks import RankedLogger
+from safety_units.run_logging import (
+    Stopwatch,
+    change_summary,
+    eval_summary,
+    log_completions,
+    log_images,
+    log_params,
+    read_generations,
+    set_summary,
+)
 from safety_units.sources import normalize_prompt
 from safety_units.task_results import judge_name, markdown_table
 from safety_units.unit_map import save_selection
@@ -161,6 +172,11 @@ class EvalCallback(pl.Callback):
                 print("\nbefore / after training:\n" + table + "\n", flush=True)
             else:
                 print(f"\n{when} training:\n" + markdown_table(res) + "\n", flush=True)
+            if when == "after" or not self.after:  # the last evaluation: the completions side by side
+                with Stopwatch():
+                    rows = {w: read_generations(self.output_dir / f"generations_eval_{w}.jsonl") for w in self.results}
+                    log_completions(trainer.loggers, rows, int(self.suite.get("log_completions") or 0),
+                                    int(self.suite.get("seed", 0)), step=trainer.global_step)
         trainer.strategy.barrier()
 
     def on_fit_start(self, trainer, pl_module):
@@ -170,3 +186,56 @@ class EvalCallback(pl.Callback):
     def on_train_end(self, trainer, pl_module):
         if self.after:
             self._run(trainer, pl_module, "after")
+
+
+class RunSummary(pl.Callback):
+    """What a sweep's dashboard shows of this run (safety_units.run_logging): the params once at the start, the
+    unit map's and drift's plots, and at the end the summary -- eval before / after / change / paired p,
+    frozen_max_abs_delta, wall time and tokens/s. Added by training.fit after FinalizeRun and the config's callbacks,
+    so it reads their results; rank zero logs and writes params.json / summary.json. time/wall_s runs from the
+    run's start (`started_at`: model load and data included) to its end, time/train_s over the training batches
+    (tokens/s: attended tokens of every rank's batches over that time)."""
+
+    def __init__(self, output_dir: str, params: dict, images: dict[str, str] | None = None, finalize=None,
+                 started_at: float | None = None):
+        self.output_dir = Path(output_dir)
+        self.params, self.images, self.finalize = params, dict(images or {}), finalize
+        self.started_at = started_at if started_at is not None else time.time()  # the run's start (wall clock)
+        self.tokens = 0
+        self.t_train = self.t_last = None
+
+    def on_fit_start(self, trainer, pl_module):
+        if trainer.is_global_zero:
+            with Stopwatch():
+                log_params(trainer.loggers, self.params, self.output_dir)
+                log_images(trainer.loggers, self.images, step=trainer.global_step)
+
+    def on_train_start(self, trainer, pl_module):
+        self.t_train, self.tokens = time.perf_counter(), 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.tokens += int(batch["attention_mask"].sum())
+        self.t_last = time.perf_counter()  # training time ends with the last batch, before the after-evaluation
+
+    def on_train_end(self, trainer, pl_module):
+        # every rank counted its own batches: the sum is collective, so every rank takes part
+        tokens = int(trainer.strategy.reduce(torch.tensor(float(self.tokens), device=pl_module.device),
+                                             reduce_op="sum"))
+        if not trainer.is_global_zero:
+            return
+        train_s = (self.t_last - self.t_train) if self.t_last and self.t_train else 0.0
+        summary = {"time/wall_s": round(time.time() - self.started_at, 3), "time/train_s": round(train_s, 3),
+                   "train/tokens": tokens, "train/tokens_per_s": round(tokens / train_s, 2) if train_s > 0 else None,
+                   "train/global_step": trainer.global_step}
+        check = self.finalize.summary if self.finalize is not None else {}
+        if "frozen_max_abs_delta" in check:
+            summary |= {"freeze/frozen_max_abs_delta": check["frozen_max_abs_delta"],
+                        "freeze/trainable_changed": check["trainable_changed"]}
+        for cb in trainer.callbacks:
+            if isinstance(cb, EvalCallback) and cb.results:
+                res = cb.results
+                summary |= change_summary(res["before"], res["after"]) if {"before", "after"} <= set(res) else \
+                    eval_summary(next(iter(res.values())))
+        with Stopwatch():
+            set_summary(trainer.loggers, summary, self.output_dir, step=trainer.global_step)
+            log_images(trainer.loggers, {"plots/drift": self.output_dir / "drift.png"}, step=trainer.global_step)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import time
+from dataclasses import asdict
 
 from omegaconf import DictConfig
 
@@ -12,6 +14,16 @@ from safety_units.evaluation import MODEL_FREE_TASKS, build_judge, log_results, 
 from safety_units.masking import ablate_units
 from safety_units.models import LoadedModel, load_model, resolve_device
 from safety_units.ranks import RankedLogger, rank_zero_print
+from safety_units.run_logging import (
+    Stopwatch,
+    eval_summary,
+    flat,
+    log_completions,
+    log_params,
+    read_generations,
+    run_params,
+    set_summary,
+)
 from safety_units.selection import ablation_label, ablation_selection
 from safety_units.task_results import judge_name, markdown_table
 from safety_units.unit_map import save_selection
@@ -24,6 +36,7 @@ def run_evaluate(cfg: DictConfig, loaded: LoadedModel | None = None, train_promp
     """Evaluate cfg.model (or `loaded`, a model already in memory, whose training prompts `train_prompts` are only
     counted) on cfg.eval; writes eval.json, eval.md, generations.jsonl and eval_meta.json into the output dir."""
     setup_run(cfg)
+    t0 = time.perf_counter()
     out = output_dir(cfg)
     tasks = [t for t in (cfg.eval.get("tasks") or {}).values() if t is not None]
     judge = build_judge(cfg.judge)
@@ -50,14 +63,25 @@ def run_evaluate(cfg: DictConfig, loaded: LoadedModel | None = None, train_promp
         if not in_memory:
             train_prompts = training_prompts_of(cfg.model.get("path"))
     results = run_suite(model, tokenizer, cfg.eval, judge, train_prompts, out)
+    params = run_params(cfg) | {"eval.model_name": name, "eval.judge": judge_name(judge)} | \
+        {f"ablation.{k}": v for k, v in flat(ablation or {}).items()}
     meta = {"model": name, "model_path": cfg.model.get("path") if model is not None and not in_memory else None,
-            "ablation": ablation, "judge": judge_name(judge)}
-    (out / "eval_meta.json").write_text(json.dumps(meta, indent=2))
+            "ablation": ablation, "judge": judge_name(judge), "params": params}
+    (out / "eval_meta.json").write_text(json.dumps(meta, indent=2, default=str))
     table = markdown_table(results)
     (out / "eval.md").write_text(table + "\n")
     header = f"model {name}, judge {judge_name(judge)}" + (f", ablated {ablation_label(ablation)}" if ablation else "")
     rank_zero_print(f"\n{header}\n{table}\n", flush=True)
     loggers = instantiate_group(cfg.get("logger"), "logger")
-    log_results(loggers, results)
-    finish_loggers(loggers)
+    try:
+        with Stopwatch():
+            log_params(loggers, params, out)
+            log_results(loggers, results)
+            done = {k: asdict(v) for k, v in results.items()}
+            log_completions(loggers, {"eval": read_generations(out / "generations.jsonl")},
+                            int(cfg.eval.get("log_completions") or 0), int(cfg.eval.get("seed", 0)))
+            set_summary(loggers, eval_summary(done) | {"time/wall_s": round(time.perf_counter() - t0, 3)}, out)
+    finally:
+        with Stopwatch():
+            finish_loggers(loggers)
     return {"results": results, "meta": meta, "output_dir": str(out)}

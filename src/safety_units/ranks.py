@@ -45,6 +45,7 @@ class RankedLogger(logging.LoggerAdapter):
         msg, kwargs = self.process(msg, kwargs)
         if not self.rank_zero_only and rank != 0:
             msg = f"[rank {rank}] {msg}"
+        kwargs["stacklevel"] = kwargs.get("stacklevel", 1) + 1  # records name the caller, not this method
         self.logger.log(level, msg, *args, **kwargs)
 
 

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from safety_units.callbacks import EvalCallback, FinalizeRun, InterruptCheckpoint
+from safety_units.callbacks import EvalCallback, FinalizeRun, InterruptCheckpoint, RunSummary
 from safety_units.config import (
     finish_loggers,
     instantiate,
@@ -21,6 +22,7 @@ from safety_units.freezing import build_masker
 from safety_units.models import LoadedModel, load_model
 from safety_units.module import CausalLMModule
 from safety_units.ranks import RankedLogger
+from safety_units.run_logging import Stopwatch, run_params
 
 log = RankedLogger(__name__)
 
@@ -58,6 +60,7 @@ def fit(cfg: DictConfig, loaded: LoadedModel | None = None) -> tuple[dict, objec
     """run_train's work, returning (summary, the trained model). `loaded` (a model already in memory, e.g. kept on
     the GPU between study stages) is trained in place instead of loading cfg.model."""
     setup_run(cfg)
+    started_at = time.time()
     run_dir = output_dir(cfg)
     loaded = loaded or load_model(cfg.model)
     model, tokenizer = loaded.model, loaded.tokenizer
@@ -79,7 +82,11 @@ def fit(cfg: DictConfig, loaded: LoadedModel | None = None) -> tuple[dict, objec
     unit_map_path = str(unit_map.path) if unit_map is not None else None
     finalize = FinalizeRun(str(run_dir), tokenizer, resolved_yaml(cfg), unit_map_path=unit_map_path,
                            export=bool(cfg.get("export", True)), masker=masker, adapter=adapter)
-    extra = [InterruptCheckpoint(str(run_dir / "checkpoints")), finalize]
+    params = run_params(cfg, unit_map, masker.describe() if masker is not None else None,
+                        adapter.describe() if adapter is not None else None)
+    images = {"plots/units_per_layer": str(Path(unit_map_path).parent / "units_per_layer.png")} if unit_map_path else {}
+    extra = [InterruptCheckpoint(str(run_dir / "checkpoints")), finalize,
+             RunSummary(str(run_dir), params, images, finalize, started_at)]
     trainer = build_trainer(cfg, extra, run_dir)
     try:  # a failed job of a multirun must not leave its wandb run open for the next job
         trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
@@ -99,7 +106,8 @@ def fit(cfg: DictConfig, loaded: LoadedModel | None = None) -> tuple[dict, objec
         summary["metrics"] = {k: float(v) for k, v in trainer.callback_metrics.items()
                               if getattr(v, "numel", lambda: 1)() == 1}
     finally:
-        finish_loggers(trainer.loggers)
+        with Stopwatch():
+            finish_loggers(trainer.loggers)
     return summary, module.model
 
 
