@@ -187,7 +187,7 @@ def _attribute_cfg(root, dirs, *overrides):
 
 
 SCORERS = {"wifv": [], "activation": [], "snip": [], "refusal_direction": [],
-           "contrast": ["scoring.reference_path={base}"]}
+           "contrast": ["scoring.reference_path={base}"], "delta": ["scoring.reference_path={base}"]}
 
 
 @pytest.mark.parametrize("method", sorted(SCORERS))
@@ -225,6 +225,27 @@ def test_contrast_reference_must_be_a_different_model_of_the_same_shape(planted_
         run_attribution(_attribute_cfg(root, dirs, "scoring=contrast", f"scoring.reference_path={dirs['aligned']}"))
     with pytest.raises(ConfigError, match="scoring.reference_path=.*not a directory"):
         run_attribution(_attribute_cfg(root, dirs, "scoring=contrast", f"scoring.reference_path={root / 'nope'}"))
+    with pytest.raises(ConfigError, match="same weights .* every delta score would be 0"):
+        run_attribution(_attribute_cfg(root, dirs, "scoring=delta", f"scoring.reference_path={dirs['aligned']}"))
+
+
+def test_delta_is_the_norm_of_each_units_weight_change():
+    """scoring=delta by hand: a change on one unit's slices (gate/up rows, the down_proj column; an o_proj column)
+    scores exactly that unit, with the L2 norm over all its slices; untouched units score 0."""
+    from safety_units.delta import delta_scores
+
+    cache = compose("attribute", ["model=tiny"]).paths.cache_dir
+    ref, model = build_tiny(cache_dir=cache).model, build_tiny(cache_dir=cache).model
+    mlp, attn = model.model.layers[0].mlp, model.model.layers[1].self_attn
+    with torch.no_grad():
+        mlp.gate_proj.weight[5] += 1.0   # 64 entries of +1
+        mlp.down_proj.weight[:, 5] -= 2.0  # 64 entries of -2
+        attn.o_proj.weight[:, 3] += 0.5  # 64 entries of +0.5
+    scores = delta_scores(resolve_units(model), resolve_units(ref))
+    torch.testing.assert_close(scores["mlp.0"][5], torch.tensor((64 * 1.0 + 64 * 4.0) ** 0.5))
+    torch.testing.assert_close(scores["attn.1"][3], torch.tensor((64 * 0.25) ** 0.5))
+    assert int((scores["mlp.0"] > 0).sum()) == 1 and int((scores["attn.1"] > 0).sum()) == 1
+    assert all(float(v.abs().sum()) == 0.0 for k, v in scores.items() if k not in ("mlp.0", "attn.1"))
 
 
 def test_refusal_direction_needs_harmless_prompts(planted_dirs):

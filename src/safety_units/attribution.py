@@ -14,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from safety_units.classification import class_shares, classify_from_config
 from safety_units.config import compose_config, finish_loggers, instantiate_group, output_dir, setup_run
 from safety_units.contrast import contrast_scores, load_reference
+from safety_units.delta import delta_scores
 from safety_units.calibration import calibration_batches, prompt_batches
 from safety_units.errors import ConfigError
 from safety_units.models import LoadedModel, load_model, resolve_device
@@ -40,12 +41,18 @@ def attribute(loaded: LoadedModel, cfg: DictConfig, device: str | None = None) -
     if method == "refusal_direction" and cal.get("harmless") is None:
         raise ConfigError("scoring=refusal_direction needs calibration.harmless: a prompt set of harmless "
                           "instructions (a data source, response: null).")
-    reference = load_reference(sc, cfg.model.get("dtype", "float32"), loaded, names) if method == "contrast" else None
+    reference = load_reference(sc, cfg.model.get("dtype", "float32"), loaded, names) \
+        if method in ("contrast", "delta") else None
     ref_groups = resolve_units(reference.model, names) if reference is not None else None
     dev = resolve_device(device or cfg.get("device"))
     model.to(dev)
     scores, timings, extra = {}, {}, {}
     for which in ("safety", "utility"):
+        t0 = time.perf_counter()
+        if method == "delta" and which == "safety":  # the weights alone: no calibration batch, no forward pass
+            scores[which] = delta_scores(groups, ref_groups)
+            timings[which] = round(time.perf_counter() - t0, 3)
+            continue
         batches = calibration_batches(tokenizer, cal[which], int(cal.nsamples), int(cal.max_length),
                                       int(cal.batch_size), int(cfg.seed), which, model=model,
                                       cache_dir=cfg.paths.cache_dir)
@@ -58,7 +65,7 @@ def attribute(loaded: LoadedModel, cfg: DictConfig, device: str | None = None) -
                                       int(cal.batch_size), int(cfg.seed), "harmless")
             scores[which], extra["refusal_direction_norms"] = refusal_direction_scores(
                 model, decoder_layers(model, names), groups, batches, harmless)
-        elif method == "refusal_direction":  # utility: how much the unit writes on benign data, any direction
+        elif method in ("refusal_direction", "delta"):  # utility: how much the unit writes on benign data
             scores[which] = score_units(model, groups, batches, "activation", tokens=tokens, decision_tokens=k,
                                         desc=desc)
         else:

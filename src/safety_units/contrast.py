@@ -32,7 +32,8 @@ log = RankedLogger(__name__)
 
 
 def load_reference(scoring_cfg, model_dtype: str, loaded: LoadedModel, names: dict | None = None) -> LoadedModel:
-    """The base model of `scoring=contrast`, checked against the model being attributed."""
+    """The base model of `scoring=contrast` / `scoring=delta`, checked against the model being attributed."""
+    method = scoring_cfg.get("method", "contrast")
     path = scoring_cfg.get("reference_path")
     if path:
         if not Path(path).expanduser().is_dir():
@@ -52,22 +53,22 @@ def load_reference(scoring_cfg, model_dtype: str, loaded: LoadedModel, names: di
             raise ConfigError(f"scoring.reference._target_ must return a LoadedModel, got {type(ref).__name__}.")
         key = "scoring.reference"
     else:
-        raise ConfigError("scoring=contrast needs a base model: scoring.reference (a model config, e.g. "
-                          "model@scoring.reference=smollm2_135m) or scoring.reference_path=<local HF directory>.")
+        raise ConfigError(f"scoring={method} needs a base model: scoring.reference (a model config, e.g. "
+                          f"model@scoring.reference=smollm2_135m) or scoring.reference_path=<local HF directory>.")
     ours, theirs = model_fingerprint(loaded.model), model_fingerprint(ref.model)
     for field in ("model_type", "num_layers"):
         if ours[field] != theirs[field]:
             raise ConfigError(f"{key}: the reference model has {field}={theirs[field]!r}, the model being attributed "
-                              f"{ours[field]!r}; contrast needs the same architecture (its base model).")
+                              f"{ours[field]!r}; {method} needs the same architecture (its base model).")
     have, want = unit_counts(resolve_units(ref.model, names)), unit_counts(resolve_units(loaded.model, names))
     if have != want:
         raise ConfigError(f"{key}: the reference model has units {have}, the model being attributed {want}; "
-                          f"contrast needs the same unit counts per layer.")
+                          f"{method} needs the same unit counts per layer.")
     if ref.tokenizer.get_vocab() != loaded.tokenizer.get_vocab():
         raise ConfigError(f"{key}: the reference model's tokenizer differs from the attributed model's; both must "
                           f"read the same token ids.")
     if _same_weights(loaded.model, ref.model):
-        raise ConfigError(f"{key} has the same weights as the model being attributed, so every contrast score "
+        raise ConfigError(f"{key} has the same weights as the model being attributed, so every {method} score "
                           f"would be 0; give its base model.")
     return ref
 

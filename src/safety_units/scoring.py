@@ -30,7 +30,7 @@ from safety_units.units import UnitGroup
 
 log = RankedLogger(__name__)
 
-METHODS = ("wifv", "activation", "snip", "contrast", "refusal_direction")
+METHODS = ("wifv", "activation", "snip", "contrast", "refusal_direction", "delta")
 TOKENS = ("all", "response", "decision")
 
 
