@@ -187,7 +187,7 @@ def _attribute_cfg(root, dirs, *overrides):
 
 
 SCORERS = {"wifv": [], "activation": [], "snip": [], "refusal_direction": [],
-           "contrast": ["scoring.reference_path={base}"], "delta": ["scoring.reference_path={base}"]}
+           "contrast": ["scoring.reference_path={base}"], "delta": ["scoring.reference_path={base}"], "atp": []}
 
 
 @pytest.mark.parametrize("method", sorted(SCORERS))
@@ -248,7 +248,11 @@ def test_delta_is_the_norm_of_each_units_weight_change():
     assert all(float(v.abs().sum()) == 0.0 for k, v in scores.items() if k not in ("mlp.0", "attn.1"))
 
 
-def test_refusal_direction_needs_harmless_prompts(planted_dirs):
+@pytest.mark.parametrize("method", ["refusal_direction", "atp"])
+def test_harmless_prompts_are_required_where_a_scorer_contrasts_them(planted_dirs, method):
     root, dirs = planted_dirs
-    with pytest.raises(ConfigError, match="calibration.harmless"):
-        run_attribution(_attribute_cfg(root, dirs, "scoring=refusal_direction", "calibration.harmless=null"))
+    with pytest.raises(ConfigError, match=f"scoring={method} needs calibration.harmless"):
+        run_attribution(_attribute_cfg(root, dirs, f"scoring={method}", "calibration.harmless=null"))
+    if method == "atp":
+        with pytest.raises(ConfigError, match="scoring.metric must be one of"):
+            run_attribution(_attribute_cfg(root, dirs, "scoring=atp", "scoring.metric=logits"))

@@ -15,6 +15,7 @@ from safety_units.classification import class_shares, classify_from_config
 from safety_units.config import compose_config, finish_loggers, instantiate_group, output_dir, setup_run
 from safety_units.contrast import contrast_scores, load_reference
 from safety_units.delta import delta_scores
+from safety_units.atp import atp_scores
 from safety_units.calibration import calibration_batches, prompt_batches
 from safety_units.errors import ConfigError
 from safety_units.models import LoadedModel, load_model, resolve_device
@@ -38,9 +39,9 @@ def attribute(loaded: LoadedModel, cfg: DictConfig, device: str | None = None) -
     if method not in METHODS:
         raise ConfigError(f"scoring.method must be one of {METHODS}, got {method!r}.")
     check_tokens(tokens, k)
-    if method == "refusal_direction" and cal.get("harmless") is None:
-        raise ConfigError("scoring=refusal_direction needs calibration.harmless: a prompt set of harmless "
-                          "instructions (a data source, response: null).")
+    if method in ("refusal_direction", "atp") and cal.get("harmless") is None:
+        raise ConfigError(f"scoring={method} needs calibration.harmless: a prompt set of harmless "
+                          f"instructions (a data source, response: null).")
     reference = load_reference(sc, cfg.model.get("dtype", "float32"), loaded, names) \
         if method in ("contrast", "delta") else None
     ref_groups = resolve_units(reference.model, names) if reference is not None else None
@@ -65,7 +66,12 @@ def attribute(loaded: LoadedModel, cfg: DictConfig, device: str | None = None) -
                                       int(cal.batch_size), int(cfg.seed), "harmless")
             scores[which], extra["refusal_direction_norms"] = refusal_direction_scores(
                 model, decoder_layers(model, names), groups, batches, harmless)
-        elif method in ("refusal_direction", "delta"):  # utility: how much the unit writes on benign data
+        elif method == "atp" and which == "safety":
+            harmless = prompt_batches(tokenizer, cal.harmless, int(cal.nsamples), int(cal.max_length),
+                                      int(cal.batch_size), int(cfg.seed), "harmless")
+            scores[which] = atp_scores(model, groups, batches, harmless, k, sc.get("metric", "refusal_logprob"),
+                                       desc=desc)
+        elif method in ("refusal_direction", "delta", "atp"):  # utility: how much the unit writes on benign data
             scores[which] = score_units(model, groups, batches, "activation", tokens=tokens, decision_tokens=k,
                                         desc=desc)
         else:
@@ -78,7 +84,7 @@ def attribute(loaded: LoadedModel, cfg: DictConfig, device: str | None = None) -
     log.info("classify=%s: class shares %s", classify_cfg.get("method", "shares"),
              "; ".join(f"{kind} " + " ".join(f"{c.upper()} {100 * v:.1f}%" for c, v in sh.items())
                        for kind, sh in shares.items()))
-    used = ("safety", "utility", "harmless") if method == "refusal_direction" else ("safety", "utility")
+    used = ("safety", "utility", "harmless") if method in ("refusal_direction", "atp") else ("safety", "utility")
     meta = {
         "fingerprint": full_fingerprint(model, names),
         "model_name": loaded.name,

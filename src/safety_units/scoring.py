@@ -30,7 +30,7 @@ from safety_units.units import UnitGroup
 
 log = RankedLogger(__name__)
 
-METHODS = ("wifv", "activation", "snip", "contrast", "refusal_direction", "delta")
+METHODS = ("wifv", "activation", "snip", "contrast", "refusal_direction", "delta", "atp")
 TOKENS = ("all", "response", "decision")
 
 
