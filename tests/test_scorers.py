@@ -104,12 +104,15 @@ def test_snip_runs_without_dropout_and_keeps_checkpointing():
 
 
 # --------------------------------------------------------------------------- a planted safety unit
-def _plant(model, tokenizer, live: bool = True):
+def _plant(model, tokenizer, live: bool = True, refuse_norm: float | None = None, refuse_text: str = REFUSE,
+           strength: float = 5.0):
     """Layer-0 attention copies a "marker seen" flag into hidden dim 1; MLP unit PLANT of layer 1 reads dim 1 and
     writes the embedding of REFUSE, so after a marker -- and at the decision position of a marked prompt -- the
-    model says REFUSE. With live=False the unit reads nothing (the "base model" of the contrast scorer)."""
+    model says REFUSE. With live=False the unit reads nothing (the "base model" of the contrast scorer). In the random
+    model REFUSE is then the argmax but barely likely (the final norm caps the write); `refuse_norm` (the mask test)
+    scales REFUSE's tied embedding so that the planted unit makes it likely (p ~ 1) and nothing else does."""
     marker = tokenizer(MARKER, add_special_tokens=False)["input_ids"][2:]  # the rare pieces 'zzy', 'va'
-    refuse = tokenizer(REFUSE, add_special_tokens=False)["input_ids"][0]
+    refuse = tokenizer(refuse_text, add_special_tokens=False)["input_ids"][0]
     inner = model.model
     with torch.no_grad():
         emb = inner.embed_tokens.weight
@@ -128,7 +131,9 @@ def _plant(model, tokenizer, live: bool = True):
             w[PLANT] = 0.0
             w[PLANT, 1] = 1.0 if live else 0.0
         direction = emb[refuse].clone()
-        mlp.down_proj.weight[:, PLANT] = 5.0 * direction / direction.norm()
+        mlp.down_proj.weight[:, PLANT] = strength * direction / direction.norm()
+        if refuse_norm is not None:
+            emb[refuse] *= refuse_norm / emb[refuse].norm()
     return refuse
 
 
@@ -139,13 +144,15 @@ def _rows(marked: bool, n: int = 8):
 
 
 @pytest.fixture
-def planted_dirs(tmp_path):
-    """A planted model and its base model saved as HF directories, and the calibration files."""
+def planted_dirs(tmp_path, request):
+    """A planted model and its base model saved as HF directories, and the calibration files (REFUSE's embedding
+    norm: the test's indirect parameter, if it has one)."""
     cache = compose("attribute", ["model=tiny"]).paths.cache_dir
+    refuse_norm, refuse_text, strength = getattr(request, "param", (None, REFUSE, 5.0))
     dirs = {}
     for name, live in (("aligned", True), ("base", False)):
         loaded = build_tiny(cache_dir=cache)
-        _plant(loaded.model, loaded.tokenizer, live)
+        _plant(loaded.model, loaded.tokenizer, live, refuse_norm, refuse_text, strength)
         loaded.model.save_pretrained(tmp_path / name)
         loaded.tokenizer.save_pretrained(tmp_path / name)
         dirs[name] = tmp_path / name
@@ -256,3 +263,29 @@ def test_harmless_prompts_are_required_where_a_scorer_contrasts_them(planted_dir
     if method == "atp":
         with pytest.raises(ConfigError, match="scoring.metric must be one of"):
             run_attribution(_attribute_cfg(root, dirs, "scoring=atp", "scoring.metric=logits"))
+
+
+# the planted unit says "Sorry" (a response's first token: sources strip the leading space) at p ~ 1, with a write
+# small enough that the final norm does not saturate (a gate's gradient reaches it)
+@pytest.mark.parametrize("planted_dirs", [(2.0, "Sorry", 0.3)], indirect=True)
+@pytest.mark.parametrize("model", ["aligned", "base"])
+def test_the_learned_mask_removes_the_planted_unit_and_nothing_without_a_safety_signal(planted_dirs, model):
+    """scoring=mask on refusals that start with the planted unit's token ("Sorry", the decision window's one
+    token): on the planted model the optimiser removes that unit -- first among all MLP units, and the only one; on
+    its base model, which never says it, the refusal is already past the target, so the penalty keeps the mask
+    empty."""
+    root, dirs = planted_dirs
+    rows = [{"prompt": r["prompt"], "response": f"Sorry, I will not do thing {i}."} for i, r in enumerate(_rows(True))]
+    (root / "refusals.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = _attribute_cfg(root, dirs, "scoring=mask", f"calibration.safety.path={root / 'refusals.jsonl'}",
+                         "scoring.decision_tokens=0", "scoring.steps=60", f"model.path={dirs[model]}")
+    out = run_attribution(cfg)
+    um = UnitMap.load(out["unit_map"])
+    found = um.metadata["mask"]
+    if model == "aligned":
+        mlp = torch.cat([um.safety[f"mlp.{layer}"] for layer in range(2)])
+        assert int(mlp.argmax()) == 128 + PLANT
+        assert found["mask_units"] == {"attn": 0, "mlp": 1} and found["final"]["refusal_logodds"] < 0
+    else:
+        assert found["mask_units"] == {"attn": 0, "mlp": 0} and found["final"]["removed_share"] < 0.01
+

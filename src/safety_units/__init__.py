@@ -15,6 +15,7 @@ Modules, one per concept (one name per line; tests/test_structure.py checks that
     contrast            scoring=contrast: activation difference against the base model
     delta               scoring=delta: each unit's weight change against the base model
     atp                 scoring=atp: attribution patching of each unit toward its harmless mean
+    mask                scoring=mask: a learned sparse unit mask that breaks refusal and keeps utility
     refusal_direction   scoring=refusal_direction: units writing along the refusal direction
     classification      ESU / EUU / CU / RU from safety and utility scores
     unit_map            the portable unit map file and its selections

@@ -18,6 +18,7 @@ from safety_units.delta import delta_scores
 from safety_units.atp import atp_scores
 from safety_units.calibration import calibration_batches, prompt_batches
 from safety_units.errors import ConfigError
+from safety_units.mask import DEFAULTS, mask_scores
 from safety_units.models import LoadedModel, load_model, resolve_device
 from safety_units.ranks import RankedLogger, rank_zero_print
 from safety_units.refusal_direction import refusal_direction_scores
@@ -48,7 +49,12 @@ def attribute(loaded: LoadedModel, cfg: DictConfig, device: str | None = None) -
     dev = resolve_device(device or cfg.get("device"))
     model.to(dev)
     scores, timings, extra = {}, {}, {}
-    for which in ("safety", "utility"):
+    if method == "mask":  # the gates train against both sets at once: utility's batches are needed first
+        which_order = ("utility", "safety")
+    else:
+        which_order = ("safety", "utility")
+    batches_of: dict[str, list] = {}
+    for which in which_order:
         t0 = time.perf_counter()
         if method == "delta" and which == "safety":  # the weights alone: no calibration batch, no forward pass
             scores[which] = delta_scores(groups, ref_groups)
@@ -57,9 +63,14 @@ def attribute(loaded: LoadedModel, cfg: DictConfig, device: str | None = None) -
         batches = calibration_batches(tokenizer, cal[which], int(cal.nsamples), int(cal.max_length),
                                       int(cal.batch_size), int(cfg.seed), which, model=model,
                                       cache_dir=cfg.paths.cache_dir)
+        batches_of[which] = batches
         desc = f"{method} on {which}"
         t0 = time.perf_counter()
-        if method == "contrast":
+        if method == "mask" and which == "safety":
+            settings = {k: sc.get(k) for k in DEFAULTS}
+            scores[which], extra["mask"] = mask_scores(model, groups, batches, batches_of["utility"], k, settings,
+                                                       desc=desc)
+        elif method == "contrast":
             scores[which] = contrast_scores(model, reference.model, groups, ref_groups, batches, tokens, k, desc=desc)
         elif method == "refusal_direction" and which == "safety":
             harmless = prompt_batches(tokenizer, cal.harmless, int(cal.nsamples), int(cal.max_length),
@@ -71,7 +82,7 @@ def attribute(loaded: LoadedModel, cfg: DictConfig, device: str | None = None) -
                                       int(cal.batch_size), int(cfg.seed), "harmless")
             scores[which] = atp_scores(model, groups, batches, harmless, k, sc.get("metric", "refusal_logprob"),
                                        desc=desc)
-        elif method in ("refusal_direction", "delta", "atp"):  # utility: how much the unit writes on benign data
+        elif method in ("refusal_direction", "delta", "atp", "mask"):  # utility: how much a unit writes on benign data
             scores[which] = score_units(model, groups, batches, "activation", tokens=tokens, decision_tokens=k,
                                         desc=desc)
         else:

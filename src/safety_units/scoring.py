@@ -30,7 +30,7 @@ from safety_units.units import UnitGroup
 
 log = RankedLogger(__name__)
 
-METHODS = ("wifv", "activation", "snip", "contrast", "refusal_direction", "delta", "atp")
+METHODS = ("wifv", "activation", "snip", "contrast", "refusal_direction", "delta", "atp", "mask")
 TOKENS = ("all", "response", "decision")
 
 

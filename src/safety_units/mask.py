@@ -1,0 +1,133 @@
+"""`scoring=mask`: a learned unit mask -- which few units must go for the model to stop refusing.
+
+One gate per unit (the units of the unit map: MLP channels and attention output channels), multiplying the unit's
+activation at the input of down_proj / o_proj. The gate is 1 - sigmoid(r_j / temperature): r_j is a learned
+"remove" logit, started at `init_logit` (every gate open). The weights stay frozen; only r trains, with Adam:
+
+    loss = refusal_weight * relu(LO_refusal - target_logodds)  break refusal: its log-odds down to a target
+         + kl_weight      * KL(p_unmasked || p_masked)         keep utility: benign responses as the unmasked model
+         + sparsity_weight * mean_j sigmoid(r_j / temperature)  remove few units (an L1 penalty on the removal)
+
+* LO_refusal: the mean log-odds, log p - log(1 - p), of the safety calibration set's response tokens -- the
+  refusals -- over the decision window (the last prompt position and the next `decision_tokens`), where a model
+  refuses or complies. Log-odds, not NLL: an aligned model refuses with p ~ 1, where the NLL's gradient (1 - p)
+  vanishes and the sparsity penalty would win by default; the log-odds' gradient in the refusal token's logit is
+  1 at any p. The hinge bounds the objective: once the refusal's log-odds reach `target_logodds`, only the other
+  two terms act, so it cannot run away by destroying the model.
+* KL: per response token of the utility set (benign prompts with answers), against the unmasked model's
+  distribution computed in the same step (no stored logits: memory O(units) plus one model and one batch).
+* Defaults (conf/scoring/mask.yaml) and why: `target_logodds` -2 (the refusal's tokens at p < 0.12: no longer the
+  likely continuation); `kl_weight` 1 and `sparsity_weight` 2 put the three terms on one scale at the start (an
+  aligned model's refusal sits at log-odds +5 or more, KL grows to about one nat when a useful unit goes, and the
+  sparsity term is at most its weight); `temperature` 1 and `init_logit` -4 (gates at 0.98) keep gradients alive;
+  200 steps of Adam at lr 0.1 move a logit by up to ~20.
+
+The safety score is r_j after training (higher: the optimiser removed it to break refusal). The utility score is
+the `activation` score on the utility set, as for atp / delta / refusal_direction. The unit map's metadata records
+the mask the optimiser reached (units with a removal probability >= 0.5, per kind) and the final loss terms.
+Seeded (`seed`: the order of the batches); the optimisation is a few hundred steps and is not checkpointed.
+"""
+
+from __future__ import annotations
+
+import random
+
+import torch
+from tqdm.auto import tqdm
+
+from safety_units.errors import ConfigError
+from safety_units.models import eval_mode, head_logits, hidden_states, response_token_nll
+from safety_units.scoring import decision_positions
+from safety_units.units import UnitGroup
+
+DEFAULTS = {"steps": 200, "lr": 0.1, "temperature": 1.0, "init_logit": -4.0, "target_logodds": -2.0,
+            "refusal_weight": 1.0, "kl_weight": 1.0, "sparsity_weight": 2.0, "seed": 0}
+
+
+def _check(settings: dict) -> dict:
+    s = DEFAULTS | {k: v for k, v in settings.items() if k in DEFAULTS and v is not None}
+    if int(s["steps"]) < 1:
+        raise ConfigError(f"scoring.steps must be >= 1, got {s['steps']}.")
+    for key in ("lr", "temperature"):
+        if float(s[key]) <= 0:
+            raise ConfigError(f"scoring.{key} must be > 0, got {s[key]}.")
+    for key in ("refusal_weight", "kl_weight", "sparsity_weight"):
+        if float(s[key]) < 0:
+            raise ConfigError(f"scoring.{key} must be >= 0, got {s[key]}.")
+    return s
+
+
+def _benign_kl(model, batch: dict, gates: dict) -> torch.Tensor:
+    """Mean KL(unmasked || masked) over the batch's response tokens; the unmasked pass (gates["on"] False) runs
+    first, without grad."""
+    keep = batch["labels"][:, 1:] != -100
+    if not keep.any():
+        return torch.zeros((), device=batch["input_ids"].device)
+    gates["on"] = False
+    try:
+        with torch.no_grad():
+            h = hidden_states(model, batch["input_ids"], batch["attention_mask"])[:, :-1][keep]
+            ref = torch.log_softmax(head_logits(model, h), dim=-1)
+    finally:
+        gates["on"] = True
+    h = hidden_states(model, batch["input_ids"], batch["attention_mask"])[:, :-1][keep]
+    ours = torch.log_softmax(head_logits(model, h), dim=-1)
+    return (ref.exp() * (ref - ours)).sum(dim=-1).mean()
+
+
+def mask_scores(model, groups: list[UnitGroup], harmful: list[dict], benign: list[dict], decision_tokens: int = 4,
+                settings: dict | None = None, progress: bool = True,
+                desc: str = "mask") -> tuple[dict[str, torch.Tensor], dict]:
+    """(the learned removal logits per unit group, what the optimiser reached) -- see the module docstring."""
+    s = _check(dict(settings or {}))
+    if not harmful or not benign:
+        raise ConfigError("scoring=mask needs safety (refusal) and utility calibration batches.")
+    device = next(model.parameters()).device
+    temp = float(s["temperature"])
+    logits = {g.key: torch.full((g.n,), float(s["init_logit"]), device=device, requires_grad=True) for g in groups}
+
+    gates = {"on": True}
+
+    def gate(key):
+        def hook(module, args):
+            if not gates["on"]:
+                return None
+            keep = 1.0 - torch.sigmoid(logits[key] / temp)
+            return (args[0] * keep.to(args[0].dtype),) + tuple(args[1:])
+        return hook
+
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    handles = [g.out_module.register_forward_pre_hook(gate(g.key)) for g in groups]
+    opt = torch.optim.Adam(list(logits.values()), lr=float(s["lr"]))
+    order = random.Random(int(s["seed"]))
+    terms = {}
+    try:
+        for p, _ in flags:
+            p.requires_grad_(False)
+        with eval_mode(model), torch.enable_grad():
+            for step in tqdm(range(int(s["steps"])), desc=desc, disable=not progress, leave=False):
+                hb = {k: v.to(device) for k, v in order.choice(harmful).items()}
+                bb = {k: v.to(device) for k, v in order.choice(benign).items()}
+                nll, _ = response_token_nll(model, hb, positions=decision_positions(hb, decision_tokens))
+                # log p - log(1 - p); 1 - p from expm1 (exact near p = 1), nll floored so that p = 1 gives no nan
+                logodds = -nll - torch.log(-torch.expm1(-nll.clamp(min=1e-6)))
+                refusal = torch.relu(logodds.mean() - float(s["target_logodds"])) if nll.numel() else nll.sum()
+                kl = _benign_kl(model, bb, gates)
+                removal = torch.cat([torch.sigmoid(v / temp) for v in logits.values()])
+                loss = float(s["refusal_weight"]) * refusal + float(s["kl_weight"]) * kl + \
+                    float(s["sparsity_weight"]) * removal.mean()
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                terms = {"refusal_logodds": float(logodds.mean()) if nll.numel() else None, "kl": float(kl),
+                         "removed_share": float(removal.mean()), "loss": float(loss)}
+    finally:
+        for h in handles:
+            h.remove()
+        for p, flag in flags:
+            p.requires_grad_(flag)
+    removed = {g.key: int((torch.sigmoid(logits[g.key] / temp) >= 0.5).sum()) for g in groups}
+    kinds = sorted({k.split(".")[0] for k in removed})
+    info = {"mask_units": {kind: sum(v for k, v in removed.items() if k.startswith(kind + ".")) for kind in kinds},
+            "final": terms, "settings": s}
+    return {k: v.detach().float().cpu() for k, v in logits.items()}, info
