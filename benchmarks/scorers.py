@@ -2,10 +2,10 @@
 for contrast also loading its reference model) on the same model and calibration data.
 
     python benchmarks/scorers.py --model-path <aligned HF dir> [--nsamples 32] [--max-length 128] [--threads 1]
-                                 [--json cost.json] [-- <more attribute.py overrides>]
+                                 [--json cost.json] [--scorers wifv atp ...] [-- <more attribute.py overrides>]
 
 Scorers: wifv (tokens=all and tokens=decision), activation (tokens=decision), snip, contrast, refusal_direction
-(the settings of results/attribution_validity.md). Each runs `attribution.attribute` in a fresh subprocess; time
+(the settings of results/attribution_validity.md), and delta, atp and mask at their config defaults. Each runs `attribution.attribute` in a fresh subprocess; time
 counts from the call (the model loaded, one warm-up forward done) to its return, and peak extra memory is peak RSS
 minus RSS just before, sampled every 2 ms (MALLOC_MMAP_THRESHOLD_ makes glibc hand large freed blocks back at
 once). Prints a table: samples scored per second (both sides) and peak extra MB, each also as a ratio to wifv.
@@ -24,6 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from peak_memory import timed_peak  # noqa: E402
+
 SCORERS = {
     "wifv": ["scoring=wifv"],
     "wifv_decision": ["scoring=wifv", "scoring.tokens=decision"],
@@ -31,6 +32,9 @@ SCORERS = {
     "snip": ["scoring=snip"],
     "contrast": ["scoring=contrast"],
     "refusal_direction": ["scoring=refusal_direction"],
+    "delta": ["scoring=delta"],
+    "atp": ["scoring=atp"],
+    "mask": ["scoring=mask"],
 }
 
 
@@ -59,6 +63,8 @@ def main():
     ap.add_argument("--max-length", type=int, default=128)
     ap.add_argument("--threads", type=int, default=1, help="torch threads per worker (OMP_NUM_THREADS)")
     ap.add_argument("--json", help="also write the measured rows to this JSON file (for reports)")
+    ap.add_argument("--scorers", nargs="+", choices=sorted(SCORERS), default=list(SCORERS),
+                    help="which scorers to run (default: all; wifv, the baseline, always runs)")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("overrides", nargs="*", help="more attribute.py overrides, after --")
     args = ap.parse_args()
@@ -72,7 +78,7 @@ def main():
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072", OMP_NUM_THREADS=str(args.threads),
                MKL_NUM_THREADS=str(args.threads))
     rows = {}
-    for name in SCORERS:
+    for name in dict.fromkeys(["wifv", *args.scorers]):
         res = subprocess.run([sys.executable, __file__, "--worker", name, "--model-path", args.model_path,
                               "--nsamples", str(args.nsamples), "--max-length", str(args.max_length),
                               "--", *args.overrides],
