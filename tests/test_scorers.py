@@ -286,6 +286,14 @@ def test_the_learned_mask_removes_the_planted_unit_and_nothing_without_a_safety_
         mlp = torch.cat([um.safety[f"mlp.{layer}"] for layer in range(2)])
         assert int(mlp.argmax()) == 128 + PLANT
         assert found["mask_units"] == {"attn": 0, "mlp": 1} and found["final"]["refusal_logodds"] < 0
+        # the reached mask is saved for evaluate.py: ablate.selection zeroes exactly that unit
+        from safety_units.selection import ablation_selection
+
+        ecfg = compose("evaluate", ["model=hf", f"model.path={dirs[model]}", f"ablate.unit_map={out['unit_map']}",
+                                    f"ablate.selection={root / 'run' / 'mask_units.safetensors'}"])
+        sel, what = ablation_selection(ecfg, load_hf(str(dirs[model])).model, None)
+        assert [(k, int(i)) for k, v in sel.items() for i in v.nonzero().flatten()] == [("mlp.1", PLANT)]
+        assert what["units"]["mlp"]["units"] == 1
     else:
         assert found["mask_units"] == {"attn": 0, "mlp": 0} and found["final"]["removed_share"] < 0.01
 

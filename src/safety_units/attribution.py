@@ -24,7 +24,7 @@ from safety_units.ranks import RankedLogger, rank_zero_print
 from safety_units.refusal_direction import refusal_direction_scores
 from safety_units.run_logging import Stopwatch, log_images, log_params, run_params, set_summary
 from safety_units.scoring import METHODS, check_tokens, score_units
-from safety_units.unit_map import UnitMap, full_fingerprint
+from safety_units.unit_map import UnitMap, full_fingerprint, save_selection
 from safety_units.units import decoder_layers, resolve_units, unit_names
 
 log = RankedLogger(__name__)
@@ -120,6 +120,9 @@ def run_attribution(cfg: DictConfig) -> dict:
     loaded = load_model(cfg.model)
     um = attribute(loaded, cfg)
     path = um.save(out)
+    if um.metadata.get("mask"):  # the mask the optimiser reached (removal >= 0.5, r >= 0): evaluate.py can zero it
+        save_selection({k: v >= 0 for k, v in um.safety.items()}, out / "mask_units.safetensors",
+                       {"role": "mask", "units": um.metadata["mask"]["mask_units"]})
     summary = um.summary()
     _print_summary(summary, path)
     loggers = instantiate_group(cfg.get("logger"), "logger")

@@ -13,7 +13,7 @@ from torch import nn
 from safety_units.attribution import cached_attribution
 from safety_units.classification import CLASS_CODES
 from safety_units.errors import ConfigError
-from safety_units.unit_map import Selection, UnitMap, random_units, selection_size, share_counts
+from safety_units.unit_map import Selection, UnitMap, load_selection, random_units, selection_size, share_counts
 from safety_units.units import resolve_units
 
 TOPS = ("safety_minus_utility", "safety", "utility", "random")
@@ -110,7 +110,8 @@ def ablation_selection(cfg, model: nn.Module, names: dict | None) -> tuple[Selec
         return None, None
     classes = class_list(a.get("classes"))
     top = a.get("top")
-    asked = [k for k, v in (("classes", classes), ("random_like", a.get("random_like")), ("top", top)) if v]
+    asked = [k for k, v in (("classes", classes), ("random_like", a.get("random_like")), ("top", top),
+                            ("selection", a.get("selection"))) if v]
     if a.get("share") is not None and not top:
         raise ConfigError("ablate.share needs ablate.top=safety_minus_utility|safety|utility|random.")
     if not a.get("unit_map"):
@@ -118,12 +119,19 @@ def ablation_selection(cfg, model: nn.Module, names: dict | None) -> tuple[Selec
             raise ConfigError(f"ablate.{asked[0]} needs ablate.unit_map=<unit_map.safetensors>.")
         return None, None
     if len(asked) != 1:
-        raise ConfigError("set exactly one of ablate.classes (e.g. [esu]), ablate.random_like (e.g. esu) and "
-                          "ablate.top (with ablate.share).")
+        raise ConfigError("set exactly one of ablate.classes (e.g. [esu]), ablate.random_like (e.g. esu), "
+                          "ablate.top (with ablate.share) and ablate.selection (a saved unit set).")
     um = load_checked(a.unit_map, model, a, names)
     seed, match = int(a.get("seed", 0)), a.get("match", "kind")
     if classes:
         sel, what = um.select(classes), {"classes": classes}
+    elif a.get("selection"):
+        sel, _ = load_selection(a.selection)
+        sizes = {k: v.numel() for k, v in sel.items()}
+        if sizes != um.sizes():
+            raise ConfigError(f"ablate.selection={a.selection}: its units {sizes} are not those of the unit map "
+                              f"{a.unit_map} ({um.sizes()}).")
+        what = {"selection": str(a.selection)}
     elif a.get("random_like"):
         sel = random_like(um, um.select(a.random_like), a)
         what = {"random_like": a.random_like, "seed": seed, "match": match}
@@ -148,6 +156,8 @@ def ablation_label(ablation: dict) -> str:
     """How a report names an ablation (eval.md header, the study's tables)."""
     if ablation.get("classes"):
         return f"classes {ablation['classes']}"
+    if ablation.get("selection"):
+        return f"the units of {ablation['selection']}"
     if ablation.get("random_like"):
         return f"random like {ablation['random_like']} (seed {ablation['seed']})"
     if ablation["top"] == "random":
