@@ -92,3 +92,15 @@ def test_script_writes_the_report_from_artifacts(sweeps, tmp_path):
     assert (out.parent / "attribution_validity" / "dose_curves.png").stat().st_size > 0
     summary = json.loads((out.parent / "attribution_validity" / "summary.json").read_text())
     assert summary["default"]["default"] == "strong"
+
+
+def test_the_mask_first_look_is_rebuilt_from_its_shipped_runs(tmp_path):
+    """results/mask_preliminary.md is a function of the runs shipped beside it (and the goal's criteria in code)."""
+    from conftest import load_script
+
+    text = load_script("mask_preliminary").main(["--out", str(tmp_path / "m.md")])
+    assert text == (ROOT / "results" / "mask_preliminary.md").read_text()
+    summary = json.loads((tmp_path / "m" / "summary.json").read_text())
+    assert summary == json.loads((ROOT / "results" / "mask_preliminary" / "summary.json").read_text())
+    assert set(summary["shares"]) == {"1", "2"} and all(len(v["random_seeds"]) == 3 for v in summary["shares"].values())
+
