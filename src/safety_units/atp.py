@@ -30,7 +30,7 @@ import torch
 from tqdm.auto import tqdm
 
 from safety_units.errors import ConfigError
-from safety_units.models import eval_mode, response_token_nll
+from safety_units.models import eval_mode, frozen_weights, response_token_nll
 from safety_units.scoring import activation_stats, decision_positions
 from safety_units.units import UnitGroup
 
@@ -60,14 +60,11 @@ def atp_scores(model, groups: list[UnitGroup], harmful: list[dict], harmless: li
     def leaf_embeddings(module, args, out):  # the graph starts here: every activation downstream gets a grad_fn
         return out.detach().requires_grad_(True)
 
-    flags = [(p, p.requires_grad) for p in model.parameters()]
     handles = [g.out_module.register_forward_pre_hook(capture(g.key)) for g in groups]
     handles.append(model.get_input_embeddings().register_forward_hook(leaf_embeddings))
     n_examples = 0
     try:
-        for p, _ in flags:
-            p.requires_grad_(False)
-        with eval_mode(model), torch.enable_grad():
+        with eval_mode(model), frozen_weights(model), torch.enable_grad():
             for batch in tqdm(list(harmful), desc=desc, disable=not progress, leave=False):
                 batch = {k: v.to(device) for k, v in batch.items()}
                 window = decision_positions(batch, decision_tokens)
@@ -86,8 +83,6 @@ def atp_scores(model, groups: list[UnitGroup], harmful: list[dict], harmless: li
     finally:
         for h in handles:
             h.remove()
-        for p, flag in flags:
-            p.requires_grad_(flag)
     if not n_examples:
         raise ConfigError("scoring=atp: no harmful calibration example has response tokens in its decision window; "
                           "the safety set needs responses (the refusals whose log-probability is the metric).")

@@ -55,8 +55,8 @@ def attribute(loaded: LoadedModel, cfg: DictConfig, device: str | None = None) -
         which_order = ("safety", "utility")
     batches_of: dict[str, list] = {}
     for which in which_order:
-        t0 = time.perf_counter()
         if method == "delta" and which == "safety":  # the weights alone: no calibration batch, no forward pass
+            t0 = time.perf_counter()
             scores[which] = delta_scores(groups, ref_groups)
             timings[which] = round(time.perf_counter() - t0, 3)
             continue
@@ -64,6 +64,9 @@ def attribute(loaded: LoadedModel, cfg: DictConfig, device: str | None = None) -
                                       int(cal.batch_size), int(cfg.seed), which, model=model,
                                       cache_dir=cfg.paths.cache_dir)
         batches_of[which] = batches
+        harmless = prompt_batches(tokenizer, cal.harmless, int(cal.nsamples), int(cal.max_length),
+                                  int(cal.batch_size), int(cfg.seed), "harmless") \
+            if which == "safety" and method in ("refusal_direction", "atp") else None
         desc = f"{method} on {which}"
         t0 = time.perf_counter()
         if method == "mask" and which == "safety":
@@ -73,13 +76,9 @@ def attribute(loaded: LoadedModel, cfg: DictConfig, device: str | None = None) -
         elif method == "contrast":
             scores[which] = contrast_scores(model, reference.model, groups, ref_groups, batches, tokens, k, desc=desc)
         elif method == "refusal_direction" and which == "safety":
-            harmless = prompt_batches(tokenizer, cal.harmless, int(cal.nsamples), int(cal.max_length),
-                                      int(cal.batch_size), int(cfg.seed), "harmless")
             scores[which], extra["refusal_direction_norms"] = refusal_direction_scores(
                 model, decoder_layers(model, names), groups, batches, harmless)
         elif method == "atp" and which == "safety":
-            harmless = prompt_batches(tokenizer, cal.harmless, int(cal.nsamples), int(cal.max_length),
-                                      int(cal.batch_size), int(cfg.seed), "harmless")
             scores[which] = atp_scores(model, groups, batches, harmless, k, sc.get("metric", "refusal_logprob"),
                                        desc=desc)
         elif method in ("refusal_direction", "delta", "atp", "mask"):  # utility: how much a unit writes on benign data

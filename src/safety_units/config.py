@@ -41,9 +41,14 @@ def instantiate_group(cfg: DictConfig | None, key: str, **kwargs) -> list:
     return out
 
 
+def wandb_loggers(loggers) -> list:
+    """The WandbLogger instances among `loggers` (by class name: no wandb import where none is configured)."""
+    return [lg for lg in loggers or [] if type(lg).__name__ == "WandbLogger"]
+
+
 def finish_loggers(loggers) -> None:
     """One wandb run per job: close it so a multirun's next job starts a fresh one (also after a failure)."""
-    if any(type(lg).__name__ == "WandbLogger" for lg in loggers):
+    if wandb_loggers(loggers):
         import wandb  # only where a wandb logger exists: wandb is slow to import
 
         wandb.finish()

@@ -36,7 +36,7 @@ import torch
 from tqdm.auto import tqdm
 
 from safety_units.errors import ConfigError
-from safety_units.models import eval_mode, head_logits, hidden_states, response_token_nll
+from safety_units.models import eval_mode, frozen_weights, head_logits, hidden_states, response_token_nll
 from safety_units.scoring import decision_positions
 from safety_units.units import UnitGroup
 
@@ -96,15 +96,12 @@ def mask_scores(model, groups: list[UnitGroup], harmful: list[dict], benign: lis
             return (args[0] * keep.to(args[0].dtype),) + tuple(args[1:])
         return hook
 
-    flags = [(p, p.requires_grad) for p in model.parameters()]
     handles = [g.out_module.register_forward_pre_hook(gate(g.key)) for g in groups]
     opt = torch.optim.Adam(list(logits.values()), lr=float(s["lr"]))
     order = random.Random(int(s["seed"]))
     terms = {}
     try:
-        for p, _ in flags:
-            p.requires_grad_(False)
-        with eval_mode(model), torch.enable_grad():
+        with eval_mode(model), frozen_weights(model), torch.enable_grad():
             for step in tqdm(range(int(s["steps"])), desc=desc, disable=not progress, leave=False):
                 hb = {k: v.to(device) for k, v in order.choice(harmful).items()}
                 bb = {k: v.to(device) for k, v in order.choice(benign).items()}
@@ -124,8 +121,6 @@ def mask_scores(model, groups: list[UnitGroup], harmful: list[dict], benign: lis
     finally:
         for h in handles:
             h.remove()
-        for p, flag in flags:
-            p.requires_grad_(flag)
     removed = {g.key: int((torch.sigmoid(logits[g.key] / temp) >= 0.5).sum()) for g in groups}
     kinds = sorted({k.split(".")[0] for k in removed})
     info = {"mask_units": {kind: sum(v for k, v in removed.items() if k.startswith(kind + ".")) for kind in kinds},

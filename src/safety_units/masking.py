@@ -105,7 +105,7 @@ class Masker:
         self.detach()
         mech = self.mechanism
         if mech == "auto":
-            mech = "forward" if strategy is not None and "FSDP" in type(strategy).__name__ else "hook"
+            mech = "forward" if is_fsdp(strategy) else "hook"
         self.active_mechanism = mech
         # By unwrapped name: Lightning may call this after FSDP's auto-wrap put `_fsdp_wrapped_module.` into the
         # names (trainer.validate after fit), or on a model nested in a wrapper.
@@ -177,7 +177,7 @@ class Masker:
         params = _live_params(model)
         if name == "DeepSpeedStrategy":
             self._decay_deepspeed(strategy, params, lr, wd)
-        elif "FSDP" in name:
+        elif is_fsdp(strategy):
             self._decay_fsdp(strategy, model, lr, wd)
         else:
             for n, m in self.partial.items():
@@ -239,6 +239,11 @@ class Masker:
 
     def describe(self) -> dict:
         return self._description
+
+
+def is_fsdp(strategy) -> bool:
+    """Lightning's FSDPStrategy (and subclasses): flat, possibly sharded parameters; masks act in forward."""
+    return strategy is not None and "FSDP" in type(strategy).__name__
 
 
 def _live_params(model: nn.Module) -> dict[str, nn.Parameter]:

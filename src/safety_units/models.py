@@ -58,6 +58,19 @@ def eval_mode(model):
         model.train(was_training)
 
 
+@contextlib.contextmanager
+def frozen_weights(model):
+    """No parameter requires grad inside (gradients flow to activations or gates only); flags restored after."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        for p, _ in flags:
+            p.requires_grad_(False)
+        yield model
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
 def resolve_device(device: str | None) -> str:
     """`auto` (or unset) means the GPU when there is one."""
     return ("cuda" if torch.cuda.is_available() else "cpu") if device in (None, "auto") else device

@@ -12,7 +12,7 @@ import torch
 from safety_units.callbacks import weights_sharded
 from safety_units.errors import ConfigError, NonFiniteLossError
 from safety_units.lora import match_base_dtype
-from safety_units.masking import _live_params
+from safety_units.masking import _live_params, is_fsdp
 from safety_units.ranks import RankedLogger
 
 log = RankedLogger(__name__)
@@ -21,11 +21,6 @@ log = RankedLogger(__name__)
 # "will not actually clip gradients". Under DeepSpeed the override defers to Lightning's default, and DeepSpeed
 # clips by norm itself (its config's gradient_clipping = trainer.gradient_clip_val), so the warning is moot.
 warnings.filterwarnings("ignore", message="Since DeepSpeed handles gradient clipping internally")
-
-
-def _is_fsdp(strategy) -> bool:
-    """Lightning's FSDPStrategy (and subclasses): flat, possibly sharded parameters; masks act in forward."""
-    return strategy is not None and "FSDP" in type(strategy).__name__
 
 
 def _restore_fsdp_param_views(root) -> int:
@@ -101,7 +96,7 @@ class CausalLMModule(pl.LightningModule):
         # strategy.setup), and again for a later trainer.validate/test, when FSDP's auto-wrap has already replaced
         # the decoder layers inside self.model: Masker.attach resolves the unwrapped names either way.
         strategy = self.trainer.strategy if self._trainer is not None else None
-        if _is_fsdp(strategy):
+        if is_fsdp(strategy):
             match_base_dtype(self.model)  # FSDP flattens each unit into one dtype; no-op without LoRA adapters
         # Registered here, not in __init__: ddp_spawn pickles the module and tensor hooks do not survive that.
         if self.masker is not None:
@@ -208,7 +203,7 @@ class CausalLMModule(pl.LightningModule):
 
     def on_after_backward(self) -> None:
         strategy = self.trainer.strategy
-        if _is_fsdp(strategy) and strategy.model is not None:
+        if is_fsdp(strategy) and strategy.model is not None:
             _restore_fsdp_param_views(strategy.model)  # before anything unshards again (masked decay, export)
 
     def on_before_optimizer_step(self, optimizer) -> None:
@@ -227,7 +222,7 @@ class CausalLMModule(pl.LightningModule):
         """
         strategy = self.trainer.strategy
         algorithm = str(getattr(gradient_clip_algorithm, "value", gradient_clip_algorithm) or "norm").lower()
-        if not _is_fsdp(strategy) or not gradient_clip_val or gradient_clip_val <= 0 or algorithm != "norm":
+        if not is_fsdp(strategy) or not gradient_clip_val or gradient_clip_val <= 0 or algorithm != "norm":
             # clipping by value is elementwise, so it is exact on shards: Lightning's default handles it
             self.clip_gradients(optimizer, gradient_clip_val=gradient_clip_val,
                                 gradient_clip_algorithm=gradient_clip_algorithm)

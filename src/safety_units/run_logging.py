@@ -26,13 +26,10 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from safety_units.compare import PromptMismatchError, paired_difference
+from safety_units.config import wandb_loggers
 from safety_units.models import fingerprint_key
-from safety_units.ranks import RankedLogger
+from safety_units.sources import read_rows
 from safety_units.task_results import select_by_hash
-
-log = RankedLogger(__name__)
-
-REFUSAL_METRICS = ("asr", "refusal_rate")
 
 
 def flat(tree, prefix: str = "") -> dict:
@@ -116,8 +113,9 @@ def change_summary(before: dict[str, dict], after: dict[str, dict]) -> dict:
 def set_summary(loggers, summary: dict, out_dir: str | Path | None = None, step: int | None = None) -> None:
     """wandb's run summary; a last metrics row for other loggers (numbers only); summary.json in out_dir."""
     numbers = {k: float(v) for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    wandb = wandb_loggers(loggers)
     for lg in loggers or []:
-        if type(lg).__name__ == "WandbLogger":
+        if lg in wandb:
             lg.experiment.summary.update(summary)
         elif numbers:
             lg.log_metrics(numbers, step=step or 0)
@@ -127,13 +125,9 @@ def set_summary(loggers, summary: dict, out_dir: str | Path | None = None, step:
         (Path(out_dir) / "summary.json").write_text(json.dumps(summary, indent=1, default=str) + "\n")
 
 
-def wandb_loggers(loggers) -> list:
-    return [lg for lg in loggers or [] if type(lg).__name__ == "WandbLogger"]
-
-
 def read_generations(path: str | Path) -> list[dict]:
-    p = Path(path)
-    return [json.loads(line) for line in p.read_text().splitlines() if line.strip()] if p.is_file() else []
+    """The rows of a generations*.jsonl ([] when the evaluation wrote none)."""
+    return read_rows(path, "jsonl") if Path(path).is_file() else []
 
 
 def completion_tables(rows_by_when: dict[str, list[dict]], cap: int, seed: int = 0) -> dict[str, tuple]:
