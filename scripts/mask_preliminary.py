@@ -90,18 +90,25 @@ def main(argv: list[str] | None = None) -> str:
     table, summary = build(args.runs)
     mask = json.loads((args.runs.parent / "mask.json").read_text())
     runs_md = (args.runs.parent / "RUNS.md").read_text().strip() if (args.runs.parent / "RUNS.md").is_file() else ""
+    base, _ = arm(args.runs, "base", "harmful")
+    params = json.loads((args.runs / "base_harmful" / "eval_meta.json").read_text())["params"]
+    settings, cal = mask["settings"], mask["calibration"]
     text = "\n".join([
         "# scoring=mask, a first look (issue 23; preliminary, not the validity harness)", "",
-        "An aligned SmolLM2 (the study's `align` recipe), one learned mask (scoring=mask, default weights, 60 steps), "
-        "units zeroed by their learned removal logit against seeded random sets of the same size per kind. ASR: "
-        "the pattern judge on the held-out AdvBench half (hash [0.5, 1)); the mask trained on safety-tuned-llamas "
-        "prompts only. Perplexity: eval=ppl. Changes are paired on the same prompts (exact McNemar p).", "",
+        f"An aligned SmolLM2 (the study's `align` recipe), one learned mask (scoring=mask, {settings['steps']} "
+        f"steps, seed {settings['seed']}, on {cal['safety']['nsamples']} safety calibration examples of "
+        f"`{Path(cal['safety']['path']).name}`), units zeroed by their learned removal logit against seeded random "
+        f"sets of the same size per kind. ASR: {params['judge._target_'].rsplit('.', 1)[-1]} on {base['n']} "
+        f"prompts of `{Path(params['eval.tasks.harmful.source.path']).name}`, hash slice "
+        f"{params['eval.tasks.harmful.source.hash_split']} (held out from every training and calibration config), "
+        f"{params['eval.max_new_tokens']} new tokens. Perplexity: eval=ppl. Changes are paired on the same "
+        f"prompts (prompt hashes checked; exact McNemar p).", "",
         *table, "", f"The mask's own end state (mask.json): mean removal {mask['final']['removed_share']:.3f} of "
         f"all units, refusal log-odds {mask['final']['refusal_logodds']:+.2f} on its calibration batch, KL "
         f"{mask['final']['kl']:.3f} on benign responses; with a hard threshold (removal >= 0.5) only "
         f"{sum(mask['mask_units'].values())} units, too few to matter alone: the refusal is spread over partial "
         f"removals, and the top of the logit ranking is what carries it.", "",
-        "Limits: one aligned model, one mask run and seed, 48 prompts, one judge (the pattern judge reads refusal "
+        f"Limits: one aligned model, one mask run and seed, {base['n']} prompts, one judge (the pattern judge reads refusal "
         "phrasing, which is what the mask was trained to remove: read the completions, `generations.jsonl` of the "
         "unablated, top and seed-0 random arms, before trusting an ASR); the dose curve, the planted set, "
         "stability and cost are the "
