@@ -5,7 +5,8 @@ for contrast also loading its reference model) on the same model and calibration
                                  [--json cost.json] [--scorers wifv atp ...] [-- <more attribute.py overrides>]
 
 Scorers: wifv (tokens=all and tokens=decision), activation (tokens=decision), snip, contrast, refusal_direction
-(the settings of results/attribution_validity.md), and delta, atp and mask at their config defaults. Each runs `attribution.attribute` in a fresh subprocess; time
+(the settings of results/attribution_validity.md), delta, atp and mask at their config defaults, and mask, atp and
+activation (tokens=decision) with attention heads as units. Each runs `attribution.attribute` in a fresh subprocess; time
 counts from the call (the model loaded, one warm-up forward done) to its return, and peak extra memory is peak RSS
 minus RSS just before, sampled every 2 ms (MALLOC_MMAP_THRESHOLD_ makes glibc hand large freed blocks back at
 once). Prints a table: samples scored per second (both sides) and peak extra MB, each also as a ratio to wifv.
@@ -35,6 +36,9 @@ SCORERS = {
     "delta": ["scoring=delta"],
     "atp": ["scoring=atp"],
     "mask": ["scoring=mask"],
+    "mask_heads": ["scoring=mask", "units.heads=true"],
+    "atp_heads": ["scoring=atp", "units.heads=true"],
+    "activation_decision_heads": ["scoring=activation", "scoring.tokens=decision", "units.heads=true"],
 }
 
 

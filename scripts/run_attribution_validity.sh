@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
-# Issue 12's experiment on CPU, resumable (every step skips what is done): the runs behind
-# results/attribution_validity.md.
+# The runs behind results/attribution_validity.md (issues 12 and 23) on CPU, resumable: every step skips what is
+# done (a unit map that exists, a dose point with eval.json, a mask run resumes from its mask_state.pt).
 #
 #   bash scripts/run_attribution_validity.sh            # two lanes of one torch thread each (2 cores)
+#   LANES=report bash scripts/run_attribution_validity.sh   # only rebuild the report from results/ (no logs/ needed)
 #
-# Needs two trained models (run them first, each ~15-30 min on 2 cores):
+# Needs two trained models (run them first, each ~5-10 min on 2 cores):
 #   python train.py freeze=none callbacks=default logger=csv hydra.run.dir=logs/align_full      # full alignment
 #   python train.py freeze=train_only freeze.random_share=0.02 freeze.seed=0 callbacks=default logger=csv \
 #       optim.lr=1e-3 data.num_samples=640 hydra.run.dir=logs/planted2                          # planted 2% set
-# Settings are variables below; DOSE_EVAL drops the harmless over-refusal task (OKTest stays), about a third of
-# each point's time. A lane that fails stops with its log named; rerun the script to resume.
+# Dose points already in results/attribution_validity/runs (the shipped sweeps and shared random controls) are
+# copied in and not rerun. Settings are variables below; DOSE_EVAL drops the harmless over-refusal task (OKTest
+# stays), about a third of each point's time. A lane that fails stops with its log named; rerun to resume.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
@@ -19,7 +21,10 @@ PLANTED=${PLANTED:-logs/planted2/model}
 V=${V:-logs/validity}
 CAL=${CAL:-"calibration.nsamples=128 calibration.max_length=192"}
 DOSE_EVAL=${DOSE_EVAL:-"eval.tasks.harmless=null"}
+SHORT_EVAL=${SHORT_EVAL:-"eval.tasks.harmless=null eval.tasks.oktest=null"}  # head sweeps, reached masks: ASR, ppl
 RESULTS=${RESULTS:-results/attribution_validity}
+SPARSITY=${SPARSITY:-"0.25 1.0"}   # the mask's sparsity sweep; 2.0 (the default) is the main mask map
+HEAD_SHARES=${HEAD_SHARES:-"0.01 0.02 0.04 0.08"}  # 0.25% and 0.5% of 270 heads both round to 1 head
 declare -A SCORER=(
   [wifv]="scoring=wifv"
   [wifv_decision]="scoring=wifv scoring.tokens=decision"
@@ -27,82 +32,144 @@ declare -A SCORER=(
   [snip]="scoring=snip"
   [contrast]="scoring=contrast"
   [refusal_direction]="scoring=refusal_direction"
+  [delta]="scoring=delta"
+  [atp]="scoring=atp"
+  [mask]="scoring=mask calibration.batch_size=4"
 )
+OLD=(wifv contrast snip refusal_direction wifv_decision activation_decision)
+NEW=(mask atp delta)
+declare -A HEADS=(   # heads as units: the scorers that apply (delta's weight change is per channel slice too)
+  [mask_heads]="scoring=mask calibration.batch_size=4 units.heads=true"
+  [atp_heads]="scoring=atp units.heads=true"
+  [activation_decision_heads]="scoring=activation scoring.tokens=decision units.heads=true"
+)
+HEAD_NAMES=(mask_heads atp_heads activation_decision_heads)
 
 attribute() {  # attribute <model dir | shipped> <run dir> <overrides...>
   local model=$1 dir=$2; shift 2
   [[ -f $dir/unit_map.safetensors ]] && return 0
   local which=(model=hf model.path="$model")
   [[ $model == shipped ]] && which=(model=smollm2_135m)
-  $PY attribute.py "${which[@]}" $CAL "$@" hydra.run.dir="$dir" > "$dir.log" 2>&1 \
+  mkdir -p "$(dirname "$dir")"
+  $PY attribute.py "${which[@]}" $CAL "$@" logger=none hydra.run.dir="$dir" > "$dir.log" 2>&1 \
     || { echo "attribution failed: $dir.log" >&2; return 1; }
 }
 
-sweep() {  # sweep <scorer> <arms...>
-  local name=$1; shift
+sweep() {  # sweep <scorer> <controls dir> <arms...> [--shares ...] -- <evaluate.py overrides>
+  local name=$1 controls=$2; shift 2
   $PY scripts/dose_response.py --model "$ALIGNED" --unit-map "$V/maps/$name" --runs-dir "$V/dose/$name" \
-    --controls-dir "$V/dose/controls" --out "$RESULTS/dose/$name" --arms "$@" -- $DOSE_EVAL \
-    > "$V/dose/$name.log" 2>&1
+    --controls-dir "$controls" --out "$RESULTS/dose/$name" --arms "$@" \
+    > "$V/dose/$name.log" 2>&1 || { echo "sweep failed: $V/dose/$name.log" >&2; return 1; }
+}
+
+evaluate() {  # evaluate <run dir> <overrides...>: one evaluate.py run of the aligned model, skipped when done
+  local dir=$1; shift
+  [[ -f $dir/eval.json ]] && return 0
+  $PY evaluate.py model=hf model.path="$ALIGNED" "$@" logger=none hydra.run.dir="$dir" > "$dir.log" 2>&1 \
+    || { echo "evaluate failed: $dir.log" >&2; return 1; }
 }
 
 wait_for() { until [[ -e $1 ]]; do sleep 30; done; sleep 20; }  # the sleep: let the writer finish
 
-mkdir -p "$V/maps" "$V/planted" "$V/stability" "$V/dose"
+mkdir -p "$V/maps" "$V/planted" "$V/stability" "$V/dose" "$V/sparsity"
 
-lane_controls_then_sweeps() {
-  wait_for "$ALIGNED/model.safetensors"
-  attribute "$ALIGNED" "$V/maps/wifv" scoring=wifv
-  $PY scripts/dose_response.py --model "$ALIGNED" --unit-map "$V/maps/wifv" --runs-dir "$V/dose/controls" \
-    --controls-dir "$V/dose/controls" --out "$V/dose/controls_report" --arms random -- $DOSE_EVAL \
-    > "$V/dose/controls.log" 2>&1
-  touch "$V/dose/controls.done"
-  sweep wifv safety_minus_utility utility random
-  for s in contrast snip; do wait_for "$V/maps/$s/unit_map.safetensors"; sweep "$s" safety_minus_utility random; done
-  [[ -f $V/cost.json ]] || $PY benchmarks/scorers.py --model-path "$ALIGNED" --json "$V/cost.json" > "$V/cost.log" 2>&1
+seed_shipped_runs() {  # the dose points already shipped (earlier sweeps, shared controls) are not rerun
+  [[ -d $RESULTS/runs ]] || return 0
+  (cd "$RESULTS/runs" && find . -name eval.json -o -name eval_meta.json) | while read -r f; do
+    [[ -f $V/dose/$f ]] || { mkdir -p "$V/dose/$(dirname "$f")"; cp "$RESULTS/runs/$f" "$V/dose/$f"; }
+  done
+  mkdir -p "$V/dose/controls_heads/base"   # the unablated baseline does not depend on the unit kinds
+  cp -n "$V/dose/controls/base/"eval*.json "$V/dose/controls_heads/base/" 2>/dev/null || true
 }
 
-lane_maps_then_sweeps() {
-  wait_for "$ALIGNED/model.safetensors"
-  for s in refusal_direction contrast snip wifv_decision activation_decision; do
-    attribute "$ALIGNED" "$V/maps/$s" ${SCORER[$s]}
-  done
+lane_maps() {  # unit maps: the new scorers (aligned, planted, calibration halves), the earlier scorers' maps of the
+  wait_for "$ALIGNED/model.safetensors"   # aligned model (stability), the mask's sparsity sweep
+  for s in mask atp delta; do attribute "$ALIGNED" "$V/maps/$s" ${SCORER[$s]}; done
+  for s in "${HEAD_NAMES[@]}"; do attribute "$ALIGNED" "$V/maps/$s" ${HEADS[$s]}; done
+  for w in $SPARSITY; do attribute "$ALIGNED" "$V/sparsity/w$w" ${SCORER[mask]} scoring.sparsity_weight="$w"; done
   wait_for "$PLANTED/trained_units.safetensors"
-  [[ -f $V/planted_eval/eval.json ]] || $PY evaluate.py model=hf model.path="$PLANTED" eval=dose \
-    eval.tasks.oktest=null eval.tasks.harmless=null hydra.run.dir="$V/planted_eval" > "$V/planted_eval.log" 2>&1
-  for s in "${!SCORER[@]}"; do attribute "$PLANTED" "$V/planted/$s" ${SCORER[$s]}; done
-  # stability of wifv maps of the aligned model: disjoint calibration halves, sources, shipped vs aligned
-  attribute "$ALIGNED" "$V/stability/half_a" scoring=wifv +calibration.safety.hash_split=[0.0,0.5] \
-    calibration.utility.hash_split=[0.0,0.45]
-  attribute "$ALIGNED" "$V/stability/half_b" scoring=wifv +calibration.safety.hash_split=[0.5,1.0] \
-    calibration.utility.hash_split=[0.45,0.9]
+  for s in "${NEW[@]}"; do attribute "$PLANTED" "$V/planted/$s" ${SCORER[$s]}; done
+  for s in "${NEW[@]}" wifv; do  # stability: disjoint calibration halves
+    attribute "$ALIGNED" "$V/stability/${s}_half_a" ${SCORER[$s]} +calibration.safety.hash_split=[0.0,0.5] \
+      calibration.utility.hash_split=[0.0,0.45]
+    attribute "$ALIGNED" "$V/stability/${s}_half_b" ${SCORER[$s]} +calibration.safety.hash_split=[0.5,1.0] \
+      calibration.utility.hash_split=[0.45,0.9]
+  done
+  for s in "${OLD[@]}"; do attribute "$ALIGNED" "$V/maps/$s" ${SCORER[$s]}; done   # for the scorers' stability
   attribute "$ALIGNED" "$V/stability/wei" scoring=wifv calibration=wei
   attribute "$ALIGNED" "$V/stability/self" scoring=wifv calibration=self
   attribute shipped "$V/stability/shipped" scoring=wifv
-  wait_for "$V/dose/controls.done"
-  for s in refusal_direction wifv_decision activation_decision; do sweep "$s" safety_minus_utility random; done
+}
+
+lane_evals() {  # dose sweeps against the shared controls, head controls, the planted eval and the earlier scorers'
+  wait_for "$ALIGNED/model.safetensors"   # planted maps, the reached masks' evals, cost
+  seed_shipped_runs
+  # a retrained model: its unablated eval beside the shipped baseline (the report compares them)
+  [[ -f $V/dose/controls/base/eval.json ]] && evaluate "$V/verify_base" eval=dose $DOSE_EVAL
+  for s in "${NEW[@]}"; do wait_for "$V/maps/$s/unit_map.safetensors"; sweep "$s" "$V/dose/controls" \
+    safety_minus_utility random -- $DOSE_EVAL; done
+  wait_for "$V/maps/mask_heads/unit_map.safetensors"
+  $PY scripts/dose_response.py --model "$ALIGNED" --unit-map "$V/maps/mask_heads" --runs-dir "$V/dose/controls_heads" \
+    --controls-dir "$V/dose/controls_heads" --out "$V/dose/controls_heads_report" --arms random \
+    --shares $HEAD_SHARES -- $SHORT_EVAL > "$V/dose/controls_heads.log" 2>&1 \
+    || { echo "head controls failed: $V/dose/controls_heads.log" >&2; return 1; }
+  for s in "${HEAD_NAMES[@]}"; do wait_for "$V/maps/$s/unit_map.safetensors"; sweep "$s" "$V/dose/controls_heads" \
+    safety_minus_utility --shares $HEAD_SHARES -- $SHORT_EVAL; done
+  # the mask the optimiser reached, per sparsity weight: its own size against its ASR and perplexity
+  for w in 2.0 $SPARSITY; do
+    local map=$V/maps/mask
+    [[ $w == 2.0 ]] || map=$V/sparsity/w$w
+    wait_for "$map/mask_units.safetensors"
+    evaluate "$V/sparsity/eval_w$w" eval=dose $SHORT_EVAL ablate.unit_map="$map" \
+      ablate.selection="$map/mask_units.safetensors"
+  done
+  wait_for "$PLANTED/trained_units.safetensors"
+  [[ -f $V/planted_eval/eval.json ]] || $PY evaluate.py model=hf model.path="$PLANTED" eval=dose \
+    eval.tasks.oktest=null eval.tasks.harmless=null logger=none hydra.run.dir="$V/planted_eval" > "$V/planted_eval.log" 2>&1
+  for s in "${OLD[@]}"; do attribute "$PLANTED" "$V/planted/$s" ${SCORER[$s]}; done
+  # cost at the harness's settings; mask_heads is left out (its steps cost what mask's do: the gates are per head)
+  [[ -f $V/cost.json ]] || $PY benchmarks/scorers.py --model-path "$ALIGNED" --json "$V/cost.json" \
+    --scorers "${OLD[@]}" "${NEW[@]}" atp_heads activation_decision_heads -- calibration.batch_size=4 \
+    > "$V/cost.log" 2>&1
+}
+
+artifacts() {  # logs -> results: every dose point's eval.json / eval_meta.json, the planted, stability, sparsity
+  local runs="$RESULTS/runs"    # and cost inputs (small JSON; the maps stay in logs)
+  (cd "$V/dose" && find . -path ./controls_heads_report -prune -o \( -name eval.json -o -name eval_meta.json \) -print) \
+    | while read -r f; do mkdir -p "$runs/$(dirname "$f")" && cp "$V/dose/$f" "$runs/$f"; done
+  local planted=() stab=()
+  for s in "${NEW[@]}" "${OLD[@]}"; do planted+=("$s=$V/planted/$s"); done
+  args=(--out "$RESULTS" --planted "$PLANTED" --planted-eval "$V/planted_eval" --planted-map "${planted[@]}"
+        --cost "$V/cost.json" --model-run "$(dirname "$ALIGNED")")
+  [[ -f $V/verify_base/eval.json ]] && args+=(--retrain-eval "$V/verify_base")
+  for s in wifv "${NEW[@]}"; do
+    args+=(--stability "calibration halves (disjoint prompts): $s" "half_a=$V/stability/${s}_half_a" \
+      "half_b=$V/stability/${s}_half_b")
+  done
+  args+=(--stability "calibration sources" "stl=$V/maps/wifv" "wei=$V/stability/wei" "self=$V/stability/self")
+  local scorers=()
+  for s in "${OLD[@]}" "${NEW[@]}"; do scorers+=("$s=$V/maps/$s"); done
+  args+=(--stability "scorers" "${scorers[@]}")
+  args+=(--stability "shipped vs aligned" "shipped=$V/stability/shipped" "aligned=$V/maps/wifv")
+  local masks=("2.0=$V/maps/mask")
+  for w in $SPARSITY; do masks+=("$w=$V/sparsity/w$w"); done
+  args+=(--sparsity "${masks[@]}" --sparsity-evals "$V/sparsity")
+  $PY scripts/validity_artifacts.py "${args[@]}"
 }
 
 report() {
-  # every dose point's eval.json / eval_meta.json travel with the report (results/.../runs); the maps stay in logs
-  local runs="$RESULTS/runs" sweeps=() planted=() scorers=()
-  (cd "$V/dose" && find . -name eval.json -o -name eval_meta.json) | while read -r f; do
-    mkdir -p "$runs/$(dirname "$f")" && cp "$V/dose/$f" "$runs/$f"
-  done
-  for s in wifv contrast snip refusal_direction wifv_decision activation_decision; do
-    sweeps+=(--sweep "$s=$runs/$s"); planted+=(--planted-map "$s=$V/planted/$s"); scorers+=("$s=$V/maps/$s")
-  done
-  $PY scripts/attribution_validity.py --out "$RESULTS.md" --model-run "$(dirname "$ALIGNED")" \
-    --controls-dir "$runs/controls" "${sweeps[@]}" \
-    --planted "$PLANTED" --planted-eval "$V/planted_eval" "${planted[@]}" \
-    --stability "calibration halves (disjoint prompts)" "half_a=$V/stability/half_a" "half_b=$V/stability/half_b" \
-    --stability "calibration sources" "stl=$V/maps/wifv" "wei=$V/stability/wei" "self=$V/stability/self" \
-    --stability "scorers" "${scorers[@]}" \
-    --stability "shipped vs aligned" "shipped=$V/stability/shipped" "aligned=$V/maps/wifv" \
-    --cost "$V/cost.json"
+  local runs="$RESULTS/runs" sweeps=()
+  for s in "${OLD[@]}" "${NEW[@]}"; do sweeps+=(--sweep "$s=$runs/$s"); done
+  local heads=()
+  for s in "${HEAD_NAMES[@]}"; do heads+=(--head-sweep "$s=$runs/$s"); done
+  $PY scripts/attribution_validity.py --out "$RESULTS.md" \
+    --controls-dir "$runs/controls" "${sweeps[@]}" --head-controls-dir "$runs/controls_heads" "${heads[@]}" \
+    --artifacts "$RESULTS"
 }
 
-LANES=${LANES:-"controls maps report"}   # e.g. LANES=maps to (re)start one lane, LANES=report for the report only
-[[ $LANES == *controls* ]] && lane_controls_then_sweeps &
-[[ $LANES == *maps* ]] && lane_maps_then_sweeps &
+LANES=${LANES:-"maps evals artifacts report"}   # e.g. LANES=maps to (re)start one lane, LANES=report: report only
+[[ $LANES == *maps* ]] && lane_maps &
+[[ $LANES == *evals* ]] && lane_evals &
 wait
+[[ $LANES == *artifacts* ]] && artifacts
 [[ $LANES == *report* ]] && report

@@ -87,7 +87,8 @@ def test_script_writes_the_report_from_artifacts(sweeps, tmp_path):
     md = out.read_text()
     assert "**Default scorer: strong**" in md
     assert "| strong | 1.00% | 0.900 | 0.100 | +0.800 [+0.800] |" in md
-    assert "| strong | yes | 1.00%, 2.00% | +0.800 | 1.00%, +5.0% |" in md and "| wifv | no | - | +0.025 | none |" in md
+    assert "| strong | yes | 1.00%, 2.00% | +0.800 | 1.00%, +5.0% | n/a | no |" in md  # no planted set given
+    assert "| wifv | no | - | +0.025 | none | n/a | no |" in md
     assert "Unablated ASR on the fixed harmful set: 0.050" in md
     assert (out.parent / "attribution_validity" / "dose_curves.png").stat().st_size > 0
     summary = json.loads((out.parent / "attribution_validity" / "summary.json").read_text())
@@ -104,3 +105,72 @@ def test_the_mask_first_look_is_rebuilt_from_its_shipped_runs(tmp_path):
     assert summary == json.loads((ROOT / "results" / "mask_preliminary" / "summary.json").read_text())
     assert set(summary["shares"]) == {"1", "2"} and all(len(v["random_seeds"]) == 3 for v in summary["shares"].values())
 
+
+
+def test_head_sweeps_have_their_own_controls_and_a_comparison_with_channels(sweeps, tmp_path):
+    from conftest import load_script
+
+    controls, runs = sweeps
+    heads = tmp_path / "strong_heads"
+    for k in (0.01, 0.02):
+        _write(heads, Point(TOP, k), 20, 10.2)
+    out = tmp_path / "r.md"
+    args = ["--out", str(out), "--controls-dir", str(controls), *[a for n, r in runs.items() for a in ("--sweep", f"{n}={r}")]]
+    with pytest.raises(SystemExit):  # friendly_errors: a head sweep without its controls is refused
+        load_script("attribution_validity").main(args + ["--head-sweep", f"strong_heads={heads}"])
+    load_script("attribution_validity").main(args + ["--head-sweep", f"strong_heads={heads}",
+                                                     "--head-controls-dir", str(controls)])
+    md = out.read_text()
+    assert "### Attention heads as units" in md and "| strong_heads | 1.00% | 0.500 |" in md
+    assert "| strong | 1.00% | 0.900 / 0.500 | +0.800 / +0.400 | +5.0% / +2.0% |" in md  # heads vs channels
+    assert (tmp_path / "r" / "dose_curves_heads.png").stat().st_size > 0
+
+
+def test_planted_and_stability_tables_rebuild_from_their_json_artifacts(unit_map, tmp_path):
+    """extract() keeps only small JSON (the planted set, each map's top-|S| sets, pair metrics); the tables built
+    from it equal those computed from the maps themselves."""
+    import torch
+
+    from safety_units.stability import planted_recovery, stability_report
+    from safety_units.unit_map import UnitMap, random_units, save_selection
+    from safety_units.validity_artifacts import extract, planted_summary, selection_from_json, selection_json
+
+    um = UnitMap.load(unit_map)
+    planted = random_units(um.sizes(), {"mlp": 12, "attn": 6}, seed=1)
+    save_selection(planted, tmp_path / "trained_units.safetensors", {"role": "trained"})
+    other = UnitMap(um.utility, um.safety, um.classes, dict(um.metadata))  # a second map: scores swapped
+    other.save(tmp_path / "other", plot=False)
+    extract(tmp_path / "art", planted=tmp_path / "trained_units.safetensors",
+            planted_maps={"a": um.path, "b": tmp_path / "other"},
+            stability={"two maps": {"a": um.path, "b": tmp_path / "other"}})
+    assert all(torch.equal(selection_from_json(selection_json(planted))[k], planted[k]) for k in planted)
+    _, recoveries, _ = planted_summary(tmp_path / "art")
+    assert recoveries == {"a": planted_recovery(planted, um), "b": planted_recovery(planted, other)}
+    rec = json.loads((tmp_path / "art" / "stability.json").read_text())["two maps"]
+    from safety_units.stability import pairs_table
+
+    assert pairs_table(["a", "b"], rec["pairs"])[0] == stability_report([um, other], ["a", "b"])[0]
+
+
+def test_the_report_is_rebuilt_from_its_shipped_artifacts(tmp_path, monkeypatch):
+    """results/attribution_validity.md is a function of results/attribution_validity/ alone (runs and JSON)."""
+    from pathlib import Path
+
+    from conftest import load_script
+
+    monkeypatch.chdir(ROOT)  # the harness passes paths relative to the repository
+    res = Path("results") / "attribution_validity"
+    cmd = (ROOT / "scripts" / "run_attribution_validity.sh").read_text()
+    old = cmd[cmd.index("OLD=(") + 5:cmd.index(")", cmd.index("OLD=("))].split()
+    new = cmd[cmd.index("NEW=(") + 5:cmd.index(")", cmd.index("NEW=("))].split()
+    heads = cmd[cmd.index("HEAD_NAMES=(") + 12:cmd.index(")", cmd.index("HEAD_NAMES=("))].split()
+    out = tmp_path / "attribution_validity.md"
+    args = ["--out", str(out), "--controls-dir", str(res / "runs" / "controls"), "--artifacts", str(res),
+            "--head-controls-dir", str(res / "runs" / "controls_heads")]
+    args += [a for s in old + new for a in ("--sweep", f"{s}={res / 'runs' / s}")]
+    args += [a for s in heads for a in ("--head-sweep", f"{s}={res / 'runs' / s}")]
+    load_script("attribution_validity").main(args)
+    shipped = (ROOT / "results" / "attribution_validity.md").read_text()
+    assert out.read_text() == shipped.replace("](attribution_validity/", f"]({out.stem}/")
+    assert json.loads((tmp_path / "attribution_validity" / "summary.json").read_text()) == \
+        json.loads((res / "summary.json").read_text())

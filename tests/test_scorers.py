@@ -297,3 +297,21 @@ def test_the_learned_mask_removes_the_planted_unit_and_nothing_without_a_safety_
     else:
         assert found["mask_units"] == {"attn": 0, "mlp": 0} and found["final"]["removed_share"] < 0.01
 
+
+
+def test_the_learned_mask_resumes_bit_identically(tmp_path):
+    """An interrupted scoring=mask run (its state saved every 3 steps) continued to 6 steps in the same run dir
+    ends exactly where an uninterrupted 6-step run does."""
+    def run(out, steps):
+        cfg = compose("attribute", ["model=tiny", "calibration.nsamples=8", "calibration.max_length=48",
+                                    "scoring=mask", f"scoring.steps={steps}", "scoring.checkpoint_every=3"],
+                      output_dir=out)
+        return UnitMap.load(run_attribution(cfg)["unit_map"])
+
+    whole = run(tmp_path / "whole", 6)
+    run(tmp_path / "parts", 3)
+    state = torch.load(tmp_path / "parts" / "mask_state.pt", weights_only=False)
+    assert state["step"] == 3
+    resumed = run(tmp_path / "parts", 6)
+    assert all(torch.equal(whole.safety[k], resumed.safety[k]) for k in whole.keys)
+    assert not all(torch.equal(whole.safety[k], run(tmp_path / "short", 3).safety[k]) for k in whole.keys)

@@ -46,6 +46,7 @@ Modules, one per concept (one name per line; tests/test_structure.py checks that
     dose_response.plan      the points, their evaluate.py commands, resumable runs
     dose_response.report    summary, tables and plot from the runs' artifacts
     attribution_validity    do the scorers find causal safety units: criteria and tables over sweeps
+    validity_artifacts      the small JSON inputs of that report's planted, stability, sparsity, cost tables
     study               the SSAH study v2 (subpackage, scripts/run_study.py):
     study.plan              the stages of a scale
     study.runner            runs them in memory, resumably, in worker processes

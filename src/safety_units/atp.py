@@ -17,7 +17,8 @@ metric, one forward and one backward pass per batch:
 
 AtP*'s correction re-computes attention patterns for query/key nodes, whose effect goes through the softmax and
 saturates. These units are the MLP channels and the attention *output* channels (the inputs of o_proj, after the
-softmax), so no unit's patch changes an attention pattern directly and the correction does not apply; its second
+softmax), so no unit's patch changes an attention pattern directly and the correction does not apply (a head unit,
+units.heads, is patched at its output -- o_proj's input -- too: the softmax is upstream of the patch); its second
 part (dropout of cancelling gradients) is not needed for per-channel scores summed in one pass.
 
 Utility is the `activation` score on the utility set, as for refusal_direction and delta. Memory: one batch's unit
@@ -31,7 +32,7 @@ from tqdm.auto import tqdm
 
 from safety_units.errors import ConfigError
 from safety_units.models import eval_mode, frozen_weights, response_token_nll
-from safety_units.scoring import activation_stats, decision_positions
+from safety_units.scoring import activation_stats, decision_positions, truncate_to
 from safety_units.units import UnitGroup
 
 METRICS = ("refusal_logprob",)
@@ -67,7 +68,7 @@ def atp_scores(model, groups: list[UnitGroup], harmful: list[dict], harmless: li
         with eval_mode(model), frozen_weights(model), torch.enable_grad():
             for batch in tqdm(list(harmful), desc=desc, disable=not progress, leave=False):
                 batch = {k: v.to(device) for k, v in batch.items()}
-                window = decision_positions(batch, decision_tokens)
+                batch, window = truncate_to(batch, decision_positions(batch, decision_tokens))  # exact, cheaper
                 nll, counts = response_token_nll(model, batch, positions=window)
                 if nll.numel() == 0:
                     continue
@@ -75,7 +76,8 @@ def atp_scores(model, groups: list[UnitGroup], harmful: list[dict], harmless: li
                 w = window.unsqueeze(-1).float()
                 for g in groups:
                     x = seen[g.key]
-                    effect = (x.grad.float() * (mu[g.key] - x.detach().float()) * w).sum(dim=1)  # [batch, n]
+                    effect = (x.grad.float() * (mu[g.key] - x.detach().float()) * w).sum(dim=1)  # [batch, chans]
+                    effect = g.per_unit(effect)  # a head's patch is all its channels at once: sum, then |.|
                     rows = counts > 0
                     acc[g.key] += effect[rows].abs().double().sum(dim=0).cpu()
                 n_examples += int((counts > 0).sum())

@@ -30,8 +30,10 @@ from safety_units.units import decoder_layers, resolve_units, unit_names
 log = RankedLogger(__name__)
 
 
-def attribute(loaded: LoadedModel, cfg: DictConfig, device: str | None = None) -> UnitMap:
-    """Score units on the safety and utility sets and classify them; returns the (unsaved) UnitMap."""
+def attribute(loaded: LoadedModel, cfg: DictConfig, device: str | None = None,
+              state_dir: Path | None = None) -> UnitMap:
+    """Score units on the safety and utility sets and classify them; returns the (unsaved) UnitMap. `state_dir`:
+    where a resumable scorer (mask) keeps its state."""
     model, tokenizer = loaded.model, loaded.tokenizer
     names = unit_names(cfg)
     groups = resolve_units(model, names)
@@ -71,8 +73,10 @@ def attribute(loaded: LoadedModel, cfg: DictConfig, device: str | None = None) -
         t0 = time.perf_counter()
         if method == "mask" and which == "safety":
             settings = {k: sc.get(k) for k in DEFAULTS}
-            scores[which], extra["mask"] = mask_scores(model, groups, batches, batches_of["utility"], k, settings,
-                                                       desc=desc)
+            scores[which], extra["mask"] = mask_scores(
+                model, groups, batches, batches_of["utility"], k, settings, desc=desc,
+                state_path=state_dir / "mask_state.pt" if state_dir else None,
+                checkpoint_every=int(sc.get("checkpoint_every", 25) or 0))
         elif method == "contrast":
             scores[which] = contrast_scores(model, reference.model, groups, ref_groups, batches, tokens, k, desc=desc)
         elif method == "refusal_direction" and which == "safety":
@@ -117,7 +121,7 @@ def run_attribution(cfg: DictConfig) -> dict:
     t0 = time.perf_counter()
     out = output_dir(cfg)
     loaded = load_model(cfg.model)
-    um = attribute(loaded, cfg)
+    um = attribute(loaded, cfg, state_dir=out)
     path = um.save(out)
     if um.metadata.get("mask"):  # the mask the optimiser reached (removal >= 0.5, r >= 0): evaluate.py can zero it
         save_selection({k: v >= 0 for k, v in um.safety.items()}, out / "mask_units.safetensors",

@@ -93,5 +93,5 @@ def contrast_scores(model, reference, groups: list[UnitGroup], ref_groups: list[
                                   f"{desc} (reference)")
     finally:
         reference.to("cpu")
-    return {g.key: ((ours[g.key].mean() - theirs[r.key].mean()).abs() * column_norms(g)).float()
+    return {g.key: g.per_unit((ours[g.key].mean() - theirs[r.key].mean()).abs() * column_norms(g)).float()
             for g, r in zip(groups, ref_groups)}

@@ -10,7 +10,8 @@ No forward pass and no data: only the two models' weights. The reference is the 
 trained from (`scoring.reference` / `scoring.reference_path`, checked as for `contrast`: same architecture, unit
 counts and vocabulary, not the same weights). The utility score, which the weights alone cannot give, is the
 `activation` score on the utility calibration set, as `refusal_direction` does: how much the unit writes on benign
-data. Memory: one slice difference at a time, O(units) kept.
+data. Memory: one slice difference at a time, O(units) kept. A head (units.heads) sums its q rows and o columns;
+a grouped-query K/V block's squared change is split evenly among the heads that read it (it counts once).
 """
 
 from __future__ import annotations
@@ -35,6 +36,6 @@ def delta_scores(groups: list[UnitGroup], ref_groups: list[UnitGroup]) -> dict[s
                                   f"{tuple(t.param.shape)}.")
             diff = s.param.detach().double().cpu() - t.param.detach().double().cpu()
             other = [d for d in range(diff.ndim) if d != s.dim]
-            sq += (diff * diff).sum(dim=other) if other else diff * diff
+            sq += s.per_unit((diff * diff).sum(dim=other) if other else diff * diff)  # a head: its rows/columns
         out[g.key] = sq.sqrt().float()
     return out

@@ -25,7 +25,7 @@ from torch import nn
 
 from safety_units.errors import ConfigError, UnitMapError
 from safety_units.ranks import RankedLogger
-from safety_units.units import resolve_units
+from safety_units.units import has_heads, resolve_units, with_heads
 
 log = RankedLogger(__name__)
 
@@ -310,7 +310,7 @@ def masks_from_selection(model: nn.Module, selection: dict[str, torch.Tensor], m
     """mode 'freeze': selected units are frozen. mode 'train_only': only selected units train, all else frozen."""
     if mode not in ("freeze", "train_only"):
         raise ConfigError(f"mask mode must be 'freeze' or 'train_only', got {mode!r}.")
-    groups = resolve_units(model, names)
+    groups = resolve_units(model, with_heads(names, has_heads(selection)))
     params = dict(model.named_parameters())
     partial: dict[str, PartialMask] = {}
     frozen_full: set[str] = set()
@@ -321,9 +321,10 @@ def masks_from_selection(model: nn.Module, selection: dict[str, torch.Tensor], m
             raise UnitMapError(f"the selection has no entry for {g.key}; the unit map does not match this model.")
         if sel.numel() != g.n:
             raise UnitMapError(f"{g.key}: the unit map has {sel.numel()} units but the model has {g.n}.")
-        keep = ~sel.bool() if mode == "freeze" else sel.bool().clone()
+        units_keep = ~sel.bool() if mode == "freeze" else sel.bool().clone()
         for s in g.slices:
             unit_params.add(s.name)
+            keep = s.entries(units_keep, "all")  # a shared K/V block trains only when all its heads do
             if keep.all():
                 continue
             if not keep.any():
@@ -337,16 +338,21 @@ def masks_from_selection(model: nn.Module, selection: dict[str, torch.Tensor], m
 
 # --------------------------------------------------------------------------- ablation: the same units, zeroed
 def ablate_units(model, selection: dict[str, torch.Tensor], names: dict | None = None) -> dict:
-    """Zero every parameter slice of the selected units (rows of gate/up, columns of down/o_proj)."""
+    """Zero every parameter slice of the selected units (rows of gate/up, columns of down/o_proj; a head's q rows
+    and o columns, and its K/V rows when every head of its group is selected)."""
     zeroed = {"units_zeroed": 0, "entries_zeroed": 0}
+    groups = resolve_units(model, with_heads(names, has_heads(selection)))
+    missing = sorted(set(selection) - {g.key for g in groups})
+    if missing:
+        raise UnitMapError(f"the unit selection has keys this model's units do not: {missing[:4]}")
     with torch.no_grad():
-        for g in resolve_units(model, names):
+        for g in groups:
             sel = selection.get(g.key)
             if sel is None or not sel.any():
                 continue
-            idx = torch.nonzero(sel).flatten()
-            zeroed["units_zeroed"] += len(idx)
+            zeroed["units_zeroed"] += int(sel.sum())
             for s in g.slices:
+                idx = torch.nonzero(s.entries(sel.bool(), "all")).flatten()
                 s.param.index_fill_(s.dim, idx.to(s.param.device), 0.0)
                 zeroed["entries_zeroed"] += len(idx) * (s.param.numel() // s.param.shape[s.dim])
     return zeroed

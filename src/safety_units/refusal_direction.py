@@ -41,7 +41,7 @@ def decision_means(model, layers: torch.nn.ModuleList, batches: list[dict], grou
     with `groups`, also the activation statistics of their units there."""
     device = next(model.parameters()).device
     sums: list[torch.Tensor | None] = [None] * len(layers)
-    stats = {g.key: ActivationStats(g.n) for g in groups or []}
+    stats = {g.key: ActivationStats(g.n * g.width) for g in groups or []}
     count, current = 0, {}
 
     def add_output(i):
@@ -94,7 +94,7 @@ def refusal_direction_scores(model, layers, groups: list[UnitGroup], harmful: li
     unit_dirs = directions / norms.clamp_min(1e-30)[:, None]
     out = {}
     for g in groups:
-        w = g.out_weight.param.detach().double().cpu().movedim(g.out_weight.dim, 0)  # [units, hidden]
+        w = g.out_weight.param.detach().double().cpu().movedim(g.out_weight.dim, 0)  # [channels, hidden]
         along = (w @ unit_dirs[g.layer]).abs()
-        out[g.key] = (along * stats[g.key].mean_abs()).float()
+        out[g.key] = g.per_unit(along * stats[g.key].mean_abs()).float()
     return out, [round(float(n), 6) for n in norms]

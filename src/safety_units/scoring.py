@@ -74,6 +74,23 @@ def decision_positions(batch: dict, k: int) -> torch.Tensor:
     return torch.where(prompt_only, last_token(batch["attention_mask"]), first)
 
 
+def first_response_positions(batch: dict, n: int) -> torch.Tensor:
+    """[batch, seq] bool: each row's first n response-predicting positions."""
+    pred = predicts_response(batch["labels"])
+    return pred & (pred.cumsum(dim=1) <= n)
+
+
+def truncate_to(batch: dict, positions: torch.Tensor) -> tuple[dict, torch.Tensor]:
+    """The batch and positions cut after the last position any row needs (and the label it predicts). Exact for a
+    causal LM -- the logits at a position depend only on the tokens up to it -- and it saves the forward and
+    backward over everything later (a refusal's decision window is its first few tokens)."""
+    cols = torch.nonzero(positions.any(dim=0)).flatten()
+    if cols.numel() == 0:
+        return batch, positions
+    end = min(int(cols.max()) + 2, positions.shape[1])  # position p predicts labels[p + 1]
+    return {k: v[:, :end] for k, v in batch.items()}, positions[:, :end]
+
+
 def check_tokens(tokens: str, decision_tokens: int) -> None:
     if tokens not in TOKENS:
         raise ConfigError(f"scoring.tokens must be one of {TOKENS}, got {tokens!r}.")
@@ -122,7 +139,7 @@ def activation_stats(model, groups: list[UnitGroup], batches: Iterable[dict], to
     """Running sums of every unit's activation (the input of down_proj / o_proj) at the `tokens` positions."""
     check_tokens(tokens, decision_tokens)
     device = next(model.parameters()).device
-    stats = {g.key: ActivationStats(g.n) for g in groups}
+    stats = {g.key: ActivationStats(g.n * g.width) for g in groups}  # per channel; a head sums its own
     current: dict = {}
 
     def make_hook(key):
@@ -157,7 +174,7 @@ def activation_scores(model, groups: list[UnitGroup], batches: Iterable[dict], m
     for g in groups:
         colsq = _column_sq_norms(g)
         st = stats[g.key]
-        out[g.key] = (st.variance() * colsq if method == "wifv" else st.mean_abs() * colsq.sqrt()).float()
+        out[g.key] = g.per_unit(st.variance() * colsq if method == "wifv" else st.mean_abs() * colsq.sqrt()).float()
     return out
 
 
@@ -198,16 +215,16 @@ def snip_scores(model, groups: list[UnitGroup], batches: Iterable[dict], progres
     owners = {}
     for g in groups:
         for s in g.slices:
-            owners[id(s.param)] = (g.key, s.dim)
+            owners[id(s.param)] = (g.key, s)
     saved_flags = {n: p.requires_grad for n, p in model.named_parameters()}
     for p in model.parameters():
         p.requires_grad_(id(p) in owners)
 
     def reduce_and_free(p: torch.Tensor) -> None:
-        key, dim = owners[id(p)]
+        key, s = owners[id(p)]
         prod = (p.detach().float() * p.grad.float()).abs()
-        dims = [d for d in range(prod.ndim) if d != dim]
-        acc[key] += (prod.sum(dim=dims) if dims else prod).double().cpu()
+        dims = [d for d in range(prod.ndim) if d != s.dim]
+        acc[key] += s.per_unit((prod.sum(dim=dims) if dims else prod).double().cpu())
         p.grad = None  # at most one dense gradient alive at a time
 
     handles = [p.register_post_accumulate_grad_hook(reduce_and_free) for p in model.parameters()

@@ -78,12 +78,23 @@ def _fmt(x: float) -> str:
     return "n/a" if math.isnan(x) else f"{x:.3f}"
 
 
+def stability_pairs(maps: list[UnitMap], labels: list[str], tops=TOP_SHARES) -> list[dict]:
+    """pair_metrics of every pair of maps: [{"a": label, "b": label, "metrics": {...}}] (JSON-ready)."""
+    return [{"a": labels[i], "b": labels[j], "metrics": pair_metrics(maps[i], maps[j], tops)}
+            for i, j in itertools.combinations(range(len(maps)), 2)]
+
+
 def stability_report(maps: list[UnitMap], labels: list[str], tops=TOP_SHARES) -> tuple[str, dict[str, np.ndarray]]:
     """Markdown table (one row per pair) and, per metric, the symmetric matrix over maps (diagonal: 1)."""
-    n = len(maps)
+    return pairs_table(labels, stability_pairs(maps, labels, tops))
+
+
+def pairs_table(labels: list[str], pairs: list[dict]) -> tuple[str, dict[str, np.ndarray]]:
+    """The table and matrices of stability_report from stability_pairs' records (e.g. read back from JSON)."""
+    n, index = len(labels), {label: i for i, label in enumerate(labels)}
     rows, matrices = [], {}
-    for i, j in itertools.combinations(range(n), 2):
-        m = pair_metrics(maps[i], maps[j], tops)
+    for pair in pairs:
+        i, j, m = index[pair["a"]], index[pair["b"]], pair["metrics"]
         for name, v in m.items():
             matrices.setdefault(name, np.eye(n))[i, j] = v
             matrices[name][j, i] = v
@@ -115,26 +126,35 @@ def plot_heatmaps(matrices: dict[str, np.ndarray], labels: list[str], path: str 
 
 
 # --------------------------------------------------------------------------- planted sets
-def planted_recovery(planted: Selection, um: UnitMap) -> dict[str, dict]:
-    """Per ranking (safety, safety_minus_utility): hits, precision and recall of the map's top-|S| units vs S.
+PLANTED_RANKINGS = ("safety", "safety_minus_utility")
 
-    |S| is taken per unit kind, so the top set is as large as S and precision equals recall; `chance` is the
-    precision a random set of that size has in expectation (|S| / units)."""
-    sizes = um.sizes()
-    check_same_units(sizes, {k: v.numel() for k, v in planted.items()}, "the unit map", "the planted set")
+
+def planted_tops(planted: Selection, um: UnitMap) -> dict[str, Selection]:
+    """Per ranking (safety, safety_minus_utility): the map's top-|S| units (|S| taken per unit kind)."""
+    check_same_units(um.sizes(), {k: v.numel() for k, v in planted.items()}, "the unit map", "the planted set")
     counts = {kind: sum(int(v.sum()) for k, v in planted.items() if k.startswith(kind + "."))
               for kind in sorted({k.split(".")[0] for k in planted})}
-    n_planted, n_units = sum(counts.values()), sum(sizes.values())
-    if not n_planted:
+    if not sum(counts.values()):
         raise ConfigError("the planted unit set is empty.")
+    return {by: um.top(by, counts) for by in PLANTED_RANKINGS}
+
+
+def recovery(planted: Selection, tops: dict[str, Selection]) -> dict[str, dict]:
+    """Per ranking: hits, precision and recall of a top set against S. The top set is as large as S, so precision
+    equals recall; `chance` is the precision a random set of that size has in expectation (|S| / units)."""
+    n_planted, n_units = sum(int(v.sum()) for v in planted.values()), sum(v.numel() for v in planted.values())
     out = {}
-    for by in ("safety", "safety_minus_utility"):
-        top = um.top(by, counts)
+    for by, top in tops.items():
         hits = sum(int((top[k] & planted[k]).sum()) for k in planted)
         found = sum(int(v.sum()) for v in top.values())
         out[by] = {"hits": hits, "planted": n_planted, "precision": hits / found, "recall": hits / n_planted,
                    "chance": n_planted / n_units}
     return out
+
+
+def planted_recovery(planted: Selection, um: UnitMap) -> dict[str, dict]:
+    """Per ranking (safety, safety_minus_utility): hits, precision and recall of the map's top-|S| units vs S."""
+    return recovery(planted, planted_tops(planted, um))
 
 
 def load_planted(path: str | Path) -> tuple[Selection, dict, Path]:
@@ -152,10 +172,15 @@ def load_planted(path: str | Path) -> tuple[Selection, dict, Path]:
 
 
 def planted_table(planted: Selection, maps: list[UnitMap], labels: list[str]) -> str:
+    return recovery_table({label: planted_recovery(planted, um) for label, um in zip(labels, maps)})
+
+
+def recovery_table(recoveries: dict[str, dict[str, dict]]) -> str:
+    """One row per map and ranking, from planted_recovery / recovery results."""
     rows = ["| unit map | ranked by | planted units | hits in top-|S| | precision | recall | chance |",
             "|---|---|---:|---:|---:|---:|---:|"]
-    for label, um in zip(labels, maps):
-        for by, r in planted_recovery(planted, um).items():
+    for label, rec in recoveries.items():
+        for by, r in rec.items():
             rows.append(f"| {label} | {by} | {r['planted']} | {r['hits']} | {r['precision']:.3f} | "
                         f"{r['recall']:.3f} | {r['chance']:.3f} |")
     return "\n".join(rows)

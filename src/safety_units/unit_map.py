@@ -22,7 +22,7 @@ from safety_units.classification import CLASS_CODES, normalise
 from safety_units.errors import ConfigError, UnitMapError
 from safety_units.models import model_fingerprint
 from safety_units.ranks import RankedLogger
-from safety_units.units import resolve_units, unit_counts
+from safety_units.units import has_heads, resolve_units, unit_counts, with_heads
 
 log = RankedLogger(__name__)
 
@@ -107,7 +107,7 @@ class UnitMap:
         return um
 
     def check_model(self, model, strict: bool = True, names: dict | None = None) -> None:
-        have = full_fingerprint(model, names)
+        have = full_fingerprint(model, with_heads(names, has_heads(self.classes)))
         want = self.metadata["fingerprint"]
         fields = ["model_type", "num_layers", "units"] + (["weight_hash"] if strict else [])
         diff = [f for f in fields if have.get(f) != want.get(f)]
@@ -135,7 +135,7 @@ class UnitMap:
     def summary(self) -> dict:
         per = self.counts()
         out = {"metadata": {k: v for k, v in self.metadata.items()}, "per_layer": per, "total": {}}
-        for kind in ("mlp", "attn", "all"):
+        for kind in ("mlp", "attn", "head", "all"):
             rows = [v for k, v in per.items() if kind == "all" or k.startswith(kind + ".")]
             if not rows:
                 continue

@@ -118,7 +118,7 @@ def markdown(s: dict, png_name: str = "dose_response.png") -> str:
         for k in s["shares"]:
             r = s["rows"][task, k]
             units = "n/a" if r["units"] is None else " / ".join(
-                str(r["units"][kind]["units"]) for kind in ("mlp", "attn") if kind in r["units"])
+                str(r["units"][kind]["units"]) for kind in ("mlp", "attn", "head") if kind in r["units"])
             b = r["band"]
             band = "n/a" if b is None else (f"{b['mean']:.4f} +- {b['sd']:.4f} [{b['min']:.4f}, {b['max']:.4f}]"
                                             + ("" if b["n"] == len(s["seeds"]) else f" ({b['n']} seeds)"))
