@@ -21,7 +21,7 @@ from pathlib import Path
 from safety_units.attribution_validity import (DEFAULT_SHARES, GOAL_EXCESS_ASR, GOAL_P, GOAL_PRECISION, HARMFUL,
                                                MAX_PPL_RISE, PLANTED_RANKING, choose_default, cost_table, dose_rows,
                                                dose_table, goal_met, heads_vs_channels, load_sweep, moonshot_met,
-                                               plot_curves)
+                                               plot_curves, scorer_summary)
 from safety_units.errors import ConfigError, friendly_errors
 from safety_units.stability import pairs_table, plot_heatmaps
 from safety_units.validity_artifacts import (planted_markdown, plot_sparsity, retrain_check, sparsity_markdown,
@@ -38,6 +38,9 @@ def _pairs(items: list[str], flag: str) -> dict[str, Path]:
             raise ConfigError(f"{flag} {item}: {path} does not exist.")
         out[name] = Path(path)
     return out
+
+
+HALVES = "calibration halves (disjoint prompts): "  # the harness's titles of the per-scorer half comparisons
 
 
 def _slug(text: str) -> str:
@@ -123,6 +126,13 @@ def main(argv: list[str] | None = None) -> Path:
                   f"{'n/a' if e is None else f'{e:+.3f}'} | {smallest} | {'n/a' if prec is None else f'{prec:.3f}'} | "
                   f"{'yes' if moonshot_met(g, prec) else 'no'} |")
     md += ["", f"**Default scorer: {decision['default']}** ({decision['reason']}).", ""]
+    stab = json.loads((art / "stability.json").read_text()) if art and (art / "stability.json").is_file() else {}
+    halves = {title.rsplit(": ", 1)[1]: comp["pairs"][0]["metrics"]["top 0.01 s-u IoU"]
+              for title, comp in stab.items() if title.startswith(HALVES) and comp["pairs"]}
+    cost = json.loads((art / "cost.json").read_text()) if art and (art / "cost.json").is_file() else None
+    md += ["## Per scorer, in one table", "", "From the tables below (IoU: the disjoint calibration halves' top 1% "
+           "safety-minus-utility sets, where a scorer has them; n/a: not measured).", "",
+           scorer_summary(rows, extra.get("planted", {}), halves, cost), ""]
     if planted_lines:
         md += ["## Planted units", "", *planted_lines, ""]
     if art and (art / "sparsity.json").is_file():

@@ -35,9 +35,10 @@ declare -A SCORER=(
   [delta]="scoring=delta"
   [atp]="scoring=atp"
   [mask]="scoring=mask calibration.batch_size=4"
+  [mask_logit]="scoring=mask calibration.batch_size=4 scoring.utility=none"
 )
 OLD=(wifv contrast snip refusal_direction wifv_decision activation_decision)
-NEW=(mask atp delta)
+NEW=(mask mask_logit atp delta)   # mask_logit: the same mask ranked by its removal logit alone (scoring.utility=none)
 declare -A HEADS=(   # heads as units: the scorers that apply (delta's weight change is per channel slice too)
   [mask_heads]="scoring=mask calibration.batch_size=4 units.heads=true"
   [atp_heads]="scoring=atp units.heads=true"
@@ -48,6 +49,11 @@ HEAD_NAMES=(mask_heads atp_heads activation_decision_heads)
 attribute() {  # attribute <model dir | shipped> <run dir> <overrides...>
   local model=$1 dir=$2; shift 2
   [[ -f $dir/unit_map.safetensors ]] && return 0
+  if [[ $dir == *mask_logit* ]]; then  # the same optimisation as its mask twin: start from that run's last state
+    local twin=${dir/mask_logit/mask}
+    wait_for "$twin/unit_map.safetensors"
+    mkdir -p "$dir" && cp -n "$twin/mask_state.pt" "$dir/" 2>/dev/null || true
+  fi
   local which=(model=hf model.path="$model")
   [[ $model == shipped ]] && which=(model=smollm2_135m)
   mkdir -p "$(dirname "$dir")"
@@ -84,21 +90,21 @@ seed_shipped_runs() {  # the dose points already shipped (earlier sweeps, shared
 
 lane_maps() {  # unit maps: the new scorers (aligned, planted, calibration halves), the earlier scorers' maps of the
   wait_for "$ALIGNED/model.safetensors"   # aligned model (stability), the mask's sparsity sweep
-  for s in mask atp delta; do attribute "$ALIGNED" "$V/maps/$s" ${SCORER[$s]}; done
+  for s in "${NEW[@]}"; do attribute "$ALIGNED" "$V/maps/$s" ${SCORER[$s]}; done
   for s in "${HEAD_NAMES[@]}"; do attribute "$ALIGNED" "$V/maps/$s" ${HEADS[$s]}; done
-  for w in $SPARSITY; do attribute "$ALIGNED" "$V/sparsity/w$w" ${SCORER[mask]} scoring.sparsity_weight="$w"; done
   wait_for "$PLANTED/trained_units.safetensors"
   for s in "${NEW[@]}"; do attribute "$PLANTED" "$V/planted/$s" ${SCORER[$s]}; done
-  for s in "${NEW[@]}" wifv; do  # stability: disjoint calibration halves
+  for s in atp delta wifv mask mask_logit; do  # stability: disjoint calibration halves
     attribute "$ALIGNED" "$V/stability/${s}_half_a" ${SCORER[$s]} +calibration.safety.hash_split=[0.0,0.5] \
       calibration.utility.hash_split=[0.0,0.45]
     attribute "$ALIGNED" "$V/stability/${s}_half_b" ${SCORER[$s]} +calibration.safety.hash_split=[0.5,1.0] \
       calibration.utility.hash_split=[0.45,0.9]
   done
-  for s in "${OLD[@]}"; do attribute "$ALIGNED" "$V/maps/$s" ${SCORER[$s]}; done   # for the scorers' stability
   attribute "$ALIGNED" "$V/stability/wei" scoring=wifv calibration=wei
   attribute "$ALIGNED" "$V/stability/self" scoring=wifv calibration=self
   attribute shipped "$V/stability/shipped" scoring=wifv
+  for s in "${OLD[@]}"; do attribute "$ALIGNED" "$V/maps/$s" ${SCORER[$s]}; done   # for the scorers' stability
+  for w in $SPARSITY; do attribute "$ALIGNED" "$V/sparsity/w$w" ${SCORER[mask]} scoring.sparsity_weight="$w"; done
 }
 
 lane_evals() {  # dose sweeps against the shared controls, head controls, the planted eval and the earlier scorers'
@@ -115,6 +121,14 @@ lane_evals() {  # dose sweeps against the shared controls, head controls, the pl
     || { echo "head controls failed: $V/dose/controls_heads.log" >&2; return 1; }
   for s in "${HEAD_NAMES[@]}"; do wait_for "$V/maps/$s/unit_map.safetensors"; sweep "$s" "$V/dose/controls_heads" \
     safety_minus_utility --shares $HEAD_SHARES -- $SHORT_EVAL; done
+  wait_for "$PLANTED/trained_units.safetensors"
+  [[ -f $V/planted_eval/eval.json ]] || $PY evaluate.py model=hf model.path="$PLANTED" eval=dose \
+    eval.tasks.oktest=null eval.tasks.harmless=null logger=none hydra.run.dir="$V/planted_eval" > "$V/planted_eval.log" 2>&1
+  for s in "${OLD[@]}"; do attribute "$PLANTED" "$V/planted/$s" ${SCORER[$s]}; done
+  # cost at the harness's settings; mask_heads and mask_logit are left out (the steps cost what mask's do)
+  [[ -f $V/cost.json ]] || $PY benchmarks/scorers.py --model-path "$ALIGNED" --json "$V/cost.json" \
+    --scorers "${OLD[@]}" mask atp delta atp_heads activation_decision_heads -- calibration.batch_size=4 \
+    > "$V/cost.log" 2>&1
   # the mask the optimiser reached, per sparsity weight: its own size against its ASR and perplexity
   for w in 2.0 $SPARSITY; do
     local map=$V/maps/mask
@@ -123,14 +137,6 @@ lane_evals() {  # dose sweeps against the shared controls, head controls, the pl
     evaluate "$V/sparsity/eval_w$w" eval=dose $SHORT_EVAL ablate.unit_map="$map" \
       ablate.selection="$map/mask_units.safetensors"
   done
-  wait_for "$PLANTED/trained_units.safetensors"
-  [[ -f $V/planted_eval/eval.json ]] || $PY evaluate.py model=hf model.path="$PLANTED" eval=dose \
-    eval.tasks.oktest=null eval.tasks.harmless=null logger=none hydra.run.dir="$V/planted_eval" > "$V/planted_eval.log" 2>&1
-  for s in "${OLD[@]}"; do attribute "$PLANTED" "$V/planted/$s" ${SCORER[$s]}; done
-  # cost at the harness's settings; mask_heads is left out (its steps cost what mask's do: the gates are per head)
-  [[ -f $V/cost.json ]] || $PY benchmarks/scorers.py --model-path "$ALIGNED" --json "$V/cost.json" \
-    --scorers "${OLD[@]}" "${NEW[@]}" atp_heads activation_decision_heads -- calibration.batch_size=4 \
-    > "$V/cost.log" 2>&1
 }
 
 artifacts() {  # logs -> results: every dose point's eval.json / eval_meta.json, the planted, stability, sparsity

@@ -315,3 +315,25 @@ def test_the_learned_mask_resumes_bit_identically(tmp_path):
     resumed = run(tmp_path / "parts", 6)
     assert all(torch.equal(whole.safety[k], resumed.safety[k]) for k in whole.keys)
     assert not all(torch.equal(whole.safety[k], run(tmp_path / "short", 3).safety[k]) for k in whole.keys)
+
+
+@pytest.mark.parametrize("planted_dirs", [(2.0, "Sorry", 0.3)], indirect=True)
+@pytest.mark.parametrize("method", ["atp", "mask"])
+def test_with_heads_as_units_the_planted_marker_head_ranks_first(planted_dirs, method):
+    """units.heads=true on the planted model (refusals that start with the planted token, as in the mask test):
+    layer 0's head 0 is the only head that carries the marker into the residual stream, where the planted MLP unit
+    reads it. atp ranks that head first among heads; the mask, free to remove any unit, takes the cheaper cut -- the
+    one planted MLP unit, which breaks the refusal without touching the head's 15 other channels -- and no head."""
+    root, dirs = planted_dirs
+    rows = [{"prompt": r["prompt"], "response": f"Sorry, I will not do thing {i}."} for i, r in enumerate(_rows(True))]
+    (root / "refusals.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    extra = ["scoring.steps=60"] if method == "mask" else []
+    out = run_attribution(_attribute_cfg(root, dirs, f"scoring={method}", "units.heads=true", "scoring.decision_tokens=0",
+                                         f"calibration.safety.path={root / 'refusals.jsonl'}", *extra))
+    um = UnitMap.load(out["unit_map"], model=load_hf(str(dirs["aligned"])).model)
+    heads = torch.cat([um.safety[f"head.{layer}"] for layer in range(2)])
+    if method == "atp":
+        assert int(heads.argmax()) == 0, heads
+    else:
+        mlp = torch.cat([um.safety[f"mlp.{layer}"] for layer in range(2)])
+        assert int(mlp.argmax()) == 128 + PLANT and um.metadata["mask"]["mask_units"] == {"head": 0, "mlp": 1}

@@ -228,3 +228,22 @@ def cost_table(cost_json: Path) -> str:
         out.append(f"| {name} | {r['samples_per_s']:.2f} | {r['samples_per_s'] / base['samples_per_s']:.2f}x | "
                    f"{r['peak_extra_mb']:.0f} | {r['peak_extra_mb'] / max(base['peak_extra_mb'], 1e-9):.2f}x |")
     return "\n".join(out)
+
+
+def scorer_summary(rows: dict[str, list[dict]], planted: dict[str, dict], halves_iou: dict[str, float],
+                   cost: dict | None) -> str:
+    """One row per scorer: mean excess ASR over random at 1% and 2%, the perplexity rise there, planted precision
+    (both rankings), IoU of the top 1% between disjoint calibration halves, and throughput relative to wifv."""
+    base = (cost or {}).get("rows", {}).get("wifv")
+    out = ["| scorer | excess ASR over random at 1% / 2% | ppl rise at 1% / 2% | planted precision: s-u / safety | "
+           "top 1% IoU, calibration halves | throughput vs wifv |", "|---|---:|---:|---:|---:|---:|"]
+    for name, rs in rows.items():
+        at = {r["k"]: r for r in rs}
+        ex = " / ".join(_f((at.get(k) or {}).get("excess"), "{:+.3f}") for k in DEFAULT_SHARES)
+        pp = " / ".join(_f((at.get(k) or {}).get("ppl_rise"), "{:+.1%}") for k in DEFAULT_SHARES)
+        rec = planted.get(name)
+        prec = "n/a" if rec is None else " / ".join(_f(rec[by]["precision"]) for by in ("safety_minus_utility", "safety"))
+        c = (cost or {}).get("rows", {}).get(name)
+        thr = "n/a" if c is None or base is None else f"{c['samples_per_s'] / base['samples_per_s']:.2f}x"
+        out.append(f"| {name} | {ex} | {pp} | {prec} | {_f(halves_iou.get(name))} | {thr} |")
+    return "\n".join(out)
