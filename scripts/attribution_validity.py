@@ -24,8 +24,8 @@ from safety_units.attribution_validity import (DEFAULT_SHARES, GOAL_EXCESS_ASR, 
                                                plot_curves, scorer_summary)
 from safety_units.errors import ConfigError, friendly_errors
 from safety_units.stability import pairs_table, plot_heatmaps
-from safety_units.validity_artifacts import (planted_markdown, plot_sparsity, retrain_check, sparsity_markdown,
-                                             sparsity_rows, training_scale)
+from safety_units.validity_artifacts import (planted_markdown, plot_sparsity, retrain_check, second_judge_markdown,
+                                             sparsity_markdown, sparsity_rows, training_scale)
 
 
 def _pairs(items: list[str], flag: str) -> dict[str, Path]:
@@ -104,8 +104,9 @@ def main(argv: list[str] | None = None) -> Path:
                "Maps with `units.heads=true`: the attention units are the 9 heads of each layer (a head's o_proj "
                "columns and q_proj rows; a grouped-query K/V head is zeroed only when its whole group is), MLP units "
                "as above. At share k the top k of the heads and k of the MLP channels are zeroed; their random "
-               "sets (same seeds) draw heads, so the heads have their own controls. 0.25% and 0.5% of 270 heads "
-               "both round to one head: the head sweeps start at 1%.", "",
+               "sets (same seeds) draw heads, so the heads have their own controls. The head sweeps cover k = "
+               f"{', '.join(f'{k:.2%}' for k in next(iter(head_sweeps.values()))['shares'])} (0.25% and 0.5% of "
+               "270 heads both round to one head).", "",
                "![dose curves, heads](" + f"{figs.name}/dose_curves_heads.png)", "",
                dose_table({n: r for n, r in rows.items() if n in head_sweeps}), "", heads_vs_channels(rows), ""]
     extra, planted_lines, precision = {}, None, {}
@@ -135,6 +136,13 @@ def main(argv: list[str] | None = None) -> Path:
            scorer_summary(rows, extra.get("planted", {}), halves, cost), ""]
     if planted_lines:
         md += ["## Planted units", "", *planted_lines, ""]
+    if art:
+        table, extra["second_judge"] = second_judge_markdown(art)
+        if table:
+            md += ["## A second judge", "", "The pattern judge reads refusal phrasing, which is what a mask trained "
+                   "against refusal log-odds could remove without removing the refusal. The same completions "
+                   "(top sets at 1% and 2%, their random sets), re-judged by the strings judge (`eval=rejudge "
+                   "judge=strings`; its agreement with human labels: results/judges.md):", "", table, ""]
     if art and (art / "sparsity.json").is_file():
         srows = sparsity_rows(art, first["base"])
         mask_rows = {r["k"]: r["asr_top"] for r in rows.get("mask", [])}

@@ -24,7 +24,7 @@ DOSE_EVAL=${DOSE_EVAL:-"eval.tasks.harmless=null"}
 SHORT_EVAL=${SHORT_EVAL:-"eval.tasks.harmless=null eval.tasks.oktest=null"}  # head sweeps, reached masks: ASR, ppl
 RESULTS=${RESULTS:-results/attribution_validity}
 SPARSITY=${SPARSITY:-"0.25 1.0"}   # the mask's sparsity sweep; 2.0 (the default) is the main mask map
-HEAD_SHARES=${HEAD_SHARES:-"0.01 0.02 0.04 0.08"}  # 0.25% and 0.5% of 270 heads both round to 1 head
+HEAD_SHARES=${HEAD_SHARES:-"0.01 0.02 0.04"}  # 0.25% and 0.5% of 270 heads both round to 1 head; CPU time: 8% left out
 declare -A SCORER=(
   [wifv]="scoring=wifv"
   [wifv_decision]="scoring=wifv scoring.tokens=decision"
@@ -71,6 +71,7 @@ sweep() {  # sweep <scorer> <controls dir> <arms...> [--shares ...] -- <evaluate
 evaluate() {  # evaluate <run dir> <overrides...>: one evaluate.py run of the aligned model, skipped when done
   local dir=$1; shift
   [[ -f $dir/eval.json ]] && return 0
+  mkdir -p "$(dirname "$dir")"
   $PY evaluate.py model=hf model.path="$ALIGNED" "$@" logger=none hydra.run.dir="$dir" > "$dir.log" 2>&1 \
     || { echo "evaluate failed: $dir.log" >&2; return 1; }
 }
@@ -139,6 +140,41 @@ lane_evals() {  # dose sweeps against the shared controls, head controls, the pl
   done
 }
 
+regenerate_control() {  # regenerate_control controls/random_k<k>_s<seed>: its completions again (same model, set)
+  local d=$1 k=${1#controls/random_k}; local seed=${k#*_s}; k=${k%_s*}
+  evaluate "$V/dose/controls_gen/${d#controls/}" eval=dose $SHORT_EVAL ablate.unit_map="$V/maps/mask" \
+    ablate.top=random ablate.share="$k" ablate.seed="$seed"
+}
+
+lane_regen() {  # after the maps lane: the shipped random sets at 1% and 2% generated again, for the second judge
+  wait_for "$V/sparsity/w${SPARSITY##* }/unit_map.safetensors"
+  for k in 0.01 0.02; do for seed in 0 1 2; do
+    [[ -f $V/dose/controls/random_k${k}_s$seed/generations.jsonl ]] || regenerate_control "controls/random_k${k}_s$seed"
+  done; done
+}
+
+rejudge_strings() {  # the top sets at 1% and 2% and their random sets, re-judged by the strings judge (no model)
+  local out=$RESULTS/runs/rejudge_strings dirs=(controls/base)
+  for k in 0.01 0.02; do
+    for s in "${NEW[@]}" "${HEAD_NAMES[@]}"; do dirs+=("$s/safety_minus_utility_k$k"); done
+    for seed in 0 1 2; do dirs+=("controls/random_k${k}_s$seed" "controls_heads/random_k${k}_s$seed"); done
+  done
+  for d in "${dirs[@]}"; do
+    local src=$V/dose/$d
+    if [[ $d == controls/random* && ! -f $src/generations.jsonl ]]; then  # shipped controls keep no completions:
+      src=$V/dose/controls_gen/${d#controls/}                              # regenerate them (lane_regen)
+      regenerate_control "$d"
+    fi
+    [[ -f $src/generations.jsonl && ! -f $out/$d/eval.json ]] || continue
+    $PY evaluate.py eval=rejudge eval.tasks.rejudge.source.path="$src/generations.jsonl" \
+      eval.tasks.rejudge.source.prompt=prompt eval.tasks.rejudge.source.completion=completion \
+      "eval.tasks.rejudge.source.where={task: harmful}" eval.tasks.rejudge.report=asr judge=strings logger=none \
+      hydra.run.dir="$V/rejudge/$d" > "$V/rejudge.log" 2>&1 || { echo "rejudge failed: $V/rejudge.log" >&2; return 1; }
+    mkdir -p "$out/$d" && cp "$V/rejudge/$d/eval.json" "$out/$d/"
+    [[ $src == "$V/dose/$d" ]] || cp "$src/eval.json" "$out/$d/source_eval.json"  # the regenerated run's verdicts
+  done
+}
+
 artifacts() {  # logs -> results: every dose point's eval.json / eval_meta.json, the planted, stability, sparsity
   local runs="$RESULTS/runs"    # and cost inputs (small JSON; the maps stay in logs)
   (cd "$V/dose" && find . -path ./controls_heads_report -prune -o \( -name eval.json -o -name eval_meta.json \) -print) \
@@ -161,6 +197,7 @@ artifacts() {  # logs -> results: every dose point's eval.json / eval_meta.json,
   for w in $SPARSITY; do masks+=("$w=$V/sparsity/w$w"); done
   args+=(--sparsity "${masks[@]}" --sparsity-evals "$V/sparsity")
   $PY scripts/validity_artifacts.py "${args[@]}"
+  rejudge_strings
 }
 
 report() {
@@ -173,9 +210,10 @@ report() {
     --artifacts "$RESULTS"
 }
 
-LANES=${LANES:-"maps evals artifacts report"}   # e.g. LANES=maps to (re)start one lane, LANES=report: report only
+LANES=${LANES:-"maps evals regen artifacts report"}   # e.g. LANES=maps to (re)start one lane, LANES=report: report only
 [[ $LANES == *maps* ]] && lane_maps &
 [[ $LANES == *evals* ]] && lane_evals &
+[[ $LANES == *regen* ]] && lane_regen &
 wait
 [[ $LANES == *artifacts* ]] && artifacts
 [[ $LANES == *report* ]] && report

@@ -144,13 +144,13 @@ def test_run_writes_three_files_and_map_roundtrips(tmp_path):
     assert {p.name for p in run.iterdir()} >= {"unit_map.safetensors", "unit_map.json", "units_per_layer.png"}
     # logger=csv: the run's params (class shares and the map's fingerprint among them) and its summary
     hparams = (run / "csv" / "hparams.yaml").read_text()
-    assert "unit_map.share.mlp.esu:" in hparams and "unit_map.fingerprint:" in hparams and "scoring.method: wifv" in hparams
+    assert "unit_map.share.mlp.esu:" in hparams and "unit_map.fingerprint:" in hparams and "scoring.method: mask" in hparams
     assert json.loads((run / "summary.json").read_text())["units/all/esu"] == out["summary"]["total"]["all"]["esu"]["share"]
     summary = json.loads((run / "unit_map.json").read_text())
     assert summary["total"]["all"]["units"] == 2 * 128 + 2 * 64
     tiny = build_tiny(cache_dir=cfg.paths.cache_dir)
     um = UnitMap.load(out["unit_map"], model=tiny.model)
-    assert um.metadata["scoring"]["method"] == "wifv" and um.metadata["normalization"] == "per_layer"
+    assert um.metadata["scoring"]["method"] == "mask" and um.metadata["normalization"] == "per_layer"  # the default
     esu = um.select("esu")
     plus = um.esu_plus_top_cu(0.075)
     assert all((plus[k] | ~esu[k]).all() for k in esu)  # ESU is inside ESU + top CU

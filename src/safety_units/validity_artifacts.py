@@ -249,3 +249,54 @@ def plot_sparsity(rows: list[dict], top_points: list[tuple[float, float]], base_
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+# --------------------------------------------------------------------------- a second judge
+SECOND_JUDGE_DIR = "rejudge_strings"  # runs/<this>/<sweep>/<point>/eval.json: eval=rejudge judge=strings
+
+
+def second_judge_markdown(artifacts: Path, shares=(0.01, 0.02), seeds=(0, 1, 2)) -> tuple[str, dict]:
+    """The top sets' excess ASR over their random sets at `shares`, with the completions re-judged by the strings
+    judge (a keyword rule, not the pattern judge that the mask's objective resembles): paired on the same prompts,
+    McNemar p against every seed. Reads runs/rejudge_strings/ (the harness's artifacts step writes it)."""
+    root = artifacts / "runs" / SECOND_JUDGE_DIR
+    if not root.is_dir():
+        return "", {}
+
+    def load(*parts) -> dict | None:
+        p = root.joinpath(*parts, "eval.json")
+        return json.loads(p.read_text())["rejudge"] if p.is_file() else None
+
+    out = ["| scorer | k | ASR top: patterns judge / strings judge | random mean (strings) | excess over random "
+           "(strings): mean [min] | max p vs seeds |", "|---|---:|---:|---:|---:|---:|"]
+    record = {}
+    for sweep in sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("controls")):
+        controls = "controls_heads" if sweep.endswith("_heads") else "controls"
+        for k in shares:
+            top = load(sweep, f"safety_minus_utility_k{k:g}")
+            rnd = [r for r in (load(controls, f"random_k{k:g}_s{s}") for s in seeds) if r is not None]
+            if top is None or len(rnd) < len(seeds):
+                continue
+            diffs = [paired_difference(r, top, "rejudge") for r in rnd]
+            ev = artifacts / "runs" / sweep / f"safety_minus_utility_k{k:g}" / "eval.json"
+            patterns = json.loads(ev.read_text())[HARMFUL]["value"] if ev.is_file() else None
+            row = {"asr_top": top["value"], "asr_top_patterns": patterns,
+                   "asr_random_mean": sum(r["value"] for r in rnd) / len(rnd),
+                   "excess": sum(d["diff"] for d in diffs) / len(diffs), "excess_min": min(d["diff"] for d in diffs),
+                   "p_max": max(d["p_mcnemar"] for d in diffs)}
+            record.setdefault(sweep, {})[f"{k:g}"] = row
+            out.append(f"| {sweep} | {k:.2%} | {'n/a' if patterns is None else f'{patterns:.3f}'} / {row['asr_top']:.3f} | "
+                       f"{row['asr_random_mean']:.3f} | {row['excess']:+.3f} [{row['excess_min']:+.3f}] | "
+                       f"{row['p_max']:.2g} |")
+    same = total = 0
+    for src in sorted(root.glob("controls/*/source_eval.json")):  # regenerated completions of shipped controls
+        shipped = artifacts / "runs" / "controls" / src.parent.name / "eval.json"
+        if shipped.is_file():
+            a = json.loads(src.read_text())[HARMFUL]["extra"]["outcomes"]
+            b = json.loads(shipped.read_text())[HARMFUL]["extra"]["outcomes"]
+            same, total = same + sum(x == y for x, y in zip(a, b)), total + len(b)
+    if total:
+        out.append(f"\nThe shipped random sets keep no completions, so they were generated again for this check; "
+                   f"the pattern judge's verdicts on them equal the shipped ones on {same} of {total} prompts.")
+        record["regenerated_controls_agreement"] = [same, total]
+    return "\n".join(out), record

@@ -99,7 +99,7 @@ SCALES = {
         aoa=["optim.lr=1e-4", "data.batch_size=5"],  # batch < AOA's 10 conversations: see AOA_SEEDS below
         aoa_epochs=[1, 3, 5, 10],
         mix_shares=[0.05, 0.1, 0.2],
-        attribute=["calibration.nsamples=128", "calibration.max_length=256"],
+        attribute=["scoring=wifv", "calibration.nsamples=128", "calibration.max_length=256"],  # as it was run
         eval=["eval.batch_size=512", "+eval.pool_generation=true"],
         seeds=[0, 1, 2], random_seeds=[0, 1, 2], workers=3),
     # 2 CPU cores: every stage at small sizes (two one-thread workers; stage times: <stage>.stage.json); the
@@ -114,7 +114,7 @@ SCALES = {
         aoa=["optim.lr=5e-5", "data.batch_size=5", "data.max_length=160"],
         aoa_epochs=[1, 2, 4],
         mix_shares=[0.05, 0.1, 0.2],
-        attribute=["calibration.nsamples=64", "calibration.max_length=128"],
+        attribute=["scoring=wifv", "calibration.nsamples=64", "calibration.max_length=128"],  # as it was run
         eval=["eval.max_new_tokens=32", "eval.tasks.harmful.limit=48", "eval.tasks.oktest.limit=32",
               "eval.tasks.ppl.limit=24", "eval.tasks.ppl_dolly.limit=24"],
         seeds=[0, 1, 2], random_seeds=[0, 1, 2], workers=2),
