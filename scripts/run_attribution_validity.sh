@@ -176,35 +176,45 @@ rejudge_strings() {  # the top sets at 1% and 2% and their random sets, re-judge
 }
 
 artifacts() {  # logs -> results: every dose point's eval.json / eval_meta.json, the planted, stability, sparsity
-  local runs="$RESULTS/runs"    # and cost inputs (small JSON; the maps stay in logs)
+  local runs="$RESULTS/runs"    # and cost inputs (small JSON; the maps stay in logs). A map not made is left out.
   (cd "$V/dose" && find . -path ./controls_heads_report -prune -o \( -name eval.json -o -name eval_meta.json \) -print) \
     | while read -r f; do mkdir -p "$runs/$(dirname "$f")" && cp "$V/dose/$f" "$runs/$f"; done
-  local planted=() stab=()
-  for s in "${NEW[@]}" "${OLD[@]}"; do planted+=("$s=$V/planted/$s"); done
-  args=(--out "$RESULTS" --planted "$PLANTED" --planted-eval "$V/planted_eval" --planted-map "${planted[@]}"
-        --cost "$V/cost.json" --model-run "$(dirname "$ALIGNED")")
+  have() { [[ -f $1/unit_map.safetensors ]]; }
+  local planted=() args=(--out "$RESULTS" --model-run "$(dirname "$ALIGNED")")
+  for s in "${NEW[@]}" "${OLD[@]}"; do have "$V/planted/$s" && planted+=("$s=$V/planted/$s"); done
+  [[ -f $V/planted_eval/eval.json ]] && args+=(--planted "$PLANTED" --planted-eval "$V/planted_eval" \
+    --planted-map "${planted[@]}")
+  [[ -f $V/cost.json ]] && args+=(--cost "$V/cost.json")
   [[ -f $V/verify_base/eval.json ]] && args+=(--retrain-eval "$V/verify_base")
+  compare() {  # compare <title> <label=map>...: only the maps that exist, and only with two of them
+    local title=$1 items=(); shift
+    for it in "$@"; do have "${it#*=}" && items+=("$it"); done
+    (( ${#items[@]} >= 2 )) && args+=(--stability "$title" "${items[@]}") || true
+  }
   for s in wifv "${NEW[@]}"; do
-    args+=(--stability "calibration halves (disjoint prompts): $s" "half_a=$V/stability/${s}_half_a" \
-      "half_b=$V/stability/${s}_half_b")
+    compare "calibration halves (disjoint prompts): $s" "half_a=$V/stability/${s}_half_a" "half_b=$V/stability/${s}_half_b"
   done
-  args+=(--stability "calibration sources" "stl=$V/maps/wifv" "wei=$V/stability/wei" "self=$V/stability/self")
+  compare "calibration sources" "stl=$V/maps/wifv" "wei=$V/stability/wei" "self=$V/stability/self"
   local scorers=()
   for s in "${OLD[@]}" "${NEW[@]}"; do scorers+=("$s=$V/maps/$s"); done
-  args+=(--stability "scorers" "${scorers[@]}")
-  args+=(--stability "shipped vs aligned" "shipped=$V/stability/shipped" "aligned=$V/maps/wifv")
-  local masks=("2.0=$V/maps/mask")
-  for w in $SPARSITY; do masks+=("$w=$V/sparsity/w$w"); done
-  args+=(--sparsity "${masks[@]}" --sparsity-evals "$V/sparsity")
+  compare "scorers" "${scorers[@]}"
+  compare "shipped vs aligned" "shipped=$V/stability/shipped" "aligned=$V/maps/wifv"
+  local masks=()
+  for w in 2.0 $SPARSITY; do
+    local map=$V/sparsity/w$w
+    [[ $w == 2.0 ]] && map=$V/maps/mask
+    have "$map" && [[ -f $V/sparsity/eval_w$w/eval.json ]] && masks+=("$w=$map")
+  done
+  (( ${#masks[@]} )) && args+=(--sparsity "${masks[@]}" --sparsity-evals "$V/sparsity")
   $PY scripts/validity_artifacts.py "${args[@]}"
   rejudge_strings
 }
 
 report() {
   local runs="$RESULTS/runs" sweeps=()
-  for s in "${OLD[@]}" "${NEW[@]}"; do sweeps+=(--sweep "$s=$runs/$s"); done
+  for s in "${OLD[@]}" "${NEW[@]}"; do [[ -d $runs/$s ]] && sweeps+=(--sweep "$s=$runs/$s"); done
   local heads=()
-  for s in "${HEAD_NAMES[@]}"; do heads+=(--head-sweep "$s=$runs/$s"); done
+  for s in "${HEAD_NAMES[@]}"; do [[ -d $runs/$s ]] && heads+=(--head-sweep "$s=$runs/$s"); done
   $PY scripts/attribution_validity.py --out "$RESULTS.md" \
     --controls-dir "$runs/controls" "${sweeps[@]}" --head-controls-dir "$runs/controls_heads" "${heads[@]}" \
     --artifacts "$RESULTS"

@@ -115,6 +115,7 @@ def attribute(loaded: LoadedModel, cfg: DictConfig, device: str | None = None,
                         for w in used},
         "seconds": timings,
         "unit_names": names,
+        "unit_kinds": sorted({g.kind for g in groups}),  # "attn" (output channels) or "head" beside "mlp"
     } | extra
     return UnitMap(scores["safety"], scores["utility"], classes, meta)
 

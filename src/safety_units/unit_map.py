@@ -125,6 +125,11 @@ class UnitMap:
     def keys(self) -> list[str]:
         return _sort_keys(self.classes)
 
+    @property
+    def kinds(self) -> list[str]:
+        """The unit kinds of the map (from its keys, so maps written before `unit_kinds` was recorded answer too)."""
+        return sorted({k.split(".")[0] for k in self.classes})
+
     def counts(self) -> dict:
         per = {}
         for k in self.keys:
