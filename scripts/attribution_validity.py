@@ -40,6 +40,13 @@ def _pairs(items: list[str], flag: str) -> dict[str, Path]:
     return out
 
 
+NOTES = {  # how a sweep came to be, where that matters for reading it
+    "mask_logit": "the same learned mask as `mask` (its optimisation resumed from mask's saved state; identical "
+                  "removal logits), ranked by the logit alone (`scoring.utility=none`). Added after mask's first two "
+                  "points (0.25%, 0.5%) were in: the safety-minus-utility ranking subtracts an activation score that "
+                  "the mask's KL term already accounts for, and the first look (results/mask_preliminary.md) had "
+                  "ranked by the logit. It is a second look at the same prompts, not a held-out test.",
+}
 HALVES = "calibration halves (disjoint prompts): "  # the harness's titles of the per-scorer half comparisons
 
 
@@ -99,13 +106,14 @@ def main(argv: list[str] | None = None) -> Path:
            f"prompts (see the module docstring).", "",
            "## Dose-response", "", "![dose curves](" + f"{figs.name}/dose_curves.png)", "",
            dose_table({n: r for n, r in rows.items() if n in sweeps}), ""]
+    md += [f"- {name}: {NOTES[name]}" for name in NOTES if name in rows] + [""] * any(n in rows for n in NOTES)
     if head_sweeps:
         md += ["### Attention heads as units", "",
                "Maps with `units.heads=true`: the attention units are the 9 heads of each layer (a head's o_proj "
                "columns and q_proj rows; a grouped-query K/V head is zeroed only when its whole group is), MLP units "
                "as above. At share k the top k of the heads and k of the MLP channels are zeroed; their random "
                "sets (same seeds) draw heads, so the heads have their own controls. The head sweeps cover k = "
-               f"{', '.join(f'{k:.2%}' for k in next(iter(head_sweeps.values()))['shares'])} (0.25% and 0.5% of "
+               f"{', '.join(format(r['k'], '.2%') for r in rows[next(iter(head_sweeps))])} (0.25% and 0.5% of "
                "270 heads both round to one head).", "",
                "![dose curves, heads](" + f"{figs.name}/dose_curves_heads.png)", "",
                dose_table({n: r for n, r in rows.items() if n in head_sweeps}), "", heads_vs_channels(rows), ""]
@@ -145,14 +153,15 @@ def main(argv: list[str] | None = None) -> Path:
                    "judge=strings`; its agreement with human labels: results/judges.md):", "", table, ""]
     if art and (art / "sparsity.json").is_file():
         srows = sparsity_rows(art, first["base"])
-        mask_rows = {r["k"]: r["asr_top"] for r in rows.get("mask", [])}
+        logit = "mask_logit" if "mask_logit" in rows else "mask"  # the ranking by the removal logit alone
+        mask_rows = {r["k"]: r["asr_top"] for r in rows.get(logit, [])}
         plot_sparsity(srows, sorted(mask_rows.items()), base and base["value"], figs / "mask_sparsity.png")
         extra["sparsity"] = srows
         md += ["## The mask's sparsity: its own size against its ASR", "",
                "scoring=mask at each sparsity_weight (the other settings at their defaults): the units whose removal "
                "probability reached >= 0.5 are zeroed together (`ablate.selection=<run>/mask_units.safetensors`) "
-               "and evaluated on the same fixed harmful set, never used in training. The dose sweep's top-k sets of "
-               "the default mask (ranked by the removal logit) are the other curve.", "",
+               "and evaluated on the same fixed harmful set, never used in training. The other curve: the top-k "
+               f"sets of the default mask's removal logit (the `{logit}` sweep).", "",
                sparsity_markdown(srows), "", f"![sparsity]({figs.name}/mask_sparsity.png)", ""]
     if art and (art / "stability.json").is_file():
         for title, comp in json.loads((art / "stability.json").read_text()).items():

@@ -121,7 +121,7 @@ lane_evals() {  # dose sweeps against the shared controls, head controls, the pl
     --shares $HEAD_SHARES -- $SHORT_EVAL > "$V/dose/controls_heads.log" 2>&1 \
     || { echo "head controls failed: $V/dose/controls_heads.log" >&2; return 1; }
   for s in "${HEAD_NAMES[@]}"; do wait_for "$V/maps/$s/unit_map.safetensors"; sweep "$s" "$V/dose/controls_heads" \
-    safety_minus_utility --shares $HEAD_SHARES -- $SHORT_EVAL; done
+    safety_minus_utility random --shares $HEAD_SHARES -- $SHORT_EVAL; done  # random: done above, shared
   wait_for "$PLANTED/trained_units.safetensors"
   [[ -f $V/planted_eval/eval.json ]] || $PY evaluate.py model=hf model.path="$PLANTED" eval=dose \
     eval.tasks.oktest=null eval.tasks.harmless=null logger=none hydra.run.dir="$V/planted_eval" > "$V/planted_eval.log" 2>&1
@@ -177,7 +177,8 @@ rejudge_strings() {  # the top sets at 1% and 2% and their random sets, re-judge
 
 artifacts() {  # logs -> results: every dose point's eval.json / eval_meta.json, the planted, stability, sparsity
   local runs="$RESULTS/runs"    # and cost inputs (small JSON; the maps stay in logs). A map not made is left out.
-  (cd "$V/dose" && find . -path ./controls_heads_report -prune -o \( -name eval.json -o -name eval_meta.json \) -print) \
+  (cd "$V/dose" && find . \( -path ./controls_heads_report -o -path ./controls_gen \) -prune -o \
+    \( -name eval.json -o -name eval_meta.json \) -print) \
     | while read -r f; do mkdir -p "$runs/$(dirname "$f")" && cp "$V/dose/$f" "$runs/$f"; done
   have() { [[ -f $1/unit_map.safetensors ]]; }
   local planted=() args=(--out "$RESULTS" --model-run "$(dirname "$ALIGNED")")
