@@ -24,20 +24,8 @@ from safety_units.attribution_validity import (DEFAULT_SHARES, GOAL_EXCESS_ASR, 
                                                plot_curves, scorer_summary)
 from safety_units.errors import ConfigError, friendly_errors
 from safety_units.stability import pairs_table, plot_heatmaps
-from safety_units.validity_artifacts import (planted_markdown, plot_sparsity, retrain_check, second_judge_markdown,
-                                             sparsity_markdown, sparsity_rows, training_scale)
-
-
-def _pairs(items: list[str], flag: str) -> dict[str, Path]:
-    out = {}
-    for item in items:
-        name, sep, path = item.partition("=")
-        if not sep or not name or not path:
-            raise ConfigError(f"{flag} takes name=path, got {item!r}.")
-        if not Path(path).exists():
-            raise ConfigError(f"{flag} {item}: {path} does not exist.")
-        out[name] = Path(path)
-    return out
+from safety_units.validity_artifacts import (pairs, planted_markdown, plot_sparsity, retrain_check,
+                                             second_judge_markdown, sparsity_markdown, sparsity_rows, training_scale)
 
 
 NOTES = {  # how a sweep came to be, where that matters for reading it
@@ -68,9 +56,9 @@ def main(argv: list[str] | None = None) -> Path:
     figs = out.with_suffix("")
     figs.mkdir(parents=True, exist_ok=True)
     controls = Path(args.controls_dir)
-    sweep_dirs = _pairs(args.sweep, "--sweep")
+    sweep_dirs = pairs(args.sweep, "--sweep")
     sweeps = {name: load_sweep(path, controls) for name, path in sweep_dirs.items()}
-    head_dirs = _pairs(args.head_sweep, "--head-sweep")
+    head_dirs = pairs(args.head_sweep, "--head-sweep")
     if head_dirs and not args.head_controls_dir:
         raise ConfigError("--head-sweep needs --head-controls-dir (the random sets of head maps are their own).")
     head_sweeps = {name: load_sweep(path, Path(args.head_controls_dir)) for name, path in head_dirs.items()}

@@ -14,21 +14,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from safety_units.errors import ConfigError, friendly_errors
-from safety_units.validity_artifacts import extract
-
-
-def pairs(items: list[str], flag: str) -> dict[str, Path]:
-    """name=path items, each path checked."""
-    out = {}
-    for item in items:
-        name, sep, path = item.partition("=")
-        if not sep or not name or not path:
-            raise ConfigError(f"{flag} takes name=path, got {item!r}.")
-        if not Path(path).exists():
-            raise ConfigError(f"{flag} {item}: {path} does not exist.")
-        out[name] = Path(path)
-    return out
+from safety_units.errors import friendly_errors
+from safety_units.validity_artifacts import extract, pairs
 
 
 @friendly_errors

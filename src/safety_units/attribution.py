@@ -43,8 +43,9 @@ def attribute(loaded: LoadedModel, cfg: DictConfig, device: str | None = None,
     if method not in METHODS:
         raise ConfigError(f"scoring.method must be one of {METHODS}, got {method!r}.")
     check_tokens(tokens, k)
-    if method == "mask" and sc.get("utility", "activation") not in ("activation", "none"):
-        raise ConfigError(f"scoring.utility must be activation or none, got {sc.get('utility')!r}.")
+    mask_utility = sc.get("utility", "activation") if method == "mask" else None
+    if mask_utility not in (None, "activation", "none"):
+        raise ConfigError(f"scoring.utility must be activation or none, got {mask_utility!r}.")
     if method in ("refusal_direction", "atp") and cal.get("harmless") is None:
         raise ConfigError(f"scoring={method} needs calibration.harmless: a prompt set of harmless "
                           f"instructions (a data source, response: null).")
@@ -88,7 +89,7 @@ def attribute(loaded: LoadedModel, cfg: DictConfig, device: str | None = None,
         elif method == "atp" and which == "safety":
             scores[which] = atp_scores(model, groups, batches, harmless, k, sc.get("metric", "refusal_logprob"),
                                        desc=desc)
-        elif method == "mask" and sc.get("utility", "activation") == "none":  # rank by the removal logit alone
+        elif mask_utility == "none":  # rank by the removal logit alone
             scores[which] = {g.key: torch.zeros(g.n) for g in groups}
         elif method in ("refusal_direction", "delta", "atp", "mask"):  # utility: how much a unit writes on benign data
             scores[which] = score_units(model, groups, batches, "activation", tokens=tokens, decision_tokens=k,

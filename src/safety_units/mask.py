@@ -135,17 +135,16 @@ def mask_scores(model, groups: list[UnitGroup], harmful: list[dict], benign: lis
     logits = {g.key: torch.full((g.n,), float(s["init_logit"]), device=device, requires_grad=True) for g in groups}
 
     gates = {"on": True}
-    widths = {g.key: g.per_channel for g in groups}
 
-    def gate(key):
+    def gate(g):
         def hook(module, args):
             if not gates["on"]:
                 return None
-            keep = widths[key](1.0 - torch.sigmoid(logits[key] / temp))  # a head's gate covers its channels
+            keep = g.per_channel(1.0 - torch.sigmoid(logits[g.key] / temp))  # a head's gate covers its channels
             return (args[0] * keep.to(args[0].dtype),) + tuple(args[1:])
         return hook
 
-    handles = [g.out_module.register_forward_pre_hook(gate(g.key)) for g in groups]
+    handles = [g.out_module.register_forward_pre_hook(gate(g)) for g in groups]
     opt = torch.optim.Adam(list(logits.values()), lr=float(s["lr"]))
     order = random.Random(int(s["seed"]))
     terms, start = {}, _resume(state_path, s, logits, opt, order)

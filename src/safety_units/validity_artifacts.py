@@ -31,6 +31,19 @@ from safety_units.unit_map import Selection, UnitMap, load_selection, selection_
 HARMFUL, PPL = "harmful", "ppl"
 
 
+def pairs(items: list[str], flag: str) -> dict[str, Path]:
+    """name=path items of a command line (`flag` names the option in errors), each path checked."""
+    out = {}
+    for item in items:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise ConfigError(f"{flag} takes name=path, got {item!r}.")
+        if not Path(path).exists():
+            raise ConfigError(f"{flag} {item}: {path} does not exist.")
+        out[name] = Path(path)
+    return out
+
+
 def selection_json(sel: Selection) -> dict:
     """{"sizes": {key: units}, "units": {key: [indices]}} -- a selection as small JSON."""
     return {"sizes": {k: int(v.numel()) for k, v in sel.items()},
