@@ -315,6 +315,10 @@ def test_the_learned_mask_resumes_bit_identically(tmp_path):
     resumed = run(tmp_path / "parts", 6)
     assert all(torch.equal(whole.safety[k], resumed.safety[k]) for k in whole.keys)
     assert not all(torch.equal(whole.safety[k], run(tmp_path / "short", 3).safety[k]) for k in whole.keys)
+    # a run resumed at its last step (nothing left to do) still reports the loss terms it ended with
+    (tmp_path / "parts" / "unit_map.safetensors").unlink()
+    done = run(tmp_path / "parts", 6)
+    assert done.metadata["mask"]["final"] == resumed.metadata["mask"]["final"] != {}
 
 
 @pytest.mark.parametrize("planted_dirs", [(2.0, "Sorry", 0.3)], indirect=True)

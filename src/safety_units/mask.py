@@ -97,25 +97,25 @@ def _save_state(path: Path, step: int, settings: dict, logits: dict, opt, order:
     os.replace(tmp, path)
 
 
-def _resume(path: Path | None, settings: dict, logits: dict, opt, order: random.Random) -> int:
-    """The step to start from: a saved state of the same settings and units is loaded (gates, Adam, batch order);
-    otherwise 0."""
+def _resume(path: Path | None, settings: dict, logits: dict, opt, order: random.Random) -> tuple[int, dict]:
+    """(the step to start from, the loss terms saved with it): a saved state of the same settings and units is
+    loaded (gates, Adam, batch order); otherwise (0, {})."""
     if not path or not Path(path).is_file():
-        return 0
+        return 0, {}
     state = torch.load(path, weights_only=False)
     same = {k: v for k, v in state["settings"].items() if k != "steps"} == \
         {k: v for k, v in settings.items() if k != "steps"}  # more steps: the run continues
     if not same or set(state["logits"]) != set(logits) or \
             any(state["logits"][k].shape != v.shape for k, v in logits.items()):
         log.warning("scoring=mask: %s was saved with other settings or units; starting from step 0", path)
-        return 0
+        return 0, {}
     with torch.no_grad():
         for k, v in logits.items():
             v.copy_(state["logits"][k].to(v.device))
     opt.load_state_dict(state["opt"])
     order.setstate(state["order"])
     log.info("scoring=mask: resuming from step %d of %d (%s)", state["step"], settings["steps"], path)
-    return int(state["step"])
+    return int(state["step"]), dict(state.get("terms") or {})
 
 
 def mask_scores(model, groups: list[UnitGroup], harmful: list[dict], benign: list[dict], decision_tokens: int = 4,
@@ -147,7 +147,7 @@ def mask_scores(model, groups: list[UnitGroup], harmful: list[dict], benign: lis
     handles = [g.out_module.register_forward_pre_hook(gate(g)) for g in groups]
     opt = torch.optim.Adam(list(logits.values()), lr=float(s["lr"]))
     order = random.Random(int(s["seed"]))
-    terms, start = {}, _resume(state_path, s, logits, opt, order)
+    start, terms = _resume(state_path, s, logits, opt, order)  # terms: the last step's, also when none is left
     try:
         with eval_mode(model), frozen_weights(model), torch.enable_grad():
             for step in tqdm(range(start, int(s["steps"])), desc=desc, disable=not progress, leave=False,
