@@ -35,7 +35,7 @@ from safety_units.errors import ConfigError
 from safety_units.config import instantiate
 from safety_units.generation import generate_chat
 from safety_units.models import eval_mode, response_token_nll
-from safety_units.multiple_choice import run_mc
+from safety_units.multiple_choice import run_label, run_mc
 from safety_units.rejudge import load_completions
 from safety_units.stats import prompt_list_hash
 from safety_units.task_results import (
@@ -47,7 +47,7 @@ from safety_units.task_results import (
 
 log = RankedLogger(__name__)
 
-TASK_TYPES = ("refusal", "mc", "ppl", "rejudge")
+TASK_TYPES = ("refusal", "mc", "label", "ppl", "rejudge")
 MODEL_FREE_TASKS = ("rejudge",)  # tasks that judge saved completions: no model needed
 
 
@@ -237,6 +237,8 @@ def run_suite(model, tokenizer, eval_cfg: DictConfig, judge, train_prompts: set[
         elif kind == "mc":
             for r in run_mc(name, task, eval_cfg, model, tokenizer):
                 results[f"{name}/{r.metric}"] = r
+        elif kind == "label":
+            results[name] = run_label(name, task, eval_cfg, model, tokenizer)[0]
         else:
             results[name] = run_ppl(name, task, eval_cfg, model, tokenizer, train_prompts)
         log.info("%s", " ".join(f"{k}={v.value:.4f}" for k, v in results.items() if k.split("/")[0] == name))

@@ -68,13 +68,15 @@ def lr_lambda(step: int, warmup: int, total: int, schedule: str, min_lr_ratio: f
 class CausalLMModule(pl.LightningModule):
     """`model` trained with the optimizer settings of cfg.optim. `tokenizer` (for callbacks that generate or
     calibrate) and `unit_map` (the map `masker` was built from, None without one: callbacks=drift classifies with
-    its settings) are what the run's callbacks read from the module."""
+    its settings) are what the run's callbacks read from the module. `objective` (defense=vaccine / booster / lisa)
+    replaces the plain loss of a training step."""
 
     def __init__(self, model: torch.nn.Module, lr: float = 2e-5, weight_decay: float = 0.0,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, warmup_steps: int = 0,
                  warmup_ratio: float = 0.0, schedule: str = "cosine", min_lr_ratio: float = 0.1,
-                 masker=None, tokenizer=None, unit_map=None):
+                 masker=None, tokenizer=None, unit_map=None, objective=None):
         super().__init__()
+        self.objective = objective  # a defense's training objective (safety_units.defenses); None: the LM loss
         self.tokenizer, self.unit_map = tokenizer, unit_map
         if lr <= 0:
             raise ConfigError(f"optim.lr must be positive, got {lr}.")
@@ -123,7 +125,7 @@ class CausalLMModule(pl.LightningModule):
             self._resume_rng = None
 
     def training_step(self, batch, batch_idx):
-        loss = self.model(**batch).loss
+        loss = self.model(**batch).loss if self.objective is None else self.objective.loss(self, batch)
         if not torch.isfinite(loss):
             ckpt = getattr(self.trainer.checkpoint_callback, "last_model_path", "") or \
                 getattr(self.trainer.checkpoint_callback, "best_model_path", "") or "none saved yet"
@@ -135,6 +137,8 @@ class CausalLMModule(pl.LightningModule):
         n_tokens = (batch["labels"] != -100).sum()
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False, batch_size=batch["input_ids"].shape[0])
         self.log("train/response_tokens", n_tokens.float(), on_step=True, on_epoch=False, reduce_fx="sum")
+        for key, value in getattr(self.objective, "last_terms", {}).items():
+            self.log(key, value, on_step=True, on_epoch=False)
         if self.trainer.optimizers:
             self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, on_epoch=False)
         return loss

@@ -175,3 +175,33 @@ def run_mc(name: str, task: DictConfig, settings: DictConfig, model, tokenizer) 
         del metrics["acc_norm"]
     return [TaskResult(name, m, sum(c) / n, n, *wilson(sum(c), n),
                        {"chance": chance, "prompt_hash": prompt_hash, "outcomes": c}) for m, c in metrics.items()]
+
+
+def run_label(name: str, task: DictConfig, settings: DictConfig, model, tokenizer) -> list[TaskResult]:
+    """`type: label`: a classification set's accuracy by constrained scoring (the fine-tune accuracy, FA, of the
+    harmful fine-tuning protocol): each row is chat-formatted as it was trained (`task.source`, whose `labels` map
+    the label field to words), and the label word with the highest log-likelihood after the assistant header is
+    the prediction. `majority` (the most frequent gold label's share) is the floor a fine-tune must beat."""
+    from omegaconf import OmegaConf
+
+    from safety_units.chat import prompt_text
+    from safety_units.sources import Source
+
+    source = OmegaConf.to_container(task.source, resolve=True)
+    if not source.get("labels"):
+        raise ConfigError(f"eval.tasks.{name}.source.labels is missing: a label task maps the label field to words.")
+    words = list(dict.fromkeys(str(w) for w in source["labels"].values()))
+    examples = Source.from_config(source, name).load(int(settings.get("seed", 0)))
+    examples = select_by_hash(examples, task_limit(task, settings), f"{settings.get('seed', 0)} {name}",
+                              lambda ex: ex.prompt)
+    contexts = [prompt_text(tokenizer, ex.messages) for ex in examples]
+    scores = loglikelihoods(model, tokenizer, [(c, w) for c in contexts for w in words],
+                            batch_size=int(settings.batch_size), desc=name)
+    gold = [words.index(ex.response) for ex in examples]
+    pred = [max(range(len(words)), key=lambda k: scores[i * len(words) + k]) for i in range(len(examples))]
+    correct = [int(p == g) for p, g in zip(pred, gold)]
+    n = len(examples)
+    majority = round(max(gold.count(k) for k in range(len(words))) / n, 4)
+    extra = {"majority": majority, "labels": words, "prompt_hash": prompt_list_hash([ex.prompt for ex in examples]),
+             "outcomes": correct, "predicted_share": {w: pred.count(k) / n for k, w in enumerate(words)}}
+    return [TaskResult(name, "acc", sum(correct) / n, n, *wilson(sum(correct), n), extra)]

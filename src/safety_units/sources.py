@@ -24,11 +24,12 @@ log = RankedLogger(__name__)
 # Every key a source may carry; anything else is a typo and an error.
 SOURCE_KEYS = {
     "path": "file to read (.csv, .json, .jsonl, .txt)",
-    "format": "auto | csv | json | jsonl | txt (auto: from the suffix)",
+    "format": "auto | csv | tsv | json | jsonl | txt (auto: from the suffix; tsv: GLUE style, header line, each row split on its last tab)",
     "records": "for a JSON object: the key holding the list of rows (e.g. 'instructions')",
     "prompt": "field with the user prompt",
     "input": "optional field appended to the prompt after a blank line (Alpaca 'input')",
     "response": "field with the assistant response; null for prompt-only sets",
+    "labels": "map the response field's values to text, e.g. {'0': negative, '1': positive} (classification sets)",
     "messages": "field with a list of {role, content} turns ('.' when the row itself is that list)",
     "system": "system prompt to put before the user turn (null: the template's default)",
     "template": "format string for the user turn, e.g. 'AOA, execute my instruction: {prompt}'",
@@ -95,9 +96,9 @@ def _detect_format(path: Path, fmt: str) -> str:
     if fmt != "auto":
         return fmt
     suffix = path.suffix.lower()
-    if suffix in (".csv", ".json", ".jsonl", ".txt"):
+    if suffix in (".csv", ".tsv", ".json", ".jsonl", ".txt"):
         return suffix[1:]
-    raise DataError(f"{path}: cannot tell the format from the suffix '{suffix}'; set format: csv|json|jsonl|txt.")
+    raise DataError(f"{path}: cannot tell the format from the suffix '{suffix}'; set format: csv|tsv|json|jsonl|txt.")
 
 
 def read_rows(path: str | Path, fmt: str = "auto", records: str | None = None) -> list[Any]:
@@ -111,6 +112,18 @@ def read_rows(path: str | Path, fmt: str = "auto", records: str | None = None) -
         return list(csv.DictReader(text.splitlines(keepends=True)))
     if fmt == "txt":
         return [{"text": line.strip()} for line in text.splitlines() if line.strip()]
+    if fmt == "tsv":  # GLUE: no quoting, and sentences may hold tabs, so the label is after the last tab
+        lines = [line for line in text.splitlines() if line.strip()]
+        if not lines:
+            raise DataError(f"{p}: empty TSV file (a header line is expected).")
+        header = lines[0].split("\t")
+        rows = []
+        for i, line in enumerate(lines[1:], 1):
+            parts = line.rsplit("\t", len(header) - 1)
+            if len(parts) != len(header):
+                raise DataError(f"{p}: row {i} has {len(parts)} tab-separated fields, the header has {len(header)}.")
+            rows.append(dict(zip(header, parts)))
+        return rows
     if fmt == "jsonl":
         rows = []
         for i, line in enumerate(text.splitlines(), 1):
@@ -131,7 +144,7 @@ def read_rows(path: str | Path, fmt: str = "auto", records: str | None = None) -
         if not isinstance(data, list):
             raise DataError(f"{p}: expected a JSON list of rows, got {type(data).__name__}.")
         return data
-    raise DataError(f"{p}: unknown format '{fmt}'; use csv, json, jsonl or txt.")
+    raise DataError(f"{p}: unknown format {fmt!r}; use csv, tsv, json, jsonl or txt.")
 
 
 def _rows_from_object(p: Path, data: dict, records: str | None) -> list[Any]:
@@ -172,6 +185,7 @@ class Source:
     self_distill: bool = False
     on_bad_row: str = "error"
     exclude: dict | None = None
+    labels: dict | None = None
 
     @classmethod
     def from_config(cls, cfg, name: str = "") -> "Source":
@@ -268,6 +282,12 @@ class Source:
             raise DataError(f"field '{key}' must be a string, got {type(value).__name__}")
         return value
 
+    def _label(self, row: Any) -> str:
+        value = row.get(self.response) if isinstance(row, dict) else None
+        if value is None or str(value).strip() not in {str(k) for k in self.labels}:
+            raise DataError(f"field '{self.response}' is {value!r}, not one of the labels {sorted(map(str, self.labels))}")
+        return str({str(k): v for k, v in self.labels.items()}[str(value).strip()])
+
     def _example(self, row: Any, i: int, need_response: bool) -> Example:
         if self.messages is not None:
             turns = row if self.messages == "." else (row.get(self.messages) if isinstance(row, dict) else None)
@@ -297,7 +317,8 @@ class Source:
         user = self.template.format(prompt=prompt.strip()) if self.template else prompt.strip()
         msgs.append({"role": "user", "content": user})
         if self.response is not None:
-            response = self._field(row, self.response, required=need_response)
+            response = self._field(row, self.response, required=need_response) if self.labels is None \
+                else self._label(row)
             if response is not None and response.strip():
                 msgs.append({"role": "assistant", "content": response.strip()})
             elif need_response:

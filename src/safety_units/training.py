@@ -17,6 +17,7 @@ from safety_units.config import (
     setup_run,
 )
 from safety_units.data import build_datamodule
+from safety_units.defenses import build_objective, safeinstr_source
 from safety_units.errors import ConfigError
 from safety_units.freezing import build_masker
 from safety_units.models import LoadedModel, load_model
@@ -66,6 +67,19 @@ def fit(cfg: DictConfig, loaded: LoadedModel | None = None) -> tuple[dict, objec
     model, tokenizer = loaded.model, loaded.tokenizer
     log.info("model %s: %.1fM parameters", loaded.name, sum(p.numel() for p in model.parameters()) / 1e6)
 
+    defense = cfg.get("defense")
+    if defense is not None and defense.name == "safeinstr":  # a data defense: its safety share joins the sources
+        from omegaconf import open_dict
+
+        key, src = safeinstr_source(defense, cfg.data)
+        with open_dict(cfg.data.sources):
+            cfg.data.sources[key] = src
+    want = defense.get("freeze_strategy") if defense is not None else None
+    if want and cfg.freeze.strategy != want:
+        raise ConfigError(f"defense={defense.name} freezes with freeze={want}, but freeze.strategy is "
+                          f"{cfg.freeze.strategy!r} (a freeze= override after defense=?); drop one of them.")
+    if defense is not None and defense.name == "lisa" and cfg.get("ckpt_path"):
+        raise ConfigError("defense=lisa cannot resume from ckpt_path: its state and anchors are not checkpointed.")
     datamodule = build_datamodule(cfg.data, tokenizer, cache_dir=cfg.paths.cache_dir)
     datamodule.prepare(model)
 
@@ -76,7 +90,8 @@ def fit(cfg: DictConfig, loaded: LoadedModel | None = None) -> tuple[dict, objec
     train_masker = masker
     if adapter is not None:
         model, train_masker = adapter.wrap(model, masker)
-    module = CausalLMModule(model, masker=train_masker, tokenizer=tokenizer, unit_map=unit_map,
+    objective = build_objective(defense, tokenizer, cfg.data, int(cfg.seed)) if defense is not None else None
+    module = CausalLMModule(model, masker=train_masker, tokenizer=tokenizer, unit_map=unit_map, objective=objective,
                             **OmegaConf.to_container(cfg.optim, resolve=True))
 
     unit_map_path = str(unit_map.path) if unit_map is not None else None
@@ -85,7 +100,12 @@ def fit(cfg: DictConfig, loaded: LoadedModel | None = None) -> tuple[dict, objec
     params = run_params(cfg, unit_map, masker.describe() if masker is not None else None,
                         adapter.describe() if adapter is not None else None)
     images = {"plots/units_per_layer": str(Path(unit_map_path).parent / "units_per_layer.png")} if unit_map_path else {}
-    extra = [InterruptCheckpoint(str(run_dir / "checkpoints")), finalize,
+    posthoc = None
+    if defense is not None and defense.stage == "post":  # SafeLoRA / Antidote: applied before the export
+        from safety_units.posthoc import PostHocDefense
+
+        posthoc = PostHocDefense(defense, tokenizer)
+    extra = [InterruptCheckpoint(str(run_dir / "checkpoints")), *([posthoc] if posthoc else []), finalize,
              RunSummary(str(run_dir), params, images, finalize, started_at)]
     trainer = build_trainer(cfg, extra, run_dir)
     try:  # a failed job of a multirun must not leave its wandb run open for the next job
@@ -98,6 +118,9 @@ def fit(cfg: DictConfig, loaded: LoadedModel | None = None) -> tuple[dict, objec
             summary["freeze"] = masker.describe()
         if adapter is not None:
             summary["adapter"] = adapter.describe()
+        if defense is not None and defense.name != "none":
+            summary["defense"] = {"name": defense.name, "stage": defense.stage,
+                                  **({"report": posthoc.report} if posthoc is not None else {})}
         for cb in trainer.callbacks:
             if isinstance(cb, EvalCallback):
                 summary["eval"] = cb.results

@@ -140,9 +140,12 @@ def threats(scale: Scale) -> list[Threat]:
     return out
 
 
-def model_overrides(key: str, scale: Scale, study_dir: str) -> list[str]:
-    """The model config of SHIPPED (the scale's base model) or ALIGNED (stage `align`'s export) as overrides."""
-    return list(scale.base_model) if key == SHIPPED else ["model=hf", f"model.path={study_dir}/align/model"]
+def model_overrides(key: str, scale, study_dir: str) -> list[str]:
+    """The model config of SHIPPED (the scale's base model), ALIGNED (stage `align`'s export) or any other stage
+    name (that stage's export, e.g. the defense benchmark's alignments) as overrides."""
+    if key == SHIPPED:
+        return list(scale.base_model)
+    return ["model=hf", f"model.path={study_dir}/{'align' if key == ALIGNED else key}/model"]
 
 
 @dataclass
@@ -154,6 +157,7 @@ class Stage:
     evaluate: list[str] = field(default_factory=list)   # evaluate.py overrides (align, train_eval, eval)
     attribute: list[str] = field(default_factory=list)  # attribute.py overrides (attribute)
     labels: dict = field(default_factory=dict)          # what the report groups by (claim, threat, freeze, ...)
+    needs: list[str] = field(default_factory=list)      # files (relative to the study) another worker may still write
 
     @property
     def done_file(self) -> str:

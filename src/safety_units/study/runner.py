@@ -35,7 +35,7 @@ from safety_units.evaluate_run import run_evaluate
 from safety_units.evaluation import prompt_set_texts
 from safety_units.models import LoadedModel, load_model, resolve_device
 from safety_units.ranks import RankedLogger
-from safety_units.study.plan import ALIGNED, Scale, Stage, model_overrides, plan
+from safety_units.study.plan import ALIGNED, SHIPPED, Scale, Stage, model_overrides, plan
 from safety_units.training import fit
 
 log = RankedLogger(__name__)
@@ -109,8 +109,9 @@ class StudyRunner:
     """Runs a plan; keeps the shipped and the aligned model in memory (the masters are never trained)."""
 
     def __init__(self, scale: Scale, study: Path, extra: list[str] | None = None, resume: bool = False,
-                 force: bool = False, budget_minutes: float | None = None, tag: str = ""):
+                 force: bool = False, budget_minutes: float | None = None, tag: str = "", plan_fn=plan):
         self.tag = tag  # the worker's prefix on progress lines
+        self.plan_fn = plan_fn  # (scale, study dir) -> stages: the study's plan, or the defense benchmark's
         self.scale, self.study, self.extra = scale, Path(study), list(extra or [])
         self.resume, self.force, self.budget = resume, force, budget_minutes
         self.models: dict[str, LoadedModel] = {}
@@ -121,9 +122,10 @@ class StudyRunner:
     def master(self, key: str) -> LoadedModel:
         if key not in self.models:
             over = model_overrides(key, self.scale, str(self.study))
-            if key == ALIGNED and not (self.study / "align" / "model" / "config.json").is_file():
-                raise ConfigError(f"the aligned model {self.study / 'align' / 'model'} does not exist: stage "
-                                  f"'align' has not finished.")
+            stage = "align" if key == ALIGNED else key
+            if key != SHIPPED and not (self.study / stage / "model" / "config.json").is_file():
+                raise ConfigError(f"the model {self.study / stage / 'model'} does not exist: stage "
+                                  f"{stage!r} has not finished.")
             cfg = compose_config("evaluate", [*over, *self.extra])
             loaded = load_model(cfg.model)
             loaded.model.to(resolve_device(cfg.get("device"))).eval()
@@ -159,6 +161,7 @@ class StudyRunner:
         if self.finished(stage, digest):
             print(f"{self.tag}[skip] {stage.name}: finished, config unchanged", flush=True)
             return "skipped"
+        self.wait_for(stage)
         print(f"{self.tag}[run ] {stage.name}", flush=True)
         t0 = time.time()
         (self.study / stage.name).mkdir(parents=True, exist_ok=True)
@@ -178,6 +181,18 @@ class StudyRunner:
         print(f"{self.tag}       {stage.name} done in {seconds:.1f} s", flush=True)
         return "ran"
 
+    def wait_for(self, stage: Stage, poll_s: float = 10.0) -> None:
+        """Wait until the files a stage needs exist (written by a stage another worker is running): the queue is in
+        plan order, so a producer always started earlier. Gives up (the stage then fails with a clear error) when
+        the time budget is spent or after an hour."""
+        missing = [f for f in stage.needs if not (self.study / f).exists()]
+        t0 = time.time()
+        while missing and not self.out_of_budget() and time.time() - t0 < 3600:
+            time.sleep(poll_s)
+            missing = [f for f in missing if not (self.study / f).exists()]
+        if missing:
+            log.warning("%s: still missing %s", stage.name, missing)
+
     def execute(self, stage: Stage, cfgs: dict[str, DictConfig]) -> dict | None:
         if stage.kind == "attribute":
             run_attribution(cfgs["attribute"])
@@ -186,14 +201,17 @@ class StudyRunner:
             run_evaluate(cfgs["evaluate"], self.copy_of(stage.model))
             return None
         start = self.copy_of(stage.model)
+        t0 = time.time()
         summary, model = fit(cfgs["train"], start)
+        train_seconds = time.time() - t0
         trained = LoadedModel(model, start.tokenizer, f"{start.name} + {stage.name}")
         # the fine-tune's own prompts are counted in the eval (extra.train_overlap), never removed (the sources'
         # prompts are memoised per process: sources.normalized_prompts)
         seen = prompt_set_texts(cfgs["train"].data.sources, where=f"stage {stage.name}: data.sources")
         run_evaluate(cfgs["evaluate"], trained, train_prompts=seen)
-        keep = ("global_step", "train_examples", "data_stats", "freeze", "frozen_max_abs_delta", "trainable_changed")
-        return {k: summary.get(k) for k in keep} | {"lr": float(cfgs["train"].optim.lr),
+        keep = ("global_step", "train_examples", "data_stats", "freeze", "frozen_max_abs_delta", "trainable_changed",
+                "defense")
+        return {k: summary.get(k) for k in keep} | {"train_seconds": train_seconds, "lr": float(cfgs["train"].optim.lr),
                                                    "epochs": int(cfgs["train"].trainer.max_epochs)}
 
     # ------------------------------------------------------------------ the plan
@@ -256,7 +274,8 @@ class StudyRunner:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         threads = max(1, cores // workers)
         print(f"[pool] {len(names)} stages on {workers} worker processes, {threads} CPU thread(s) each", flush=True)
-        args = (self.scale, self.study, self.extra, self.resume, self.force, self.budget, self.t0, threads)
+        args = (self.scale, self.study, self.extra, self.resume, self.force, self.budget, self.t0, threads,
+                self.plan_fn)
         procs = {k: ctx.Process(target=_worker, args=(k, *args, todo, messages), daemon=True)
                  for k in range(workers)}
         for p in procs.values():
@@ -322,13 +341,13 @@ def select(stages: list[Stage], only: str | None) -> list[Stage]:
 
 
 def _worker(k: int, scale: Scale, study: Path, extra: list[str], resume: bool, force: bool,
-            budget: float | None, t0: float, threads: int, todo, messages) -> None:
+            budget: float | None, t0: float, threads: int, plan_fn, todo, messages) -> None:
     """One worker process of run_parallel: run stage names from `todo` until its None; report on `messages`."""
     import torch
 
     torch.set_num_threads(threads)
-    by_name = {s.name: s for s in plan(scale, str(study))}
-    runner = StudyRunner(scale, study, extra, resume, force, budget, tag=f"[w{k}] ")
+    by_name = {s.name: s for s in plan_fn(scale, str(study))}
+    runner = StudyRunner(scale, study, extra, resume, force, budget, tag=f"[w{k}] ", plan_fn=plan_fn)
     runner.t0 = t0  # the budget counts from the start of the whole run
     while (name := todo.get()) is not None:
         if runner.out_of_budget():
@@ -345,11 +364,11 @@ def _worker(k: int, scale: Scale, study: Path, extra: list[str], resume: bool, f
 
 def run_study(scale: Scale, study: Path, extra: list[str] | None = None, only: str | None = None,
               resume: bool = False, force: bool = False, budget_minutes: float | None = None,
-              workers: int = 1) -> dict:
+              workers: int = 1, plan_fn=plan) -> dict:
     """Run (part of) the plan of `scale` into `study`, in `workers` processes after the setup stages; returns the
-    record also written to study.json."""
+    record also written to study.json. `plan_fn` (scale, study dir) -> stages: the study's plan by default."""
     if workers < 1:
         raise ConfigError(f"--workers must be >= 1, got {workers}.")
-    stages = select(plan(scale, str(study)), only)
-    runner = StudyRunner(scale, study, extra, resume, force, budget_minutes)
+    stages = select(plan_fn(scale, str(study)), only)
+    runner = StudyRunner(scale, study, extra, resume, force, budget_minutes, plan_fn=plan_fn)
     return runner.run(stages) if workers == 1 else runner.run_parallel(stages, workers)
