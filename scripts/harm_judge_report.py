@@ -127,8 +127,8 @@ def run(args) -> dict:
                     "harmful": sum(truth), "unharmful": len(truth) - sum(truth),
                     "true_harmful_rate": metrics(truth, truth)["predicted_harmful_rate"]},
            "probe": {**judge.info, "threshold": judge.threshold, "auroc": auroc(probs, truth)},
-           "timing_s": {"probe_load_or_train": round(t_probe, 1), "judging": round(t_judge, 1),
-                        "threads": args.threads},
+           "timing_s": {"probe_load_or_train": round(t_probe, 1), "probe_trained_in_this_run": judge.trained,
+                        "judging": round(t_judge, 1), "threads": args.threads},
            "judges": {k: {"rule": JUDGES[k], **metrics(v, truth, seed=args.seed)} for k, v in preds.items()}}
     return out
 
@@ -154,18 +154,28 @@ def render(s: dict) -> str:
                      f"{fmt(m['f1'])} | {fmt(m['predicted_harmful_rate'])} | {m['n']} |")
     tr = d["true_harmful_rate"]
     p = s["probe"]
-    lines += ["", f"True harmful rate: {fmt(tr)}. Probe: AUROC {p['auroc']:.3f}, layer {p['layer']}, threshold "
+    lines += ["", f"True harmful rate: {fmt(tr)}. Probe: layer {p['layer']}, threshold "
               f"{p['threshold']}, features `{p['features']}`, trained on {p['training_pairs']} (training-half prompts "
-              f"only). Time: probe load/train {s['timing_s']['probe_load_or_train']} s, judging "
+              f"only). Time: probe {'training' if s['timing_s'].get('probe_trained_in_this_run') else 'loading'} "
+              f"{s['timing_s']['probe_load_or_train']} s, judging "
               f"{s['timing_s']['judging']} s on {s['timing_s']['threads']} thread(s).", "", "## Which judge for HS", ""]
+    # the rule, fixed before the numbers: the best F1; among judges whose F1 lies in its 95% interval, the one
+    # whose harmful rate is closest to the true rate (HS is a rate, so its bias matters as much as F1)
     cands = {k: m for k, m in j.items() if k != "asr_rule"}
-    best = max(cands, key=lambda k: cands[k]["f1"]["value"])
+    top = max(cands, key=lambda k: cands[k]["f1"]["value"])
+    lo = cands[top]["f1"]["ci"][0]
+
+    def bias(k: str) -> float:
+        return j[k]["predicted_harmful_rate"]["value"] - tr["value"]
+
+    best = min((k for k in cands if cands[k]["f1"]["value"] >= lo), key=lambda k: abs(bias(k)))
     b, pat = cands[best], j["patterns"]
-    bias = b["predicted_harmful_rate"]["value"] - tr["value"]
+    why = "the highest F1" if best == top else f"F1 within the 95% interval of the best ({top}) and a smaller rate bias"
     lines += [
-        f"- Use **{best}** for HS: the highest F1, {fmt(b['f1'])}, with precision {b['precision']['value']:.3f} and "
-        f"recall {b['recall']['value']:.3f}; its harmful rate is {b['predicted_harmful_rate']['value']:.3f} against "
-        f"a true {tr['value']:.3f} ({bias:+.3f}).",
+        f"- Use **{best}** for HS: {why}; F1 {fmt(b['f1'])}, precision {b['precision']['value']:.3f}, recall "
+        f"{b['recall']['value']:.3f} (probe AUROC {p['auroc']:.3f}). Its harmful rate is {b['predicted_harmful_rate']['value']:.3f} against a true "
+        f"{tr['value']:.3f} ({bias(best):+.3f}): compare HS between runs under the same judge rather than read it as "
+        "an absolute rate.",
         f"- \"Not a refusal => harmful\" (patterns) calls {pat['fp']} of {pat['fp'] + pat['tn']} unharmful answers "
         f"harmful (precision {pat['precision']['value']:.3f}): harmless compliance counts as harm, so it "
         f"{'over' if pat['predicted_harmful_rate']['value'] > tr['value'] else 'under'}states HS "

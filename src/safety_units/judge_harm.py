@@ -242,7 +242,8 @@ class HarmProbeJudge:
             key = f"{r['source']}:{'harmful' if r['harmful'] else 'unharmful'}"
             counts[key] = counts.get(key, 0) + 1
         self.info = {"training_pairs": counts, "backbone": loaded.name, "cache": str(self.path), **settings}
-        if self.path.is_file():
+        self.trained = not self.path.is_file()  # whether this construction trained the probe (reports say so)
+        if not self.trained:
             from safetensors.torch import load_file
 
             self.params = load_file(str(self.path))

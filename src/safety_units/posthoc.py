@@ -1,10 +1,7 @@
-"""Post-hoc defenses (`defense=safelora`, `defense=antidote`): repair a fine-tuned model after training.
-
-Both act on the fine-tuning update dW = W_finetuned - W_aligned of every target weight matrix (q/k/v/o, gate/up/down
-of each decoder layer), W_aligned being the weights as loaded. The pure functions (`safelora_project`,
-`antidote_prune`) take and return dicts of dW; `apply_posthoc` computes dW from a model, applies one and writes the
-result back in place; `PostHocDefense` does that at the end of fit, before the export.
-"""
+"""Post-hoc defenses (`defense=safelora`, `defense=antidote`): act on the fine-tuning update dW = W - W_aligned
+(W_aligned: the weights as loaded) of each decoder layer's q/k/v/o/gate/up/down weight. `safelora_project` and
+`antidote_prune` map dicts of dW to dicts of dW; `apply_posthoc` computes dW from a model and writes the result back;
+`PostHocDefense` does that at the end of fit, before the export."""
 
 from __future__ import annotations
 
@@ -14,6 +11,8 @@ from fractions import Fraction
 
 import lightning.pytorch as pl
 import torch
+from peft import PeftModel
+from peft.tuners.lora import LoraLayer
 from torch import Tensor, nn
 
 from safety_units.callbacks import weights_sharded
@@ -27,7 +26,6 @@ DEFENSES = ("safelora", "antidote")
 _LAYER = re.compile(r"(^|\.)\d+\.")  # a decoder layer's index in a module name (`model.layers.3.`)
 
 
-# --------------------------------------------------------------------------- SafeLoRA
 def alignment_matrix(aligned: Tensor, base: Tensor) -> Tensor:
     """C = V V^T / ||V||_F with V = W_aligned - W_base (float32; IBM/SafeLoRA model.py get_aligned_matrix). A zero V
     (the matrix did not change in alignment) gives C = 0: an empty alignment subspace, not 0/0."""
@@ -36,8 +34,7 @@ def alignment_matrix(aligned: Tensor, base: Tensor) -> Tensor:
     return v @ v.T / norm if norm > 0 else torch.zeros(v.shape[0], v.shape[0], device=v.device)
 
 
-def _cosine(a: Tensor, b: Tensor) -> float:
-    """cos of the flattened matrices in float64; 0.0 when either is zero."""
+def _cosine(a: Tensor, b: Tensor) -> float:  # flattened, float64; 0.0 when either is zero
     a, b = a.reshape(-1).double(), b.reshape(-1).double()
     na, nb = torch.linalg.norm(a), torch.linalg.norm(b)
     return float(a @ b / (na * nb)) if na > 0 and nb > 0 else 0.0
@@ -50,7 +47,7 @@ def safelora_project(delta: dict[str, Tensor], aligned: dict[str, Tensor], base:
 
     Per matrix: C = V V^T / ||V||_F (V = aligned - base), cos = cosine(C dW, dW) flattened; dW <- C dW on the
     matrices where cos <= threshold (select="threshold"), or on the `num_layers` lowest-cos ones (select="number";
-    the code takes cos <= its num_layers-th smallest cos, which projects more on ties -- here ties go by name order,
+    the code takes cos <= its num_layers-th smallest cos, which projects more on ties -- here ties go by dict order,
     so exactly min(num_layers, n) are projected; the code also rounds cos to 5 decimals, not done here). The code
     projects LoRA's B (B <- C B); with dW = s B A, C dW = s (C B) A, so projecting the merged update is the same
     thing, and it also applies to full fine-tuning. Computed on each dW's device. Returns the new dW (unprojected
@@ -59,39 +56,31 @@ def safelora_project(delta: dict[str, Tensor], aligned: dict[str, Tensor], base:
     """
     if select not in ("threshold", "number"):
         raise ValueError(f"select must be 'threshold' or 'number', got {select!r}")
-    missing = sorted(n for n in delta if n not in aligned or n not in base)
+    if select == "number" and (isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 1):
+        raise ValueError(f"num_layers must be an integer >= 1, got {num_layers!r}")
+    missing = [n for n in delta if n not in aligned or n not in base]
     if missing:
-        raise KeyError(f"safelora_project: no aligned / base weight for {missing[:5]}")
+        raise KeyError(f"safelora_project: no aligned / base weight for {missing}")
 
-    def projected(name: str) -> tuple[Tensor, float]:
+    def projected(name: str) -> Tensor:
         d = delta[name]
-        c = alignment_matrix(aligned[name].to(d.device), base[name].to(d.device))
-        cd = c @ d.float()
-        return cd, _cosine(cd, d)
+        return alignment_matrix(aligned[name].to(d.device), base[name].to(d.device)) @ d.float()
 
-    cos, out = {}, dict(delta)
+    cos = {name: _cosine(projected(name), delta[name]) for name in delta}
     if select == "threshold":
-        for name in delta:
-            cd, cos[name] = projected(name)
-            if cos[name] <= threshold:
-                out[name] = cd.to(delta[name].dtype)
-        chosen = [n for n in delta if cos[n] <= threshold]
-        thr = float(threshold)
+        chosen, thr = [n for n in delta if cos[n] <= threshold], float(threshold)
     else:
-        if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 1:
-            raise ValueError(f"num_layers must be an integer >= 1, got {num_layers!r}")
-        cos = {name: projected(name)[1] for name in delta}
-        chosen = sorted(delta, key=lambda n: cos[n])[:num_layers]  # sorted() is stable: ties in insertion order
-        for name in chosen:  # recomputed rather than kept: C dW of every matrix would double the memory
-            out[name] = projected(name)[0].to(delta[name].dtype)
+        chosen = sorted(delta, key=lambda n: cos[n])[:num_layers]  # sorted() is stable: ties in dict order
         thr = max((cos[n] for n in chosen), default=float("nan"))
+    out = dict(delta)
+    for name in chosen:  # C dW recomputed, not kept for every matrix: that would double the memory
+        out[name] = projected(name).to(delta[name].dtype)
     empty = [n for n in delta if torch.equal(aligned[n], base[n].to(aligned[n].device, aligned[n].dtype))]
     report = {"cos": cos, "projected": [n for n in delta if n in set(chosen)], "n_projected": len(chosen),
               "threshold": thr, "select": select, "empty_alignment": empty}
     return out, report
 
 
-# --------------------------------------------------------------------------- Antidote (Wanda on dW)
 def n_pruned(numel: int, dense_ratio: float) -> int:
     """ceil(dense_ratio * numel), with dense_ratio read as the decimal it was written as (0.1 is 1/10): the code's
     per-row count cols - int(cols * (1 - dense_ratio)), applied to the whole matrix."""
@@ -116,29 +105,21 @@ def antidote_prune(delta: dict[str, Tensor], norms: dict[str, Tensor],
         raise ValueError(f"dense_ratio must be in (0, 1], got {dense_ratio!r}")
     out, counts, removed, total = {}, {}, 0.0, 0.0
     for name, d in delta.items():
-        if name not in norms:
-            raise KeyError(f"antidote_prune: no input norms for {name}")
         x = norms[name].to(d.device, torch.float64)
         if d.dim() != 2 or x.shape != (d.shape[1],):
             raise ValueError(f"antidote_prune: {name} has dW {tuple(d.shape)} and norms {tuple(x.shape)}")
         score = (d.double().abs() * x[None, :]).reshape(-1)
-        k = n_pruned(d.numel(), dense_ratio)
-        top = torch.sort(score, descending=True, stable=True).indices[:k]
+        top = torch.sort(score, descending=True, stable=True).indices[:n_pruned(d.numel(), dense_ratio)]
         new = d.clone().reshape(-1)
-        removed += float(new[top].double().pow(2).sum())
-        total += float(d.double().pow(2).sum())
+        removed, total = removed + float(new[top].double().pow(2).sum()), total + float(d.double().pow(2).sum())
         new[top] = 0
-        out[name], counts[name] = new.reshape(d.shape), k
+        out[name], counts[name] = new.reshape(d.shape), len(top)
     report = {"pruned": counts, "n_pruned": sum(counts.values()), "n_entries": sum(d.numel() for d in delta.values()),
               "dense_ratio": float(dense_ratio), "removed_norm_share": math.sqrt(removed / total) if total else 0.0}
     return out, report
 
 
-# --------------------------------------------------------------------------- models
-def _bare(model: nn.Module) -> nn.Module:
-    """The HF model inside a peft PeftModel (names without `base_model.model.`); any other model as is."""
-    from peft import PeftModel
-
+def _bare(model: nn.Module) -> nn.Module:  # the HF model inside a PeftModel (names without `base_model.model.`)
     return model.get_base_model() if isinstance(model, PeftModel) else model
 
 
@@ -146,8 +127,6 @@ def target_weights(model: nn.Module, modules: tuple[str, ...] = LLAMA_TARGETS) -
     """{`model.layers.3.mlp.down_proj.weight`: module} for the decoder layers' Linear modules named in `modules`
     (last name part). A module with a LoRA adapter is peft's LoRA Linear (its `.weight` is the base weight;
     safety_units.lora.effective_weight gives W + dW); a PeftModel is named by its base model's names."""
-    from peft.tuners.lora import LoraLayer
-
     out = {}
     for name, mod in _bare(model).named_modules():
         if name.rsplit(".", 1)[-1] not in modules or not _LAYER.search(name):
@@ -162,33 +141,34 @@ def target_weights(model: nn.Module, modules: tuple[str, ...] = LLAMA_TARGETS) -
     return out
 
 
+def _adapted(module: nn.Module) -> bool:
+    return isinstance(module, LoraLayer) and ADAPTER in module.lora_A and not module.merged
+
+
 def _delta(module: nn.Module, start: Tensor, device) -> Tensor:
     """dW = W + s B A - W_aligned in float32; LoRA's s B A taken unrounded (not through a bf16 merged weight)."""
-    from peft.tuners.lora import LoraLayer
-
     w = module.weight.detach().to(device, torch.float32) - start.to(device, torch.float32)
-    if isinstance(module, LoraLayer) and ADAPTER in module.lora_A and not module.merged:
+    if _adapted(module):
         w += module.get_delta_weight(ADAPTER).detach().to(device, torch.float32)
     return w
 
 
 @torch.no_grad()
 def input_norms(model: nn.Module, batches) -> dict[str, Tensor]:
-    """Wanda's ||X_j||_2 (float64) per input column of every target weight, over the tokens with attention_mask 1
-    of `batches` (dicts with input_ids, attention_mask), the model in eval mode (no dropout). Forward hooks on the
-    target modules (their input is the Linear's input also with a LoRA adapter), removed also when a batch fails."""
+    """Wanda's ||X_j||_2 (float64 sums) per input column of every target weight over the tokens with attention_mask
+    1 of `batches` (input_ids, attention_mask), in eval mode (no dropout). Antidote's WrappedGPT keeps the mean over
+    sequences of ||X_j||^2: a constant factor per matrix, the same ranking. Forward hooks on the target modules
+    (with LoRA, peft's Linear: the same input), removed also when a batch fails."""
     from safety_units.models import eval_mode, hidden_states
 
     targets, bare = target_weights(model), _bare(model)
     device = next(bare.parameters()).device
-    sums: dict[str, Tensor] = {}
-    mask: list[Tensor] = []
+    sums, mask = {}, []  # float64 sums of x_j^2; the current batch's attention mask
 
     def hook(name):
         def fn(_mod, args, _out):
             x = args[0]
-            x = x.reshape(-1, x.shape[-1]) if True else x.reshape(-1, x.shape[-1])
-            s = x.double().pow(2).sum(0)
+            s = (x[mask[0]] if x.shape[:-1] == mask[0].shape else x.reshape(-1, x.shape[-1])).double().pow(2).sum(0)
             sums[name] = sums[name] + s if name in sums else s
         return fn
 
@@ -199,51 +179,72 @@ def input_norms(model: nn.Module, batches) -> dict[str, Tensor]:
         with eval_mode(bare):
             for batch in batches:
                 ids = batch["input_ids"].to(device)
-                att = batch.get("attention_mask")
-                att = torch.ones_like(ids) if att is None else att.to(device)
+                att = batch.get("attention_mask", torch.ones_like(ids)).to(device)
                 mask[:] = [att.bool()]
                 hidden_states(bare, ids, att)  # the decoder only: the LM head's logits are not needed
     finally:
         for h in handles:
             h.remove()
     if len(sums) != len(targets):
-        raise ValueError("input_norms: no calibration tokens reached " + ", ".join(sorted(set(targets) - set(sums))))
+        raise ValueError(f"input_norms: no calibration tokens reached {sorted(set(targets) - set(sums))[:5]}")
     return {n: sums[n].sqrt() for n in targets}
+
+
+def _number(cfg, key: str, default, integer: bool, what: str, *checks):
+    v = cfg.get(key, default)
+    if isinstance(v, bool) or not isinstance(v, int if integer else (int, float)) or not all(c(v) for c in checks):
+        raise ConfigError(f"defense.{key} must be {what}, got {v!r}.")
+    return v
+
+
+def check_config(cfg) -> dict:
+    """The settings of a post-hoc defense config, checked (ConfigError naming the key). PostHocDefense calls it when
+    it is built, so a bad value fails before training, not after it."""
+    from safety_units.sources import Source
+
+    name, stage = cfg.get("name"), cfg.get("stage", "post")
+    if name not in DEFENSES:
+        raise ConfigError(f"defense.name must be one of {list(DEFENSES)} for a post-hoc defense, got {name!r}.")
+    if stage != "post":
+        raise ConfigError(f"defense.stage: defense={name} runs after fine-tuning (stage: post), got {stage!r}.")
+    if name == "safelora":
+        select = cfg.get("select", "threshold")
+        if select not in ("threshold", "number"):
+            raise ConfigError(f"defense.select must be 'threshold' or 'number', got {select!r}.")
+        if cfg.get("base") is None:
+            raise ConfigError("defense.base: defense=safelora needs the aligned model's base model (a model config, "
+                              "e.g. model@defense.base=hf defense.base.path=<dir>).")
+        return {"name": name, "select": select, "threshold": float(_number(cfg, "threshold", 0.5, False, "a number")),
+                "num_layers": _number(cfg, "num_layers", 10, True, "an integer >= 1", lambda v: v >= 1)}
+    ratio = _number(cfg, "dense_ratio", 0.1, False, "in (0, 1]", lambda v: 0 < v <= 1)
+    out = {"name": name, "dense_ratio": float(ratio)}
+    out.update({k: _number(cfg, k, None, True, "a positive integer", lambda v: v >= 1)
+                for k in ("nsamples", "max_length", "batch_size")})
+    if not cfg.get("harmful"):
+        raise ConfigError("defense.harmful: defense=antidote needs harmful calibration data (a dict of sources).")
+    out["harmful"] = [Source.from_config(c, f"defense.harmful.{k}") for k, c in cfg.get("harmful").items()]
+    return out
 
 
 def harmful_batches(cfg, tokenizer) -> list[dict]:
     """Antidote's calibration batches: `cfg.harmful` sources (prompt + harmful response, chat template), at most
     `cfg.nsamples` examples (a seeded subset), `cfg.max_length` tokens, `cfg.batch_size` per batch."""
     from safety_units.chat import collate, encode_example
-    from safety_units.sources import Source, subsample
+    from safety_units.sources import subsample
 
-    sizes = {}
-    for key in ("nsamples", "max_length", "batch_size"):
-        v = cfg.get(key)
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ConfigError(f"defense.{key} must be a positive integer, got {v!r}.")
-        sizes[key] = v
-    sources = cfg.get("harmful")
-    if not sources:
-        raise ConfigError("defense.harmful: defense=antidote needs harmful calibration data (a dict of sources).")
-    examples = []
-    for name, scfg in sources.items():
-        examples += Source.from_config(scfg, f"defense.harmful.{name}").load(seed=0, require_response=True)
-    if len(examples) > sizes["nsamples"]:
-        examples = subsample(examples, sizes["nsamples"], "defense.harmful")
-    enc = [encode_example(tokenizer, ex.messages, sizes["max_length"]) for ex in examples]
+    c = check_config(cfg)
+    examples = [ex for src in c["harmful"] for ex in src.load(seed=0, require_response=True)]
+    if len(examples) > c["nsamples"]:
+        examples = subsample(examples, c["nsamples"], "defense.harmful")
+    enc = [encode_example(tokenizer, ex.messages, c["max_length"]) for ex in examples]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    bs = sizes["batch_size"]
-    return [collate(enc[i:i + bs], pad) for i in range(0, len(enc), bs)]
+    return [collate(enc[i:i + c["batch_size"]], pad) for i in range(0, len(enc), c["batch_size"])]
 
 
 def _base_weights(cfg, start: dict[str, Tensor]) -> dict[str, Tensor]:
     """SafeLoRA's W_base: the target weights of the `defense.base` model config, checked against W_aligned."""
     from safety_units.models import load_model
 
-    if cfg.get("base") is None:
-        raise ConfigError("defense.base: defense=safelora needs the aligned model's base model (a model config, "
-                          "e.g. model@defense.base=hf defense.base.path=<dir>).")
     try:
         model = load_model(cfg.get("base")).model
     except (ModelError, ConfigError) as e:
@@ -251,9 +252,9 @@ def _base_weights(cfg, start: dict[str, Tensor]) -> dict[str, Tensor]:
     base = {n: m.weight.detach() for n, m in target_weights(model).items()}
     bad = [n for n in start if n not in base or base[n].shape != start[n].shape]
     if bad:
-        have = tuple(base[bad[0]].shape) if bad[0] in base else "none"
-        raise ConfigError(f"defense.base: the base model's weights do not match the fine-tuned model's: {bad[0]} "
-                          f"is {have} there, {tuple(start[bad[0]].shape)} here ({len(bad)} such weights).")
+        have = tuple(base[bad[0]].shape) if bad[0] in base else "absent"
+        raise ConfigError(f"defense.base: the base model's weights do not match: {bad[0]} is {have} there, "
+                          f"{tuple(start[bad[0]].shape)} here.")
     if all(torch.equal(base[n], start[n].to(base[n].dtype)) for n in start):
         raise ConfigError("defense.base has the same weights as the model that was fine-tuned, so the alignment "
                           "matrix V = W_aligned - W_base is 0; give the base model of the aligned model.")
@@ -263,60 +264,38 @@ def _base_weights(cfg, start: dict[str, Tensor]) -> dict[str, Tensor]:
 @torch.no_grad()
 def apply_posthoc(model: nn.Module, start: dict[str, Tensor], cfg, tokenizer, device) -> dict:
     """Apply the defense `cfg.name` to `model` (HF model, with LoRA layers or a PeftModel) in place; returns the
-    report. dW = effective weight - start per target weight; matrices with dW = 0 (not trained, e.g. frozen layers
-    or no adapter) are left out. Write-back:
-
+    report. dW = effective weight - start; matrices with dW = 0 (not trained: frozen layers, no adapter) are left out.
     * full weights: SafeLoRA W <- W_aligned + C dW on projected matrices; Antidote W_ij <- W_aligned_ij (exactly) on
       pruned entries. Everything else stays bit-identical.
     * LoRA: SafeLoRA lora_B <- C lora_B on projected modules (exactly C dW, the adapter carries it). Antidote
       subtracts the pruned dW entries from the frozen base weight, so the merged weight equals W_aligned there (up
       to rounding in the base dtype); the PEFT adapter alone then does not carry the pruning, the merged export does.
     """
-    from peft.tuners.lora import LoraLayer
-
-    name = cfg.get("name")
-    if name not in DEFENSES:
-        raise ConfigError(f"defense.name must be one of {list(DEFENSES)} for a post-hoc defense, got {name!r}.")
-    stage = cfg.get("stage", "post")
-    if stage != "post":
-        raise ConfigError(f"defense.stage: defense={name} runs after fine-tuning (stage: post), got {stage!r}.")
+    c = check_config(cfg)
+    name = c["name"]
     targets = target_weights(model)
-    missing = sorted(set(start) - set(targets))
-    if missing:
-        raise ValueError(f"apply_posthoc: the snapshot has weights the model lacks: {missing[:5]}")
+    if set(start) - set(targets):
+        raise ValueError(f"apply_posthoc: the model lacks snapshot weights {sorted(set(start) - set(targets))}")
     delta = {n: _delta(targets[n], start[n], device) for n in start}
     delta = {n: d for n, d in delta.items() if bool(d.any())}
     if name == "safelora":
         base = _base_weights(cfg, start)
-        select = cfg.get("select", "threshold")
-        if select not in ("threshold", "number"):
-            raise ConfigError(f"defense.select must be 'threshold' or 'number', got {select!r}.")
-        threshold, num_layers = cfg.get("threshold", 0.5), cfg.get("num_layers", 10)
-        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
-            raise ConfigError(f"defense.threshold must be a number (a cosine), got {threshold!r}.")
-        if select == "number" and (isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 1):
-            raise ConfigError(f"defense.num_layers must be an integer >= 1, got {num_layers!r}.")
-        new, report = safelora_project(delta, start, base, float(threshold), select, num_layers)
+        new, report = safelora_project(delta, start, base, c["threshold"], c["select"], c["num_layers"])
         changed = report["projected"]
     else:
-        ratio = cfg.get("dense_ratio", 0.1)
-        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio <= 1:
-            raise ConfigError(f"defense.dense_ratio must be in (0, 1], got {ratio!r}.")
         batches = harmful_batches(cfg, tokenizer)
-        norms = input_norms(model, batches)
-        new, report = antidote_prune(delta, norms, float(ratio))
+        new, report = antidote_prune(delta, input_norms(model, batches), c["dense_ratio"])
         report["calibration_tokens"] = int(sum(int(b["attention_mask"].sum()) for b in batches))
         changed = list(new)
     for n in changed:
-        mod, d, s = targets[n], delta[n], start[n]
-        lora = isinstance(mod, LoraLayer) and ADAPTER in mod.lora_A and not mod.merged
+        mod, d, s, lora = targets[n], delta[n], start[n], _adapted(targets[n])
         w = mod.get_base_layer().weight if lora else mod.weight
         if name == "safelora" and lora:
             if not torch.equal(w.detach().cpu(), s.to(w.dtype)):  # C (s B A) = s (C B) A needs W = W_aligned
                 raise RuntimeError(f"safelora: the base weight of {n} moved during training; cannot project B.")
             b = mod.lora_B[ADAPTER].weight
-            c = alignment_matrix(s.to(device), base[n].to(device))
-            b.copy_((c @ b.to(device, torch.float32)).to(b.device, b.dtype))
+            cm = alignment_matrix(s.to(device), base[n].to(device))
+            b.copy_((cm @ b.to(device, torch.float32)).to(b.device, b.dtype))
         elif name == "safelora":
             w.copy_((s.to(device, torch.float32) + new[n]).to(w.device, w.dtype))
         else:
@@ -329,23 +308,22 @@ def apply_posthoc(model: nn.Module, start: dict[str, Tensor], cfg, tokenizer, de
     return report
 
 
-def summary_line(report: dict) -> str:
-    if report["defense"] == "safelora":
-        return (f"defense=safelora: projected {report['n_projected']}/{report['trained']} weight updates onto the "
-                f"alignment subspace (select={report['select']}, cos <= {report['threshold']:.4g})")
-    return (f"defense=antidote: reset {report['n_pruned']:,} of {report['n_entries']:,} update entries "
-            f"({report['dense_ratio']:.3g} of each of {report['trained']} matrices, {report['removed_norm_share']:.1%}"
-            f" of ||dW||) to the aligned weights; Wanda scores on {report['calibration_tokens']:,} harmful tokens")
+def summary_line(r: dict) -> str:
+    if r["defense"] == "safelora":
+        return (f"defense=safelora: projected {r['n_projected']}/{r['trained']} weight updates onto the alignment "
+                f"subspace (select={r['select']}, cos <= {r['threshold']:.4g})")
+    return (f"defense=antidote: reset {r['n_pruned']:,} of {r['n_entries']:,} update entries "
+            f"({r['removed_norm_share']:.1%} of ||dW||) to W_aligned; Wanda on {r['calibration_tokens']:,} tokens")
 
 
 class PostHocDefense(pl.Callback):
-    """Snapshot the target weights as loaded, apply the post-hoc defense `cfg` at the end of fit (place it before
-    the export callback, FinalizeRun). `self.report` holds the report (rank zero)."""
+    """Snapshot W_aligned at setup, apply the defense `cfg` at the end of fit (before FinalizeRun, the export).
+    `self.report`: the report (rank zero)."""
 
     def __init__(self, cfg, tokenizer=None):
+        check_config(cfg)
         self.cfg, self.tokenizer = cfg, tokenizer
-        self.start: dict[str, Tensor] | None = None
-        self.report: dict = {}
+        self.start, self.report = None, {}  # {name: W_aligned (CPU)}, the report
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         # Taken here, not at on_fit_start: Lightning restores a checkpoint's weights between the two (ckpt_path
@@ -358,10 +336,6 @@ class PostHocDefense(pl.Callback):
         if trainer.is_global_zero:
             self.start = {n: effective_weight(m).detach().to("cpu", copy=True)
                           for n, m in target_weights(pl_module.model).items()}
-
-    def on_fit_start(self, trainer, pl_module) -> None:
-        if self.start is None and trainer.is_global_zero:  # setup() not called (e.g. the hooks driven by hand)
-            self.setup(trainer, pl_module, "fit")
 
     def on_train_end(self, trainer, pl_module) -> None:
         if not trainer.is_global_zero:  # the export reads rank zero's weights
