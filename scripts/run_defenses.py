@@ -31,6 +31,14 @@ from safety_units.errors import friendly_errors  # noqa: E402
 RESULTS = ROOT / "results"
 
 
+def harm_judge(extra: list[str]):
+    """The harmfulness judge behind HS (conf/harm_judge/probe.yaml; trained once, cached)."""
+    from safety_units.config import compose_config, instantiate
+
+    cfg = compose_config("evaluate", ["+harm_judge=probe", *extra])
+    return instantiate(cfg.harm_judge, "harm_judge")
+
+
 @friendly_errors
 def main(argv: list[str] | None = None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -46,6 +54,8 @@ def main(argv: list[str] | None = None):
     ap.add_argument("--list", action="store_true", help="print the stages and exit")
     ap.add_argument("--report-only", action="store_true", help="only rebuild the report from the artifacts")
     ap.add_argument("--no-report", action="store_true", help="run the stages, write no report")
+    ap.add_argument("--no-collect", action="store_true",
+                    help="build the report from <results dir>/<name>/cells.json only (no re-judging)")
     ap.add_argument("--results-dir", type=Path, default=RESULTS)
     ap.add_argument("--report-name", default="defenses")
     args = ap.parse_args(argv)
@@ -68,9 +78,12 @@ def main(argv: list[str] | None = None):
         print(f"benchmark: {len(record['ran'])} ran, {len(record['skipped'])} skipped, {len(record['not_run'])} "
               f"not run, {len(record['failed'])} failed in {(time.time() - t0) / 60:.1f} min", flush=True)
     if not args.no_report:
-        from safety_units.defense_bench.report import write_report
+        from safety_units.defense_bench.report import collect, write_report
 
-        print(f"wrote {write_report(bench, args.results_dir, args.report_name)}", flush=True)
+        if (bench / "study.json").is_file() and not args.no_collect:  # else: rebuild from the shipped cells.json
+            print(f"collected {collect(bench, args.results_dir / args.report_name, harm_judge(args.extra))}",
+                  flush=True)
+        print(f"wrote {write_report(args.results_dir, args.report_name)}", flush=True)
     if record["failed"]:
         sys.exit(f"{len(record['failed'])} stage(s) failed: {', '.join(record['failed'])}; see their logs in {bench}")
 

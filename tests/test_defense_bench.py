@@ -4,7 +4,6 @@ results/defenses.md is rebuilt from its shipped cells.json."""
 import json
 import random
 import shutil
-from pathlib import Path
 
 import pytest
 from conftest import ROOT

@@ -30,6 +30,7 @@ Modules, one per concept (one name per line; tests/test_structure.py checks that
     attribution         what `python attribute.py` runs, and the cached attribution of freeze.auto_attribute
     judge               refusal judges: strings, patterns, ensemble, a local model
     judge_probe         the learned refusal probe, trained here and cached
+    judge_harm          the learned harmfulness probe (is a response harmful?) behind the defense benchmark's HS
     task_results        task results, prompt selection by stable hash, a refusal task's result from verdicts
     multiple_choice     zero-shot multiple-choice utility by log-likelihood
     rejudge             reading saved completions
@@ -47,6 +48,12 @@ Modules, one per concept (one name per line; tests/test_structure.py checks that
     dose_response.report    summary, tables and plot from the runs' artifacts
     attribution_validity    do the scorers find causal safety units: criteria and tables over sweeps
     validity_artifacts      the small JSON inputs of that report's planted, stability, sparsity, cost tables
+    defenses            defense= training objectives: Vaccine, Booster, Lisa; SafeInstr's data share
+    posthoc             defense= after fine-tuning: SafeLoRA's projection, Antidote's pruning of the update
+    defense_bench       the defense benchmark (subpackage, scripts/run_defenses.py):
+    defense_bench.plan      defenses x threat models x seeds at the cpu and gpu scales, on the study runner
+    defense_bench.criteria  the ranking rule, significance and cost thresholds, the goal (fixed before the runs)
+    defense_bench.report    cells.json from the runs (HS re-judged), and results/defenses.md from it
     study               the SSAH study v2 (subpackage, scripts/run_study.py):
     study.plan              the stages of a scale
     study.runner            runs them in memory, resumably, in worker processes

@@ -11,11 +11,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
+from safety_units.chat import prompt_text
 from safety_units.errors import ConfigError, DataError
 from safety_units.models import eval_mode, head_logits, hidden_states
+from safety_units.sources import Source
 from safety_units.stats import prompt_list_hash, wilson
 from safety_units.task_results import TaskResult, select_by_hash, task_limit
 
@@ -182,11 +184,6 @@ def run_label(name: str, task: DictConfig, settings: DictConfig, model, tokenize
     harmful fine-tuning protocol): each row is chat-formatted as it was trained (`task.source`, whose `labels` map
     the label field to words), and the label word with the highest log-likelihood after the assistant header is
     the prediction. `majority` (the most frequent gold label's share) is the floor a fine-tune must beat."""
-    from omegaconf import OmegaConf
-
-    from safety_units.chat import prompt_text
-    from safety_units.sources import Source
-
     source = OmegaConf.to_container(task.source, resolve=True)
     if not source.get("labels"):
         raise ConfigError(f"eval.tasks.{name}.source.labels is missing: a label task maps the label field to words.")

@@ -17,8 +17,11 @@ from torch import Tensor, nn
 
 from safety_units.callbacks import weights_sharded
 from safety_units.errors import ConfigError, ModelError
+from safety_units.chat import collate, encode_example
 from safety_units.lora import ADAPTER, LLAMA_TARGETS, effective_weight
+from safety_units.models import eval_mode, hidden_states, load_model
 from safety_units.ranks import RankedLogger
+from safety_units.sources import Source, subsample
 
 log = RankedLogger(__name__)
 
@@ -159,7 +162,6 @@ def input_norms(model: nn.Module, batches) -> dict[str, Tensor]:
     1 of `batches` (input_ids, attention_mask), in eval mode (no dropout). Antidote's WrappedGPT keeps the mean over
     sequences of ||X_j||^2: a constant factor per matrix, the same ranking. Forward hooks on the target modules
     (with LoRA, peft's Linear: the same input), removed also when a batch fails."""
-    from safety_units.models import eval_mode, hidden_states
 
     targets, bare = target_weights(model), _bare(model)
     device = next(bare.parameters()).device
@@ -200,7 +202,6 @@ def _number(cfg, key: str, default, integer: bool, what: str, *checks):
 def check_config(cfg) -> dict:
     """The settings of a post-hoc defense config, checked (ConfigError naming the key). PostHocDefense calls it when
     it is built, so a bad value fails before training, not after it."""
-    from safety_units.sources import Source
 
     name, stage = cfg.get("name"), cfg.get("stage", "post")
     if name not in DEFENSES:
@@ -229,8 +230,6 @@ def check_config(cfg) -> dict:
 def harmful_batches(cfg, tokenizer) -> list[dict]:
     """Antidote's calibration batches: `cfg.harmful` sources (prompt + harmful response, chat template), at most
     `cfg.nsamples` examples (a seeded subset), `cfg.max_length` tokens, `cfg.batch_size` per batch."""
-    from safety_units.chat import collate, encode_example
-    from safety_units.sources import subsample
 
     c = check_config(cfg)
     examples = [ex for src in c["harmful"] for ex in src.load(seed=0, require_response=True)]
@@ -243,7 +242,6 @@ def harmful_batches(cfg, tokenizer) -> list[dict]:
 
 def _base_weights(cfg, start: dict[str, Tensor]) -> dict[str, Tensor]:
     """SafeLoRA's W_base: the target weights of the `defense.base` model config, checked against W_aligned."""
-    from safety_units.models import load_model
 
     try:
         model = load_model(cfg.get("base")).model

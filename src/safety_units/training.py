@@ -22,6 +22,7 @@ from safety_units.errors import ConfigError
 from safety_units.freezing import build_masker
 from safety_units.models import LoadedModel, load_model
 from safety_units.module import CausalLMModule
+from safety_units.posthoc import PostHocDefense
 from safety_units.ranks import RankedLogger
 from safety_units.run_logging import Stopwatch, run_params
 
@@ -102,8 +103,6 @@ def fit(cfg: DictConfig, loaded: LoadedModel | None = None) -> tuple[dict, objec
     images = {"plots/units_per_layer": str(Path(unit_map_path).parent / "units_per_layer.png")} if unit_map_path else {}
     posthoc = None
     if defense is not None and defense.stage == "post":  # SafeLoRA / Antidote: applied before the export
-        from safety_units.posthoc import PostHocDefense
-
         posthoc = PostHocDefense(defense, tokenizer)
     extra = [InterruptCheckpoint(str(run_dir / "checkpoints")), *([posthoc] if posthoc else []), finalize,
              RunSummary(str(run_dir), params, images, finalize, started_at)]
