@@ -20,7 +20,9 @@ def test_plan_names_are_unique_and_every_defense_runs_at_p01_and_the_harmful_exa
         for d in DEFENSES:
             for seed in (0, 1, 2):
                 assert f"ft_{threat}_{d}_s{seed}" in names
-    first_ft = names.index("ft_mix10_none_s0")
+    first_ft = names.index("ft_mix00_none_s0")
+    assert names[first_ft:first_ft + 4] == ["ft_mix00_none_s0", "ft_mix00_none_s1", "ft_mix00_none_s2",
+                                            "ft_mix10_none_s0"]
     assert names[:first_ft] == ["align_sft", "attribute_aligned", "align_vaccine", "align_booster",
                                 "attribute_mask", "align_sn_tune"]
     by = {s.name: s for s in stages}

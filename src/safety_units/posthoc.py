@@ -16,8 +16,8 @@ from peft.tuners.lora import LoraLayer
 from torch import Tensor, nn
 
 from safety_units.callbacks import weights_sharded
-from safety_units.errors import ConfigError, ModelError
 from safety_units.chat import collate, encode_example
+from safety_units.errors import ConfigError, ModelError
 from safety_units.lora import ADAPTER, LLAMA_TARGETS, effective_weight
 from safety_units.models import eval_mode, hidden_states, load_model
 from safety_units.ranks import RankedLogger

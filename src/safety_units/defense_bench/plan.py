@@ -15,7 +15,7 @@ A fine-tune starts from its defense's aligned model (align_<defense> for alignme
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from safety_units.study.plan import SHIPPED, Stage, common_overrides
 
@@ -68,9 +68,10 @@ def one_epoch_steps(n: int, batch: int, epochs: int = 1) -> int:
 
 
 SCALES = {
-    # 2 CPU cores, float32, two one-thread workers: a 240-example alignment (30 steps), fine-tunes of 120
-    # examples (15 steps) and Qi et al.'s 10 examples x 5 epochs; the full grid at p = 0.1 and 10 harmful examples,
-    # the benign reference p = 0 for SFT only.
+    # 2 CPU cores, float32, two one-thread workers: a 240-example alignment (30 steps), fine-tunes of 64
+    # examples (8 steps; measured: one worker trains ~25-40 tokens/s) and Qi et al.'s 10 examples x 5 epochs; the
+    # full grid at p = 0.1 and 10 harmful examples, the benign reference p = 0 for SFT only (run first: it shows
+    # that the task is learnt).
     "cpu": BenchScale(
         name="cpu", hardware="CPU (2 cores), float32, reduced sizes",
         common=common_overrides("cpu"),
@@ -78,8 +79,8 @@ SCALES = {
                "trainer.max_epochs=1", "export=true"],
         sn_tune=["data=refusal_stl", "data.num_samples=64", "data.max_length=128", "data.batch_size=8",
                  "optim.lr=2e-4", "trainer.max_epochs=1", "export=true"],
-        task_n=120,
-        finetune=["data.max_length=128", "data.batch_size=8", "optim.lr=2e-4", "trainer.max_epochs=1"],
+        task_n=64,
+        finetune=["data.max_length=96", "data.batch_size=8", "optim.lr=2e-4", "trainer.max_epochs=1"],
         shares=[0.0, 0.1],
         examples=[10],
         examples_ft=["data.max_length=160", "data.batch_size=5", "optim.lr=5e-5", "trainer.max_epochs=5"],
@@ -88,8 +89,10 @@ SCALES = {
         eval=["eval=defense", "eval.tasks.beavertails.limit=64", "eval.tasks.oktest.limit=32",
               "eval.tasks.sst2.limit=200", "eval.tasks.ppl.limit=24", "eval.max_new_tokens=48"],
         seeds=[0, 1, 2], workers=2, reduced={"mix00": ("none",)}),
-    # One GPU (sized for <= 10 minutes on an H100 from the study's measured stage costs; never run here): the
-    # protocol's n = 1000, p in {0, 0.05, 0.1, 0.2}, 10 / 50 / 100 harmful examples.
+    # One GPU (never run here: no GPU was lent to this issue): the protocol's n = 1000 at p = 0.1, 10 harmful
+    # examples, p = 0 for SFT, with the study gpu scale's batch sizes, pooled decoding and 3 workers (its stage
+    # costs: benchmarks/project_study_time.py); a first run must measure it against the 10-minute goal.
+    # gpu_full: every p of the protocol and 10 / 50 / 100 examples for every defense.
     "gpu": BenchScale(
         name="gpu", hardware="one GPU, bf16-mixed",
         common=common_overrides("gpu"),
@@ -99,16 +102,18 @@ SCALES = {
                  "optim.lr=5e-5", "trainer.max_epochs=1", "export=true"],
         task_n=1000,
         finetune=["data.max_length=256", "data.batch_size=32", "optim.lr=1e-4", "trainer.max_epochs=1"],
-        shares=[0.0, 0.05, 0.1, 0.2],
-        examples=[10, 50, 100],
+        shares=[0.0, 0.1],
+        examples=[10],
         examples_ft=["data.max_length=256", "data.batch_size=10", "optim.lr=5e-5", "trainer.max_epochs=5"],
         attribute=["scoring=wifv", "calibration.nsamples=128", "calibration.max_length=256"],
         mask=["scoring=mask", "calibration.nsamples=64", "calibration.max_length=256"],
         eval=["eval=defense", "eval.tasks.beavertails.limit=500", "eval.tasks.oktest.limit=100",
               "eval.tasks.sst2.limit=null", "eval.tasks.ppl.limit=100", "eval.batch_size=256",
               "+eval.pool_generation=true"],
-        seeds=[0, 1, 2], workers=3),
+        seeds=[0, 1, 2], workers=3, reduced={"mix00": ("none",)}),
 }
+SCALES["gpu_full"] = replace(SCALES["gpu"], name="gpu_full", shares=[0.0, 0.05, 0.1, 0.2], examples=[10, 50, 100],
+                             reduced={})
 
 
 def threats(scale: BenchScale) -> list[Threat]:
@@ -170,7 +175,7 @@ def plan(scale: BenchScale, study_dir: str) -> list[Stage]:
                         train=[*model_of(SFT, study_dir, scale), *scale.common, *scale.sn_tune, "defense=sn_tune",
                                f"freeze.unit_map={study_dir}/attribute_aligned/unit_map.safetensors", "seed=0"],
                         evaluate=ev, labels={"claim": "align", "role": "aligned", "defense": "sn_tune"}))
-    for threat in threats(scale):
+    for threat in sorted(threats(scale), key=lambda t: t.key not in scale.reduced):  # small reference sets first
         chosen = scale.reduced.get(threat.key, DEFENSES)
         for seed in scale.seeds:
             for d in chosen:
