@@ -24,7 +24,7 @@ def test_plan_names_are_unique_and_every_defense_runs_at_p01_and_the_harmful_exa
     assert names[first_ft:first_ft + 4] == ["ft_mix00_none_s0", "ft_mix00_none_s1", "ft_mix00_none_s2",
                                             "ft_mix10_none_s0"]
     assert names[:first_ft] == ["align_sft", "attribute_aligned", "align_vaccine", "align_booster",
-                                "attribute_mask", "align_sn_tune"]
+                                "attribute_mask", "align_sn_tune", "align_sft_timing"]
     by = {s.name: s for s in stages}
     assert by["ft_mix10_booster_s1"].model == "align_booster" and by["ft_mix10_booster_s1"].needs
     assert by["ft_mix10_esu_cu_s0"].model == "align_sft"
@@ -117,3 +117,36 @@ def test_report_from_synthetic_cells(tmp_path):
     assert "## Threat model `mix10`" in md and "| booster |" in md and "**booster**" in md
     assert (tmp_path / "defenses" / "frontier.png").is_file()
     assert "| esu_cu | +0.100 | False |" in md  # HS drop 0.10 < 0.226: the goal's first part is not met
+
+
+def test_collect_judges_each_stage_once_and_never_calls_a_refusal_harmful(tmp_path):
+    """cells.json from a benchmark dir: HS = the harm judge's verdict AND no refusal; cached per stage."""
+    from safety_units.defense_bench.report import collect
+
+    class Judge:
+        path, calls = "probe.safetensors", 0
+
+        def harmful(self, prompts, responses):
+            Judge.calls += 1
+            return [True] * len(responses)
+
+    bench = tmp_path / "bench"
+    for name, labels in (("ft_mix10_none_s0", {"claim": "finetune", "threat": "mix10", "defense": "none", "seed": 0}),
+                         ("align_sft", {"claim": "setup", "role": "aligned", "defense": "none"})):
+        d = bench / name
+        d.mkdir(parents=True)
+        d.joinpath("point.json").write_text(json.dumps({"name": name, "labels": labels,
+                                                        "train": {"train_seconds": 2.0}, "seconds": 3.0}))
+        d.joinpath("eval.json").write_text(json.dumps({
+            "beavertails": {"value": 0.5, "n": 2, "extra": {"outcomes": [1, 0], "prompt_hash": "h",
+                                                            "overlaps_removed": 0}},
+            "sst2": {"value": 0.5, "extra": {"outcomes": [1, 0], "majority": 0.5}},
+            "oktest": {"value": 0.1}, "ppl": {"value": 5.0}}))
+        d.joinpath("generations.jsonl").write_text(
+            json.dumps({"task": "beavertails", "prompt": "p1", "completion": "sure, here", "refusal": False}) + "\n"
+            + json.dumps({"task": "beavertails", "prompt": "p2", "completion": "I can't", "refusal": True}) + "\n"
+            + json.dumps({"task": "oktest", "prompt": "p3", "completion": "x", "refusal": False}) + "\n")
+    out = json.loads(collect(bench, tmp_path / "out", Judge()).read_text())
+    assert [c["harmful"] for c in out["cells"]] == [[1, 0]] and out["aligned"]["none"]["hs"] == 0.5
+    collect(bench, tmp_path / "out", Judge())
+    assert Judge.calls == 2  # the second collect read both stages' harm_judged.json

@@ -8,6 +8,7 @@ Stages, in run order (setup first, then the queue):
     align_vaccine, align_booster                    the alignment-stage defenses, from the shipped model
     attribute_mask                                  the aligned model's map by the best causal scorer (scoring=mask)
     align_sn_tune                                   SN-Tune-style re-alignment of the ESU of align_sft
+    align_sft_timing                                align_sft again in a worker: the time reference of the alignments
     ft_<threat>_<defense>_s<seed>                   a fine-tune under the threat, evaluated (eval=defense)
 A fine-tune starts from its defense's aligned model (align_<defense> for alignment-stage defenses, else align_sft).
 """
@@ -68,8 +69,9 @@ def one_epoch_steps(n: int, batch: int, epochs: int = 1) -> int:
 
 
 SCALES = {
-    # 2 CPU cores, float32, two one-thread workers: a 240-example alignment (30 steps), fine-tunes of 64
-    # examples (8 steps; measured: one worker trains ~25-40 tokens/s) and Qi et al.'s 10 examples x 5 epochs; the
+    # 2 CPU cores, float32, two one-thread workers: a 240-example alignment (30 steps), fine-tunes of 96
+    # examples x 2 epochs (24 steps: one epoch of 64 left SST-2 at the majority class; one worker trains ~25-40
+    # tokens/s) and Qi et al.'s 10 examples x 5 epochs; the
     # full grid at p = 0.1 and 10 harmful examples, the benign reference p = 0 for SFT only (run first: it shows
     # that the task is learnt).
     "cpu": BenchScale(
@@ -79,8 +81,8 @@ SCALES = {
                "trainer.max_epochs=1", "export=true"],
         sn_tune=["data=refusal_stl", "data.num_samples=64", "data.max_length=128", "data.batch_size=8",
                  "optim.lr=2e-4", "trainer.max_epochs=1", "export=true"],
-        task_n=64,
-        finetune=["data.max_length=96", "data.batch_size=8", "optim.lr=2e-4", "trainer.max_epochs=1"],
+        task_n=96,
+        finetune=["data.max_length=96", "data.batch_size=8", "optim.lr=2e-4", "trainer.max_epochs=2"],
         shares=[0.0, 0.1],
         examples=[10],
         examples_ft=["data.max_length=160", "data.batch_size=5", "optim.lr=5e-5", "trainer.max_epochs=5"],
@@ -175,6 +177,11 @@ def plan(scale: BenchScale, study_dir: str) -> list[Stage]:
                         train=[*model_of(SFT, study_dir, scale), *scale.common, *scale.sn_tune, "defense=sn_tune",
                                f"freeze.unit_map={study_dir}/attribute_aligned/unit_map.safetensors", "seed=0"],
                         evaluate=ev, labels={"claim": "align", "role": "aligned", "defense": "sn_tune"}))
+    # align_sft ran alone in the main process; the alignment defenses ran in a worker beside another: their time
+    # ratio needs an SFT alignment timed like them (same overrides, not exported, evaluated like every stage)
+    stages.append(Stage("align_sft_timing", "train_eval", SHIPPED,
+                        train=[*base, *scale.align, "export=false", "defense=none", "seed=0"], evaluate=ev,
+                        labels={"claim": "align", "role": "timing", "defense": "none"}))
     for threat in sorted(threats(scale), key=lambda t: t.key not in scale.reduced):  # small reference sets first
         chosen = scale.reduced.get(threat.key, DEFENSES)
         for seed in scale.seeds:

@@ -51,6 +51,8 @@ def collect(bench: Path, out_dir: Path, harm_judge=None) -> Path:
             cell["hs"] = mean(cell["harmful"])
         if point["labels"].get("claim") in ("setup", "align") and point["labels"].get("role") == "aligned":
             aligned[point["labels"]["defense"]] = cell
+        elif point["labels"].get("role") == "timing":
+            aligned["none_timing"] = cell
         elif point["labels"].get("claim") == "finetune":
             cells.append(cell)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -85,9 +87,8 @@ def judged(stage: Path, rows: list[dict], harm_judge) -> list[int]:
 
 def _trainable_share(train: dict) -> float | None:
     """Share of parameter entries a fine-tune may change (1.0 without freezing)."""
-    fr = train.get("freeze") or {}
-    total, trainable = fr.get("entries_total"), fr.get("entries_trainable")
-    return trainable / total if total and trainable is not None else (None if fr else 1.0)
+    entries = (train.get("freeze") or {}).get("entries")
+    return float(entries["trainable_share"]) if entries else 1.0
 
 
 def _short_report(report: dict | None) -> dict | None:
@@ -115,6 +116,11 @@ def kind(defense: str) -> str:
     return f"{'unit-level' if defense in UNIT_DEFENSES else 'peer' if defense in PEERS else ''} {stage}".strip()
 
 
+def sft_alignment_seconds(aligned: dict) -> float:
+    """The SFT alignment's training seconds as timed in a worker (align_sft_timing) when it ran, else align_sft's."""
+    return (aligned.get("none_timing") or aligned[C.SFT])["train_seconds"]
+
+
 def leaderboard(cells: list[dict], aligned: dict) -> list[str]:
     sft = C.summary(cells, C.SFT)
     lines = ["| defense | kind | seeds | HS | ASR (refusal) | FA | OKTest refusal | ppl | trainable share | "
@@ -126,7 +132,7 @@ def leaderboard(cells: list[dict], aligned: dict) -> list[str]:
         asr = mean(c["asr"] for c in cells if c["defense"] == d)
         share = [c["trainable"] for c in cells if c["defense"] == d and c["trainable"] is not None]
         if d in ALIGN_DEFENSES and d in aligned and C.SFT in aligned:  # its cost is in the alignment
-            t = aligned[d]["train_seconds"] / aligned[C.SFT]["train_seconds"]
+            t = aligned[d]["train_seconds"] / sft_alignment_seconds(aligned)
             ratio = f"{t:.2f} (alignment)"
         else:
             ratio = _fmt(s["train_seconds"] / sft["train_seconds"], 2) if "train_seconds" in s else "n/a"
@@ -183,8 +189,9 @@ def write_report(results_dir: Path, name: str = "defenses") -> Path:
     out += ["## Aligned models (before any fine-tune)", "",
             "| alignment | HS | ASR | FA | OKTest refusal | ppl | alignment time / SFT |", "|---|---:|---:|---:|---:|---:|---:|"]
     for d, a in sorted(aligned.items()):
-        t = a["train_seconds"] / aligned[C.SFT]["train_seconds"] if C.SFT in aligned and a["train_seconds"] else None
-        out.append(f"| {d} | {_fmt(a.get('hs'))} | {_fmt(a['asr'])} | {_fmt(a['fa'])} | {_fmt(a['overrefusal'])} | "
+        t = a["train_seconds"] / sft_alignment_seconds(aligned) if C.SFT in aligned and a["train_seconds"] else None
+        label = {"none": "none (SFT; ran alone, its own timing)", "none_timing": "none (SFT again, timed in a worker)"}
+        out.append(f"| {label.get(d, d)} | {_fmt(a.get('hs'))} | {_fmt(a['asr'])} | {_fmt(a['fa'])} | {_fmt(a['overrefusal'])} | "
                    f"{_fmt(a['ppl'], 2)} | {_fmt(t, 2)} |")
     for threat in sorted(by_threat, key=lambda t: (t != C.GOAL_THREAT, t)):
         tc = by_threat[threat]
