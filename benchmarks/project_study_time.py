@@ -73,18 +73,10 @@ def stage_work(stage, study: Path, scale, task_sizes: dict[str, int]) -> dict:
     return out
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--scale", default="gpu", choices=sorted(SCALES))
-    ap.add_argument("--runs", type=Path, default=ROOT / "results" / "ssah_smollm2" / "runs")
-    ap.add_argument("--log", type=Path, default=ROOT / "results" / "ssah_smollm2" / "device_timing_c_stages.log")
-    ap.add_argument("--old-batch", type=int, default=16, help="training batch of the logged stages")
-    ap.add_argument("--old-aoa-batch", type=int, default=10, help="AOA's training batch in the logged stages")
-    ap.add_argument("--old-eval-batch", type=int, default=128, help="eval batch of the measured stages")
-    ap.add_argument("--workers", type=int, help="default: the scale's")
-    args = ap.parse_args(argv)
-    scale = SCALES[args.scale]
-    workers = args.workers or scale.workers
+def measured_costs(args) -> dict:
+    """t_pass, t_step, the fixed seconds of a training and of an eval stage, fitted on the study's H100 artifacts
+    (see the module docstring); also the stage seconds and the refusal task sizes they ran with."""
+    scale = SCALES["gpu"]
     seconds = {p.name[:-len(".stage.json")]: json.loads(p.read_text())["seconds"]
                for p in args.runs.glob("*.stage.json")}
     task_sizes = {t: json.loads((args.runs / "shipped" / "eval.json").read_text())[t]["n"] for t in ("harmful", "oktest")}
@@ -110,6 +102,30 @@ def main(argv=None):
     fixed_train = my - t_step * mx
     b = [v for n, v in seconds.items() if n.startswith("b_")]
     fixed_eval = mean(b) - t_pass * sum(math.ceil(n / args.old_eval_batch) for n in task_sizes.values())
+    return {"t_pass": t_pass, "t_step": t_step, "fixed_train": fixed_train, "fixed_eval": fixed_eval,
+            "seconds": seconds, "task_sizes": task_sizes}
+
+
+def arguments(argv=None, doc=__doc__, scales=SCALES):
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--scale", default="gpu", choices=sorted(scales))
+    ap.add_argument("--runs", type=Path, default=ROOT / "results" / "ssah_smollm2" / "runs")
+    ap.add_argument("--log", type=Path, default=ROOT / "results" / "ssah_smollm2" / "device_timing_c_stages.log")
+    ap.add_argument("--old-batch", type=int, default=16, help="training batch of the logged stages")
+    ap.add_argument("--old-aoa-batch", type=int, default=10, help="AOA's training batch in the logged stages")
+    ap.add_argument("--old-eval-batch", type=int, default=128, help="eval batch of the measured stages")
+    ap.add_argument("--workers", type=int, help="default: the scale's")
+    return ap.parse_args(argv)
+
+
+def main(argv=None):
+    args = arguments(argv)
+    scale = SCALES[args.scale]
+    workers = args.workers or scale.workers
+    c = measured_costs(args)
+    t_pass, t_step, fixed_train, fixed_eval = c["t_pass"], c["t_step"], c["fixed_train"], c["fixed_eval"]
+    seconds, task_sizes = c["seconds"], c["task_sizes"]
+    stages = plan(scale, str(args.runs))
     print(f"measured: t_pass {t_pass:.2f} s, t_step {t_step:.3f} s (batch {args.old_batch}), fixed {fixed_train:.2f} s "
           f"a training stage / {fixed_eval:.2f} s an eval stage; setup stages as measured")
     groups: dict[str, list[float]] = {}

@@ -10,7 +10,6 @@ freeze masks' tensor hooks like the plain loss does: frozen entries stay exact u
 
 from __future__ import annotations
 
-import math
 import random
 
 import torch
@@ -254,8 +253,3 @@ def build_objective(defense: DictConfig | None, tokenizer, data: DictConfig, see
                     warmup_share=float(defense.warmup_share))
     return None
 
-
-def lisa_steps(total_steps: int, alignment_share: float = 0.1) -> tuple[int, int]:
-    """Lisa's 100 : 900 split for a run of `total_steps`: one cycle, at least one step of each."""
-    a = max(1, int(math.floor(total_steps * alignment_share)))
-    return a, max(1, total_steps - a)

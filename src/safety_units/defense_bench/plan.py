@@ -92,8 +92,9 @@ SCALES = {
               "eval.tasks.sst2.limit=200", "eval.tasks.ppl.limit=24", "eval.max_new_tokens=48"],
         seeds=[0, 1, 2], workers=2, reduced={"mix00": ("none",)}),
     # One GPU (never run here: no GPU was lent to this issue): the protocol's n = 1000 at p = 0.1, 10 harmful
-    # examples, p = 0 for SFT, with the study gpu scale's batch sizes, pooled decoding and 3 workers (its stage
-    # costs: benchmarks/project_study_time.py); a first run must measure it against the 10-minute goal.
+    # examples, p = 0 for SFT, with the study gpu scale's batch sizes, pooled decoding and 3 workers;
+    # benchmarks/project_defense_time.py projects it from the study's measured H100 stages (a first GPU run must
+    # measure it against the 10-minute goal).
     # gpu_full: every p of the protocol and 10 / 50 / 100 examples for every defense.
     "gpu": BenchScale(
         name="gpu", hardware="one GPU, bf16-mixed",
