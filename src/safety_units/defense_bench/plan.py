@@ -30,7 +30,7 @@ SFT = "align_sft"
 DEFENSES = ("none", "esu_cu", "random", "lisa", "safeinstr", "safelora", "antidote", "layers", "esu",
             "mask_esu_cu", "sn_tune", "vaccine", "booster")
 ALIGN_DEFENSES = ("vaccine", "booster", "sn_tune")
-UNIT_DEFENSES = ("esu", "esu_cu", "random", "layers", "mask_esu_cu", "sn_tune")
+UNIT_DEFENSES = ("esu", "esu_cu", "random", "mask_esu_cu", "sn_tune")  # layers: the safety-layer peer baseline
 PEERS = ("vaccine", "booster", "lisa", "safeinstr", "layers", "safelora", "antidote")
 
 

@@ -207,7 +207,7 @@ def write_report(results_dir: Path, name: str = "defenses") -> Path:
     if any(c["defense"] == C.SFT for c in goal_cells):
         out += ["| unit-level defense | HS drop vs SFT (bar 0.226) | met | FA - SFT (bar -0.01) | met | vs Booster | "
                 "not worse | goal |", "|---|---:|---|---:|---|---|---|---|"]
-        for d in [d for d in UNIT_DEFENSES if any(c["defense"] == d for c in goal_cells)]:
+        for d in [d for d in UNIT_DEFENSES if d != C.RANDOM_CONTROL and any(c["defense"] == d for c in goal_cells)]:
             g = C.goal(goal_cells, d)
             out.append(f"| {d} | {g['hs_drop']:+.3f} | {g['hs_drop_met']} | {g['fa_diff']:+.3f} | {g['fa_met']} | "
                        f"{_p(g['vs_booster'])} | {g['not_worse_than_booster']} | **{g['met']}** |")
