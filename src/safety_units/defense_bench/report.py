@@ -133,7 +133,7 @@ def leaderboard(cells: list[dict], aligned: dict) -> list[str]:
         share = [c["trainable"] for c in cells if c["defense"] == d and c["trainable"] is not None]
         if d in ALIGN_DEFENSES and d in aligned and C.SFT in aligned:  # its cost is in the alignment
             t = aligned[d]["train_seconds"] / sft_alignment_seconds(aligned)
-            ratio = f"{t:.2f} (alignment)"
+            ratio = f"+{t:.2f} (re-alignment after SFT)" if d == "sn_tune" else f"{t:.2f} (alignment)"
         else:
             ratio = _fmt(s["train_seconds"] / sft["train_seconds"], 2) if "train_seconds" in s else "n/a"
         vs_random = C.paired(cells, d, C.RANDOM_CONTROL) if d in C.RANDOM_CONTROLLED else None
