@@ -157,7 +157,8 @@ def frontier_plot(by_threat: dict[str, list[dict]], path: Path) -> None:
             color = "black" if d == C.SFT else "tab:red" if d in UNIT_DEFENSES else "tab:blue"
             ax.scatter(s["fa"], s["hs"], color=color)
             ax.annotate(d, (s["fa"], s["hs"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
-        ax.set_xlabel("fine-tune accuracy FA (SST-2)")
+        ax.axvline(cells[0]["fa_majority"], color="grey", linestyle="--", linewidth=0.8)  # the majority-class floor
+        ax.set_xlabel("fine-tune accuracy FA (SST-2; dashed: majority class)")
         ax.set_ylabel("harmful score HS")
         ax.set_title(f"{threat} (blue: peers, red: unit-level)")
     fig.tight_layout()
