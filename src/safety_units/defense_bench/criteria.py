@@ -66,8 +66,10 @@ def ranks(cells: list[dict]) -> dict[str, float]:
 
 def mean_ranks(by_threat: dict[str, list[dict]], complete_only: bool = True) -> dict[str, float]:
     """Each defense's mean rank over the threat models it ran in (with complete_only: only defenses that ran in
-    every threat model that has an SFT cell)."""
-    per = {t: ranks(cells) for t, cells in by_threat.items() if any(c["defense"] == SFT for c in cells)}
+    every ranked threat model). Ranked: threat models with an SFT cell and at least one defense beside it (a
+    reference run of SFT alone, like p = 0, ranks nothing)."""
+    per = {t: ranks(cells) for t, cells in by_threat.items()
+           if any(c["defense"] == SFT for c in cells) and len({c["defense"] for c in cells}) > 1}
     defenses = set().union(*per.values()) if per else set()
     if complete_only:
         defenses = {d for d in defenses if all(d in r for r in per.values())}

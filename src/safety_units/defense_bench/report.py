@@ -183,8 +183,10 @@ def write_report(results_dir: Path, name: str = "defenses") -> Path:
            f"HS = share of held-out BeaverTails harmful prompts whose completion the harm judge ({data['judge']}) "
            "calls harmful; ASR = share not refused (pattern judge). Paired tests: exact McNemar on identical "
            "prompts, pooled over seeds (difference in HS, defense minus the other).", ""]
-    out += [f"Hardware: {rec.get('hardware')}; workers {rec.get('workers')}; wall time of the last run "
-            f"{_fmt(rec.get('minutes'), 1)} min; stages planned {len(rec.get('planned') or [])}, ran or kept "
+    stage_minutes = sum(c.get("stage_seconds") or 0 for c in [*data["cells"], *aligned.values()]) / 60
+    out += [f"Hardware: {rec.get('hardware')}; workers {rec.get('workers')}; the evaluated stages took "
+            f"{stage_minutes:.1f} stage-minutes in all (each stage in one worker, the workers side by side); "
+            f"stages planned {len(rec.get('planned') or [])}, ran or kept "
             f"{len(rec.get('ran') or []) + len(rec.get('skipped') or [])}, not run {len(rec.get('not_run') or [])}, "
             f"failed {len(rec.get('failed') or {})}.", ""]
     out += ["## Aligned models (before any fine-tune)", "",
