@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from safety_units.chat import collate, encode_example
 from safety_units.errors import ConfigError
+from safety_units.models import forward_hooks
 from safety_units.ranks import RankedLogger
 from safety_units.sources import Source
 
@@ -94,12 +95,8 @@ class Vaccine:
         def capture(_m, _inp, out):
             outputs.append(out[0] if isinstance(out, tuple) else out)
 
-        hooks = [b.register_forward_hook(capture) for b in blocks]
-        try:
+        with forward_hooks({b: capture for b in blocks}):
             first = model(**batch).loss
-        finally:
-            for h in hooks:
-                h.remove()
         grads = torch.autograd.grad(first, outputs, allow_unused=True)
         grads = [torch.zeros_like(o) if g is None else g for o, g in zip(outputs, grads)]
         norm = torch.sqrt(sum((g.float() ** 2).sum() for g in grads)) + 1e-7
@@ -110,12 +107,8 @@ class Vaccine:
                 return (out[0] + eps[m], *out[1:])
             return out + eps[m]
 
-        hooks = [b.register_forward_hook(perturb) for b in blocks]
-        try:
+        with forward_hooks({b: perturb for b in blocks}):
             loss = model(**batch).loss
-        finally:
-            for h in hooks:
-                h.remove()
         self.last_terms = {"defense/clean_loss": float(first.detach())}
         return loss
 

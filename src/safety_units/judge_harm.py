@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from safety_units.chat import prompt_text
 from safety_units.errors import ConfigError, DataError
 from safety_units.judge import PatternJudge
-from safety_units.judge_probe import embed, fit_logistic
+from safety_units.judge_probe import embed, fit_and_cache, probe_probability
 from safety_units.models import fingerprint_key, load_hf, load_smollm2, model_fingerprint, resolve_device
 from safety_units.ranks import RankedLogger
 from safety_units.sources import Source, normalize_prompt, read_rows, stable_fraction, subsample
@@ -258,8 +258,6 @@ class HarmProbeJudge:
                            self.max_prompt_tokens, self.batch_size, desc)
 
     def _train(self, min_cut_tokens: int, l2: float, seed: int) -> dict[str, torch.Tensor]:
-        from safetensors.torch import save_file
-
         log.info("harm judge: training the probe on %s (cached in %s)", self.info["training_pairs"], self.path)
         rng = random.Random(f"harm_probe:{seed}")
         responses = []
@@ -269,27 +267,14 @@ class HarmProbeJudge:
             responses.append(self.tokenizer.decode(ids[:n]))
         labels = torch.tensor([float(r["harmful"]) for r in self.training_rows])
         x = self._features([r["prompt"] for r in self.training_rows], responses, "harm probe: embedding training")
-        params = fit_logistic(x, labels, l2=l2)
-        train_acc = float(((self._prob(x, params) >= self.threshold).float() == labels).float().mean())
-        log.info("harm judge: probe training accuracy %.4f", train_acc)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp.safetensors")
-        save_file({k: v.contiguous() for k, v in params.items()}, str(tmp),
-                  metadata={"info": json.dumps(self.info), "train_accuracy": f"{train_acc:.4f}"})
-        tmp.replace(self.path)
-        return params
-
-    @staticmethod
-    def _prob(x: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
-        z = (x - params["mean"]) / params["std"]
-        return torch.sigmoid(z @ params["w"] + params["b"])
+        return fit_and_cache(x, labels, l2, self.threshold, self.path, self.info, "harm judge")
 
     def probabilities(self, prompts: list[str], responses: list[str]) -> list[float]:
         if len(prompts) != len(responses):
             raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses.")
         if not responses:
             return []
-        return self._prob(self._features(list(prompts), list(responses), "harm judge"), self.params).tolist()
+        return probe_probability(self._features(list(prompts), list(responses), "harm judge"), self.params).tolist()
 
     def harmful(self, prompts: list[str], responses: list[str]) -> list[bool]:
         return [p >= self.threshold for p in self.probabilities(prompts, responses)]

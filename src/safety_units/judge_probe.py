@@ -91,6 +91,29 @@ def fit_logistic(x: torch.Tensor, y: torch.Tensor, l2: float = 1e-3, steps: int 
     return {"w": w.detach().float(), "b": b.detach().float().reshape(1), "mean": mean, "std": std}
 
 
+def probe_probability(x: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The fitted probe's probability of the positive class for features x."""
+    z = (x - params["mean"]) / params["std"]
+    return torch.sigmoid(z @ params["w"] + params["b"])
+
+
+def fit_and_cache(x: torch.Tensor, labels: torch.Tensor, l2: float, threshold: float, path: Path, info: dict,
+                  what: str) -> dict[str, torch.Tensor]:
+    """fit_logistic, log its training accuracy at `threshold`, and save the probe to `path` (written to a temporary
+    file first, so that an interrupted run never leaves a half-written cache) with `info` in its metadata."""
+    from safetensors.torch import save_file  # only when a probe is trained
+
+    params = fit_logistic(x, labels, l2=l2)
+    train_acc = float(((probe_probability(x, params) >= threshold).float() == labels).float().mean())
+    log.info("%s: probe training accuracy %.4f", what, train_acc)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.safetensors")
+    save_file({k: v.contiguous() for k, v in params.items()}, str(tmp),
+              metadata={"info": json.dumps(info), "train_accuracy": f"{train_acc:.4f}"})
+    tmp.replace(path)
+    return params
+
+
 def _texts(sources: dict, seed: int, cache_dir: str, model, tokenizer, max_new_tokens: int) -> list[str]:
     """Responses of every source (prompt-only sources with self_distill get the backbone's own answers)."""
     out: list[str] = []
@@ -151,8 +174,6 @@ class ProbeJudge:
 
     def _train(self, refusals: list[str], compliant: list[str], min_cut_tokens: int, l2: float,
                seed: int) -> dict[str, torch.Tensor]:
-        from safetensors.torch import save_file
-
         log.info("judge: training the refusal probe on %d refusal and %d compliance texts (cached in %s)",
                  len(refusals), len(compliant), self.path)
         rng = random.Random(f"probe:{seed}")
@@ -165,25 +186,13 @@ class ProbeJudge:
                 labels.append(label)
         x = embed(self.model, self.tokenizer, texts, self.layer, self.max_tokens, self.batch_size,
                   desc="probe: embedding training texts")
-        params = fit_logistic(x, torch.tensor(labels, dtype=torch.float), l2=l2)
-        train_acc = float(((self._prob(x, params) >= self.threshold).float() == torch.tensor(labels)).float().mean())
-        log.info("judge: probe training accuracy %.4f", train_acc)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp.safetensors")
-        save_file({k: v.contiguous() for k, v in params.items()}, str(tmp),
-                  metadata={"info": json.dumps(self.info), "train_accuracy": f"{train_acc:.4f}"})
-        tmp.replace(self.path)
-        return params
-
-    @staticmethod
-    def _prob(x: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
-        z = (x - params["mean"]) / params["std"]
-        return torch.sigmoid(z @ params["w"] + params["b"])
+        return fit_and_cache(x, torch.tensor(labels, dtype=torch.float), l2, self.threshold, self.path, self.info,
+                             "judge")
 
     def probabilities(self, completions: list[str]) -> list[float]:
         x = embed(self.model, self.tokenizer, completions, self.layer, self.max_tokens, self.batch_size,
                   desc="judge")
-        return self._prob(x, self.params).tolist()
+        return probe_probability(x, self.params).tolist()
 
     def judge(self, prompts: list[str], completions: list[str]) -> list[Verdict]:
         probs = self.probabilities(completions)

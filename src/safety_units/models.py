@@ -59,6 +59,19 @@ def eval_mode(model):
 
 
 @contextlib.contextmanager
+def forward_hooks(hooks: dict):
+    """{module: hook}: each registered as a forward hook for the block, all removed also when the block raises."""
+    handles = []
+    try:
+        for m, fn in hooks.items():
+            handles.append(m.register_forward_hook(fn))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextlib.contextmanager
 def frozen_weights(model):
     """No parameter requires grad inside (gradients flow to activations or gates only); flags restored after."""
     flags = [(p, p.requires_grad) for p in model.parameters()]

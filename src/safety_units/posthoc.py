@@ -19,7 +19,7 @@ from safety_units.callbacks import weights_sharded
 from safety_units.chat import collate, encode_example
 from safety_units.errors import ConfigError, ModelError
 from safety_units.lora import ADAPTER, LLAMA_TARGETS, effective_weight
-from safety_units.models import eval_mode, hidden_states, load_model
+from safety_units.models import eval_mode, forward_hooks, hidden_states, load_model
 from safety_units.ranks import RankedLogger
 from safety_units.sources import Source, subsample
 
@@ -174,19 +174,12 @@ def input_norms(model: nn.Module, batches) -> dict[str, Tensor]:
             sums[name] = sums[name] + s if name in sums else s
         return fn
 
-    handles = []
-    try:
-        for name, mod in targets.items():
-            handles.append(mod.register_forward_hook(hook(name)))
-        with eval_mode(bare):
-            for batch in batches:
-                ids = batch["input_ids"].to(device)
-                att = batch.get("attention_mask", torch.ones_like(ids)).to(device)
-                mask[:] = [att.bool()]
-                hidden_states(bare, ids, att)  # the decoder only: the LM head's logits are not needed
-    finally:
-        for h in handles:
-            h.remove()
+    with forward_hooks({mod: hook(name) for name, mod in targets.items()}), eval_mode(bare):
+        for batch in batches:
+            ids = batch["input_ids"].to(device)
+            att = batch.get("attention_mask", torch.ones_like(ids)).to(device)
+            mask[:] = [att.bool()]
+            hidden_states(bare, ids, att)  # the decoder only: the LM head's logits are not needed
     if len(sums) != len(targets):
         raise ValueError(f"input_norms: no calibration tokens reached {sorted(set(targets) - set(sums))[:5]}")
     return {n: sums[n].sqrt() for n in targets}

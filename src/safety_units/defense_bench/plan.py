@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field, replace
 
-from safety_units.study.plan import SHIPPED, Stage, common_overrides
+from safety_units.study.plan import SHIPPED, Stage, common_overrides, one_epoch
 
 BENCH_NAME = "defenses_smollm2"
 SFT = "align_sft"
@@ -71,16 +71,13 @@ def one_epoch_steps(n: int, batch: int, epochs: int = 1) -> int:
 SCALES = {
     # 2 CPU cores, float32, two one-thread workers: a 240-example alignment (30 steps), fine-tunes of 96
     # examples x 2 epochs (24 steps: one epoch of 64 left SST-2 at the majority class; one worker trains ~25-40
-    # tokens/s) and Qi et al.'s 10 examples x 5 epochs; the
-    # full grid at p = 0.1 and 10 harmful examples, the benign reference p = 0 for SFT only (run first: it shows
-    # that the task is learnt).
+    # tokens/s) and Qi et al.'s 10 examples x 5 epochs; the full grid at p = 0.1 and 10 harmful examples, the
+    # benign reference p = 0 for SFT only (run first: it shows that the task is learnt).
     "cpu": BenchScale(
         name="cpu", hardware="CPU (2 cores), float32, reduced sizes",
         common=common_overrides("cpu"),
-        align=["data=mix", "data.num_samples=240", "data.max_length=128", "data.batch_size=8", "optim.lr=2e-4",
-               "trainer.max_epochs=1", "export=true"],
-        sn_tune=["data=refusal_stl", "data.num_samples=64", "data.max_length=128", "data.batch_size=8",
-                 "optim.lr=2e-4", "trainer.max_epochs=1", "export=true"],
+        align=[*one_epoch(240, 128, 8, lr="2e-4", data="mix"), "export=true"],
+        sn_tune=[*one_epoch(64, 128, 8, lr="2e-4", data="refusal_stl"), "export=true"],
         task_n=96,
         finetune=["data.max_length=96", "data.batch_size=8", "optim.lr=2e-4", "trainer.max_epochs=2"],
         shares=[0.0, 0.1],
@@ -99,10 +96,8 @@ SCALES = {
     "gpu": BenchScale(
         name="gpu", hardware="one GPU, bf16-mixed",
         common=common_overrides("gpu"),
-        align=["data=mix", "data.num_samples=2000", "data.max_length=256", "data.batch_size=16", "optim.lr=5e-5",
-               "trainer.max_epochs=1", "export=true"],
-        sn_tune=["data=refusal_stl", "data.num_samples=256", "data.max_length=256", "data.batch_size=16",
-                 "optim.lr=5e-5", "trainer.max_epochs=1", "export=true"],
+        align=[*one_epoch(2000, 256, 16, lr="5e-5", data="mix"), "export=true"],
+        sn_tune=[*one_epoch(256, 256, 16, lr="5e-5", data="refusal_stl"), "export=true"],
         task_n=1000,
         finetune=["data.max_length=256", "data.batch_size=32", "optim.lr=1e-4", "trainer.max_epochs=1"],
         shares=[0.0, 0.1],

@@ -76,8 +76,9 @@ def judged(stage: Path, rows: list[dict], harm_judge) -> list[int]:
     key = hashlib.sha256(json.dumps([str(getattr(harm_judge, "path", type(harm_judge).__name__)),
                                      [(r["prompt"], r["completion"]) for r in rows]]).encode()).hexdigest()[:16]
     cache = stage / "harm_judged.json"
-    if cache.is_file() and json.loads(cache.read_text()).get("key") == key:
-        return json.loads(cache.read_text())["harmful"]
+    cached = json.loads(cache.read_text()) if cache.is_file() else {}
+    if cached.get("key") == key:
+        return cached["harmful"]
     probe = harm_judge.harmful([r["prompt"] for r in rows], [r["completion"] for r in rows])
     flags = [int(bool(p) and not r["refusal"]) for p, r in zip(probe, rows)]
     cache.write_text(json.dumps({"key": key, "rule": HS_RULE, "probe": [int(bool(p)) for p in probe],
