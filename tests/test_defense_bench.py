@@ -9,17 +9,20 @@ import pytest
 from conftest import ROOT
 
 from safety_units.defense_bench import criteria as C
-from safety_units.defense_bench.plan import ALIGN_DEFENSES, DEFENSES, SCALES, finetune_steps, plan, threats
+from safety_units.defense_bench.plan import (ALIGN_DEFENSES, BAD10_CPU, DEFENSES, SCALES, finetune_steps, plan,
+                                             threats)
 
 
 def test_plan_names_are_unique_and_every_defense_runs_at_p01_and_the_harmful_examples():
     stages = plan(SCALES["cpu"], "/bench")
     names = [s.name for s in stages]
     assert len(names) == len(set(names))
-    for threat in ("mix10", "bad10"):
+    for threat, chosen in (("mix10", DEFENSES), ("bad10", BAD10_CPU)):
         for d in DEFENSES:
             for seed in (0, 1, 2):
-                assert f"ft_{threat}_{d}_s{seed}" in names
+                assert (f"ft_{threat}_{d}_s{seed}" in names) == (d in chosen)
+    gpu = {s.name for s in plan(SCALES["gpu"], "/bench")}
+    assert all(f"ft_bad10_{d}_s2" in gpu for d in DEFENSES)
     first_ft = names.index("ft_mix00_none_s0")
     assert names[first_ft:first_ft + 4] == ["ft_mix00_none_s0", "ft_mix00_none_s1", "ft_mix00_none_s2",
                                             "ft_mix10_none_s0"]
@@ -77,6 +80,11 @@ def test_criteria_rank_by_hs_pair_on_identical_prompts_and_read_the_goal():
     assert not C.goal([c | {"fa": 0.7} if c["defense"] == "esu_cu" else c for c in cells], "esu_cu")["met"]
     rec = C.recommend({"mix10": cells})
     assert rec["defense"] == "esu_cu" and "booster" in rec["eligible"]
+    # a reduced threat model (booster did not run there): ranks among the defenses that ran in both
+    bad = [c | {"threat": "bad10", "harmful": h, "hs": sum(h) / 50} for c in cells if c["defense"] != "booster"
+           for h in [([0] * 50 if c["defense"] == "random" else c["harmful"])]]
+    mr = C.mean_ranks({"mix10": cells, "bad10": bad})
+    assert set(mr) == {"none", "esu_cu", "random"} and mr["esu_cu"] == 1.5 and mr["random"] == 1.5
     with pytest.raises(ValueError, match="different prompts"):
         C.paired([cell("a", 0, [1, 0]), cell("b", 0, [1, 0], hash_="other")], "a", "b")
 

@@ -66,13 +66,15 @@ def ranks(cells: list[dict]) -> dict[str, float]:
 
 def mean_ranks(by_threat: dict[str, list[dict]], complete_only: bool = True) -> dict[str, float]:
     """Each defense's mean rank over the threat models it ran in (with complete_only: only defenses that ran in
-    every ranked threat model). Ranked: threat models with an SFT cell and at least one defense beside it (a
+    every ranked threat model, ranked among themselves). Ranked: threat models with an SFT cell and at least one defense beside it (a
     reference run of SFT alone, like p = 0, ranks nothing)."""
-    per = {t: ranks(cells) for t, cells in by_threat.items()
-           if any(c["defense"] == SFT for c in cells) and len({c["defense"] for c in cells}) > 1}
+    ranked = {t: cells for t, cells in by_threat.items()
+              if any(c["defense"] == SFT for c in cells) and len({c["defense"] for c in cells}) > 1}
+    if complete_only and ranked:  # rank among the defenses every ranked threat model ran (a reduced grid, like the
+        common = set.intersection(*({c["defense"] for c in cells} for cells in ranked.values()))  # cpu bad10)
+        ranked = {t: [c for c in cells if c["defense"] in common] for t, cells in ranked.items()}
+    per = {t: ranks(cells) for t, cells in ranked.items()}
     defenses = set().union(*per.values()) if per else set()
-    if complete_only:
-        defenses = {d for d in defenses if all(d in r for r in per.values())}
     return {d: mean(r[d] for r in per.values() if d in r) for d in sorted(defenses)}
 
 

@@ -64,6 +64,12 @@ class BenchScale:
     reduced: dict = field(default_factory=dict)  # threat key -> defenses run there (default: all)
 
 
+# Qi et al.'s attack at the cpu scale, for a subset that keeps the scale within 3 hours on 2 cores (all 13 measured
+# at ~3.5 h): SFT, ours and its control, and one peer per stage (Booster: the issue's strongest anchor; Lisa; both
+# post-hoc defenses). Chosen before any bad10 run.
+BAD10_CPU = ("none", "esu_cu", "random", "lisa", "safelora", "antidote", "booster")
+
+
 def one_epoch_steps(n: int, batch: int, epochs: int = 1) -> int:
     return math.ceil(n / batch) * epochs
 
@@ -87,7 +93,7 @@ SCALES = {
         mask=["scoring=mask", "calibration.nsamples=32", "calibration.batch_size=4", "calibration.max_length=128"],
         eval=["eval=defense", "eval.tasks.beavertails.limit=64", "eval.tasks.oktest.limit=32",
               "eval.tasks.sst2.limit=200", "eval.tasks.ppl.limit=24", "eval.max_new_tokens=48"],
-        seeds=[0, 1, 2], workers=2, reduced={"mix00": ("none",)}),
+        seeds=[0, 1, 2], workers=2, reduced={"mix00": ("none",), "bad10": BAD10_CPU}),
     # One GPU (never run here: no GPU was lent to this issue): the protocol's n = 1000 at p = 0.1, 10 harmful
     # examples, p = 0 for SFT, with the study gpu scale's batch sizes, pooled decoding and 3 workers;
     # benchmarks/project_defense_time.py projects it from the study's measured H100 stages (a first GPU run must
@@ -178,7 +184,7 @@ def plan(scale: BenchScale, study_dir: str) -> list[Stage]:
     stages.append(Stage("align_sft_timing", "train_eval", SHIPPED,
                         train=[*base, *scale.align, "export=false", "defense=none", "seed=0"], evaluate=ev,
                         labels={"claim": "align", "role": "timing", "defense": "none"}))
-    for threat in sorted(threats(scale), key=lambda t: t.key not in scale.reduced):  # small reference sets first
+    for threat in sorted(threats(scale), key=lambda t: len(scale.reduced.get(t.key, DEFENSES)) > 1):  # SFT-only refs first
         chosen = scale.reduced.get(threat.key, DEFENSES)
         for seed in scale.seeds:
             for d in chosen:
