@@ -14,6 +14,7 @@ import torch
 
 from safety_units.compare import compare_table
 from safety_units.evaluation import log_results, run_suite
+from safety_units.steering import steering
 from safety_units.ranks import RankedLogger
 from safety_units.run_logging import (
     Stopwatch,
@@ -147,8 +148,8 @@ class EvalCallback(pl.Callback):
     evaluations see the same prompts; the run's training prompts are counted (extra.train_overlap), not removed.
     """
 
-    def __init__(self, suite, judge, output_dir: str | Path, before: bool = True, after: bool = True):
-        self.suite, self.judge = suite, judge
+    def __init__(self, suite, judge, output_dir: str | Path, before: bool = True, after: bool = True, steer=None):
+        self.suite, self.judge, self.steer = suite, judge, steer
         self.output_dir = Path(output_dir)
         self.before, self.after = before, after
         self.results: dict[str, dict] = {}
@@ -162,8 +163,9 @@ class EvalCallback(pl.Callback):
         if trainer.is_global_zero:
             dm = trainer.datamodule
             train = {normalize_prompt(p) for p in dm.prompts()} if hasattr(dm, "prompts") else None
-            res = run_suite(pl_module.model, pl_module.tokenizer, self.suite, self.judge, train,
-                            self.output_dir, prefix=f"eval_{when}")
+            with steering(pl_module.model, pl_module.tokenizer, self.steer):  # steer=: fitted on the current weights
+                res = run_suite(pl_module.model, pl_module.tokenizer, self.suite, self.judge, train,
+                                self.output_dir, prefix=f"eval_{when}")
             self.results[when] = {k: asdict(v) for k, v in res.items()}
             log_results(trainer.loggers, res, prefix=f"eval_{when}", step=trainer.global_step)
             if when == "after" and "before" in self.results:

@@ -25,6 +25,7 @@ from safety_units.run_logging import (
     set_summary,
 )
 from safety_units.selection import ablation_label, ablation_selection
+from safety_units.steering import steering
 from safety_units.task_results import judge_name, markdown_table
 from safety_units.unit_map import save_selection
 from safety_units.units import unit_names
@@ -62,15 +63,17 @@ def run_evaluate(cfg: DictConfig, loaded: LoadedModel | None = None, train_promp
         # The model's own training prompts are only counted (extra.train_overlap): every model sees the same prompts.
         if not in_memory:
             train_prompts = training_prompts_of(cfg.model.get("path"))
-    results = run_suite(model, tokenizer, cfg.eval, judge, train_prompts, out)
+    with steering(model, tokenizer, cfg.get("steer")) as steer:  # after any ablation: fitted on the ablated model
+        results = run_suite(model, tokenizer, cfg.eval, judge, train_prompts, out)
     params = run_params(cfg) | {"eval.model_name": name, "eval.judge": judge_name(judge)} | \
         {f"ablation.{k}": v for k, v in flat(ablation or {}).items()}
     meta = {"model": name, "model_path": cfg.model.get("path") if model is not None and not in_memory else None,
-            "ablation": ablation, "judge": judge_name(judge), "params": params}
+            "ablation": ablation, "steer": steer, "judge": judge_name(judge), "params": params}
     (out / "eval_meta.json").write_text(json.dumps(meta, indent=2, default=str))
     table = markdown_table(results)
     (out / "eval.md").write_text(table + "\n")
-    header = f"model {name}, judge {judge_name(judge)}" + (f", ablated {ablation_label(ablation)}" if ablation else "")
+    header = f"model {name}, judge {judge_name(judge)}" + (f", ablated {ablation_label(ablation)}" if ablation else "") \
+        + (f", steered by {steer['method']}" if steer["method"] != "none" else "")
     rank_zero_print(f"\n{header}\n{table}\n", flush=True)
     loggers = instantiate_group(cfg.get("logger"), "logger")
     try:

@@ -6,7 +6,7 @@
 * train_only: train only freeze.classes of a map, or a seeded random freeze.random_share of each kind's units
   (a planted set, no map);
 * layers: freeze whole decoder layers (freeze.layers, or freeze.layers_like=esu_cu: the contiguous middle layers
-  with the closest number of entries).
+  with the closest number of entries, or freeze.layers_like=scans: the blocks SCANS anchors and steers).
 
 "Train only" freezes everything outside the selected units: other units, embeddings, norms, q/k/v and lm_head.
 """
@@ -35,13 +35,16 @@ def _layer_masks(cfg, model: nn.Module, tokenizer, names: dict | None, descripti
     groups = resolve_units(model, names)
     prefix = groups[0].out_name.rsplit(".", 3)[0] if groups else "model.layers"
     n_layers = max(g.layer for g in groups) + 1
-    if f.get("layers_like"):
+    if f.get("layers_like") == "scans":
+        layer_ids = scans_layers(cfg, model, tokenizer, description)
+    elif f.get("layers_like"):
         layer_ids = _middle_layers_like(cfg, model, tokenizer, names, prefix, n_layers, description)
     else:
         layer_ids = list(f.get("layers") or [])
     if not layer_ids:
         raise ConfigError("freeze=layers needs freeze.layers=[i, j, ...] (layer indices to freeze) or "
-                          "freeze.layers_like=esu_cu (contiguous middle layers with as many frozen entries).")
+                          "freeze.layers_like=esu_cu (contiguous middle layers with as many frozen entries) or "
+                          "freeze.layers_like=scans (the blocks steer=scans anchors).")
     bad = [i for i in layer_ids if not -n_layers <= i < n_layers]
     if bad:
         raise ConfigError(f"freeze.layers: {bad} out of range for a model with {n_layers} layers.")
@@ -51,13 +54,29 @@ def _layer_masks(cfg, model: nn.Module, tokenizer, names: dict | None, descripti
     return partial, {n for n, _ in model.named_parameters() if any(n.startswith(w) for w in wanted)}
 
 
+def scans_layers(cfg, model: nn.Module, tokenizer, description: dict) -> list[int]:
+    """The blocks SCANS steers on this model (safety_units.steering: anchored by vocabulary projection), from
+    cfg.steer when it is steer=scans, else from conf/steer/scans.yaml's defaults (fitted once, cached)."""
+    from safety_units.config import compose_config
+    from safety_units.steering import fitted, sigma_setup
+
+    steer = cfg.get("steer")
+    if steer is None or steer.get("method") != "scans":
+        steer = compose_config("evaluate", ["steer=scans"]).steer
+    if tokenizer is None:
+        raise ConfigError("freeze.layers_like=scans needs the tokenizer (it fits SCANS's vectors on the model).")
+    layers = sigma_setup(fitted(model, tokenizer, steer), steer)["layers"]
+    description.update(layers_like="scans")
+    return layers
+
+
 def _middle_layers_like(cfg, model: nn.Module, tokenizer, names, prefix: str, n_layers: int,
                         description: dict) -> list[int]:
     """The contiguous block of middle decoder layers whose parameter entries come closest to the entries that
     freeze=<layers_like> freezes (SPPFT-style safety-layer freezing at the same budget)."""
     like = cfg.freeze.layers_like
     if like not in ("esu", "esu_cu"):
-        raise ConfigError(f"freeze.layers_like must be esu or esu_cu (a frozen unit set), got {like!r}.")
+        raise ConfigError(f"freeze.layers_like must be esu or esu_cu (a frozen unit set) or scans, got {like!r}.")
     like_cfg = OmegaConf.merge(cfg, {"freeze": {"strategy": like}})
     selection, _, _ = freeze_selection(like_cfg, model, tokenizer, names, {})
     target = count_entries(model, *masks_from_selection(model, selection, "freeze", names))["frozen"]

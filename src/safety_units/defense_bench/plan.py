@@ -28,10 +28,11 @@ SFT = "align_sft"
 # run order within a seed: the alignment-stage defenses last, so that their models are ready when a worker
 # reaches them (a stage whose model is still being aligned waits: safety_units.study.runner.wait_for)
 DEFENSES = ("none", "esu_cu", "random", "lisa", "safeinstr", "safelora", "antidote", "layers", "esu",
-            "mask_esu_cu", "sn_tune", "vaccine", "booster")
+            "mask_esu_cu", "scans_layers", "sn_tune", "vaccine", "booster")
 ALIGN_DEFENSES = ("vaccine", "booster", "sn_tune")
 UNIT_DEFENSES = ("esu", "esu_cu", "random", "mask_esu_cu", "sn_tune")  # layers: the safety-layer peer baseline
 PEERS = ("vaccine", "booster", "lisa", "safeinstr", "layers", "safelora", "antidote")
+# scans_layers: freeze=layers on the blocks SCANS anchors (steer=scans, issue 26): where steering meets freezing
 
 
 @dataclass(frozen=True)
@@ -149,6 +150,8 @@ def defense_overrides(defense: str, threat: Threat, seed: int, study_dir: str) -
     if defense in ("esu", "esu_cu", "random", "layers"):
         extra = {"random": ["freeze.like=esu_cu"], "layers": ["freeze.layers_like=esu_cu"]}.get(defense, [])
         return SFT, [f"defense={defense}", f"freeze.unit_map={wifv}", f"freeze.seed={seed}", *extra]
+    if defense == "scans_layers":
+        return SFT, ["defense=layers", "freeze.layers_like=scans"]
     if defense == "lisa":  # the code's 100 : 900 alignment : fine-tune split, over this run's steps
         steps = finetune_steps(threat)
         a = max(1, round(0.1 * steps))
