@@ -148,3 +148,53 @@ def test_freeze_layers_like_scans_freezes_the_anchored_blocks(tiny, tmp_path):
     assert masker.describe()["layers"] == anchored and len(anchored) == 1
     frozen = {n for n, p in tiny.model.named_parameters() if f"layers.{anchored[0]}." in n}
     assert frozen and frozen <= set(masker.frozen_full)
+
+
+def test_anchor_window_is_the_best_contiguous_window_before_the_last_blocks():
+    from safety_units.steering import anchor_window
+
+    scores = torch.tensor([0.1, 0.9, 0.8, 0.2, 0.1, 0.1, 0.3, 0.95, 0.99, 1.0])
+    assert anchor_window(scores, 2, 0.7) == [1, 2]           # blocks 7-9 are past 70% of the depth
+    assert anchor_window(scores, 3, 1.0) == [7, 8, 9]
+    assert anchor_window(scores, None, 0.7) == [1, 2, 3]      # a third of 10 blocks
+
+
+def _result(metric, outcomes, value=None):
+    v = value if value is not None else sum(outcomes) / len(outcomes)
+    return {"metric": metric, "value": v, "extra": {"prompt_hash": "h", "outcomes": outcomes}}
+
+
+def test_the_goal_and_the_recommended_alpha_follow_the_written_criteria():
+    from safety_units.steer_report import fallback_alpha, goal_check, recommend
+
+    ppl = [[10.0, 5]] * 20
+    base = {"oktest": _result("refusal_rate", [1] * 20 + [0] * 20), "harmful": _result("asr", [0] * 40),
+            "ppl": _result("ppl", ppl, 7.0)}
+    halved = base | {"oktest": _result("refusal_rate", [1] * 4 + [0] * 36)}
+    worse_asr = halved | {"harmful": _result("asr", [1] * 2 + [0] * 38)}
+    worse_ppl = halved | {"ppl": _result("ppl", ppl, 7.5)}
+    checks = {a: goal_check(base, r) for a, r in ((2.0, halved), (4.0, worse_asr), (8.0, worse_ppl))}
+    assert checks[2.0]["met"] and checks[2.0]["oktest"]["p_mcnemar"] < 0.05
+    assert not checks[4.0]["met"] and not checks[4.0]["asr_ok"]    # +0.05 > 0.02
+    assert not checks[8.0]["met"] and not checks[8.0]["ppl_ok"]    # +7% > 2%
+    assert recommend(checks) == 2.0
+    assert recommend({4.0: checks[4.0]}) is None and fallback_alpha({4.0: checks[4.0], 8.0: checks[8.0]}) == 4.0
+
+
+def test_run_scans_writes_cells_and_the_report(tiny, tmp_path):
+    from conftest import load_script
+
+    tiny.model.save_pretrained(tmp_path / "m")
+    tiny.tokenizer.save_pretrained(tmp_path / "m")
+    load_script("run_scans").main([
+        "--model", f"a={tmp_path / 'm'}", "--alphas", "2", "--work-dir", str(tmp_path / "w"),
+        "--results-dir", str(tmp_path / "r"), "--set", "eval.limit=4", "--set", "eval.max_new_tokens=3",
+        "--set", "eval.tasks.mmlu.limit=2", "--set", "steer.anchor.nsamples=8", "--set", f"steer.cache_dir={tmp_path}"])
+    cells = json.loads((tmp_path / "r" / "scans" / "cells.json").read_text())
+    model = cells["models"]["a"]
+    assert set(model["conditions"]) == {"none", "refusal_ablation", "scans_a2"}
+    hashes = {c["results"]["oktest"]["extra"]["prompt_hash"] for c in model["conditions"].values()}
+    assert len(hashes) == 1 and model["sigma"]["heldout"]["sigma"]["oktest"]["n"] == 8
+    md = (tmp_path / "r" / "scans.md").read_text()
+    assert "| SCANS alpha=2 |" in md and "| sigma(q) | oktest | 8 |" in md
+    assert (tmp_path / "r" / "scans" / "frontier.png").is_file()

@@ -7,8 +7,8 @@ SCANS (Cao et al., AAAI 2025; zouyingcao/SCANS: SCANS_llama.py, utils/llama_wrap
 1. refusal steering vectors: per block l, the mean output of block l at the last prompt token over harmful anchor
    prompts minus that over harmless ones, scaled to unit length (`get_safety_vectors`);
 2. the steered (safety-critical) blocks: anchored by projecting each vector onto the vocabulary (final norm, LM
-   head) and ranking the refusal tokens (`steer.refusal_tokens`) -- the blocks whose projection ranks them highest
-   (the code fixes blocks 10-19 of Llama-2-7B's 32; the paper anchors them this way);
+   head) and ranking the refusal tokens (`steer.refusal_tokens`): the contiguous window whose projections rank them
+   highest, before the last blocks (anchor_window; the code fixes blocks 10-19 of Llama-2-7B's 32);
 3. sigma(q): the hidden-state transition of a query, h_l[end of prompt] - h_l[a compliance token appended ("Sure")],
    compared by cosine, averaged over blocks, to the mean transition of the harmful anchors
    (`predict_safety`, `get_unsafe_reference_transition_vector`): harmful when the cosine >= threshold;
@@ -181,6 +181,18 @@ def vocabulary_scores(model, vectors: torch.Tensor, refusal: list[int]) -> torch
     return (1 - ranks / logits.shape[1]).mean(dim=1).cpu()
 
 
+def anchor_window(scores: torch.Tensor, num_layers: int | None, max_layer_share: float) -> list[int]:
+    """The contiguous window of blocks whose vocabulary projections rank the refusal tokens highest on average,
+    among the blocks before max_layer_share of the depth (the last blocks decode the output format: they rank every
+    token cleanly and steering them degrades the text, as the paper finds); num_layers: a third of the blocks by
+    default (the code steers 10 of Llama-2-7B's 32)."""
+    n = len(scores)
+    k = int(num_layers or max(1, round(n / 3)))
+    limit = max(k, min(n, round(max_layer_share * n)))
+    start = max(range(limit - k + 1), key=lambda i: (float(scores[i:i + k].mean()), -i))
+    return list(range(start, start + k))
+
+
 def transitions(model, tokenizer, prompts: list[str], cfg, compliance: list[int]) -> torch.Tensor:
     """SCANS's hidden-state transition per prompt and block: h[end of prompt] - h[compliance token]:
     [num_layers, prompts, hidden]."""
@@ -214,9 +226,7 @@ def fit_scans(model, tokenizer, cfg, prompts: dict[str, list[str]]) -> dict:
     unit = vectors / norms.clamp_min(1e-12)[:, None]
     refusal = token_ids(tokenizer, list(cfg.refusal_tokens))
     scores = vocabulary_scores(model, unit, refusal)
-    n = len(unit)
-    k = int(cfg.anchor.get("num_layers") or max(1, round(n / 3)))
-    anchored = sorted(scores.argsort(descending=True)[:k].tolist())
+    anchored = anchor_window(scores, cfg.anchor.get("num_layers"), float(cfg.anchor.get("max_layer_share", 0.75)))
     compliance = tokenizer(str(cfg.sigma.compliance), add_special_tokens=False)["input_ids"]
     trans = {k_: transitions(model, tokenizer, p, cfg, compliance) for k_, p in prompts.items()}
     reference = trans["harmful"].mean(dim=1)
