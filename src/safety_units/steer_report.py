@@ -161,7 +161,7 @@ def write_report(results_dir: str | Path, name: str = "scans") -> Path:
               for c in main["conditions"].values() if c["method"] == "scans"}
     rec = recommend(checks)
     frontier_plot(data, results_dir / name / "frontier.png")
-    out = [f"# SCANS: safety-conscious activation steering on the project's aligned models", "",
+    out = ["# SCANS: safety-conscious activation steering on the project's aligned models", "",
            f"Written by `python scripts/run_scans.py` (`safety_units.steer_report`) from `results/{name}/cells.json`. "
            "Every condition of a model sees the same prompts (hashes checked by the paired tests); refusal judge: "
            f"{data['judge']}. p: exact McNemar test against the same model unsteered; ppl change relative.", "",
