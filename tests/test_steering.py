@@ -198,3 +198,18 @@ def test_run_scans_writes_cells_and_the_report(tiny, tmp_path):
     md = (tmp_path / "r" / "scans.md").read_text()
     assert "| SCANS alpha=2 |" in md and "| sigma(q) | oktest | 8 |" in md
     assert (tmp_path / "r" / "scans" / "frontier.png").is_file()
+
+
+def test_the_eval_callback_steers_both_evaluations(tmp_path):
+    from conftest import train_cfg
+
+    from safety_units.training import run_train
+
+    cfg = train_cfg(tmp_path, "callbacks=eval", "callbacks.eval.suite.limit=2", "callbacks.eval.suite.max_new_tokens=3",
+                    "callbacks.eval.suite.tasks.mmlu=null", "trainer.max_steps=1", "steer=scans", *ANCHORS,
+                    f"steer.cache_dir={tmp_path}")
+    run_train(cfg)
+    for when in ("before", "after"):
+        info = json.loads((tmp_path / f"eval_{when}_steer.json").read_text())
+        assert info["method"] == "scans" and info["sequences_classified"] > 0
+    assert len(list((tmp_path / "steering").glob("scans-*.pt"))) == 2  # refitted on the trained weights

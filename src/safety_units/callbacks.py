@@ -163,9 +163,11 @@ class EvalCallback(pl.Callback):
         if trainer.is_global_zero:
             dm = trainer.datamodule
             train = {normalize_prompt(p) for p in dm.prompts()} if hasattr(dm, "prompts") else None
-            with steering(pl_module.model, pl_module.tokenizer, self.steer):  # steer=: fitted on the current weights
+            with steering(pl_module.model, pl_module.tokenizer, self.steer) as steer:  # fitted on the current weights
                 res = run_suite(pl_module.model, pl_module.tokenizer, self.suite, self.judge, train,
                                 self.output_dir, prefix=f"eval_{when}")
+            if steer["method"] != "none":
+                (self.output_dir / f"eval_{when}_steer.json").write_text(json.dumps(steer, indent=2))
             self.results[when] = {k: asdict(v) for k, v in res.items()}
             log_results(trainer.loggers, res, prefix=f"eval_{when}", step=trainer.global_step)
             if when == "after" and "before" in self.results:
