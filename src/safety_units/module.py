@@ -153,7 +153,10 @@ class CausalLMModule(pl.LightningModule):
         self.log("freeze/frozen_max_abs_delta", m.frozen_max_abs_delta(self.model.state_dict()), on_step=True)
 
     def validation_step(self, batch, batch_idx):
-        loss = self.model(**batch).loss
+        if "ref_logps" in batch:  # objective=dpo / unlearning rows: the objective's loss is the validation loss
+            loss = self.objective.loss(self, batch)
+        else:
+            loss = self.model(**batch).loss
         self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=batch["input_ids"].shape[0])
 
     # ------------------------------------------------------------------ optimizer

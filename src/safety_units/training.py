@@ -22,6 +22,7 @@ from safety_units.errors import ConfigError
 from safety_units.freezing import build_masker
 from safety_units.models import LoadedModel, load_model
 from safety_units.module import CausalLMModule
+from safety_units.objectives import build_training_objective
 from safety_units.posthoc import PostHocDefense
 from safety_units.ranks import RankedLogger
 from safety_units.run_logging import Stopwatch, run_params
@@ -92,6 +93,19 @@ def fit(cfg: DictConfig, loaded: LoadedModel | None = None) -> tuple[dict, objec
     if adapter is not None:
         model, train_masker = adapter.wrap(model, masker)
     objective = build_objective(defense, tokenizer, cfg.data, int(cfg.seed)) if defense is not None else None
+    alignment = build_training_objective(cfg.get("objective"))
+    if alignment is not None:
+        if objective is not None:
+            raise ConfigError(f"objective={cfg.objective.name} and defense={defense.name} both set the training loss; "
+                              f"use one of them.")
+        need = {"pairs": "preference", "forget": "unlearning"}[alignment.needs]
+        if getattr(datamodule, "kind", None) != need:
+            raise ConfigError(f"objective={cfg.objective.name} trains on data={need} (rows with a role and reference "
+                              f"log-probabilities), but data={cfg.data.get('name')} is plain (prompt, response) data.")
+        objective = alignment
+    elif getattr(datamodule, "kind", None) is not None:
+        raise ConfigError(f"data={cfg.data.get('name')} holds {datamodule.kind} rows for objective="
+                          f"{'dpo' if datamodule.kind == 'preference' else 'unlearning'}; set that objective.")
     module = CausalLMModule(model, masker=train_masker, tokenizer=tokenizer, unit_map=unit_map, objective=objective,
                             **OmegaConf.to_container(cfg.optim, resolve=True))
 
