@@ -111,3 +111,44 @@ def test_safety_fine_tuning_of_the_synthetic_model_under_each_objective(tmp_path
     summary = run_train(compose("train", over, output_dir=tmp_path / "run"))
     assert summary["frozen_max_abs_delta"] == 0.0 and summary["trainable_changed"] > 0
     assert summary["data_stats"]["kind"] == kind
+
+
+def test_separation_probe_and_cluster_distance_on_planted_clusters():
+    import torch
+
+    from safety_units.synthetic.analysis import separation
+
+    g = torch.Generator().manual_seed(0)
+    safe = torch.randn(2, 200, 16, generator=g)
+    unsafe = torch.randn(2, 200, 16, generator=g)
+    unsafe[1, :, 3] += 6.0  # layer 1 separates along one direction, layer 0 does not
+    sep = separation(safe, unsafe)
+    assert sep[1]["probe_accuracy"] > 0.95 and 0.35 < sep[0]["probe_accuracy"] < 0.65
+    assert sep[1]["cluster_distance"] > 3 * sep[0]["cluster_distance"]
+
+
+def test_update_shares_split_row_and_null_space():
+    import torch
+
+    from safety_units.synthetic.analysis import update_subspace_shares
+
+    g = torch.Generator().manual_seed(0)
+    basis = torch.linalg.qr(torch.randn(8, 8, generator=g))[0]
+    w0 = torch.randn(6, 3, generator=g) @ basis[:, :3].T          # rank 3: row space = first 3 basis vectors
+    in_null = torch.randn(6, 5, generator=g) @ basis[:, 3:].T
+    assert update_subspace_shares(w0, w0 + in_null)["null_space"] == pytest.approx(1.0, abs=1e-9)
+    shares = update_subspace_shares(w0, 1.1 * w0)
+    assert shares["row_space"] == pytest.approx(1.0, abs=1e-9) and shares["rank"] == 3
+
+
+def test_placement_puts_inputs_on_the_safe_unsafe_axis():
+    import torch
+
+    from safety_units.synthetic.analysis import placement
+
+    g = torch.Generator().manual_seed(0)
+    safe = torch.randn(1, 100, 8, generator=g) * 0.1
+    unsafe = safe + torch.tensor([2.0] + [0.0] * 7)
+    near_safe = safe[:, :50] + torch.tensor([0.4] + [0.0] * 7)
+    p = placement(safe, unsafe, near_safe)[0]
+    assert p["position"] == pytest.approx(0.2, abs=0.05) and p["nearer_safe"] == 1.0
