@@ -152,3 +152,21 @@ def test_placement_puts_inputs_on_the_safe_unsafe_axis():
     near_safe = safe[:, :50] + torch.tensor([0.4] + [0.0] * 7)
     p = placement(safe, unsafe, near_safe)[0]
     assert p["position"] == pytest.approx(0.2, abs=0.05) and p["nearer_safe"] == 1.0
+
+
+def test_the_testbed_driver_runs_every_objective_and_writes_the_report(tmp_path):
+    import json
+
+    from conftest import load_script
+
+    load_script("run_jain_testbed").main([
+        "--seeds", "0", "--out", str(tmp_path / "out"), "--results-dir", str(tmp_path / "r"), "--eval-per-group", "8",
+        *sum((["--model-set", s] for s in [f"paths.cache_dir={tmp_path}", *SMALL]), []),
+        "--set", "data.num_samples=32", "--set", "trainer.max_steps=2", "--set", f"paths.cache_dir={tmp_path}"])
+    data = json.loads((tmp_path / "r" / "jain_testbed" / "testbed.json").read_text())
+    assert set(data["runs"]) == {"sft_s0", "dpo_s0", "unlearning_s0"}
+    assert set(data["findings"]) == {"sft", "dpo", "unlearning"}
+    shares = data["runs"]["dpo_s0"]["shares"]["mean_null_space"]
+    assert set(shares) == {"gate_proj", "up_proj", "down_proj"} and all(0 <= v <= 1 for v in shares.values())
+    md = (tmp_path / "r" / "jain_testbed.md").read_text()
+    assert "| unlearning (1 seeds) |" in md and "| dpo |" in md
