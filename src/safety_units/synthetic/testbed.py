@@ -157,7 +157,7 @@ def write_report(results_dir: str | Path, name: str = "jain_testbed") -> Path:
     fig.savefig(results_dir / name / "separation.png", dpi=110)
     plt.close(fig)
     p = data.get("pretraining") or {}
-    out = [f"# Jain et al.'s synthetic testbed", "",
+    out = ["# Jain et al.'s synthetic testbed", "",
            f"Written by `python scripts/run_jain_testbed.py` (`safety_units.synthetic.testbed`) from `results/{name}/"
            f"testbed.json`. Criteria fixed before the runs: F1 probe accuracy >= {SEPARATION_MIN} at the best block "
            f"and a larger cluster distance than pretrained; F2 the MLP updates' null-space share above "
