@@ -26,7 +26,8 @@ from safety_units.study.verdicts import (
 )
 
 N = 40  # prompts per task
-SCALE = dataclasses.replace(SCALES["cpu"], seeds=[0, 1], random_seeds=[0, 1], mix_shares=[0.1], aoa_epochs=[1, 5])
+SCALE = dataclasses.replace(SCALES["cpu"], seeds=[0, 1], random_seeds=[0, 1], mix_shares=[0.1], aoa_epochs=[1, 5],
+                            a_objectives=["sft"])
 V1 = ROOT / "results" / "ssah_smollm2_v1.md"
 
 
@@ -73,12 +74,13 @@ def default_values(name: str, labels: dict) -> dict:
     return v
 
 
-def write_study(study, values=default_values, skip=(), hashes=None, settings=None):
+def write_study(study, values=default_values, skip=(), hashes=None, settings=None, scale=None):
     """Every stage of the v2 plan at SCALE (except `skip`), as the runner writes them, plus study.json.
 
     values(name, labels) -> {task: value}; hashes: {(stage, task): prompt_hash} overrides."""
     hashes = hashes or {}
-    stages = plan(SCALE, str(study))
+    scale = scale or SCALE
+    stages = plan(scale, str(study))
     for s in stages:
         if s.name in skip:
             continue
@@ -111,7 +113,7 @@ def write_study(study, values=default_values, skip=(), hashes=None, settings=Non
     (study / "study.json").write_text(json.dumps({
         "scale": "cpu", "hardware": "Fake hardware (7 cores)", "device": "cpu", "minutes": 12.5,
         "budget_minutes": 600, "planned": names, "ran": ran, "skipped": [], "not_run": list(skip), "failed": {},
-        "settings": settings or dataclasses.asdict(SCALE)}))
+        "settings": settings or dataclasses.asdict(scale)}))
     return study
 
 
@@ -155,6 +157,25 @@ def test_a_seed_whose_prompts_differ_raises_naming_both_stages(tmp_path):
 
 
 # --------------------------------------------------------------------------- verdicts
+def test_claim_a_is_judged_per_objective(tmp_path):
+    """With the objective axis, (a) has one verdict per objective; here DPO's RU-only loses to random."""
+    scale = dataclasses.replace(SCALE, a_objectives=["sft", "dpo"], a_objective_lrs=["2e-4"])
+
+    def values(name, labels):
+        v = default_values(name, labels)
+        if labels.get("objective") == "dpo" and labels.get("method") == "ru_only":
+            v.update(harmful=0.9)
+        return v
+
+    study = write_study(tmp_path / "s", values, scale=scale)
+    vs = study_verdicts(study)
+    assert vs["(a) alignment budget, sft"].status == "supported"
+    assert vs["(a) alignment budget, dpo, lr 2e-4"].status == "refuted"
+    assert "(a) alignment budget, dpo, lr 5e-5" not in vs
+    md = write_report(study, tmp_path / "results", V1).read_text()
+    assert "| objective | method | lr |" in md and "| dpo | RU-only | 2e-4 |" in md
+
+
 def test_every_claim_is_supported_in_a_study_built_to_support_it(tmp_path):
     vs = study_verdicts(write_study(tmp_path / "s"))
     assert vs["(a) alignment budget"].status == "supported"

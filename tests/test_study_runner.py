@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from conftest import ROOT
 
-from safety_units.study.plan import ABLATED, FREEZES, SCALES, plan, threats
+from safety_units.study.plan import ABLATED, FREEZES, SCALES, a_objectives, plan, threats
 from safety_units.study.runner import StageExists, run_study, stage_configs
 
 # The CPU scale shrunk to a tiny random model: seconds per stage.
@@ -34,7 +34,7 @@ def test_every_study_stage_composes(scale, tmp_path):
     names = [s.name for s in stages]
     n_c = len(threats(sc)) * len(FREEZES) * len(sc.seeds)
     assert len(set(names)) == len(names) == 5 + len(ABLATED) * (1 + len(sc.random_seeds)) + \
-        3 * len(sc.a_lrs) * len(sc.seeds) + n_c
+        3 * sum(len(lrs) for lrs in a_objectives(sc).values()) * len(sc.seeds) + n_c
     assert len(sc.seeds) >= 3 and len(sc.a_lrs) >= 2 and sc.mix_shares == [0.05, 0.1, 0.2]
     aligned = f"{tmp_path}/align/model"
     for st in stages:

@@ -11,7 +11,7 @@ held-out perplexity of both fine-tune tasks) and point.json (its labels and, for
 Names, in the order the stages run (cheap and upstream first, so a time budget cuts the end of (c), never a base):
     attribute_base, align, shipped, attribute_aligned, aligned_aoaprompt,
     b_<cls>, b_random_<cls>_s<k>                             claim (b): ablate a class vs its size-matched random sets
-    a_<method>_lr<lr>_s<seed>                                claim (a): full / ru_only / random (like ru_only)
+    a_<method>[_<objective>]_lr<lr>_s<seed>                  claim (a): full / ru_only / random (like ru_only), per objective
     c_<threat>_<freeze>_s<seed>                              claim (c): threat models x freezes x seeds
 """
 
@@ -35,6 +35,20 @@ ALIGN_METHODS = ("full", "ru_only", "random")
 ALIGN_OVERRIDES = {"full": ["freeze=none"], "ru_only": ["freeze=ru_only"],
                    "random": ["freeze=random", "freeze.like=ru_only"]}
 ABLATED = ("esu", "euu", "cu", "ru")
+# claim (a)'s objective axis (Jain et al.'s three methods): the data each objective trains on, instead of data=mix
+OBJECTIVE_DATA = {"sft": "mix", "dpo": "preference", "unlearning": "unlearning"}
+
+
+def a_name(method: str, lr: str, seed: int, objective: str = "sft") -> str:
+    """Claim (a)'s stage name (SFT keeps the v2 names, so its finished stages are reused)."""
+    return f"a_{method}_lr{lr}_s{seed}" if objective == "sft" else f"a_{method}_{objective}_lr{lr}_s{seed}"
+
+
+def a_objectives(scale) -> dict[str, list[str]]:
+    """objective -> the learning rates its (a) stages run at (a scale without the axis: SFT at a_lrs)."""
+    objs = list(getattr(scale, "a_objectives", None) or ["sft"])
+    other = list(getattr(scale, "a_objective_lrs", None) or scale.a_lrs)
+    return {o: (list(scale.a_lrs) if o == "sft" else other) for o in objs}
 @dataclass(frozen=True)
 class Threat:
     """A fine-tuning threat model of claim (c)."""
@@ -64,6 +78,8 @@ class Scale:
     seeds: list[int]
     random_seeds: list[int]
     workers: int = 1            # processes running the stages after the setup (study_runner.run_parallel)
+    a_objectives: list[str] = field(default_factory=lambda: ["sft"])  # claim (a)'s objective axis (OBJECTIVE_DATA)
+    a_objective_lrs: list[str] = field(default_factory=list)          # their lrs (empty: a_lrs); SFT runs at a_lrs
     base_model: list[str] = field(default_factory=lambda: ["model=smollm2_135m"])
     teacher: list[str] = field(default_factory=list)  # harmful-mixture overrides (default teacher: the shipped model)
 
@@ -117,7 +133,9 @@ SCALES = {
         attribute=["scoring=wifv", "calibration.nsamples=64", "calibration.max_length=128"],  # as it was run
         eval=["eval.max_new_tokens=32", "eval.tasks.harmful.limit=48", "eval.tasks.oktest.limit=32",
               "eval.tasks.ppl.limit=24", "eval.tasks.ppl_dolly.limit=24"],
-        seeds=[0, 1, 2], random_seeds=[0, 1, 2], workers=2),
+        seeds=[0, 1, 2], random_seeds=[0, 1, 2], workers=2,
+        # DPO and unlearning at the alignment's lr only (fixed before any run): 18 more stages, ~30 min
+        a_objectives=["sft", "dpo", "unlearning"], a_objective_lrs=["2e-4"]),
 }
 
 
@@ -191,15 +209,19 @@ def plan(scale: Scale, study_dir: str) -> list[Stage]:
                                 evaluate=[*ev, f"ablate.unit_map={aligned_map}", f"ablate.random_like={cls}",
                                           f"ablate.seed={s}"],
                                 labels={"claim": "b", "ablated": f"random_{cls}", "like": cls, "seed": s}))
-    for lr in scale.a_lrs:
-        for seed in scale.seeds:
-            for method in ALIGN_METHODS:
-                fr = ALIGN_OVERRIDES[method] + ([] if method == "full" else
-                                                [f"freeze.unit_map={base_map}", f"freeze.seed={seed}"])
-                stages.append(Stage(f"a_{method}_lr{lr}_s{seed}", "train_eval", SHIPPED,
-                                    train=[*scale.base_model, *scale.common, *scale.budget_align, *fr,
-                                           f"optim.lr={lr}", f"seed={seed}"],
-                                    evaluate=ev, labels={"claim": "a", "method": method, "lr": lr, "seed": seed}))
+    for objective, lrs in a_objectives(scale).items():
+        data = [x if not x.startswith("data=") else f"data={OBJECTIVE_DATA[objective]}" for x in scale.budget_align]
+        obj = [] if objective == "sft" else [f"objective={objective}"]
+        for lr in lrs:
+            for seed in scale.seeds:
+                for method in ALIGN_METHODS:
+                    fr = ALIGN_OVERRIDES[method] + ([] if method == "full" else
+                                                    [f"freeze.unit_map={base_map}", f"freeze.seed={seed}"])
+                    stages.append(Stage(a_name(method, lr, seed, objective), "train_eval", SHIPPED,
+                                        train=[*scale.base_model, *scale.common, *data, *obj, *fr,
+                                               f"optim.lr={lr}", f"seed={seed}"],
+                                        evaluate=ev, labels={"claim": "a", "method": method, "lr": lr, "seed": seed,
+                                                             "objective": objective}))
     for threat in threats(scale):
         ev_t = ev_aoa if threat.family == "aoa" else ev  # the AOA models are attacked as they were trained
         for seed in scale.seeds:

@@ -12,6 +12,7 @@ from safety_units.study.verdicts import (
     ERROR,
     FREEZES,
     a_stages,
+    objectives_of,
     b_random,
     by_seed,
     c_stages,
@@ -63,21 +64,28 @@ def single(st: dict, stage: str, tasks: tuple[str, ...]) -> dict:
 
 # --------------------------------------------------------------------------- (a)
 def section_a(st: dict) -> tuple[dict, list[str]]:
-    """method x lr: ASR, OKTest refusal, ppl (mean +- sd), and the pooled error difference vs random."""
+    """(objective x) method x lr: ASR, OKTest refusal, ppl (mean +- sd), and the pooled error difference vs
+    random; the objective column only when the plan has several."""
     shipped = single(st, "shipped", ("harmful", "oktest", "ppl"))
+    objs = objectives_of(st)
+    many = len(objs) > 1
     rows = []
-    for lr in st["plan"]["a_lrs"]:
-        rnd = a_stages(st, "random", lr)
-        for m in ALIGN_METHODS:
-            me = a_stages(st, m, lr)
-            rows.append({"method": m, "lr": lr, **{t: cond(st, me, t) for t in ("harmful", "oktest", "ppl")},
-                         "vs_random": None if m == "random" else compare(st, by_seed(rnd, me), ERROR)})
-    lines = ["| method | lr | ASR | OKTest refusal | ppl (Alpaca held-out) | error vs random: Δ [95% CI, p] |",
-             "|---|---|---:|---:|---:|---|",
-             f"| shipped (reference) | - | {num(shipped['harmful'])} | {num(shipped['oktest'])} | "
+    for objective, lrs in objs.items():
+        for lr in lrs:
+            rnd = a_stages(st, "random", lr, objective)
+            for m in ALIGN_METHODS:
+                me = a_stages(st, m, lr, objective)
+                rows.append({"objective": objective, "method": m, "lr": lr,
+                             **{t: cond(st, me, t) for t in ("harmful", "oktest", "ppl")},
+                             "vs_random": None if m == "random" else compare(st, by_seed(rnd, me), ERROR)})
+    col, sep, ref = ("| objective ", "|---", "| - ") if many else ("", "", "")
+    lines = [col + "| method | lr | ASR | OKTest refusal | ppl (Alpaca held-out) | error vs random: Δ [95% CI, p] |",
+             sep + "|---|---|---:|---:|---:|---|",
+             f"{ref}| shipped (reference) | - | {num(shipped['harmful'])} | {num(shipped['oktest'])} | "
              f"{num(shipped['ppl'], 2)} | - |"]
     for r in rows:
-        lines.append(f"| {METHOD_LABELS[r['method']]} | {r['lr']} | {ms(r['harmful'])} | {ms(r['oktest'])} | "
+        lines.append((f"| {r['objective']} " if many else "") +
+                     f"| {METHOD_LABELS[r['method']]} | {r['lr']} | {ms(r['harmful'])} | {ms(r['oktest'])} | "
                      f"{ms(r['ppl'], 2)} | {'-' if r['method'] == 'random' else diff_text(r['vs_random'])} |")
     lines += ["", "Error = attack successes on the harmful set followed by refusals on OKTest, one binary outcome per "
               "prompt; Δ is the method minus random alignment, per-prompt outcomes pooled over seeds (exact McNemar "

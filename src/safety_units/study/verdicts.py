@@ -23,6 +23,8 @@ from safety_units.study.plan import (
     ALIGN_METHODS,
     FREEZES,
     Scale,
+    a_name,
+    a_objectives,
     plan,
     threats,
 )
@@ -74,6 +76,7 @@ def plan_of(meta: dict, runs: dict, study: Path) -> dict:
                 "strength": t.strength} for t in threats(scale)]
         return {"seeds": list(s.get("seeds") or []), "random_seeds": list(s.get("random_seeds") or []),
                 "a_lrs": [str(x) for x in s.get("a_lrs") or []], "threats": ths, "source": "study.json settings",
+                "a_objectives": {o: [str(x) for x in lrs] for o, lrs in a_objectives(scale).items()},
                 "stages": {x.name: x.done_file for x in plan(scale, str(study))}}
     labels = [r["point"]["labels"] for r in runs.values() if r["point"] and r["point"].get("labels")]
     ths = {}
@@ -86,15 +89,25 @@ def plan_of(meta: dict, runs: dict, study: Path) -> dict:
                                                 t["strength"] or 0, t["key"]))
     return {"seeds": sorted({lab["seed"] for lab in labels if lab.get("claim") in ("a", "c")}),
             "random_seeds": sorted({lab["seed"] for lab in labels if lab.get("claim") == "b" and "seed" in lab}),
-            "a_lrs": list(dict.fromkeys(str(lab["lr"]) for lab in labels if lab.get("claim") == "a")),
+            "a_lrs": list(dict.fromkeys(str(lab["lr"]) for lab in labels if lab.get("claim") == "a"
+                                        and lab.get("objective", "sft") == "sft")),
+            "a_objectives": {o: list(dict.fromkeys(str(lab["lr"]) for lab in labels if lab.get("claim") == "a"
+                                                   and lab.get("objective", "sft") == o))
+                             for o in dict.fromkeys(lab.get("objective", "sft") for lab in labels
+                                                    if lab.get("claim") == "a")},
             "threats": order, "source": "point.json labels (no study.json settings)",
             "stages": {n: "unit_map.safetensors" if n.startswith("attribute") else "eval.json"
                        for n in meta.get("planned") or runs}}
 
 
 # --------------------------------------------------------------------------- stage names
-def a_stages(st: dict, method: str, lr: str) -> list[str]:
-    return [f"a_{method}_lr{lr}_s{s}" for s in st["plan"]["seeds"]]
+def a_stages(st: dict, method: str, lr: str, objective: str = "sft") -> list[str]:
+    return [a_name(method, lr, s, objective) for s in st["plan"]["seeds"]]
+
+
+def objectives_of(st: dict) -> dict[str, list[str]]:
+    """Claim (a)'s objectives and the lrs each ran at (plans without the axis: SFT at a_lrs)."""
+    return st["plan"].get("a_objectives") or {"sft": st["plan"]["a_lrs"]}
 
 
 def b_random(st: dict, cls: str) -> list[str]:
@@ -226,15 +239,20 @@ def combine(statuses: list[str], claim: str, what: str) -> Verdict:
 
 
 # --------------------------------------------------------------------------- (a) alignment budget
-def a_point(st: dict, method: str, lr: str) -> dict:
-    return {t: cond(st, a_stages(st, method, lr), t) for t in ("harmful", "oktest", "ppl", ERROR)}
+def a_point(st: dict, method: str, lr: str, objective: str = "sft") -> dict:
+    return {t: cond(st, a_stages(st, method, lr, objective), t) for t in ("harmful", "oktest", "ppl", ERROR)}
 
 
-def verdict_a_lr(st: dict, lr: str) -> Verdict:
+def a_claim(st: dict, objective: str) -> str:
+    """Claim (a)'s name; with several objectives each is named (the v2 SFT-only report keeps its names)."""
+    return "(a) alignment budget" + (f", {objective}" if len(objectives_of(st)) > 1 else "")
+
+
+def verdict_a_lr(st: dict, lr: str, objective: str = "sft") -> Verdict:
     """RU-only alignment vs its size-matched random control on harmful successes + OKTest refusals (pooled)."""
-    claim = f"(a) alignment budget, lr {lr}"
-    pts = {m: a_point(st, m, lr) for m in ALIGN_METHODS}
-    d = compare(st, by_seed(a_stages(st, "random", lr), a_stages(st, "ru_only", lr)), ERROR)
+    claim = f"{a_claim(st, objective)}, lr {lr}"
+    pts = {m: a_point(st, m, lr, objective) for m in ALIGN_METHODS}
+    d = compare(st, by_seed(a_stages(st, "random", lr, objective), a_stages(st, "ru_only", lr, objective)), ERROR)
     shipped = value(st, "shipped", "harmful")
     gain_full = None if shipped is None or pts["full"]["harmful"]["mean"] is None else \
         shipped - pts["full"]["harmful"]["mean"]
@@ -255,9 +273,10 @@ def verdict_a_lr(st: dict, lr: str) -> Verdict:
     return Verdict(claim, status, text, numbers)
 
 
-def frontier(st: dict) -> list[str]:
+def frontier(st: dict, objective: str = "sft") -> list[str]:
     """Random-alignment points (means over seeds) that dominate an RU-only point on (OKTest refusal, ASR)."""
-    pts = {(m, lr): a_point(st, m, lr) for lr in st["plan"]["a_lrs"] for m in ("ru_only", "random")}
+    pts = {(m, lr): a_point(st, m, lr, objective) for lr in objectives_of(st)[objective]
+           for m in ("ru_only", "random")}
     xy = {k: (p["oktest"]["mean"], p["harmful"]["mean"]) for k, p in pts.items()}
     out = []
     for (m, lr), (x, y) in xy.items():
@@ -269,14 +288,18 @@ def frontier(st: dict) -> list[str]:
 
 
 def verdicts_a(st: dict) -> list[Verdict]:
-    per_lr = [verdict_a_lr(st, lr) for lr in st["plan"]["a_lrs"]]
-    overall = combine([v.status for v in per_lr], "(a) alignment budget", "learning rate")
-    dom = frontier(st)
-    overall.text += (f" Supported: RU-only significantly (p<{ALPHA}) lower-error than random at >= 1 lr and "
-                     f"significantly worse at none. Frontier: " + ("; ".join(dom) if dom else
-                                                                  "no random point dominates an RU-only point") + ".")
-    overall.numbers["frontier"] = dom
-    return [overall, *per_lr]
+    """Per objective: the verdict over its learning rates, then one per learning rate."""
+    out = []
+    for objective, lrs in objectives_of(st).items():
+        per_lr = [verdict_a_lr(st, lr, objective) for lr in lrs]
+        overall = combine([v.status for v in per_lr], a_claim(st, objective), "learning rate")
+        dom = frontier(st, objective)
+        overall.text += (f" Supported: RU-only significantly (p<{ALPHA}) lower-error than random at >= 1 lr and "
+                         f"significantly worse at none. Frontier: " + ("; ".join(dom) if dom else
+                                                                      "no random point dominates an RU-only point") + ".")
+        overall.numbers["frontier"] = dom
+        out += [overall, *per_lr]
+    return out
 
 
 # --------------------------------------------------------------------------- (b) ablation
