@@ -57,11 +57,36 @@ def collect(bench: Path, out_dir: Path, harm_judge=None) -> Path:
             cells.append(cell)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "cells.json"
-    path.write_text(json.dumps({"cells": cells, "aligned": aligned, "judge": HS_RULE,
+    path.write_text(json.dumps({"cells": cells, "aligned": aligned, "judge": HS_RULE, "stages": stage_times(bench, record),
                                 "record": {k: record.get(k) for k in ("scale", "hardware", "minutes", "workers",
                                                                       "planned", "ran", "skipped", "not_run",
                                                                       "failed", "settings")}}, indent=1))
     return path
+
+
+def stage_times(bench: Path, record: dict) -> dict:
+    """Every finished stage's measured seconds (<stage>.stage.json) and whether the runner runs it in the setup
+    (one after the other, before the workers start)."""
+    from safety_units.defense_bench.plan import SCALES, plan
+
+    scale = SCALES.get(record.get("scale") or "cpu")
+    setup = {st.name for st in plan(scale, str(bench)) if st.labels.get("claim") == "setup"} if scale else set()
+    out = {}
+    for f in sorted(bench.glob("*.stage.json")):
+        name = f.name.removesuffix(".stage.json")
+        out[name] = {"seconds": json.loads(f.read_text()).get("seconds"), "setup": name in setup}
+    return out
+
+
+def projected_minutes(stages: dict, workers: int) -> tuple[float, float, float]:
+    """(setup minutes, the other stages' minutes, a fresh run's wall minutes: the setup, then the rest spread over
+    `workers` by longest-first greedy assignment)."""
+    setup = sum(v["seconds"] or 0 for v in stages.values() if v["setup"]) / 60
+    rest = sorted((v["seconds"] or 0 for v in stages.values() if not v["setup"]), reverse=True)
+    loads = [0.0] * max(1, workers)
+    for x in rest:
+        loads[loads.index(min(loads))] += x
+    return setup, sum(rest) / 60, setup + max(loads) / 60
 
 
 HS_RULE = "harm probe AND not a pattern-judge refusal"  # the rule results/harm_judge.md validates for HS
@@ -190,6 +215,12 @@ def write_report(results_dir: Path, name: str = "defenses") -> Path:
             f"stages planned {len(rec.get('planned') or [])}, ran or kept "
             f"{len(rec.get('ran') or []) + len(rec.get('skipped') or [])}, not run {len(rec.get('not_run') or [])}, "
             f"failed {len(rec.get('failed') or {})}.", ""]
+    if data.get("stages"):
+        setup_m, rest_m, wall_m = projected_minutes(data["stages"], int(rec.get("workers") or 1))
+        out += [f"Wall time of a fresh run, from the {len(data['stages'])} stages' measured times (stage.json): the "
+                f"setup {setup_m:.1f} min one after the other, then {rest_m:.1f} stage-minutes over "
+                f"{rec.get('workers')} workers (longest first): **{wall_m:.0f} min** "
+                f"({wall_m / 60:.2f} h; perfect overlap, the stages measured across sessions).", ""]
     out += ["## Aligned models (before any fine-tune)", "",
             "| alignment | HS | ASR | FA | OKTest refusal | ppl | alignment time / SFT |", "|---|---:|---:|---:|---:|---:|---:|"]
     for d, a in sorted(aligned.items()):
@@ -204,7 +235,10 @@ def write_report(results_dir: Path, name: str = "defenses") -> Path:
                 f"training source).", ""] + leaderboard(tc, aligned)
     out += ["", "![HS-FA frontier](defenses/frontier.png)", "", "## Mean rank across threat models", ""]
     mr = C.mean_ranks(by_threat)
-    out += ["| defense | mean rank (by HS) |", "|---|---:|"] + [f"| {d} | {r:.2f} |" for d, r in
+    out += ["Ranked among the defenses that ran in every threat model with SFT and another defense "
+            "(`criteria.mean_ranks`); per threat model: " + "; ".join(
+                f"`{t}` {len({c['defense'] for c in tc})}" for t, tc in sorted(by_threat.items())) + " defenses.", "",
+            "| defense | mean rank (by HS) |", "|---|---:|"] + [f"| {d} | {r:.2f} |" for d, r in
                                                             sorted(mr.items(), key=lambda x: (x[1], x[0]))]
     out += ["", "## The goal (p = 0.1)", ""]
     goal_cells = by_threat.get(C.GOAL_THREAT, [])
