@@ -158,3 +158,12 @@ def test_collect_judges_each_stage_once_and_never_calls_a_refusal_harmful(tmp_pa
     assert [c["harmful"] for c in out["cells"]] == [[1, 0]] and out["aligned"]["none"]["hs"] == 0.5
     collect(bench, tmp_path / "out", Judge())
     assert Judge.calls == 2  # the second collect read both stages' harm_judged.json
+
+
+def test_projected_wall_time_runs_the_setup_then_spreads_the_rest_over_the_workers():
+    from safety_units.defense_bench.report import projected_minutes
+
+    stages = {"align_sft": {"seconds": 60, "setup": True}, "a": {"seconds": 120, "setup": False},
+              "b": {"seconds": 60, "setup": False}, "c": {"seconds": 60, "setup": False}}
+    assert projected_minutes(stages, 2) == (1.0, 4.0, 3.0)
+    assert projected_minutes(stages, 1) == (1.0, 4.0, 5.0)
