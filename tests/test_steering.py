@@ -197,6 +197,7 @@ def test_run_scans_writes_cells_and_the_report(tiny, tmp_path):
     assert len(hashes) == 1 and model["sigma"]["heldout"]["sigma"]["oktest"]["n"] == 8
     md = (tmp_path / "r" / "scans.md").read_text()
     assert "| SCANS alpha=2 |" in md and "| sigma(q) | oktest | 8 |" in md
+    assert "| SCANS minus refusal_ablation |" in md
     assert (tmp_path / "r" / "scans" / "frontier.png").is_file()
 
 

@@ -121,6 +121,23 @@ def condition_rows(model: dict) -> list[str]:
     return out
 
 
+def versus_ablation(model: dict) -> list[str]:
+    """Each SCANS condition against refusal_ablation on the same prompts (SCANS minus ablation, McNemar p)."""
+    if "refusal_ablation" not in model["conditions"]:
+        return []
+    ab = model["conditions"]["refusal_ablation"]["results"]
+    out = ["| SCANS minus refusal_ablation | harmful ASR | OKTest refusal | harmless refusal |", "|---|---:|---:|---:|"]
+    for cond in model["conditions"].values():
+        if cond["method"] != "scans":
+            continue
+        cells = []
+        for task in (HARMFUL_TASK, *OVERREFUSAL_TASKS):
+            d = paired_difference(ab[task], cond["results"][task], task)
+            cells.append(f"{d['diff']:+.3f} ({_p(d['p_mcnemar'])})")
+        out.append(f"| {cond['label']} | " + " | ".join(cells) + " |")
+    return out
+
+
 def frontier_plot(data: dict, path: Path) -> Path:
     import matplotlib
 
@@ -186,7 +203,7 @@ def write_report(results_dir: str | Path, name: str = "scans") -> Path:
                  "OKTest refusal that keeps ASR and perplexity within the bounds (else the smallest)."), "",
             "![ASR vs over-refusal](scans/frontier.png)", ""]
     for n, m in models.items():
-        out += [f"## `{n}`", "", *condition_rows(m), ""]
+        out += [f"## `{n}`", "", *condition_rows(m), "", *versus_ablation(m), ""]
         sig = m["sigma"]
         out += [f"sigma(q) on held-out prompts (threshold {sig['threshold']:.3f}, fitted on the anchors; blocks "
                 f"{sig['sigma_layers'][0]}..{sig['sigma_layers'][-1]}), against the unsteered model's own refusal "
