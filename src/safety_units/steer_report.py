@@ -138,6 +138,34 @@ def versus_ablation(model: dict) -> list[str]:
     return out
 
 
+def freeze_line(results_dir: Path) -> list[str]:
+    """The defense benchmark's `scans_layers` line (freeze=layers on the blocks SCANS anchors on the SFT-aligned
+    model), read from results/defenses/cells.json: HS and FA against SFT and the size-matched `layers` baseline."""
+    from safety_units.defense_bench import criteria as C
+
+    path = results_dir / "defenses" / "cells.json"
+    cells = [c for c in json.loads(path.read_text())["cells"] if c["threat"] == C.GOAL_THREAT] if path.is_file() else []
+    if not any(c["defense"] == "scans_layers" for c in cells):
+        return ["## Freezing the anchored blocks", "", "The defense benchmark's `scans_layers` line has not run yet "
+                "(`python scripts/run_defenses.py --scale cpu --resume`).", ""]
+    me, sft = C.summary(cells, "scans_layers"), C.summary(cells, C.SFT)
+    lines = ["## Freezing the anchored blocks", "",
+             "The defense benchmark's `scans_layers` line (`results/defenses.md`, SST-2 + harmful p = 0.1): "
+             "`freeze=layers freeze.layers_like=scans` fine-tunes the SFT-aligned model with the blocks SCANS steers "
+             f"frozen ({len(me['seeds'])} seeds).", "",
+             "| line | HS | FA | HS vs it (p) |", "|---|---:|---:|---|",
+             f"| SFT (no defense) | {sft['hs']:.3f} | {sft['fa']:.3f} | |"]
+    for other in (C.SFT, "layers"):
+        if any(c["defense"] == other for c in cells):
+            o = C.summary(cells, other)
+            t = C.paired(cells, "scans_layers", other)
+            if other != C.SFT:
+                lines.append(f"| {other} | {o['hs']:.3f} | {o['fa']:.3f} | |")
+            lines.append(f"| scans_layers vs {other} | {me['hs']:.3f} | {me['fa']:.3f} | "
+                         f"{t['diff']:+.3f} ({t['p']:.2g}) |")
+    return lines + [""]
+
+
 def frontier_plot(data: dict, path: Path) -> Path:
     import matplotlib
 
@@ -226,8 +254,7 @@ def write_report(results_dir: str | Path, name: str = "scans") -> Path:
                         f"{ov['enrichment']:.2f}); its {len(sig['layers'])} densest blocks {ov['top_layers']} share "
                         f"{ov['top_layers_overlap']} with the anchored ones."]
         out.append("")
-    if data.get("freeze_line"):
-        out += ["## Freezing the anchored blocks", "", data["freeze_line"], ""]
+    out += freeze_line(results_dir)
     path = results_dir / f"{name}.md"
     path.write_text("\n".join(out).rstrip() + "\n")
     return path
