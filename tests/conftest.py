@@ -9,6 +9,8 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 FIXTURES = Path(__file__).parent / "fixtures"
+
+import safety_units  # noqa: E402,F401  (registers the configs' OmegaConf resolvers, as every entry point does)
 SHARED_DATA = ROOT.parent / "shared" / "data"
 
 

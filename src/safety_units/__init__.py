@@ -61,6 +61,17 @@ Modules, one per concept (one name per line; tests/test_structure.py checks that
     study.tables            the report's tables
     study.report            the markdown report and summary.json from the stage artifacts
     study.plots             the frontier and threat-model plots
+    steering            steer=: SCANS (vectors, anchored blocks, sigma(q), signed hooks), the context manager
+    refusal_ablation    steer=refusal_ablation: Arditi et al.'s direction selection and ablation hooks
+    steer_report        results/scans.md: the goal's criteria, sigma(q)'s metrics, the report
+    objectives          objective=: DPO and NPO unlearning losses (SFT is the plain loss)
+    pairs               data=preference / unlearning: rows with roles and reference log-probabilities
+    synthetic           Jain et al.'s task x concept testbed (subpackage, scripts/run_jain_testbed.py):
+    synthetic.world         the generator (operators, concepts, jailbreak variants) and its tokenizer
+    synthetic.model         model=synthetic: a small Llama pretrained on the world, cached and resumable
+    synthetic.data          data=synthetic: safety fine-tuning rows for sft, dpo and unlearning
+    synthetic.analysis      separation per layer, null-space shares of an update, jailbreak placement
+    synthetic.testbed       the testbed run, the findings' criteria and results/jain_testbed.md
 """
 
 __version__ = "0.1.0"

@@ -57,8 +57,8 @@ def _layer_masks(cfg, model: nn.Module, tokenizer, names: dict | None, descripti
 def scans_layers(cfg, model: nn.Module, tokenizer, description: dict) -> list[int]:
     """The blocks SCANS steers on this model (safety_units.steering: anchored by vocabulary projection), from
     cfg.steer when it is steer=scans, else from conf/steer/scans.yaml's defaults (fitted once, cached)."""
-    from safety_units.config import compose_config
-    from safety_units.steering import fitted, sigma_setup
+    from safety_units.config import compose_config  # here: only freeze.layers_like=scans composes a second config
+    from safety_units.steering import fitted, sigma_setup  # here: steering (and its data reads) only for this strategy
 
     steer = cfg.get("steer")
     if steer is None or steer.get("method") != "scans":

@@ -59,7 +59,7 @@ def collate_rows(items: list[RowItem], pad_id: int) -> dict[str, torch.Tensor]:
 @torch.no_grad()
 def reference_logps(model, items: list[RowItem], pad_id: int, batch_size: int = 8) -> None:
     """Fill each item's `ref` with the model's summed response log-probabilities (the frozen reference)."""
-    from safety_units.objectives import sequence_logps
+    from safety_units.objectives import sequence_logps  # here: objectives imports models' heavy forward helpers
 
     device = resolve_device("auto")
     before = next(model.parameters()).device

@@ -19,7 +19,7 @@ import torch
 from safety_units.errors import ConfigError
 from safety_units.models import forward_hooks
 from safety_units.ranks import RankedLogger
-from safety_units.units import names_for, _get
+from safety_units.units import _get, decoder_layers, names_for
 
 log = RankedLogger(__name__)
 
@@ -27,8 +27,6 @@ log = RankedLogger(__name__)
 def residual_writers(model) -> list[torch.nn.Module]:
     """The modules whose outputs are added to the residual stream: the token embeddings, and each block's
     attention and MLP output projections (`units.names`)."""
-    from safety_units.units import decoder_layers
-
     names = names_for(model, None)
     out = [model.get_input_embeddings()]
     for layer in decoder_layers(model, names):
@@ -49,7 +47,7 @@ def refusal_log_odds(logits: torch.Tensor, refusal: list[int]) -> torch.Tensor:
 
 
 def fit_refusal_ablation(model, tokenizer, cfg, prompts: dict[str, list[str]]) -> dict:
-    from safety_units.steering import block_states, chat_ids, difference_of_means, token_ids
+    from safety_units.steering import block_states, chat_ids, difference_of_means, token_ids  # here: steering imports this module
 
     vectors = difference_of_means(model, tokenizer, prompts, cfg)
     unit = vectors / vectors.norm(dim=1).clamp_min(1e-12)[:, None]

@@ -141,7 +141,7 @@ def versus_ablation(model: dict) -> list[str]:
 def freeze_line(results_dir: Path) -> list[str]:
     """The defense benchmark's `scans_layers` line (freeze=layers on the blocks SCANS anchors on the SFT-aligned
     model), read from results/defenses/cells.json: HS and FA against SFT and the size-matched `layers` baseline."""
-    from safety_units.defense_bench import criteria as C
+    from safety_units.defense_bench import criteria as C  # here: only the freeze line reads the defense benchmark
 
     path = results_dir / "defenses" / "cells.json"
     cells = [c for c in json.loads(path.read_text())["cells"] if c["threat"] == C.GOAL_THREAT] if path.is_file() else []

@@ -139,7 +139,7 @@ def cache_path(model, cfg, prompts: dict[str, list[str]]) -> Path | None:
 
 def fitted(model, tokenizer, cfg) -> dict:
     """The fitted steering artifacts of cfg.method for this model (from the cache, or fitted and cached)."""
-    from safety_units.refusal_ablation import fit_refusal_ablation
+    from safety_units.refusal_ablation import fit_refusal_ablation  # here: refusal_ablation imports this module
 
     a = cfg.anchor
     prompts = {"harmful": anchor_prompts(a.harmful, int(a.nsamples), int(a.get("seed", 0)), "steer.anchor.harmful"),
@@ -368,7 +368,7 @@ def steering(model, tokenizer, cfg):
                  installer.setup["sigma_layers"][-1], installer.setup["threshold"],
                  installer.setup["anchor_balanced_accuracy"])
     else:
-        from safety_units.refusal_ablation import AblationHooks
+        from safety_units.refusal_ablation import AblationHooks  # here: refusal_ablation imports this module
 
         installer = AblationHooks(model, art)
         log.info("steer=refusal_ablation: direction of block %d ablated from every residual write", art["layer"])

@@ -67,7 +67,7 @@ def collect(bench: Path, out_dir: Path, harm_judge=None) -> Path:
 def stage_times(bench: Path, record: dict) -> dict:
     """Every finished stage's measured seconds (<stage>.stage.json) and whether the runner runs it in the setup
     (one after the other, before the workers start)."""
-    from safety_units.defense_bench.plan import SCALES, plan
+    from safety_units.defense_bench.plan import SCALES, plan  # here: plan imports nothing of the report; keeps it light
 
     scale = SCALES.get(record.get("scale") or "cpu")
     setup = {st.name for st in plan(scale, str(bench)) if st.labels.get("claim") == "setup"} if scale else set()

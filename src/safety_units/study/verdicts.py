@@ -105,8 +105,7 @@ def a_stages(st: dict, method: str, lr: str, objective: str = "sft") -> list[str
     return [a_name(method, lr, s, objective) for s in st["plan"]["seeds"]]
 
 
-def objectives_of(st: dict) -> dict[str, list[str]]:
-    """Claim (a)'s objectives and the lrs each ran at (plans without the axis: SFT at a_lrs)."""
+def objectives_of(st: dict) -> dict[str, list[str]]:  # plans without the objective axis: SFT at a_lrs
     return st["plan"].get("a_objectives") or {"sft": st["plan"]["a_lrs"]}
 
 

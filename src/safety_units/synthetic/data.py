@@ -29,6 +29,8 @@ class SyntheticDataModule(SFTDataModule):
             raise ConfigError(f"data.kind must be one of {KINDS}, got {kind!r}.")
         if not 0 < unsafe_share < 1:
             raise ConfigError(f"data.unsafe_share must be in (0, 1), got {unsafe_share}.")
+        if not world:
+            raise ConfigError("data=synthetic needs model=synthetic (its data.world is the model's world).")
         kw.pop("sources", None)
         super().__init__(tokenizer, {}, num_samples=num_samples, **kw)
         self.world = World(**dict(world))

@@ -33,7 +33,7 @@ GROUPS = ("safe", "unsafe", *(f"jailbreak_{v}" for v in JAILBREAKS))
 @torch.no_grad()
 def refusal_rates(model, tokenizer, rows: list[dict]) -> dict[str, float]:
     """Per group: the share of inputs whose first answer token (after any prefill) is greedy `refuse`."""
-    from safety_units.steering import chat_ids, left_pad
+    from safety_units.steering import chat_ids, left_pad  # here: analysis imports steering lazily too
 
     refuse = tokenizer.convert_tokens_to_ids("refuse")
     out = {}
@@ -92,9 +92,9 @@ def findings(runs: list[dict], base_sep: list[dict]) -> dict:
 
 def run_testbed(model_cfg_overrides: list[str], objectives: list[str], seeds: list[int], out: Path,
                 train_overrides: list[str], n_eval: int = 100) -> dict:
-    from safety_units.config import compose_config
-    from safety_units.models import load_model
-    from safety_units.training import fit
+    from safety_units.config import compose_config  # here: the report alone (write_report) needs no training stack
+    from safety_units.models import load_model  # here: as above
+    from safety_units.training import fit  # here: as above (Lightning)
 
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
