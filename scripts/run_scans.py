@@ -107,6 +107,8 @@ def main(argv: list[str] | None = None):
     ap.add_argument("--unit-map", action="append", default=[], metavar="MODEL:LABEL=PATH",
                     help="a unit map of that model: the anchored blocks' overlap with its ESU")
     ap.add_argument("--alphas", default=DEFAULT_ALPHAS, help="SCANS multipliers for the first model")
+    ap.add_argument("--ablation-on", choices=["all", "first"], default="all",
+                    help="refusal_ablation on every model (default) or on the first only (it is the slow condition)")
     ap.add_argument("--work-dir", type=Path, default=ROOT / "logs" / "scans")
     ap.add_argument("--resume", action="store_true", help="skip conditions whose settings are unchanged")
     ap.add_argument("--set", dest="extra", action="append", default=[], metavar="KEY=VALUE",
@@ -147,8 +149,9 @@ def main(argv: list[str] | None = None):
         loaded.model.to("cuda" if torch.cuda.is_available() else "cpu")
         work = args.work_dir / name
         grid = alphas if i == 0 else [chosen]
-        conds = {"none": ("none", None, ["steer=none"]), "refusal_ablation": ("refusal_ablation", None,
-                                                                              ["steer=refusal_ablation"])}
+        conds = {"none": ("none", None, ["steer=none"])}
+        if i == 0 or args.ablation_on == "all":
+            conds["refusal_ablation"] = ("refusal_ablation", None, ["steer=refusal_ablation"])
         for a in grid:
             conds[f"scans_a{a:g}"] = ("scans", a, ["steer=scans", f"steer.alpha={a}"])
         model = {"path": path, "provenance": provenance(path), "conditions": {}}
@@ -160,7 +163,7 @@ def main(argv: list[str] | None = None):
             model["conditions"][key] = {"method": method, "alpha": a, "label": label, "seconds": rec["seconds"],
                                         "results": results, "steer": rec["steer"]}
             cells["judge"] = results["harmful"]["extra"]["judge"]
-        model["ablation"] = model["conditions"]["refusal_ablation"]["steer"]
+        model["ablation"] = model["conditions"].get("refusal_ablation", {}).get("steer")
         model["sigma"] = sigma_heldout(loaded, work / "none", steer_extra)
         model["overlap"] = {}
         for label, map_path in maps.get(name, {}).items():
