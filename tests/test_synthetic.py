@@ -98,21 +98,6 @@ def test_synthetic_model_pretrains_once_resumes_and_is_cached(tmp_path, monkeypa
     assert all((a == b).all() for a, b in zip(loaded.model.parameters(), again.model.parameters()))
 
 
-@pytest.mark.parametrize("objective,kind", [(None, "sft"), ("dpo", "preference"), ("unlearning", "unlearning")])
-def test_safety_fine_tuning_of_the_synthetic_model_under_each_objective(tmp_path, objective, kind):
-    from conftest import compose
-
-    from safety_units.training import run_train
-
-    over = ["~experiment", "model=synthetic", "data=synthetic", f"data.kind={kind}", f"paths.cache_dir={tmp_path}",
-            *SMALL, "data.num_samples=40", "data.batch_size=8", "trainer.max_steps=2", "logger=csv",
-            "callbacks=none", "trainer.enable_progress_bar=false", "freeze=train_only", "freeze.random_share=0.1",
-            "export=false", *([f"objective={objective}"] if objective else [])]
-    summary = run_train(compose("train", over, output_dir=tmp_path / "run"))
-    assert summary["frozen_max_abs_delta"] == 0.0 and summary["trainable_changed"] > 0
-    assert summary["data_stats"]["kind"] == kind
-
-
 def test_separation_probe_and_cluster_distance_on_planted_clusters():
     import torch
 
@@ -162,9 +147,12 @@ def test_the_testbed_driver_runs_every_objective_and_writes_the_report(tmp_path)
     load_script("run_jain_testbed").main([
         "--seeds", "0", "--out", str(tmp_path / "out"), "--results-dir", str(tmp_path / "r"), "--eval-per-group", "8",
         *sum((["--model-set", s] for s in [f"paths.cache_dir={tmp_path}", *SMALL]), []),
-        "--set", "data.num_samples=32", "--set", "trainer.max_steps=2", "--set", f"paths.cache_dir={tmp_path}"])
+        "--set", "data.num_samples=32", "--set", "trainer.max_steps=2", "--set", f"paths.cache_dir={tmp_path}",
+        "--set", "freeze=train_only", "--set", "freeze.random_share=0.1"])
     data = json.loads((tmp_path / "r" / "jain_testbed" / "testbed.json").read_text())
     assert set(data["runs"]) == {"sft_s0", "dpo_s0", "unlearning_s0"}
+    # each objective fine-tunes the synthetic model with frozen entries exact
+    assert all(r["frozen_max_abs_delta"] == 0.0 and r["trainable_changed"] > 0 for r in data["runs"].values())
     assert set(data["findings"]) == {"sft", "dpo", "unlearning"}
     shares = data["runs"]["dpo_s0"]["shares"]["mean_null_space"]
     assert set(shares) == {"gate_proj", "up_proj", "down_proj"} and all(0 <= v <= 1 for v in shares.values())

@@ -126,7 +126,8 @@ def run_testbed(model_cfg_overrides: list[str], objectives: list[str], seeds: li
             summary, tuned = fit(compose_config("train", over), loaded=model)
             res = analyse(tuned, loaded.model, loaded.tokenizer, rows, base_acts) | {
                 "objective": objective, "seed": seed, "train_seconds": round(time.perf_counter() - t1, 1),
-                "global_step": summary["global_step"]}
+                "global_step": summary["global_step"], "frozen_max_abs_delta": summary.get("frozen_max_abs_delta"),
+                "trainable_changed": summary.get("trainable_changed")}
             done.write_text(json.dumps(res))
             data["runs"][key] = res
     base_sep = data["pretrained"]["separation"]
