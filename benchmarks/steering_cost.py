@@ -35,7 +35,8 @@ def main():
 
     from safety_units.config import compose_config
     from safety_units.models import load_hf, load_model
-    from safety_units.steering import anchor_prompts, chat_ids, fitted, left_pad, steering
+    from safety_units.prompt_states import anchor_prompts, chat_ids, left_pad
+    from safety_units.steering import fitted, steering
 
     cfgs = {m: compose_config("evaluate", [f"steer={m}"]).steer for m in ("none", "scans", "refusal_ablation")}
     loaded = load_hf(args.model_path) if args.model_path else load_model(compose_config("evaluate").model)

@@ -7,7 +7,8 @@ import pytest
 import torch
 from conftest import compose
 
-from safety_units.steering import ScansHooks, block_states, chat_ids, fitted, sigma_scores, sigma_setup, steering
+from safety_units.prompt_states import block_states, chat_ids
+from safety_units.steering import ScansHooks, fitted, sigma_scores, sigma_setup, steering
 
 ANCHORS = ["steer.anchor.nsamples=8", "steer.anchor.max_length=64"]
 

@@ -30,11 +30,17 @@ OBJECTIVES = ("sft", "dpo", "unlearning")
 PAIR_KEYS = ("input_ids", "attention_mask", "labels")
 
 
-def sequence_logps(model, batch: dict) -> torch.Tensor:
-    """Per row: the summed log-probability of its response tokens (labels != -100)."""
+def token_and_sequence_nll(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(every response token's NLL, the row of each, each row's summed response log-probability)."""
     tok_nll, counts = response_token_nll(model, {k: batch[k] for k in PAIR_KEYS})
     row = torch.repeat_interleave(torch.arange(len(counts), device=counts.device), counts)
-    return -torch.zeros(len(counts), dtype=tok_nll.dtype, device=tok_nll.device).index_add(0, row, tok_nll)
+    logp = -torch.zeros(len(counts), dtype=tok_nll.dtype, device=tok_nll.device).index_add(0, row, tok_nll)
+    return tok_nll, row, logp
+
+
+def sequence_logps(model, batch: dict) -> torch.Tensor:
+    """Per row: the summed log-probability of its response tokens (labels != -100)."""
+    return token_and_sequence_nll(model, batch)[2]
 
 
 class DPO:
@@ -75,9 +81,7 @@ class NPO:
     def terms(self, model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """(forget term, retain term); a term without rows in the batch is 0."""
         forget = batch["forget"].bool()
-        tok_nll, counts = response_token_nll(model, {k: batch[k] for k in PAIR_KEYS})
-        row = torch.repeat_interleave(torch.arange(len(counts), device=counts.device), counts)
-        logp = -torch.zeros(len(counts), dtype=tok_nll.dtype, device=tok_nll.device).index_add(0, row, tok_nll)
+        tok_nll, row, logp = token_and_sequence_nll(model, batch)
         zero = tok_nll.sum() * 0.0
         f_term = zero
         if forget.any():

@@ -18,6 +18,7 @@ import torch
 
 from safety_units.errors import ConfigError
 from safety_units.models import forward_hooks
+from safety_units.prompt_states import block_states, chat_ids, difference_of_means, token_ids
 from safety_units.ranks import RankedLogger
 from safety_units.units import _get, decoder_layers, names_for
 
@@ -47,8 +48,6 @@ def refusal_log_odds(logits: torch.Tensor, refusal: list[int]) -> torch.Tensor:
 
 
 def fit_refusal_ablation(model, tokenizer, cfg, prompts: dict[str, list[str]]) -> dict:
-    from safety_units.steering import block_states, chat_ids, difference_of_means, token_ids  # here: steering imports this module
-
     vectors = difference_of_means(model, tokenizer, prompts, cfg)
     unit = vectors / vectors.norm(dim=1).clamp_min(1e-12)[:, None]
     refusal = token_ids(tokenizer, list(cfg.refusal_tokens))

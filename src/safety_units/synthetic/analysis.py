@@ -16,7 +16,7 @@ import torch
 
 def activations(model, tokenizer, prompts: list[str], batch_size: int = 64) -> torch.Tensor:
     """Block outputs at each prompt's last token (the assistant header): [layers, prompts, hidden]."""
-    from safety_units.steering import block_states, chat_ids  # here: the weight analyses need no model helpers
+    from safety_units.prompt_states import block_states, chat_ids  # here: the weight analyses need no model helpers
 
     return block_states(model, chat_ids(tokenizer, prompts), (-1,), tokenizer.pad_token_id, batch_size)[:, :, 0]
 

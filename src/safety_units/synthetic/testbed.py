@@ -33,7 +33,7 @@ GROUPS = ("safe", "unsafe", *(f"jailbreak_{v}" for v in JAILBREAKS))
 @torch.no_grad()
 def refusal_rates(model, tokenizer, rows: list[dict]) -> dict[str, float]:
     """Per group: the share of inputs whose first answer token (after any prefill) is greedy `refuse`."""
-    from safety_units.steering import chat_ids, left_pad  # here: analysis imports steering lazily too
+    from safety_units.prompt_states import chat_ids, left_pad  # here: the report alone needs no model helpers
 
     refuse = tokenizer.convert_tokens_to_ids("refuse")
     out = {}
