@@ -8,6 +8,7 @@ masked on the gathered parameters. One spawn per world size runs every check and
 import os
 import socket
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -230,7 +231,16 @@ def fsdp(tmp_path_factory):
 
     def get(world: int) -> dict:
         if world not in cache:
-            cache[world] = _spawn(world, tmp_path_factory.mktemp(f"fsdp{world}"))
+            try:
+                cache[world] = _spawn(world, tmp_path_factory.mktemp(f"fsdp{world}"))
+            except mp.ProcessExitedException as e:
+                # A rank killed by a signal is a native crash in CPU gloo/FSDP (once in CI, SIGABRT at world size 2;
+                # not reproducible in 9 loaded local runs); Python errors are caught per check and fail the tests.
+                # One fresh spawn on a new port; a second crash fails.
+                if not e.signal_name:
+                    raise
+                warnings.warn(f"FSDP spawn at world size {world} died by {e.signal_name}; retrying once")
+                cache[world] = _spawn(world, tmp_path_factory.mktemp(f"fsdp{world}_retry"))
         return cache[world]
 
     return get
