@@ -1,6 +1,7 @@
 """Jain et al.'s synthetic testbed (issue 27): pretrain model=synthetic (cached, resumable), safety fine-tune it with
 sft, dpo and unlearning x seeds, then refusal per input group, separation per block, the MLP updates' null-space
-share and jailbreak placement -> results/jain_testbed.md.
+share and jailbreak placement; plant a unit set S (only S trains) and measure every scorer's top-|S| precision
+against it -> results/jain_testbed.md.
 
     python scripts/run_jain_testbed.py [--seeds 0 1 2] [--objectives sft dpo unlearning] [--set KEY=VALUE ...]
     python scripts/run_jain_testbed.py --report-only
@@ -35,11 +36,17 @@ def main(argv: list[str] | None = None):
     ap.add_argument("--results-dir", type=Path, default=ROOT / "results")
     ap.add_argument("--report-name", default="jain_testbed")
     ap.add_argument("--report-only", action="store_true")
+    ap.add_argument("--no-planted", action="store_true", help="skip the scorers' ground truth (planted set S)")
+    ap.add_argument("--scorers", nargs="+", help="only these scorers on the planted model (default: all)")
+    ap.add_argument("--planted-set", action="append", default=[], metavar="KEY=VALUE",
+                    help="overrides of the planted fine-tune only (after --set)")
     args = ap.parse_args(argv)
     from safety_units.synthetic.testbed import run_testbed, write_report
 
     if not args.report_only:
-        data = run_testbed(args.model_set, args.objectives, args.seeds, args.out, args.extra, args.eval_per_group)
+        data = run_testbed(args.model_set, args.objectives, args.seeds, args.out, args.extra, args.eval_per_group,
+                           planted=not args.no_planted, scorers=args.scorers,
+                           planted_overrides=[*args.extra, *args.planted_set])
         (args.results_dir / args.report_name).mkdir(parents=True, exist_ok=True)
         (args.results_dir / args.report_name / "testbed.json").write_text(json.dumps(data, indent=1))
     print(f"wrote {write_report(args.results_dir, args.report_name)}")

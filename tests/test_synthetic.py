@@ -148,7 +148,7 @@ def test_the_testbed_driver_runs_every_objective_and_writes_the_report(tmp_path)
         "--seeds", "0", "--out", str(tmp_path / "out"), "--results-dir", str(tmp_path / "r"), "--eval-per-group", "8",
         *sum((["--model-set", s] for s in [f"paths.cache_dir={tmp_path}", *SMALL]), []),
         "--set", "data.num_samples=32", "--set", "trainer.max_steps=2", "--set", f"paths.cache_dir={tmp_path}",
-        "--set", "freeze=train_only", "--set", "freeze.random_share=0.1"])
+        "--set", "freeze=train_only", "--set", "freeze.random_share=0.1", "--scorers", "delta", "wifv"])
     data = json.loads((tmp_path / "r" / "jain_testbed" / "testbed.json").read_text())
     assert set(data["runs"]) == {"sft_s0", "dpo_s0", "unlearning_s0"}
     # each objective fine-tunes the synthetic model with frozen entries exact
@@ -158,3 +158,11 @@ def test_the_testbed_driver_runs_every_objective_and_writes_the_report(tmp_path)
     assert set(shares) == {"gate_proj", "up_proj", "down_proj"} and all(0 <= v <= 1 for v in shares.values())
     md = (tmp_path / "r" / "jain_testbed.md").read_text()
     assert "| unlearning (1 seeds) |" in md and "| dpo |" in md
+    # the planted set is 2% of the units (the objectives' freeze.random_share=0.1 does not leak into it), only it
+    # changed, and delta's safety rank (the weight change) recovers it exactly: the ground-truth machinery is right
+    gt = data["ground_truth"]
+    assert gt["frozen_max_abs_delta"] == 0.0 and set(gt["scorers"]) == {"delta", "wifv"}
+    assert 0.01 * gt["units"] <= gt["planted_units"] <= 0.03 * gt["units"]
+    assert gt["scorers"]["delta"]["safety"]["precision"] == 1.0
+    assert gt["scorers"]["wifv"]["safety"]["chance"] == gt["planted_units"] / gt["units"]
+    assert "| delta | " in md and "## Ground truth for the scorers" in md

@@ -28,6 +28,9 @@ NULL_MARGIN = 0.1
 ENERGY = 0.99
 PLACEMENT_MAX = 0.5
 GROUPS = ("safe", "unsafe", *(f"jailbreak_{v}" for v in JAILBREAKS))
+FINETUNE = ["optim.lr=1e-4"]       # every safety fine-tune of the testbed (before --set): the train default 2e-5 is
+                                   # SmolLM2's, too low for a model pretrained from scratch at 1e-3
+PLANTED_FINETUNE = ["optim.lr=1e-3"]  # only 2% of the units train: a larger step, as the SmolLM2 planted run
 
 
 @torch.no_grad()
@@ -91,7 +94,8 @@ def findings(runs: list[dict], base_sep: list[dict]) -> dict:
 
 
 def run_testbed(model_cfg_overrides: list[str], objectives: list[str], seeds: list[int], out: Path,
-                train_overrides: list[str], n_eval: int = 100) -> dict:
+                train_overrides: list[str], n_eval: int = 100, planted: bool = True,
+                scorers: list[str] | None = None, planted_overrides: list[str] | None = None) -> dict:
     from safety_units.config import compose_config  # here: the report alone (write_report) needs no training stack
     from safety_units.models import load_model  # here: as above
     from safety_units.training import fit  # here: as above (Lightning)
@@ -119,7 +123,7 @@ def run_testbed(model_cfg_overrides: list[str], objectives: list[str], seeds: li
                 continue
             over = ["~experiment", "model=synthetic", *model_cfg_overrides, "data=synthetic",
                     f"data.kind={kinds[objective]}", f"seed={seed}", "logger=none", "callbacks=none", "export=false",
-                    "trainer.enable_progress_bar=false", f"paths.output_dir={out / key}", *train_overrides,
+                    "trainer.enable_progress_bar=false", f"paths.output_dir={out / key}", *FINETUNE, *train_overrides,
                     *([f"objective={objective}"] if objective != "sft" else [])]
             model = copy.deepcopy(loaded)
             t1 = time.perf_counter()
@@ -130,10 +134,40 @@ def run_testbed(model_cfg_overrides: list[str], objectives: list[str], seeds: li
                 "trainable_changed": summary.get("trainable_changed")}
             done.write_text(json.dumps(res))
             data["runs"][key] = res
+    if planted:
+        data["ground_truth"] = ground_truth(loaded, model_cfg, model_cfg_overrides, rows, out / "planted",
+                                            [*FINETUNE, *PLANTED_FINETUNE, *(planted_overrides or [])], scorers)
     base_sep = data["pretrained"]["separation"]
     data["findings"] = {o: findings([r for r in data["runs"].values() if r["objective"] == o], base_sep)
                         for o in objectives}
     return data
+
+
+def ground_truth(loaded, model_cfg, model_overrides: list[str], rows: list[dict], out: Path,
+                 train_overrides: list[str], scorers: list[str] | None = None) -> dict:
+    """The planted fine-tune (only S trains) and every scorer's precision against S; cached in
+    out/ground_truth.json."""
+    from safety_units.synthetic import ground_truth as gt  # here: the report alone needs no training stack
+
+    done = out / "ground_truth.json"
+    if done.is_file():
+        return json.loads(done.read_text())
+    t0 = time.perf_counter()
+    tuned, planted, summary = gt.planted_finetune(loaded, model_overrides, out, train_overrides)
+    train_seconds = time.perf_counter() - t0
+    world = World(**dict(model_cfg.world))
+    calibration = gt.calibration_overrides(world, out / "calibration", gt.CALIBRATION_N)
+    reference = Path(model_cfg.cache_dir) / "synthetic" / loaded.name.removeprefix("synthetic-") / "model"
+    chosen = {k: v for k, v in gt.SCORERS.items() if scorers is None or k in scorers}
+    res = {"share": gt.PLANTED_SHARE, "seed": gt.PLANTED_SEED, "train_overrides": train_overrides,
+           "train_seconds": round(train_seconds, 1), "planted_units": sum(int(v.sum()) for v in planted.values()),
+           "units": sum(v.numel() for v in planted.values()),
+           "frozen_max_abs_delta": summary.get("frozen_max_abs_delta"),
+           "refusal": refusal_rates(tuned, loaded.tokenizer, rows),
+           "scorers": gt.scorer_precision(tuned, loaded.tokenizer, planted, reference, calibration, model_overrides,
+                                          chosen, gt.CALIBRATION_N)}
+    done.write_text(json.dumps(res, indent=1))
+    return res
 
 
 def write_report(results_dir: str | Path, name: str = "jain_testbed") -> Path:
@@ -183,6 +217,22 @@ def write_report(results_dir: str | Path, name: str = "jain_testbed") -> Path:
                    f" ({pre['separation'][b]['cluster_distance']:.2f}) | {f['F1']} | {f['null_space_share']:.3f} | "
                    f"{f['F2']} | {pos} | {', '.join(g.removeprefix('jailbreak_') for g, v in f['F3'].items() if v) or 'none'} |")
     out += ["", "![separation per block](jain_testbed/separation.png)", ""]
+    gt = data.get("ground_truth")
+    if gt:
+        ref = gt["refusal"]
+        out += ["## Ground truth for the scorers", "",
+                f"A planted set S: only a seeded random {gt['share']:.0%} of each unit kind ({gt['planted_units']} of "
+                f"{gt['units']} units, seed {gt['seed']}) trains during SFT safety fine-tuning ({' '.join(gt['train_overrides'])}"
+                f"; frozen entries' max |delta| {gt['frozen_max_abs_delta']}), so the refusal the model learns lives in S. "
+                f"Planted model's refusal: safe {ref['safe']:.3f}, unsafe {ref['unsafe']:.3f}. Each scorer attributes "
+                "the planted model on the world's calibration sets; precision of its top-|S| units against S (= recall, "
+                "the top set is as large as S).", "",
+                "| scorer | precision, safety - utility rank | precision, safety rank | chance | seconds |",
+                "|---|---:|---:|---:|---:|"]
+        for scorer, r in sorted(gt["scorers"].items(), key=lambda kv: -kv[1]["safety_minus_utility"]["precision"]):
+            out.append(f"| {scorer} | {r['safety_minus_utility']['precision']:.3f} | {r['safety']['precision']:.3f} | "
+                       f"{r['safety']['chance']:.3f} | {r['seconds']} |")
+        out.append("")
     path = results_dir / f"{name}.md"
     path.write_text("\n".join(out) + "\n")
     return path
