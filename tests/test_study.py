@@ -174,6 +174,15 @@ def test_claim_a_is_judged_per_objective(tmp_path):
     assert "(a) alignment budget, dpo, lr 5e-5" not in vs
     md = write_report(study, tmp_path / "results", V1).read_text()
     assert "| objective | method | lr |" in md and "| dpo | RU-only | 2e-4 |" in md
+    # the objective's effect: the verdict changes at 2e-4 and RU-only's ASR is higher by (36 - 8 + 36 - 9) / 80
+    # (2 seeds x 40 prompts; SFT's RU-only at 0.2 + 0.025 * seed); full alignment is identical under both objectives
+    eff = json.loads((tmp_path / "results" / "ssah_smollm2" / "summary.json").read_text())["a"]["objective_effects"]
+    d = eff["dpo_lr2e-4"]
+    assert d["verdict"] == "refuted" and d["sft_verdict"] == "supported" and d["changes_verdict"] is True
+    assert d["vs_sft"]["ru_only"]["harmful"]["diff"] == pytest.approx(55 / 80)
+    assert d["vs_sft"]["ru_only"]["harmful"]["p_mcnemar"] < 1e-6
+    assert d["vs_sft"]["full"]["oktest"]["diff"] == 0 and d["lowers_overrefusal"] == {m: False for m in d["vs_sft"]}
+    assert "- **dpo vs SFT at lr 2e-4:** (a) verdict refuted (SFT: supported; changes)." in md
 
 
 def test_every_claim_is_supported_in_a_study_built_to_support_it(tmp_path):

@@ -22,7 +22,9 @@ from safety_units.study.verdicts import (
     ms,
     num,
     reference,
+    significant,
     value,
+    verdict_a_lr,
 )
 
 METHOD_LABELS = {"full": "full", "ru_only": "RU-only", "random": "random (as many units as RU-only)"}
@@ -90,7 +92,34 @@ def section_a(st: dict) -> tuple[dict, list[str]]:
     lines += ["", "Error = attack successes on the harmful set followed by refusals on OKTest, one binary outcome per "
               "prompt; Δ is the method minus random alignment, per-prompt outcomes pooled over seeds (exact McNemar "
               "p, paired bootstrap 95% interval)."]
-    return {"shipped": shipped, "rows": rows}, lines
+    effects, effect_lines = objective_effects(st) if many else ({}, [])
+    return {"shipped": shipped, "rows": rows, "objective_effects": effects}, lines + effect_lines
+
+
+def objective_effects(st: dict) -> tuple[dict, list[str]]:
+    """Does the objective change claim (a)? At each lr an objective shares with SFT: its (a) verdict next to SFT's
+    (a change = another status), and each method's ASR and OKTest refusal minus SFT's same method (same seeds and
+    prompts, pooled; "lowers over-refusal" = OKTest difference < 0 with McNemar p < ALPHA)."""
+    objs = objectives_of(st)
+    out, lines = {}, []
+    for objective, lrs in objs.items():
+        for lr in [x for x in lrs if x in objs.get("sft", []) and objective != "sft"]:
+            mine, sft = verdict_a_lr(st, lr, objective).status, verdict_a_lr(st, lr, "sft").status
+            diffs = {m: {t: compare(st, by_seed(a_stages(st, m, lr, "sft"), a_stages(st, m, lr, objective)), t)
+                         for t in ("harmful", "oktest")} for m in ALIGN_METHODS}
+            change = None if "not testable" in (mine, sft) else mine != sft
+            out[f"{objective}_lr{lr}"] = {"verdict": mine, "sft_verdict": sft, "changes_verdict": change,
+                                          "vs_sft": diffs,
+                                          "lowers_overrefusal": {m: significant(d["oktest"]) and d["oktest"]["diff"] < 0
+                                                                 for m, d in diffs.items()}}
+            lines.append(f"- **{objective} vs SFT at lr {lr}:** (a) verdict {mine} (SFT: {sft}; "
+                         f"{ {None: 'no comparison', True: 'changes', False: 'same'}[change]}). " + "; ".join(
+                             f"{METHOD_LABELS[m].split(' (')[0]}: ASR {diff_text(d['harmful'])}, OKTest "
+                             f"{diff_text(d['oktest'])}" for m, d in diffs.items()) + ".")
+    if lines:
+        lines = ["", "### Does the objective change (a)?", "",
+                 "Each objective minus SFT, same method, lr, seeds and prompts (pooled, exact McNemar p):", "", *lines]
+    return out, lines
 
 
 # --------------------------------------------------------------------------- (b)
