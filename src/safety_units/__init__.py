@@ -73,6 +73,7 @@ Modules, one per concept (one name per line; tests/test_structure.py checks that
     synthetic.data          data=synthetic: safety fine-tuning rows for sft, dpo and unlearning
     synthetic.analysis      separation per layer, null-space shares of an update, jailbreak placement
     synthetic.testbed       the testbed run, the findings' criteria and results/jain_testbed.md
+    synthetic.ground_truth  the scorers' ground truth: a planted unit set S and each scorer's precision against it
 """
 
 __version__ = "0.1.0"
