@@ -120,6 +120,12 @@ def test_refusal_ablation_removes_the_direction_from_the_residual_stream(tiny, t
     assert (plain @ r).abs().max() > 1e-3
     assert (ablated @ r).abs().max() < 1e-4 * ablated.norm(dim=-1).max()
     assert info["layer"] == art["layer"] and art["layer"] < 0.8 * len(art["candidates"]) + 1
+    # the summary says whether the chosen direction passed the KL filter, and the choice follows the rule
+    kls = {la: c["kl"] for la, c in art["candidates"].items()}
+    assert info["kl_max"] == cfg.get("kl_max", 0.1)
+    assert info["kl_passed"] == any(v < info["kl_max"] for v in kls.values())
+    if not info["kl_passed"]:
+        assert kls[art["layer"]] == min(kls.values())
 
 
 def test_evaluate_with_steer_composes_with_ablation(tmp_path, unit_map):

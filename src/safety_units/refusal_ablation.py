@@ -73,14 +73,16 @@ def fit_refusal_ablation(model, tokenizer, cfg, prompts: dict[str, list[str]]) -
             harmful, harmless = last_logits("harmful"), last_logits("harmless")
         kl = (base_lp.exp() * (base_lp - harmless.float().log_softmax(-1))).sum(-1).mean()
         scores[layer] = {"refusal_score": float(refusal_log_odds(harmful, refusal).mean()), "kl": float(kl)}
-    passing = [la for la in candidates if scores[la]["kl"] < float(cfg.get("kl_max", 0.1))]
+    kl_max = float(cfg.get("kl_max", 0.1))
+    passing = [la for la in candidates if scores[la]["kl"] < kl_max]
     if passing:
         layer = min(passing, key=lambda la: scores[la]["refusal_score"])
     else:
         layer = min(candidates, key=lambda la: scores[la]["kl"])
         log.warning("steer=refusal_ablation: no candidate direction keeps the harmless KL below %s; taking block "
-                    "%d (lowest KL %.3f)", cfg.get("kl_max", 0.1), layer, scores[layer]["kl"])
+                    "%d (lowest KL %.3f)", kl_max, layer, scores[layer]["kl"])
     return {"method": "refusal_ablation", "direction": unit[layer], "layer": layer, "candidates": scores,
+            "kl_max": kl_max, "kl_passed": bool(passing),
             "baseline_refusal_score": float(refusal_log_odds(base_harmful, refusal).mean()),
             "refusal_token_ids": refusal}
 
@@ -97,4 +99,5 @@ class AblationHooks:
         cand = self.art["candidates"][self.art["layer"]]
         return {"method": "refusal_ablation", "layer": self.art["layer"],
                 "refusal_score": round(cand["refusal_score"], 4), "kl": round(cand["kl"], 4),
+                "kl_max": self.art.get("kl_max"), "kl_passed": self.art.get("kl_passed"),  # None: cached before
                 "baseline_refusal_score": round(self.art["baseline_refusal_score"], 4)}

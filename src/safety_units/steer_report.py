@@ -246,7 +246,10 @@ def write_report(results_dir: str | Path, name: str = "scans") -> Path:
             ab = m["ablation"]
             out += ["", f"refusal_ablation: the direction of block {ab['layer']} (refusal score on the harmful "
                         f"anchors {ab['baseline_refusal_score']:.2f} -> {ab['refusal_score']:.2f}, harmless KL "
-                        f"{ab['kl']:.3f})."]
+                        f"{ab['kl']:.3f}" + ("" if ab.get("kl_max") is None else
+                                               f"; it passes the KL filter < {ab['kl_max']}" if ab["kl_passed"] else
+                                               f"; no candidate passes the KL filter < {ab['kl_max']}: the "
+                                               f"lowest-KL block") + ")."]
         for map_name, ov in (m.get("overlap") or {}).items():
             out += ["", f"Anchored blocks vs the {ov['class'].upper()} of `{map_name}`: {ov['share_in_anchored']:.3f} "
                         f"of its {ov['units']} units lie in the {len(sig['layers'])} anchored blocks, which hold "
