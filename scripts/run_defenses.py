@@ -16,10 +16,7 @@ BeaverTails' held-out half, SST-2 accuracy, OKTest, perplexity). The runner is t
 
 from __future__ import annotations
 
-import argparse
 import os
-import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,6 +24,7 @@ os.environ.setdefault("PROJECT_ROOT", str(ROOT))
 
 from safety_units.defense_bench.plan import BENCH_NAME, SCALES, plan  # noqa: E402
 from safety_units.errors import friendly_errors  # noqa: E402
+from safety_units.study.cli import exit_on_failures, list_stages, run_stages, runner_parser  # noqa: E402
 
 RESULTS = ROOT / "results"
 
@@ -41,42 +39,14 @@ def harm_judge(extra: list[str]):
 
 @friendly_errors
 def main(argv: list[str] | None = None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--scale", choices=sorted(SCALES), default="cpu")
-    ap.add_argument("--bench-dir", type=Path, default=ROOT / "logs" / BENCH_NAME)
-    ap.add_argument("--resume", action="store_true", help="skip finished stages whose config hash is unchanged")
-    ap.add_argument("--force", action="store_true", help="rerun stages whose outputs exist")
-    ap.add_argument("--only", help="run only the stages whose name matches this regular expression")
-    ap.add_argument("--budget-minutes", type=float, help="start no stage after this many minutes")
-    ap.add_argument("--workers", type=int, help="processes after the setup stages (default: the scale's)")
-    ap.add_argument("--set", dest="extra", action="append", default=[], metavar="KEY=VALUE",
-                    help="an override for every stage's configs; repeatable")
-    ap.add_argument("--list", action="store_true", help="print the stages and exit")
-    ap.add_argument("--report-only", action="store_true", help="only rebuild the report from the artifacts")
-    ap.add_argument("--no-report", action="store_true", help="run the stages, write no report")
+    ap = runner_parser(__doc__, SCALES, "--bench-dir", ROOT / "logs" / BENCH_NAME, RESULTS, "defenses")
     ap.add_argument("--no-collect", action="store_true",
                     help="build the report from <results dir>/<name>/cells.json only (no re-judging)")
-    ap.add_argument("--results-dir", type=Path, default=RESULTS)
-    ap.add_argument("--report-name", default="defenses")
     args = ap.parse_args(argv)
-    scale, bench = SCALES[args.scale], args.bench_dir.resolve()
+    scale, bench = SCALES[args.scale], args.run_dir.resolve()
     if args.list:
-        for s in plan(scale, str(bench)):
-            print(f"{s.name:36s} {s.kind:10s} from {s.model}")
-        return
-    record = {"failed": {}}
-    if not args.report_only:
-        import torch
-
-        from safety_units.study.runner import run_study
-
-        torch.set_float32_matmul_precision("high")
-        t0 = time.time()
-        workers = scale.workers if args.workers is None else args.workers
-        record = run_study(scale, bench, args.extra, args.only, args.resume, args.force, args.budget_minutes,
-                           workers, plan_fn=plan)
-        print(f"benchmark: {len(record['ran'])} ran, {len(record['skipped'])} skipped, {len(record['not_run'])} "
-              f"not run, {len(record['failed'])} failed in {(time.time() - t0) / 60:.1f} min", flush=True)
+        return list_stages(plan(scale, str(bench)))
+    record = {} if args.report_only else run_stages(args, scale, bench, "benchmark", plan_fn=plan)
     if not args.no_report:
         from safety_units.defense_bench.report import collect, write_report
 
@@ -84,8 +54,7 @@ def main(argv: list[str] | None = None):
             print(f"collected {collect(bench, args.results_dir / args.report_name, harm_judge(args.extra))}",
                   flush=True)
         print(f"wrote {write_report(args.results_dir, args.report_name)}", flush=True)
-    if record["failed"]:
-        sys.exit(f"{len(record['failed'])} stage(s) failed: {', '.join(record['failed'])}; see their logs in {bench}")
+    exit_on_failures(record, bench)
 
 
 if __name__ == "__main__":

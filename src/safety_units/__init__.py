@@ -61,6 +61,7 @@ Modules, one per concept (one name per line; tests/test_structure.py checks that
     study.tables            the report's tables
     study.report            the markdown report and summary.json from the stage artifacts
     study.plots             the frontier and threat-model plots
+    study.cli               the command line shared by scripts/run_study.py and scripts/run_defenses.py
     prompt_states       block outputs at prompt positions and the prompts they are read on (steering, testbed)
     steering            steer=: SCANS (vectors, anchored blocks, sigma(q), signed hooks), the context manager
     refusal_ablation    steer=refusal_ablation: Arditi et al.'s direction selection and ablation hooks
