@@ -124,6 +124,12 @@ def test_update_shares_split_row_and_null_space():
     assert update_subspace_shares(w0, w0 + in_null)["null_space"] == pytest.approx(1.0, abs=1e-9)
     shares = update_subspace_shares(w0, 1.1 * w0)
     assert shares["row_space"] == pytest.approx(1.0, abs=1e-9) and shares["rank"] == 3
+    # sparsity: an update on 1% of the entries is all top share; a dense Gaussian one puts ~6% there
+    big = torch.randn(100, 100, generator=g)
+    sparse = torch.zeros(100, 100)
+    sparse.view(-1)[torch.randperm(10000, generator=g)[:100]] = torch.randn(100, generator=g)
+    assert update_subspace_shares(big, big + sparse)["top_share"] == pytest.approx(1.0)
+    assert 0.03 < update_subspace_shares(big, big + torch.randn(100, 100, generator=g))["top_share"] < 0.12
 
 
 def test_placement_puts_inputs_on_the_safe_unsafe_axis():

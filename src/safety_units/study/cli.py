@@ -15,7 +15,7 @@ def runner_parser(doc: str, scales: dict, dir_flag: str, default_dir: Path, resu
     --no-report, --results-dir, --report-name; a driver adds its own flags to the parser it gets."""
     ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--scale", choices=sorted(scales), default="cpu")
-    ap.add_argument(dir_flag, dest="run_dir", type=Path, default=default_dir,
+    ap.add_argument(dir_flag, dest="run_dir", type=Path, default=default_dir, metavar="DIR",
                     help="where the stages write their outputs (one dir per stage)")
     ap.add_argument("--resume", action="store_true",
                     help="skip stages whose outputs exist and whose config hash is unchanged (rerun the others)")

@@ -56,9 +56,11 @@ def separation(safe: torch.Tensor, unsafe: torch.Tensor) -> list[dict]:
     return out
 
 
-def update_subspace_shares(w0: torch.Tensor, w1: torch.Tensor, energy: float = 0.99) -> dict:
+def update_subspace_shares(w0: torch.Tensor, w1: torch.Tensor, energy: float = 0.99, top: float = 0.01) -> dict:
     """Shares of ||dW||_F^2 in the row space of w0 (its right singular vectors holding `energy` of the squared
-    spectrum) and in the complement (the effective null space); `rank`: how many singular vectors that is."""
+    spectrum) and in the complement (the effective null space); `rank`: how many singular vectors that is;
+    `top_share`: the share held by the `top` fraction of entries with the largest |dW| (sparsity: 1.0 when the
+    update touches only those entries, about 0.06 for a dense Gaussian update at top = 1%)."""
     w0, dw = w0.double(), (w1.double() - w0.double())
     total = float(dw.pow(2).sum())
     _, s, vh = torch.linalg.svd(w0, full_matrices=False)
@@ -66,8 +68,10 @@ def update_subspace_shares(w0: torch.Tensor, w1: torch.Tensor, energy: float = 0
     r = int((cum < energy).sum()) + 1
     row = float((dw @ vh[:r].T).pow(2).sum())
     share_row = row / total if total > 0 else float("nan")
+    k = max(1, int(round(top * dw.numel())))
+    top_share = float(dw.pow(2).flatten().topk(k).values.sum()) / total if total > 0 else float("nan")
     return {"rank": r, "of": int(min(w0.shape)), "row_space": share_row, "null_space": 1 - share_row,
-            "relative_norm": (total ** 0.5) / float(w0.norm())}
+            "relative_norm": (total ** 0.5) / float(w0.norm()), "top_share": top_share}
 
 
 def placement(safe: torch.Tensor, unsafe: torch.Tensor, others: torch.Tensor) -> list[dict]:

@@ -63,7 +63,8 @@ def mlp_shares(base, tuned) -> dict:
     kinds = {k: [v for n, v in per.items() if f".{k}." in n] for k in ("gate_proj", "up_proj", "down_proj")}
     return {"per_weight": per, "mean_null_space": {k: sum(v["null_space"] for v in vs) / len(vs)
                                                    for k, vs in kinds.items() if vs},
-            "mean_relative_norm": sum(v["relative_norm"] for v in per.values()) / len(per)}
+            "mean_relative_norm": sum(v["relative_norm"] for v in per.values()) / len(per),
+            "mean_top_share": sum(v["top_share"] for v in per.values()) / len(per)}
 
 
 def analyse(model, base, tokenizer, rows, base_acts) -> dict:
@@ -87,10 +88,11 @@ def findings(runs: list[dict], base_sep: list[dict]) -> dict:
         sep[best]["cluster_distance"] > base_sep[best]["cluster_distance"]
     null = sum(sum(r["shares"]["mean_null_space"].values()) / len(r["shares"]["mean_null_space"]) for r in runs) / n
     f2 = null > (1 - ENERGY) + NULL_MARGIN
+    top = sum(r["shares"]["mean_top_share"] for r in runs) / n  # sparsity (no criterion: compared across objectives)
     pos = {g: sum(r["placement"][g][best]["position"] for r in runs) / n for g in runs[0]["placement"]}
     f3 = {g: p < PLACEMENT_MAX for g, p in pos.items()}
     return {"separation": sep, "best_layer": best, "F1": f1, "null_space_share": null, "F2": f2,
-            "positions": pos, "F3": f3}
+            "top_share": top, "positions": pos, "F3": f3}
 
 
 def run_testbed(model_cfg_overrides: list[str], objectives: list[str], seeds: list[int], out: Path,
@@ -209,13 +211,13 @@ def write_report(results_dir: str | Path, name: str = "jain_testbed") -> Path:
             f"{sum(r['refusal'][g] for r in runs) / len(runs):.3f}" for g in GROUPS) + " |")
     out += ["", "## The paper's findings", "",
             "| objective | best block | probe acc. | cluster dist. (pretrained) | F1 | null-space share | F2 | "
-            "jailbreak positions | F3 |", "|---|---:|---:|---:|---|---:|---|---|---|"]
+            "top-1% entries' share of the update | jailbreak positions | F3 |", "|---|---:|---:|---:|---|---:|---|---:|---|---|"]
     for o, f in fnd.items():
         b = f["best_layer"]
         pos = ", ".join(f"{g.removeprefix('jailbreak_')} {v:.2f}" for g, v in f["positions"].items())
         out.append(f"| {o} | {b} | {f['separation'][b]['probe_accuracy']:.3f} | {f['separation'][b]['cluster_distance']:.2f}"
                    f" ({pre['separation'][b]['cluster_distance']:.2f}) | {f['F1']} | {f['null_space_share']:.3f} | "
-                   f"{f['F2']} | {pos} | {', '.join(g.removeprefix('jailbreak_') for g, v in f['F3'].items() if v) or 'none'} |")
+                   f"{f['F2']} | {f['top_share']:.3f} | {pos} | {', '.join(g.removeprefix('jailbreak_') for g, v in f['F3'].items() if v) or 'none'} |")
     out += ["", "![separation per block](jain_testbed/separation.png)", ""]
     gt = data.get("ground_truth")
     if gt:
