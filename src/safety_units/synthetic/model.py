@@ -102,8 +102,13 @@ def pretrain(model, tokenizer, world: World, p: dict, out: Path, progress: bool 
 @torch.no_grad()
 def task_accuracy(model, tokenizer, rows: list[dict], batch_size: int = 64) -> float:
     """Share of rows whose answer the model gets exactly right (greedy, teacher-forced argmax on every answer
-    token), the capability check after pretraining."""
-    data = encoded_rows(tokenizer, rows, 64)
+    token), the capability check after pretraining. A row with a `prefill` (the prefix jailbreak) is scored on the
+    tokens after it: the prefilled first token is given, not predicted."""
+    full = [dict(r, response=f"{r['prefill']} {r['response']}".strip()) if r.get("prefill") else r for r in rows]
+    data = encoded_rows(tokenizer, full, 64)
+    for e, r in zip(data, full):
+        if r.get("prefill"):
+            e.labels[next(i for i, t in enumerate(e.labels) if t != -100)] = -100
     right = 0
     model.eval()
     for b in range(0, len(data), batch_size):

@@ -28,8 +28,9 @@ NULL_MARGIN = 0.1
 ENERGY = 0.99
 PLACEMENT_MAX = 0.5
 GROUPS = ("safe", "unsafe", *(f"jailbreak_{v}" for v in JAILBREAKS))
-FINETUNE = ["optim.lr=1e-4"]       # every safety fine-tune of the testbed (before --set): the train default 2e-5 is
-                                   # SmolLM2's, too low for a model pretrained from scratch at 1e-3
+FINETUNE = ["optim.lr=3e-4"]  # every safety fine-tune of the testbed (before --set), one epoch of 2,000 rows. A seed-0
+                              # pilot: at 1e-4 SFT did not learn to refuse (unsafe refusal <= 0.11); 3e-4 and 1e-3
+                              # both did (1.0), and 3e-4 refused fewer safe inputs (0.09 vs 0.12)
 PLANTED_FINETUNE = ["optim.lr=1e-3"]  # only 2% of the units train: a larger step, as the SmolLM2 planted run
 
 
@@ -49,6 +50,14 @@ def refusal_rates(model, tokenizer, rows: list[dict]) -> dict[str, float]:
         first = model(input_ids=x, attention_mask=m).logits[:, -1].argmax(-1)
         out[g] = float((first == refuse).float().mean())
     return out
+
+
+def compliance_rates(model, tokenizer, rows: list[dict]) -> dict[str, float]:
+    """Per group: the share of inputs whose whole task answer the model still gives (teacher-forced greedy, after
+    any prefill): what "safe" means for an objective that removes the answer without teaching `refuse`."""
+    from safety_units.synthetic.model import task_accuracy  # here: as refusal_rates
+
+    return {g: task_accuracy(model, tokenizer, [r for r in rows if r["group"] == g]) for g in GROUPS}
 
 
 def group_activations(model, tokenizer, rows: list[dict]) -> dict[str, torch.Tensor]:
@@ -71,7 +80,8 @@ def analyse(model, base, tokenizer, rows, base_acts) -> dict:
     acts = group_activations(model, tokenizer, rows)
     sep = separation(acts["safe"], acts["unsafe"])
     best = max(range(len(sep)), key=lambda i: (sep[i]["probe_accuracy"], sep[i]["cluster_distance"]))
-    return {"refusal": refusal_rates(model, tokenizer, rows), "separation": sep, "best_layer": best,
+    return {"refusal": refusal_rates(model, tokenizer, rows), "compliance": compliance_rates(model, tokenizer, rows),
+            "separation": sep, "best_layer": best,
             "placement": {g: placement(acts["safe"], acts["unsafe"], acts[g]) for g in GROUPS if "jailbreak" in g},
             "shares": mlp_shares(base, model) if base is not None else None,
             "base_separation": separation(base_acts["safe"], base_acts["unsafe"])}
@@ -209,6 +219,13 @@ def write_report(results_dir: str | Path, name: str = "jain_testbed") -> Path:
         runs = [r for r in data["runs"].values() if r["objective"] == o]
         out.append(f"| {o} ({len(runs)} seeds) | " + " | ".join(
             f"{sum(r['refusal'][g] for r in runs) / len(runs):.3f}" for g in GROUPS) + " |")
+    out += ["", "## Compliance per input group (the whole task answer still given, teacher-forced; mean over seeds)",
+            "", "| model | " + " | ".join(GROUPS) + " |", "|---|" + "---:|" * len(GROUPS),
+            "| pretrained | " + " | ".join(f"{pre['compliance'][g]:.3f}" for g in GROUPS) + " |"]
+    for o in fnd:
+        runs = [r for r in data["runs"].values() if r["objective"] == o]
+        out.append(f"| {o} | " + " | ".join(
+            f"{sum(r['compliance'][g] for r in runs) / len(runs):.3f}" for g in GROUPS) + " |")
     out += ["", "## The paper's findings", "",
             "| objective | best block | probe acc. | cluster dist. (pretrained) | F1 | null-space share | F2 | "
             "top-1% entries' share of the update | jailbreak positions | F3 |", "|---|---:|---:|---:|---|---:|---|---:|---|---|"]
