@@ -105,8 +105,11 @@ class PairDataModule(SFTDataModule):
             raise ConfigError(f"data={self.kind} needs the starting model (its own answers and the reference "
                               f"log-probabilities); call datamodule.prepare(model).")
         sources = {name: Source.from_config(cfg, name) for name, cfg in self.sources_cfg.items()}
-        per_source = self._apply_mix(sources, {name: src.load(self.seed, require_response=False)
-                                               for name, src in sources.items()})
+        # a source whose own responses are used (chosen, retained) needs them: a row without one is malformed
+        # (on_bad_row: skip drops it, error names it); self-distilled sources take the model's answers instead
+        per_source = self._apply_mix(sources, {
+            name: src.load(self.seed, require_response=self.row_spec[name] in ("own", "refusal", "retain"))
+            for name, src in sources.items()})
         items: dict[str, list[tuple[Example, list[Example], list[int]]]] = {}
         for name, exs in per_source.items():
             spec = self.row_spec[name]
