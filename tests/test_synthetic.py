@@ -124,6 +124,7 @@ def test_update_shares_split_row_and_null_space():
     assert update_subspace_shares(w0, w0 + in_null)["null_space"] == pytest.approx(1.0, abs=1e-9)
     shares = update_subspace_shares(w0, 1.1 * w0)
     assert shares["row_space"] == pytest.approx(1.0, abs=1e-9) and shares["rank"] == 3
+    assert shares["chance_null_space"] == pytest.approx(1 - 3 / 8)  # an isotropic update: 5 of 8 input dims
     # sparsity: an update on 1% of the entries is all top share; a dense Gaussian one puts ~6% there
     big = torch.randn(100, 100, generator=g)
     sparse = torch.zeros(100, 100)

@@ -70,7 +70,10 @@ def update_subspace_shares(w0: torch.Tensor, w1: torch.Tensor, energy: float = 0
     share_row = row / total if total > 0 else float("nan")
     k = max(1, int(round(top * dw.numel())))
     top_share = float(dw.pow(2).flatten().topk(k).values.sum()) / total if total > 0 else float("nan")
+    # an isotropic random update puts r / in_features of its energy in the row space: the chance level, which for a
+    # wide weight (down_proj: 512 inputs, rank <= 128) leaves most of any update in the null space
     return {"rank": r, "of": int(min(w0.shape)), "row_space": share_row, "null_space": 1 - share_row,
+            "chance_null_space": 1 - r / w0.shape[1],
             "relative_norm": (total ** 0.5) / float(w0.norm()), "top_share": top_share}
 
 

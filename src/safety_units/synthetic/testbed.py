@@ -6,7 +6,10 @@ Criteria for the paper's findings (fixed before any run), per objective, on the 
   its cluster distance above the pretrained model's at that layer;
 * F2 "the update lies in the null space": the MLP updates' mean null-space share exceeds the null-space share of
   the pretrained weights' spectrum (1 - ENERGY; a random update would put about its dimension share there) by
-  NULL_MARGIN, i.e. more of the update avoids what the pretrained weights read than chance;
+  NULL_MARGIN, i.e. more of the update avoids what the pretrained weights read than chance. That threshold misses
+  chance: an isotropic random update puts 1 - rank / in_features of its energy in the null space, about 0.75 for
+  down_proj (512 inputs, rank <= 128). So the report also gives F2 against chance (added after the first run showed
+  it): the mean null-space share exceeds the same weights' mean chance share by NULL_MARGIN;
 * F3 "jailbreaks land near the safe cluster": at the layer that separates best, a jailbreak group's mean position on
   the safe -> unsafe axis is below PLACEMENT_MAX (nearer safe than the unsafe inputs at 1).
 """
@@ -31,7 +34,9 @@ GROUPS = ("safe", "unsafe", *(f"jailbreak_{v}" for v in JAILBREAKS))
 FINETUNE = ["optim.lr=3e-4"]  # every safety fine-tune of the testbed (before --set), one epoch of 2,000 rows. A seed-0
                               # pilot: at 1e-4 SFT did not learn to refuse (unsafe refusal <= 0.11); 3e-4 and 1e-3
                               # both did (1.0), and 3e-4 refused fewer safe inputs (0.09 vs 0.12)
-PLANTED_FINETUNE = ["optim.lr=1e-3"]  # only 2% of the units train: a larger step, as the SmolLM2 planted run
+PLANTED_FINETUNE = ["optim.lr=3e-3", "trainer.max_epochs=3"]  # only 2% of the units train. A pilot: at 1e-3 x 1
+                                                              # epoch S did not learn to refuse (unsafe 0.00); at
+                                                              # 3e-3 x 3 it did (0.99), at 1e-2 x 3 less (0.89)
 
 
 @torch.no_grad()
@@ -72,6 +77,8 @@ def mlp_shares(base, tuned) -> dict:
     kinds = {k: [v for n, v in per.items() if f".{k}." in n] for k in ("gate_proj", "up_proj", "down_proj")}
     return {"per_weight": per, "mean_null_space": {k: sum(v["null_space"] for v in vs) / len(vs)
                                                    for k, vs in kinds.items() if vs},
+            "mean_chance_null_space": {k: sum(v["chance_null_space"] for v in vs) / len(vs)
+                                       for k, vs in kinds.items() if vs},
             "mean_relative_norm": sum(v["relative_norm"] for v in per.values()) / len(per),
             "mean_top_share": sum(v["top_share"] for v in per.values()) / len(per)}
 
@@ -98,10 +105,14 @@ def findings(runs: list[dict], base_sep: list[dict]) -> dict:
         sep[best]["cluster_distance"] > base_sep[best]["cluster_distance"]
     null = sum(sum(r["shares"]["mean_null_space"].values()) / len(r["shares"]["mean_null_space"]) for r in runs) / n
     f2 = null > (1 - ENERGY) + NULL_MARGIN
+    chance = sum(sum(r["shares"]["mean_chance_null_space"].values()) / len(r["shares"]["mean_chance_null_space"])
+                 for r in runs) / n
+    f2_chance = null > chance + NULL_MARGIN
     top = sum(r["shares"]["mean_top_share"] for r in runs) / n  # sparsity (no criterion: compared across objectives)
     pos = {g: sum(r["placement"][g][best]["position"] for r in runs) / n for g in runs[0]["placement"]}
     f3 = {g: p < PLACEMENT_MAX for g, p in pos.items()}
     return {"separation": sep, "best_layer": best, "F1": f1, "null_space_share": null, "F2": f2,
+            "chance_null_space_share": chance, "F2_vs_chance": f2_chance,
             "top_share": top, "positions": pos, "F3": f3}
 
 
@@ -171,7 +182,8 @@ def ground_truth(loaded, model_cfg, model_overrides: list[str], rows: list[dict]
     calibration = gt.calibration_overrides(world, out / "calibration", gt.CALIBRATION_N)
     reference = Path(model_cfg.cache_dir) / "synthetic" / loaded.name.removeprefix("synthetic-") / "model"
     chosen = {k: v for k, v in gt.SCORERS.items() if scorers is None or k in scorers}
-    res = {"share": gt.PLANTED_SHARE, "seed": gt.PLANTED_SEED, "train_overrides": train_overrides,
+    effective = list({o.split("=")[0]: o for o in train_overrides}.values())  # the last override of a key wins
+    res = {"share": gt.PLANTED_SHARE, "seed": gt.PLANTED_SEED, "train_overrides": effective,
            "train_seconds": round(train_seconds, 1), "planted_units": sum(int(v.sum()) for v in planted.values()),
            "units": sum(v.numel() for v in planted.values()),
            "frozen_max_abs_delta": summary.get("frozen_max_abs_delta"),
@@ -227,14 +239,25 @@ def write_report(results_dir: str | Path, name: str = "jain_testbed") -> Path:
         out.append(f"| {o} | " + " | ".join(
             f"{sum(r['compliance'][g] for r in runs) / len(runs):.3f}" for g in GROUPS) + " |")
     out += ["", "## The paper's findings", "",
-            "| objective | best block | probe acc. | cluster dist. (pretrained) | F1 | null-space share | F2 | "
-            "top-1% entries' share of the update | jailbreak positions | F3 |", "|---|---:|---:|---:|---|---:|---|---:|---|---|"]
+            "| objective | best block | probe acc. | cluster dist. (pretrained) | F1 | null-space share (chance) | F2 | "
+            "F2 vs chance | top-1% entries' share of the update | jailbreak positions | F3 |",
+            "|---|---:|---:|---:|---|---:|---|---|---:|---|---|"]
     for o, f in fnd.items():
         b = f["best_layer"]
         pos = ", ".join(f"{g.removeprefix('jailbreak_')} {v:.2f}" for g, v in f["positions"].items())
         out.append(f"| {o} | {b} | {f['separation'][b]['probe_accuracy']:.3f} | {f['separation'][b]['cluster_distance']:.2f}"
-                   f" ({pre['separation'][b]['cluster_distance']:.2f}) | {f['F1']} | {f['null_space_share']:.3f} | "
-                   f"{f['F2']} | {f['top_share']:.3f} | {pos} | {', '.join(g.removeprefix('jailbreak_') for g, v in f['F3'].items() if v) or 'none'} |")
+                   f" ({pre['separation'][b]['cluster_distance']:.2f}) | {f['F1']} | {f['null_space_share']:.3f} "
+                   f"({f['chance_null_space_share']:.3f}) | {f['F2']} | {f['F2_vs_chance']} | {f['top_share']:.3f} | "
+                   f"{pos} | {', '.join(g.removeprefix('jailbreak_') for g, v in f['F3'].items() if v) or 'none'} |")
+    claims = {"F1": "the activations of safe and unsafe inputs form separate clusters",
+              "F2": "safety fine-tuning puts its MLP update in the pretrained weights' null space (as fixed)",
+              "F2_vs_chance": "the same, beyond what an isotropic random update would",
+              "F3": "jailbreak inputs land near the safe cluster"}
+    out += ["", "Against the paper (each finding by its criterion, per objective):", ""]
+    for key, text in claims.items():
+        held = [o for o, f in fnd.items() if (any(f[key].values()) if isinstance(f[key], dict) else f[key])]
+        out.append(f"- **{key}, {text}:** holds for {', '.join(held) or 'none'}; does not hold for "
+                   f"{', '.join(o for o in fnd if o not in held) or 'none'}.")
     out += ["", "![separation per block](jain_testbed/separation.png)", ""]
     gt = data.get("ground_truth")
     if gt:
@@ -245,7 +268,10 @@ def write_report(results_dir: str | Path, name: str = "jain_testbed") -> Path:
                 f"; frozen entries' max |delta| {gt['frozen_max_abs_delta']}), so the refusal the model learns lives in S. "
                 f"Planted model's refusal: safe {ref['safe']:.3f}, unsafe {ref['unsafe']:.3f}. Each scorer attributes "
                 "the planted model on the world's calibration sets; precision of its top-|S| units against S (= recall, "
-                "the top set is as large as S).", "",
+                "the top set is as large as S). The safety - utility rank is what the SSAH classification uses for ESU; "
+                "the safety rank alone is the scorer's raw safety score. `delta` scores the weight change against the "
+                "pretrained model, which is non-zero only on S: its safety rank checks the machinery and is no "
+                "finding.", "",
                 "| scorer | precision, safety - utility rank | precision, safety rank | chance | seconds |",
                 "|---|---:|---:|---:|---:|"]
         for scorer, r in sorted(gt["scorers"].items(), key=lambda kv: -kv[1]["safety_minus_utility"]["precision"]):
