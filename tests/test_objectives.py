@@ -5,7 +5,8 @@ import math
 
 import pytest
 import torch
-from conftest import train_cfg
+from conftest import compose, train_cfg
+from omegaconf import OmegaConf
 
 from safety_units.chat import encode_example
 from safety_units.errors import ConfigError
@@ -130,3 +131,17 @@ def test_a_benign_row_without_an_answer_is_skipped_or_named(tmp_path, monkeypatc
     assert summary["train_examples"] == 4 + 4  # 4 refusal pairs and 4 of the 7 answered benign rows
     with pytest.raises((ConfigError, DataError), match="benign.jsonl"):
         run_train(train_cfg(tmp_path / "error", *small, "data.sources.benign.on_bad_row=error"))
+
+
+@pytest.mark.parametrize("data", ["preference", "unlearning"])
+def test_pair_sources_count_as_training_prompts(data):
+    """The study counts a fine-tune's prompts in its eval (prompt_set_texts of data.sources): pair data's row keys
+    (rejected / role) must not break that, and the prompts are those of the same sources without them."""
+    from safety_units.evaluation import prompt_set_texts
+    from safety_units.pairs import ROW_KEYS
+
+    sources = compose("train", ["model=tiny", f"data={data}"]).data.sources
+    plain = {n: {k: v for k, v in OmegaConf.to_container(c, resolve=True).items() if k not in ROW_KEYS}
+             for n, c in sources.items()}
+    got = prompt_set_texts(sources, where="data.sources")
+    assert len(got) > 100 and got == prompt_set_texts(plain)

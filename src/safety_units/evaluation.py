@@ -36,6 +36,7 @@ from safety_units.config import instantiate
 from safety_units.generation import generate_chat
 from safety_units.models import eval_mode, response_token_nll
 from safety_units.multiple_choice import run_label, run_mc
+from safety_units.pairs import ROW_KEYS
 from safety_units.rejudge import load_completions
 from safety_units.stats import prompt_list_hash
 from safety_units.task_results import (
@@ -53,7 +54,14 @@ MODEL_FREE_TASKS = ("rejudge",)  # tasks that judge saved completions: no model 
 
 # --------------------------------------------------------------------------- prompt sets and dedupe
 def prompt_set_texts(sources: dict | DictConfig | None, seed: int = 0, where: str = "eval.dedupe_against") -> set[str]:
-    """Normalised prompts of every source, whole files (`where` names the sources in errors)."""
+    """Normalised prompts of every source, whole files (`where` names the sources in errors). The row keys of pair
+    data (data=preference's `rejected`, data=unlearning's `role`) are not Source keys and are left out."""
+    if sources:
+        plain = {}
+        for name, cfg in sources.items():
+            cfg = OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else dict(cfg or {})
+            plain[name] = {k: v for k, v in cfg.items() if k not in ROW_KEYS}
+        sources = plain
     return normalized_prompts(sources, seed, where)
 
 

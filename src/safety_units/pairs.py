@@ -31,6 +31,7 @@ from safety_units.sources import Example, Source
 log = RankedLogger(__name__)
 
 KINDS = {"preference": ("rejected", ("own", "refusal")), "unlearning": ("role", ("forget", "retain"))}
+ROW_KEYS = tuple(key for key, _ in KINDS.values())  # per-source keys of pair data that Source itself does not know
 
 
 @dataclass
