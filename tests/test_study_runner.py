@@ -144,3 +144,47 @@ def test_run_study_script_lists_stages_and_rejects_a_bad_selection(tmp_path, cap
         script.main(["--only", "^nothing$", "--study-dir", str(tmp_path), "--no-report"])
     assert e.value.code == 1 and "matches no stage" in capsys.readouterr().err
     assert not Path(tmp_path / "study.json").exists()
+
+
+def test_sigterm_to_the_runner_stops_its_workers(tmp_path):
+    """`kill <runner>` used to leave the worker processes running stages (Lightning's SIGTERM handler in a worker only
+    sets a flag) and writing into the study dir; now the runner kills them before it exits."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    code = (f"import sys; sys.path.insert(0, {str(ROOT / 'tests')!r})\n"
+            "from test_study_runner import TINY\nfrom safety_units.study.runner import run_study\n"
+            f"run_study(TINY, __import__('pathlib').Path({str(tmp_path / 's')!r}), "
+            "only=r'^a_full_(lr1e-3|dpo_lr2e-4)_s0$', workers=2)\n")
+    runner = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True, cwd=ROOT)
+
+    def children() -> set[int]:
+        out = set()
+        for d in Path("/proc").iterdir():
+            try:
+                if d.name.isdigit() and int((d / "stat").read_text().rsplit(")", 1)[1].split()[1]) == runner.pid:
+                    out.add(int(d.name))
+            except (OSError, IndexError, ValueError):
+                continue
+        return out
+
+    for line in runner.stdout:  # the workers have started once one of them announces a stage
+        if "[run ]" in line:
+            break
+    workers = children()
+    assert len(workers) >= 2  # the two workers (and multiprocessing's resource tracker)
+    runner.send_signal(signal.SIGTERM)
+    runner.wait(timeout=60)
+    deadline = time.time() + 20
+    while time.time() < deadline and any(Path(f"/proc/{p}").exists() and "Z" not in
+                                         Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[:1]
+                                         for p in workers if Path(f"/proc/{p}/stat").exists()):
+        time.sleep(0.5)
+    alive = [p for p in workers if Path(f"/proc/{p}/stat").exists()
+             and Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"]
+    assert not alive, f"worker(s) {alive} still running after the runner got SIGTERM"
+    assert not os.path.exists(tmp_path / "s" / "a_full_lr1e-3_s0" / "eval.json")

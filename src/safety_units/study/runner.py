@@ -20,6 +20,7 @@ import json
 import logging
 import queue
 import re
+import signal
 import time
 import traceback
 from contextlib import contextmanager
@@ -280,6 +281,22 @@ class StudyRunner:
                  for k in range(workers)}
         for p in procs.values():
             p.start()
+        try:  # SIGTERM (kill, a scheduler's stop) must not orphan the workers: they would go on writing stages
+            previous = signal.signal(signal.SIGTERM, _stop)
+        except ValueError:  # not the main thread: no handler, the finally below still runs on errors
+            previous = None
+        try:
+            self.collect(procs, names, messages)
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
+            for p in procs.values():  # SIGKILL: Lightning's SIGTERM handler in a worker only sets a flag
+                if p.is_alive():
+                    p.kill()
+                    p.join(timeout=10)
+
+    def collect(self, procs: dict, names: list[str], messages) -> None:
+        """Record the workers' messages until every worker has exited (`procs` loses each one that did)."""
         running: dict[int, str] = {}
         while procs:
             try:
@@ -338,6 +355,10 @@ def select(stages: list[Stage], only: str | None) -> list[Stage]:
     if not chosen:
         raise ConfigError(f"--only {only!r} matches no stage; `--list` prints them.")
     return chosen
+
+
+def _stop(signum, frame):
+    raise SystemExit(f"stopped by signal {signum}")  # unwinds dispatch(), whose finally stops the workers
 
 
 def _worker(k: int, scale: Scale, study: Path, extra: list[str], resume: bool, force: bool,
