@@ -24,17 +24,9 @@ os.environ.setdefault("PROJECT_ROOT", str(ROOT))
 
 from safety_units.defense_bench.plan import BENCH_NAME, SCALES, plan  # noqa: E402
 from safety_units.errors import friendly_errors  # noqa: E402
-from safety_units.study.cli import exit_on_failures, list_stages, run_stages, runner_parser  # noqa: E402
+from safety_units.study.cli import exit_on_failures, harm_judge, list_stages, run_stages, runner_parser  # noqa: E402
 
 RESULTS = ROOT / "results"
-
-
-def harm_judge(extra: list[str]):
-    """The harmfulness judge behind HS (conf/harm_judge/probe.yaml; trained once, cached)."""
-    from safety_units.config import compose_config, instantiate
-
-    cfg = compose_config("evaluate", ["+harm_judge=probe", *extra])
-    return instantiate(cfg.harm_judge, "harm_judge")
 
 
 @friendly_errors

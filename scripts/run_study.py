@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("PROJECT_ROOT", str(ROOT))
 
 from safety_units.errors import friendly_errors
-from safety_units.study.cli import exit_on_failures, list_stages, run_stages, runner_parser
+from safety_units.study.cli import exit_on_failures, judge_harm, list_stages, run_stages, runner_parser
 from safety_units.study.plan import SCALES, STUDY_NAME, plan
 
 RESULTS = ROOT / "results"
@@ -41,11 +41,16 @@ V1_REPORT = RESULTS / "ssah_smollm2_v1.md"
 @friendly_errors
 def main(argv: list[str] | None = None):
     ap = runner_parser(__doc__, SCALES, "--study-dir", ROOT / "logs" / STUDY_NAME, RESULTS, "ssah_smollm2")
+    ap.add_argument("--judge-harm", metavar="REGEX", nargs="?", const=r"^a_",
+                    help="before the report, judge the saved harmful completions of the matching stages (default: "
+                         "claim (a)'s) with the harm probe: the report's HS column")
     args = ap.parse_args(argv)
     scale, study = SCALES[args.scale], args.run_dir.resolve()
     if args.list:
         return list_stages(plan(scale, str(study)), 32)
     record = {} if args.report_only else run_stages(args, scale, study, "study")
+    if args.judge_harm:
+        print(f"harm-judged {judge_harm(study, args.judge_harm, args.extra)} stage(s)", flush=True)
     if not args.no_report:
         from safety_units.study.report import write_report
 

@@ -168,12 +168,17 @@ def test_claim_a_is_judged_per_objective(tmp_path):
         return v
 
     study = write_study(tmp_path / "s", values, scale=scale)
+    for seed in (0, 1):  # run_study.py --judge-harm's output for DPO's RU-only stages: 30 of 40 answers harmful
+        (study / f"a_ru_only_dpo_lr2e-4_s{seed}" / "harm_judged.json").write_text(json.dumps({"harmful": [1] * 30 + [0] * 10}))
     vs = study_verdicts(study)
     assert vs["(a) alignment budget, sft"].status == "supported"
     assert vs["(a) alignment budget, dpo, lr 2e-4"].status == "refuted"
     assert "(a) alignment budget, dpo, lr 5e-5" not in vs
     md = write_report(study, tmp_path / "results", V1).read_text()
-    assert "| objective | method | lr |" in md and "| dpo | RU-only | 2e-4 |" in md
+    assert "| objective | method | lr | ASR | HS (harm judge) |" in md
+    row = next(x for x in md.splitlines() if x.startswith("| dpo | RU-only | 2e-4 |"))
+    assert row.split(" | ")[4] == "0.750 ± 0.000 (n=2)"  # HS; the other rows have none: n/a
+    assert "| sft | full | 2e-4 | " in md and next(x for x in md.splitlines() if x.startswith("| sft | full |")).split(" | ")[4] == "n/a"
     # the objective's effect: the verdict changes at 2e-4 and RU-only's ASR is higher by (36 - 8 + 36 - 9) / 80
     # (2 seeds x 40 prompts; SFT's RU-only at 0.2 + 0.025 * seed); full alignment is identical under both objectives
     eff = json.loads((tmp_path / "results" / "ssah_smollm2" / "summary.json").read_text())["a"]["objective_effects"]

@@ -36,6 +36,35 @@ def runner_parser(doc: str, scales: dict, dir_flag: str, default_dir: Path, resu
     return ap
 
 
+def harm_judge(extra: list[str]):
+    """The harmfulness judge behind HS (conf/harm_judge/probe.yaml; trained once, cached)."""
+    from safety_units.config import compose_config, instantiate  # here: --list needs no config stack
+
+    cfg = compose_config("evaluate", ["+harm_judge=probe", *extra])
+    return instantiate(cfg.harm_judge, "harm_judge")
+
+
+def judge_harm(run_dir: Path, pattern: str, extra: list[str]) -> int:
+    """Write <stage>/harm_judged.json (HS flags of the harmful-prompt completions: the harm probe says harmful and
+    the refusal judge saw no refusal) for every stage matching `pattern` that saved generations.jsonl; returns the
+    number of stages judged. Cached by the completions, so a rerun judges only new stages."""
+    import json
+    import re
+
+    from safety_units.defense_bench.report import judged  # here: as above
+
+    judge, n = harm_judge(extra), 0
+    for gen in sorted(Path(run_dir).glob("*/generations.jsonl")):
+        if not re.search(pattern, gen.parent.name):
+            continue
+        rows = [json.loads(x) for x in gen.read_text().splitlines() if x.strip()]
+        rows = [r for r in rows if r["task"] == "harmful"]
+        if rows:
+            judged(gen.parent, rows, judge)
+            n += 1
+    return n
+
+
 def list_stages(stages, width: int = 36) -> None:
     for s in stages:
         print(f"{s.name:{width}s} {s.kind:10s} from {s.model}")

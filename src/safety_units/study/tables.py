@@ -4,6 +4,7 @@ every number the markdown prints. Conditions are mean +- sd over seeds; differen
 
 from __future__ import annotations
 
+import json
 import statistics
 
 from safety_units.study.verdicts import (
@@ -78,22 +79,41 @@ def section_a(st: dict) -> tuple[dict, list[str]]:
             for m in ALIGN_METHODS:
                 me = a_stages(st, m, lr, objective)
                 rows.append({"objective": objective, "method": m, "lr": lr,
-                             **{t: cond(st, me, t) for t in ("harmful", "oktest", "ppl")},
+                             **{t: cond(st, me, t) for t in ("harmful", "oktest", "ppl")}, "hs": harm_score(st, me),
                              "vs_random": None if m == "random" else compare(st, by_seed(rnd, me), ERROR)})
     col, sep, ref = ("| objective ", "|---", "| - ") if many else ("", "", "")
-    lines = [col + "| method | lr | ASR | OKTest refusal | ppl (Alpaca held-out) | error vs random: Δ [95% CI, p] |",
-             sep + "|---|---|---:|---:|---:|---|",
-             f"{ref}| shipped (reference) | - | {num(shipped['harmful'])} | {num(shipped['oktest'])} | "
-             f"{num(shipped['ppl'], 2)} | - |"]
+    hs = any(r["hs"]["n"] for r in rows)  # the HS column only where stages were harm-judged (--judge-harm)
+    lines = [col + "| method | lr | ASR | " + "HS (harm judge) | " * hs + "OKTest refusal | ppl (Alpaca held-out) | "
+             "error vs random: Δ [95% CI, p] |", sep + "|---|---|---:|" + "---:|" * hs + "---:|---:|---|",
+             f"{ref}| shipped (reference) | - | {num(shipped['harmful'])} | " + "- | " * hs +
+             f"{num(shipped['oktest'])} | {num(shipped['ppl'], 2)} | - |"]
     for r in rows:
         lines.append((f"| {r['objective']} " if many else "") +
-                     f"| {METHOD_LABELS[r['method']]} | {r['lr']} | {ms(r['harmful'])} | {ms(r['oktest'])} | "
+                     f"| {METHOD_LABELS[r['method']]} | {r['lr']} | {ms(r['harmful'])} | " +
+                     f"{ms(r['hs'])} | " * hs + f"{ms(r['oktest'])} | "
                      f"{ms(r['ppl'], 2)} | {'-' if r['method'] == 'random' else diff_text(r['vs_random'])} |")
     lines += ["", "Error = attack successes on the harmful set followed by refusals on OKTest, one binary outcome per "
               "prompt; Δ is the method minus random alignment, per-prompt outcomes pooled over seeds (exact McNemar "
               "p, paired bootstrap 95% interval)."]
+    if hs:
+        lines += ["", "HS: the share of harmful-set answers that the harm probe judges harmful and the refusal judge "
+                  "not a refusal (results/harm_judge.md validates the rule), from <stage>/harm_judged.json "
+                  "(`run_study.py --judge-harm`); descriptive, not a criterion. Stages without saved completions "
+                  "are left out (n)."]
     effects, effect_lines = objective_effects(st) if many else ({}, [])
     return {"shipped": shipped, "rows": rows, "objective_effects": effects}, lines + effect_lines
+
+
+def harm_score(st: dict, stages: list[str]) -> dict:
+    """HS per stage (mean of harm_judged.json's flags), as cond() gives mean +- sd over the stages that have it."""
+    vals = []
+    for s in stages:
+        path = st["dir"] / s / "harm_judged.json"
+        if path.is_file():
+            flags = json.loads(path.read_text())["harmful"]
+            vals.append(sum(flags) / len(flags))
+    return {"mean": statistics.fmean(vals) if vals else None, "sd": statistics.stdev(vals) if len(vals) > 1 else None,
+            "n": len(vals), "missing": []}
 
 
 def objective_effects(st: dict) -> tuple[dict, list[str]]:
