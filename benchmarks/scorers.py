@@ -26,16 +26,10 @@ sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from peak_memory import timed_peak  # noqa: E402
 
+from safety_units.attribution import SCORER_RUNS  # noqa: E402
+
 SCORERS = {
-    "wifv": ["scoring=wifv"],
-    "wifv_decision": ["scoring=wifv", "scoring.tokens=decision"],
-    "activation_decision": ["scoring=activation", "scoring.tokens=decision"],
-    "snip": ["scoring=snip"],
-    "contrast": ["scoring=contrast"],
-    "refusal_direction": ["scoring=refusal_direction"],
-    "delta": ["scoring=delta"],
-    "atp": ["scoring=atp"],
-    "mask": ["scoring=mask"],
+    **SCORER_RUNS,
     "mask_heads": ["scoring=mask", "units.heads=true"],
     "atp_heads": ["scoring=atp", "units.heads=true"],
     "activation_decision_heads": ["scoring=activation", "scoring.tokens=decision", "units.heads=true"],

@@ -31,6 +31,21 @@ from safety_units.units import decoder_layers, resolve_units, unit_names
 log = RankedLogger(__name__)
 
 
+# The scorers as the validity harness runs them on channels (scripts/run_attribution_validity.sh): name -> attribute.yaml
+# overrides. The planted-set ground truth (safety_units.synthetic.ground_truth) and benchmarks/scorers.py run these.
+SCORER_RUNS = {
+    "wifv": ["scoring=wifv"],
+    "wifv_decision": ["scoring=wifv", "scoring.tokens=decision"],
+    "activation_decision": ["scoring=activation", "scoring.tokens=decision"],
+    "snip": ["scoring=snip"],
+    "contrast": ["scoring=contrast"],
+    "refusal_direction": ["scoring=refusal_direction"],
+    "delta": ["scoring=delta"],
+    "atp": ["scoring=atp"],
+    "mask": ["scoring=mask"],
+}
+REFERENCE_METHODS = ("contrast", "delta")  # the scorers that compare against a base model (scoring.reference)
+
 def attribute(loaded: LoadedModel, cfg: DictConfig, device: str | None = None,
               state_dir: Path | None = None) -> UnitMap:
     """Score units on the safety and utility sets and classify them; returns the (unsaved) UnitMap. `state_dir`:
@@ -50,7 +65,7 @@ def attribute(loaded: LoadedModel, cfg: DictConfig, device: str | None = None,
         raise ConfigError(f"scoring={method} needs calibration.harmless: a prompt set of harmless "
                           f"instructions (a data source, response: null).")
     reference = load_reference(sc, cfg.model.get("dtype", "float32"), loaded, names) \
-        if method in ("contrast", "delta") else None
+        if method in REFERENCE_METHODS else None
     ref_groups = resolve_units(reference.model, names) if reference is not None else None
     dev = resolve_device(device or cfg.get("device"))
     model.to(dev)

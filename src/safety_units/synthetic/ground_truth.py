@@ -21,18 +21,6 @@ PLANTED_SEED = 0
 CALIBRATION_N = 64       # rows per calibration set (calibration.nsamples)
 CALIBRATION_SEED = 1000  # World.safety's seed for the calibration rows (fine-tunes use 0..2, evaluation 1 in its own
                          # stream)
-SCORERS = {  # name -> attribute.yaml overrides, as scripts/run_attribution_validity.sh runs them on SmolLM2
-    "wifv": ["scoring=wifv"],
-    "wifv_decision": ["scoring=wifv", "scoring.tokens=decision"],
-    "activation_decision": ["scoring=activation", "scoring.tokens=decision"],
-    "snip": ["scoring=snip"],
-    "contrast": ["scoring=contrast"],
-    "refusal_direction": ["scoring=refusal_direction"],
-    "delta": ["scoring=delta"],
-    "atp": ["scoring=atp"],
-    "mask": ["scoring=mask"],
-}
-REFERENCE_SCORERS = ("contrast", "delta")
 
 
 def calibration_overrides(world: World, out: Path, n: int) -> list[str]:
@@ -77,13 +65,13 @@ def scorer_precision(tuned, tokenizer, planted, reference_dir: Path, calibration
                      nsamples: int = 64) -> dict[str, dict]:
     """Per scorer: planted_recovery of its unit map of the planted model (precision of its top-|S| units by the
     safety rank and by the safety-minus-utility rank) and the seconds it took."""
-    from safety_units.attribution import attribute, attribution_config  # here: as above
+    from safety_units.attribution import REFERENCE_METHODS, SCORER_RUNS, attribute, attribution_config  # here: as above
     from safety_units.models import LoadedModel  # here: as above
     from safety_units.stability import planted_recovery  # here: as above
 
     out = {}
-    for name, over in (scorers or SCORERS).items():
-        ref = [f"scoring.reference_path={reference_dir}"] if name in REFERENCE_SCORERS else []
+    for name, over in (scorers or SCORER_RUNS).items():
+        ref = [f"scoring.reference_path={reference_dir}"] if name in REFERENCE_METHODS else []
         cfg = attribution_config(["model=synthetic", *model_overrides, *over, *ref, *calibration,
                                   f"calibration.nsamples={nsamples}", "calibration.max_length=48", "device=cpu"])
         t0 = time.perf_counter()

@@ -75,10 +75,12 @@ def mlp_shares(base, tuned) -> dict:
     per = {n: update_subspace_shares(params0[n].detach(), p.detach(), ENERGY)
            for n, p in tuned.named_parameters() if ".mlp." in n and p.ndim == 2}
     kinds = {k: [v for n, v in per.items() if f".{k}." in n] for k in ("gate_proj", "up_proj", "down_proj")}
-    return {"per_weight": per, "mean_null_space": {k: sum(v["null_space"] for v in vs) / len(vs)
-                                                   for k, vs in kinds.items() if vs},
-            "mean_chance_null_space": {k: sum(v["chance_null_space"] for v in vs) / len(vs)
-                                       for k, vs in kinds.items() if vs},
+
+    def per_kind(key: str) -> dict[str, float]:
+        return {k: sum(v[key] for v in vs) / len(vs) for k, vs in kinds.items() if vs}
+
+    return {"per_weight": per, "mean_null_space": per_kind("null_space"),
+            "mean_chance_null_space": per_kind("chance_null_space"),
             "mean_relative_norm": sum(v["relative_norm"] for v in per.values()) / len(per),
             "mean_top_share": sum(v["top_share"] for v in per.values()) / len(per)}
 
@@ -103,10 +105,11 @@ def findings(runs: list[dict], base_sep: list[dict]) -> dict:
     best = max(range(layers), key=lambda i: (sep[i]["probe_accuracy"], sep[i]["cluster_distance"]))
     f1 = sep[best]["probe_accuracy"] >= SEPARATION_MIN and \
         sep[best]["cluster_distance"] > base_sep[best]["cluster_distance"]
-    null = sum(sum(r["shares"]["mean_null_space"].values()) / len(r["shares"]["mean_null_space"]) for r in runs) / n
+    def over_kinds(key: str) -> float:  # mean over seeds of the mean over MLP projections
+        return sum(sum(r["shares"][key].values()) / len(r["shares"][key]) for r in runs) / n
+
+    null, chance = over_kinds("mean_null_space"), over_kinds("mean_chance_null_space")
     f2 = null > (1 - ENERGY) + NULL_MARGIN
-    chance = sum(sum(r["shares"]["mean_chance_null_space"].values()) / len(r["shares"]["mean_chance_null_space"])
-                 for r in runs) / n
     f2_chance = null > chance + NULL_MARGIN
     top = sum(r["shares"]["mean_top_share"] for r in runs) / n  # sparsity (no criterion: compared across objectives)
     pos = {g: sum(r["placement"][g][best]["position"] for r in runs) / n for g in runs[0]["placement"]}
@@ -181,7 +184,9 @@ def ground_truth(loaded, model_cfg, model_overrides: list[str], rows: list[dict]
     world = World(**dict(model_cfg.world))
     calibration = gt.calibration_overrides(world, out / "calibration", gt.CALIBRATION_N)
     reference = Path(model_cfg.cache_dir) / "synthetic" / loaded.name.removeprefix("synthetic-") / "model"
-    chosen = {k: v for k, v in gt.SCORERS.items() if scorers is None or k in scorers}
+    from safety_units.attribution import SCORER_RUNS  # here: as above
+
+    chosen = {k: v for k, v in SCORER_RUNS.items() if scorers is None or k in scorers}
     effective = list({o.split("=")[0]: o for o in train_overrides}.values())  # the last override of a key wins
     res = {"share": gt.PLANTED_SHARE, "seed": gt.PLANTED_SEED, "train_overrides": effective,
            "train_seconds": round(train_seconds, 1), "planted_units": sum(int(v.sum()) for v in planted.values()),
