@@ -199,6 +199,17 @@ def ground_truth(loaded, model_cfg, model_overrides: list[str], rows: list[dict]
     return res
 
 
+def group_table(data: dict, metric: str, with_seeds: bool = False) -> list[str]:
+    """A markdown table of `metric` per input group: the pretrained model, then each objective's mean over seeds."""
+    lines = ["| model | " + " | ".join(GROUPS) + " |", "|---|" + "---:|" * len(GROUPS),
+             "| pretrained | " + " | ".join(f"{data['pretrained'][metric][g]:.3f}" for g in GROUPS) + " |"]
+    for o in data["findings"]:
+        runs = [r for r in data["runs"].values() if r["objective"] == o]
+        lines.append(f"| {o}{f' ({len(runs)} seeds)' if with_seeds else ''} | " + " | ".join(
+            f"{sum(r[metric][g] for r in runs) / len(runs):.3f}" for g in GROUPS) + " |")
+    return lines
+
+
 def write_report(results_dir: str | Path, name: str = "jain_testbed") -> Path:
     """results/<name>.md from results/<name>/testbed.json, with the separation curves plotted."""
     import matplotlib
@@ -230,19 +241,9 @@ def write_report(results_dir: str | Path, name: str = "jain_testbed") -> Path:
            f"Pretraining: {p.get('steps')} steps in {p.get('seconds')} s, final loss {p.get('final_loss')}, task "
            f"accuracy {p.get('task_accuracy')}.", "",
            "## Refusal per input group (first answer token is `refuse`; mean over seeds)", "",
-           "| model | " + " | ".join(GROUPS) + " |", "|---|" + "---:|" * len(GROUPS),
-           "| pretrained | " + " | ".join(f"{pre['refusal'][g]:.3f}" for g in GROUPS) + " |"]
-    for o in fnd:
-        runs = [r for r in data["runs"].values() if r["objective"] == o]
-        out.append(f"| {o} ({len(runs)} seeds) | " + " | ".join(
-            f"{sum(r['refusal'][g] for r in runs) / len(runs):.3f}" for g in GROUPS) + " |")
-    out += ["", "## Compliance per input group (the whole task answer still given, teacher-forced; mean over seeds)",
-            "", "| model | " + " | ".join(GROUPS) + " |", "|---|" + "---:|" * len(GROUPS),
-            "| pretrained | " + " | ".join(f"{pre['compliance'][g]:.3f}" for g in GROUPS) + " |"]
-    for o in fnd:
-        runs = [r for r in data["runs"].values() if r["objective"] == o]
-        out.append(f"| {o} | " + " | ".join(
-            f"{sum(r['compliance'][g] for r in runs) / len(runs):.3f}" for g in GROUPS) + " |")
+           *group_table(data, "refusal", with_seeds=True), "",
+           "## Compliance per input group (the whole task answer still given, teacher-forced; mean over seeds)", "",
+           *group_table(data, "compliance")]
     out += ["", "## The paper's findings", "",
             "| objective | best block | probe acc. | cluster dist. (pretrained) | F1 | null-space share (chance) | F2 | "
             "F2 vs chance | top-1% entries' share of the update | jailbreak positions | F3 |",
