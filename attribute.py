@@ -8,13 +8,13 @@ os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parent))
 import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
-from safety_units.errors import friendly_errors  # noqa: E402
+from safety_units.utils.errors import friendly_errors  # noqa: E402
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="attribute")
 @friendly_errors
 def main(cfg: DictConfig) -> None:
-    from safety_units.attribution import run_attribution
+    from safety_units.attribution.pipeline import run_attribution
 
     run_attribution(cfg)
 

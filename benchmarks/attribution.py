@@ -49,10 +49,10 @@ def naive_snip(model, groups, batches):
 def worker(method: str, model_name: str, nsamples: int, batch: int, max_length: int) -> dict:
     import torch
 
-    from safety_units.calibration import calibration_batches
-    from safety_units.models import build_tiny, load_smollm2
-    from safety_units.scoring import score_units
-    from safety_units.units import resolve_units
+    from safety_units.data.calibration import calibration_batches
+    from safety_units.models.loading import build_tiny, load_smollm2
+    from safety_units.attribution.scoring import score_units
+    from safety_units.units.groups import resolve_units
 
     loaded = load_smollm2(CACHE) if model_name == "smollm2" else build_tiny(CACHE)
     src = {"path": str(ROOT.parent / "shared/data/safety_tuned_llamas/safety_only_data_Instructions.json"),

@@ -19,11 +19,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from safety_units.chat import prompt_text  # noqa: E402
+from safety_units.data.chat import prompt_text  # noqa: E402
 
-from safety_units.sources import Source  # noqa: E402
-from safety_units.generation import generate  # noqa: E402
-from safety_units.models import build_tiny, load_smollm2  # noqa: E402
+from safety_units.data.sources import Source  # noqa: E402
+from safety_units.data.generation import generate  # noqa: E402
+from safety_units.models.loading import build_tiny, load_smollm2  # noqa: E402
 
 CACHE = os.environ.get("SAFETY_UNITS_CACHE", str(Path.home() / ".cache" / "safety_units"))
 

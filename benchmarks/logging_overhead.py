@@ -4,7 +4,7 @@
     python benchmarks/logging_overhead.py --json out.json -- trainer.max_steps=5   # any train.py overrides
 
 Runs `python train.py` in this process with logger=wandb (offline) and times, in the same run: wandb's start
-(`wandb.init`), the logging calls of safety_units.run_logging's callers (params and plots at the start, the
+(`wandb.init`), the logging calls of safety_units.utils.run_logging's callers (params and plots at the start, the
 completions tables, the summary, closing the logger: `Stopwatch.total`), and every other metrics call the trainer
 makes to wandb (Lightning's per-step `log_metrics`, the eval and drift metrics).
 Prints both and their share of the wall time of the whole run (model load, attribution, training, evaluation).
@@ -36,9 +36,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     from lightning.pytorch.loggers import WandbLogger
 
-    from safety_units.config import compose_config
-    from safety_units.run_logging import Stopwatch
-    from safety_units.training import run_train
+    from safety_units.utils.config import compose_config
+    from safety_units.utils.run_logging import Stopwatch
+    from safety_units.training.fit import run_train
 
     other = {"seconds": 0.0, "calls": 0}
     plain = WandbLogger.log_metrics

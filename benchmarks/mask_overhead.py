@@ -23,10 +23,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from safety_units.lora import LoraAdapter  # noqa: E402
-from safety_units.masking import Masker, masks_from_selection  # noqa: E402
-from safety_units.models import build_tiny, load_smollm2  # noqa: E402
-from safety_units.units import resolve_units  # noqa: E402
+from safety_units.models.lora import LoraAdapter  # noqa: E402
+from safety_units.units.masking import Masker, masks_from_selection  # noqa: E402
+from safety_units.models.loading import build_tiny, load_smollm2  # noqa: E402
+from safety_units.units.groups import resolve_units  # noqa: E402
 
 CACHE = os.environ.get("SAFETY_UNITS_CACHE", str(Path.home() / ".cache" / "safety_units"))
 

@@ -23,8 +23,8 @@ sys.path.insert(0, str(HERE))
 
 import project_study_time as study_time  # noqa: E402  (a script module beside this one)
 
-from safety_units.defense_bench.plan import SCALES, plan  # noqa: E402
-from safety_units.study.runner import stage_configs  # noqa: E402
+from safety_units.experiments.defense_bench.plan import SCALES, plan  # noqa: E402
+from safety_units.experiments.study.runner import stage_configs  # noqa: E402
 
 PASSES_PER_STEP = {"vaccine": 2, "booster": 3}
 

@@ -29,9 +29,9 @@ from statistics import mean
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("PROJECT_ROOT", str(ROOT))
 
-from safety_units.sources import Source
-from safety_units.study.plan import SCALES, plan
-from safety_units.study.runner import stage_configs
+from safety_units.data.sources import Source
+from safety_units.experiments.study.plan import SCALES, plan
+from safety_units.experiments.study.runner import stage_configs
 
 RUN = re.compile(r"\[run \] (\S+)")
 DONE = re.compile(r"done in ([0-9.]+) s")

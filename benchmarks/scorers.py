@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from peak_memory import timed_peak  # noqa: E402
 
-from safety_units.attribution import SCORER_RUNS  # noqa: E402
+from safety_units.attribution.pipeline import SCORER_RUNS  # noqa: E402
 
 SCORERS = {
     **SCORER_RUNS,
@@ -39,8 +39,8 @@ SCORERS = {
 def worker(name: str, overrides: list[str]) -> dict:
     import torch
 
-    from safety_units.attribution import attribute, attribution_config
-    from safety_units.models import load_model
+    from safety_units.attribution.pipeline import attribute, attribution_config
+    from safety_units.models.loading import load_model
 
     cfg = attribution_config([*SCORERS[name], *overrides])
     loaded = load_model(cfg.model)

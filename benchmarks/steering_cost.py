@@ -33,10 +33,10 @@ def main():
     import torch
     from transformers import GenerationConfig
 
-    from safety_units.config import compose_config
-    from safety_units.models import load_hf, load_model
-    from safety_units.prompt_states import anchor_prompts, chat_ids, left_pad
-    from safety_units.steering import fitted, steering
+    from safety_units.utils.config import compose_config
+    from safety_units.models.loading import load_hf, load_model
+    from safety_units.steering.prompt_states import anchor_prompts, chat_ids, left_pad
+    from safety_units.steering.scans import fitted, steering
 
     cfgs = {m: compose_config("evaluate", [f"steer={m}"]).steer for m in ("none", "scans", "refusal_ablation")}
     loaded = load_hf(args.model_path) if args.model_path else load_model(compose_config("evaluate").model)

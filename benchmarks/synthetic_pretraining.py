@@ -31,8 +31,8 @@ def main():
     args = ap.parse_args()
     import torch
 
-    from safety_units.config import compose_config
-    from safety_units.models import load_model
+    from safety_units.utils.config import compose_config
+    from safety_units.models.loading import load_model
 
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:

@@ -8,7 +8,7 @@
                                                        cost.json, runs/planted_eval, runs/sparsity, runs/retrain_check)
 
 Every number comes from the runs' artifacts in results/ (scripts/validity_artifacts.py writes the small JSON files
-from the unit maps in logs/); the criteria (GOAL, DEFAULT SCORER) are fixed in safety_units.attribution_validity.
+from the unit maps in logs/); the criteria (GOAL, DEFAULT SCORER) are fixed in safety_units.experiments.validity.criteria.
 Figures go to <out without .md>/ next to the report.
 """
 
@@ -18,13 +18,13 @@ import argparse
 import json
 from pathlib import Path
 
-from safety_units.attribution_validity import (DEFAULT_SHARES, GOAL_EXCESS_ASR, GOAL_P, GOAL_PRECISION, HARMFUL,
+from safety_units.experiments.validity.criteria import (DEFAULT_SHARES, GOAL_EXCESS_ASR, GOAL_P, GOAL_PRECISION, HARMFUL,
                                                MAX_PPL_RISE, PLANTED_RANKING, choose_default, cost_table, dose_rows,
                                                dose_table, goal_met, heads_vs_channels, load_sweep, moonshot_met,
                                                plot_curves, scorer_summary)
-from safety_units.errors import ConfigError, friendly_errors
-from safety_units.stability import pairs_table, plot_heatmaps
-from safety_units.validity_artifacts import (pairs, planted_markdown, plot_sparsity, retrain_check,
+from safety_units.utils.errors import ConfigError, friendly_errors
+from safety_units.units.stability import pairs_table, plot_heatmaps
+from safety_units.experiments.validity.artifacts import (pairs, planted_markdown, plot_sparsity, retrain_check,
                                              second_judge_markdown, sparsity_markdown, sparsity_rows, training_scale)
 
 
@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> Path:
            f"Each scorer's unit map ranks units by safety-minus-utility percentile rank; at each share k its top "
            f"units of each kind are zeroed, and so are 3 size-matched random sets (shared by all scorers, seeds "
            f"{', '.join(map(str, first['seeds']))}). The per-scorer reports with every paired test are linked below.",
-           "", "## Criteria (fixed in `safety_units.attribution_validity` before the runs)", "",
+           "", "## Criteria (fixed in `safety_units.experiments.validity.criteria` before the runs)", "",
            f"- **Goal**: at some k <= 2%, mean excess ASR over the random sets >= {GOAL_EXCESS_ASR}, McNemar "
            f"p < {GOAL_P} against every random seed, and perplexity rise <= {MAX_PPL_RISE:.0%} (the ASR part); and "
            f"planted-set precision >= {GOAL_PRECISION} (issue 23's moonshot: both).",

@@ -3,7 +3,7 @@
     python scripts/compare.py <run dir or eval.json A> <B> [<C> ...] [--out table.md]
 
 Compares every later run with the first (the baseline): per task the change, its paired bootstrap 95% interval and
-an exact McNemar p (safety_units.compare).
+an exact McNemar p (safety_units.evaluation.compare).
 """
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from safety_units.compare import PromptMismatchError, compare_table, load_eval
-from safety_units.errors import ConfigError, friendly_errors
+from safety_units.evaluation.compare import PromptMismatchError, compare_table, load_eval
+from safety_units.utils.errors import ConfigError, friendly_errors
 
 
 @friendly_errors

@@ -8,7 +8,7 @@
 Runs (or resumes: a point whose eval.json and eval_meta.json exist is skipped) one `python evaluate.py` per point into
 <runs-dir>/<point>/ (default <out>/runs): the unablated baseline, then for each share k: ablate.top=
 safety_minus_utility, ablate.top=utility and ablate.top=random with each seed. Then writes <out>/dose_response.md
-and <out>/dose_response.png from the runs' artifacts (safety_units.dose_response).
+and <out>/dose_response.png from the runs' artifacts (safety_units.experiments.dose_response).
 
 Sweeping several unit maps (scorers) of one model: give each the same --controls-dir, where the baseline and the
 random sets (which do not depend on a map's scores) run once and are shared; the report checks that every arm at a
@@ -21,9 +21,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from safety_units.dose_response.plan import ARM_LABELS, SEEDS, SHARES, command, plan, run_points, run_subprocess
-from safety_units.dose_response.report import write_report
-from safety_units.errors import ConfigError, friendly_errors
+from safety_units.experiments.dose_response.plan import ARM_LABELS, SEEDS, SHARES, command, plan, run_points, run_subprocess
+from safety_units.experiments.dose_response.report import write_report
+from safety_units.utils.errors import ConfigError, friendly_errors
 
 ROOT = Path(__file__).resolve().parents[1]
 

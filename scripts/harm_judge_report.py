@@ -24,8 +24,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from safety_units.errors import friendly_errors  # noqa: E402
-from safety_units.stats import wilson  # noqa: E402
+from safety_units.utils.errors import friendly_errors  # noqa: E402
+from safety_units.utils.stats import wilson  # noqa: E402
 
 JUDGES = {
     "patterns": "not a PatternJudge refusal => harmful",
@@ -40,8 +40,8 @@ def harm_config(overrides: list[str]):
     """conf/harm_judge/probe.yaml inside the evaluate config (for ${paths.*}), with `harm_judge.key=value` overrides."""
     from omegaconf import OmegaConf, open_dict
 
-    from safety_units.config import compose_config
-    from safety_units.errors import ConfigError
+    from safety_units.utils.config import compose_config
+    from safety_units.utils.errors import ConfigError
 
     cfg = compose_config("evaluate", [])
     with open_dict(cfg):
@@ -94,10 +94,10 @@ def run(args) -> dict:
     import torch
 
     torch.set_num_threads(args.threads)
-    from safety_units.config import instantiate
-    from safety_units.judge import PatternJudge, StringJudge
-    from safety_units.judge_harm import beavertails_pairs, split_half
-    from safety_units.sources import subsample
+    from safety_units.utils.config import instantiate
+    from safety_units.evaluation.judges.refusal import PatternJudge, StringJudge
+    from safety_units.evaluation.judges.harm import beavertails_pairs, split_half
+    from safety_units.data.sources import subsample
 
     cfg = harm_config(args.overrides)
     path = cfg.harm_judge.train.beavertails

@@ -21,8 +21,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from safety_units.judge import EnsembleJudge  # noqa: E402
-from safety_units.stats import cohen_kappa  # noqa: E402
+from safety_units.evaluation.judges.refusal import EnsembleJudge  # noqa: E402
+from safety_units.utils.stats import cohen_kappa  # noqa: E402
 
 DEV_FILES = ("gpt4", "llama2orig")
 CUT_TOKENS = 48
@@ -42,14 +42,14 @@ class Memo:
 
 
 def compose(overrides: list[str]):
-    from safety_units.config import compose_config
+    from safety_units.utils.config import compose_config
 
     return compose_config("evaluate", overrides)
 
 
 def load_sets(cfg, tokenizer) -> dict[str, dict]:
     """Every labelled set: {name: {"prompts", "completions", "truth" (True = refusal) or None, "expect"}}."""
-    from safety_units.sources import Source
+    from safety_units.data.sources import Source
 
     data = Path(cfg.paths.data_dir)
     sets = {}
@@ -93,8 +93,8 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "results" / "judges.md"))
     args = ap.parse_args()
 
-    from safety_units.config import instantiate
-    from safety_units.models import smollm2_tokenizer
+    from safety_units.utils.config import instantiate
+    from safety_units.models.loading import smollm2_tokenizer
 
     default_judge = compose([]).judge._target_
     cfg = compose([])

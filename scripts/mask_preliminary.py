@@ -17,8 +17,8 @@ import json
 import statistics
 from pathlib import Path
 
-from safety_units.compare import load_eval, paired_difference
-from safety_units.errors import ConfigError, friendly_errors
+from safety_units.evaluation.compare import load_eval, paired_difference
+from safety_units.utils.errors import ConfigError, friendly_errors
 
 ROOT = Path(__file__).resolve().parents[1]
 GOAL_ASR_OVER_RANDOM = 0.30   # top set's ASR minus the random mean (issue 23's goal)

@@ -6,7 +6,7 @@ The planted model is a `python train.py freeze=train_only freeze.random_share=0.
 the units of a seeded random set S trained (everything else is bit-identical), and its exported model/ carries S
 as trained_units.safetensors. The maps are attributions of that model (`python attribute.py model=hf
 model.path=<run>/model ...`). For each map: precision and recall of its top-|S| units (per unit kind) by safety
-rank and by safety-minus-utility rank against S (safety_units.stability.planted_recovery).
+rank and by safety-minus-utility rank against S (safety_units.units.stability.planted_recovery).
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from safety_units.errors import friendly_errors
-from safety_units.stability import labels_for, load_planted, planted_table
-from safety_units.unit_map import UnitMap
+from safety_units.utils.errors import friendly_errors
+from safety_units.units.stability import labels_for, load_planted, planted_table
+from safety_units.units.unit_map import UnitMap
 
 
 @friendly_errors

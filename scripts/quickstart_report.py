@@ -21,10 +21,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from safety_units.compare import compare_table, load_eval  # noqa: E402
-from safety_units.errors import ConfigError  # noqa: E402
-from safety_units.rejudge import rejudge_results  # noqa: E402
-from safety_units.stats import pairwise_kappa  # noqa: E402
+from safety_units.evaluation.compare import compare_table, load_eval  # noqa: E402
+from safety_units.utils.errors import ConfigError  # noqa: E402
+from safety_units.evaluation.rejudge import rejudge_results  # noqa: E402
+from safety_units.utils.stats import pairwise_kappa  # noqa: E402
 
 ARTIFACTS = ("eval_before.json", "eval_after.json", "generations_eval_before.jsonl", "generations_eval_after.jsonl",
              "eval_compare.md", "model/freeze_check.json", ".hydra/overrides.yaml")
@@ -48,7 +48,7 @@ def rows(path: Path) -> list[dict]:
 def combined_table(ev: dict) -> str:
     """One row per task: before, RU-only after and random after (each with its paired p against before), and the
     paired difference random - RU-only. Every pair is checked for identical prompts."""
-    from safety_units.compare import paired_difference
+    from safety_units.evaluation.compare import paired_difference
 
     def p(d):
         return "n/a" if d["p_mcnemar"] is None else f"{d['p_mcnemar']:.2g}"
@@ -72,7 +72,7 @@ def combined_table(ev: dict) -> str:
 
 def build_judge(name: str | None = None):
     """The judge of conf/judge/<name>.yaml, or the default one of evaluate.yaml."""
-    from safety_units.config import compose_config, instantiate
+    from safety_units.utils.config import compose_config, instantiate
 
     return instantiate(compose_config("evaluate", [f"judge={name}"] if name else []).judge, "judge")
 

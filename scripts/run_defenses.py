@@ -6,12 +6,12 @@
     python scripts/run_defenses.py --only '_mix10_' --resume
     python scripts/run_defenses.py --report-only            # rebuild results/defenses.md from the artifacts
 
-Stages (safety_units.defense_bench.plan): align the shipped SmolLM2 with SFT, Vaccine and Booster; attribute the
+Stages (safety_units.experiments.defense_bench.plan): align the shipped SmolLM2 with SFT, Vaccine and Booster; attribute the
 SFT-aligned model (wifv for ESU / ESU+CU / random / layers, the learned mask for `mask_esu_cu`); re-align its ESU
 (SN-Tune style); then fine-tune under each threat model (SST-2 with a share p of BeaverTails harmful pairs; Qi et
 al.'s harmful examples) with every defense x seeds, each evaluated in memory (eval=defense: harmful prompts from
 BeaverTails' held-out half, SST-2 accuracy, OKTest, perplexity). The runner is the study's
-(safety_units.study.runner): --resume by config hash, --budget-minutes, --workers.
+(safety_units.experiments.study.runner): --resume by config hash, --budget-minutes, --workers.
 """
 
 from __future__ import annotations
@@ -22,9 +22,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("PROJECT_ROOT", str(ROOT))
 
-from safety_units.defense_bench.plan import BENCH_NAME, SCALES, plan  # noqa: E402
-from safety_units.errors import friendly_errors  # noqa: E402
-from safety_units.study.cli import exit_on_failures, harm_judge, list_stages, run_stages, runner_parser  # noqa: E402
+from safety_units.experiments.defense_bench.plan import BENCH_NAME, SCALES, plan  # noqa: E402
+from safety_units.utils.errors import friendly_errors  # noqa: E402
+from safety_units.experiments.study.cli import exit_on_failures, harm_judge, list_stages, run_stages, runner_parser  # noqa: E402
 
 RESULTS = ROOT / "results"
 
@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None):
         return list_stages(plan(scale, str(bench)))
     record = {} if args.report_only else run_stages(args, scale, bench, "benchmark", plan_fn=plan)
     if not args.no_report:
-        from safety_units.defense_bench.report import collect, write_report
+        from safety_units.experiments.defense_bench.report import collect, write_report
 
         if (bench / "study.json").is_file() and not args.no_collect:  # else: rebuild from the shipped cells.json
             print(f"collected {collect(bench, args.results_dir / args.report_name, harm_judge(args.extra))}",

@@ -20,7 +20,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("PROJECT_ROOT", str(ROOT))
 
-from safety_units.errors import friendly_errors  # noqa: E402
+from safety_units.utils.errors import friendly_errors  # noqa: E402
 
 
 @friendly_errors
@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None):
     ap.add_argument("--planted-set", action="append", default=[], metavar="KEY=VALUE",
                     help="overrides of the planted fine-tune only (after --set)")
     args = ap.parse_args(argv)
-    from safety_units.synthetic.testbed import run_testbed, write_report
+    from safety_units.experiments.synthetic.testbed import run_testbed, write_report
 
     if not args.report_only:
         data = run_testbed(args.model_set, args.objectives, args.seeds, args.out, args.extra, args.eval_per_group,

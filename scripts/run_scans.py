@@ -8,7 +8,7 @@
     python scripts/run_scans.py --report-only          # rebuild results/scans.md from results/scans/cells.json
 
 The first model is the fully aligned one: it runs no steering, refusal_ablation and SCANS at every --alphas value;
-the goal and the recommended alpha are read there (safety_units.steer_report, criteria fixed before the runs). The
+the goal and the recommended alpha are read there (safety_units.experiments.scans_report, criteria fixed before the runs). The
 others run no steering, refusal_ablation and SCANS at the recommended alpha (or, when none meets the goal, the
 fallback alpha). Every condition is `evaluate.py eval=scans steer=...` on the model loaded once; each writes
 <work dir>/<model>/<condition>/ (eval.json, generations.jsonl, eval_meta.json) and is skipped with --resume when
@@ -27,7 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("PROJECT_ROOT", str(ROOT))
 
-from safety_units.errors import ConfigError, friendly_errors  # noqa: E402
+from safety_units.utils.errors import ConfigError, friendly_errors  # noqa: E402
 
 DEFAULT_ALPHAS = "4,8,16,32"
 
@@ -55,9 +55,9 @@ def provenance(path: str) -> str:
 
 
 def run_condition(loaded, path: str, key: str, overrides: list[str], work: Path, resume: bool) -> dict:
-    from safety_units.config import compose_config
-    from safety_units.evaluate_run import run_evaluate
-    from safety_units.evaluation import training_prompts_of
+    from safety_units.utils.config import compose_config
+    from safety_units.evaluation.run import run_evaluate
+    from safety_units.evaluation.suite import training_prompts_of
 
     out = work / key
     over = ["model=hf", f"model.path={path}", "eval=scans", *overrides]
@@ -78,9 +78,9 @@ def run_condition(loaded, path: str, key: str, overrides: list[str], work: Path,
 
 def sigma_heldout(loaded, none_dir: Path, steer_overrides: list[str]) -> dict:
     """sigma(q) and the unsteered model's refusal as harmful/harmless classifiers of the suite's prompts."""
-    from safety_units.config import compose_config
-    from safety_units.steer_report import classifier_metrics
-    from safety_units.steering import fitted, sigma_scores, sigma_setup
+    from safety_units.utils.config import compose_config
+    from safety_units.experiments.scans_report import classifier_metrics
+    from safety_units.steering.scans import fitted, sigma_scores, sigma_setup
 
     cfg = compose_config("evaluate", ["steer=scans", *steer_overrides]).steer
     art = fitted(loaded.model, loaded.tokenizer, cfg)
@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None):
     ap.add_argument("--report-name", default="scans")
     ap.add_argument("--report-only", action="store_true")
     args = ap.parse_args(argv)
-    from safety_units.steer_report import fallback_alpha, goal_check, layer_overlap, recommend, write_report
+    from safety_units.experiments.scans_report import fallback_alpha, goal_check, layer_overlap, recommend, write_report
 
     if args.report_only:
         print(f"wrote {write_report(args.results_dir, args.report_name)}")
@@ -141,8 +141,8 @@ def main(argv: list[str] | None = None):
     chosen = None
     import torch
 
-    from safety_units.models import load_hf
-    from safety_units.unit_map import UnitMap
+    from safety_units.models.loading import load_hf
+    from safety_units.units.unit_map import UnitMap
 
     for i, (name, path) in enumerate(models.items()):
         loaded = load_hf(path)

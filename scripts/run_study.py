@@ -7,14 +7,14 @@
     python scripts/run_study.py --only '^c_alpaca_' --resume  # some stages (a regular expression on names)
     python scripts/run_study.py --report-only               # rebuild results/ssah_smollm2.md from the artifacts
 
-Stages (safety_units.study.plan): attribute the shipped model (the RU budget of claim a); align it (--scale
+Stages (safety_units.experiments.study.plan): attribute the shipped model (the RU budget of claim a); align it (--scale
 gpu: 2,000 refusal pairs + 2,000 benign instructions; cpu: 480 examples) -> the aligned model; attribute that
 (ESU / EUU / CU / RU); (b) ablate each class and size-matched random sets; (a) full vs RU-only vs random-budget
 alignment x learning rates x seeds; (c) fine-tune the aligned model under each threat model (Alpaca, Dolly,
 harmful mixtures p, AOA epochs) with freeze = none / esu / esu_cu / random 7.5% / layers, x seeds. Every trained
 model is evaluated in memory (ASR, OKTest over-refusal, held-out perplexity of the fine-tune's task);
-safety_units.study.report writes the report from the artifacts only, with the criteria of
-safety_units.study.verdicts.
+safety_units.experiments.study.report writes the report from the artifacts only, with the criteria of
+safety_units.experiments.study.verdicts.
 
 Each finished stage leaves <study>/<stage>.stage.json with its config hash and seconds: --resume skips a stage only
 when its output exists and the hash matches. --budget-minutes stops starting stages after that long (the rest: "not
@@ -30,9 +30,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("PROJECT_ROOT", str(ROOT))
 
-from safety_units.errors import friendly_errors
-from safety_units.study.cli import exit_on_failures, judge_harm, list_stages, run_stages, runner_parser
-from safety_units.study.plan import SCALES, STUDY_NAME, plan
+from safety_units.utils.errors import friendly_errors
+from safety_units.experiments.study.cli import exit_on_failures, judge_harm, list_stages, run_stages, runner_parser
+from safety_units.experiments.study.plan import SCALES, STUDY_NAME, plan
 
 RESULTS = ROOT / "results"
 V1_REPORT = RESULTS / "ssah_smollm2_v1.md"
@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None):
     if args.judge_harm:
         print(f"harm-judged {judge_harm(study, args.judge_harm, args.extra)} stage(s)", flush=True)
     if not args.no_report:
-        from safety_units.study.report import write_report
+        from safety_units.experiments.study.report import write_report
 
         print(f"wrote {write_report(study, args.results_dir, V1_REPORT, args.report_name)}", flush=True)
     exit_on_failures(record, study)

@@ -1,4 +1,4 @@
-"""Stability of unit sets between unit maps (safety_units.stability).
+"""Stability of unit sets between unit maps (safety_units.units.stability).
 
     python scripts/stability.py <map A> <map B> [<map C> ...] --out <dir> [--top 0.01 0.02] [--labels a b c]
 
@@ -12,8 +12,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from safety_units.errors import friendly_errors
-from safety_units.stability import TOP_SHARES, labels_for, load_maps, plot_heatmaps, stability_report
+from safety_units.utils.errors import friendly_errors
+from safety_units.units.stability import TOP_SHARES, labels_for, load_maps, plot_heatmaps, stability_report
 
 
 @friendly_errors

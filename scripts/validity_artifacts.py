@@ -1,5 +1,5 @@
 """Write the small inputs of results/attribution_validity.md's planted, stability, sparsity and cost tables from the
-unit maps and runs in logs/ (safety_units.validity_artifacts), so that the report rebuilds from results/ alone.
+unit maps and runs in logs/ (safety_units.experiments.validity.artifacts), so that the report rebuilds from results/ alone.
 
     python scripts/validity_artifacts.py --out results/attribution_validity
         [--planted <planted model dir> --planted-eval <evaluate.py run dir> --planted-map name=<map> ...]
@@ -14,8 +14,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from safety_units.errors import friendly_errors
-from safety_units.validity_artifacts import extract, pairs
+from safety_units.utils.errors import friendly_errors
+from safety_units.experiments.validity.artifacts import extract, pairs
 
 
 @friendly_errors

@@ -40,7 +40,7 @@ def compose(config_name: str, overrides: list[str], output_dir: Path | None = No
 
 @pytest.fixture
 def tiny():
-    from safety_units.models import build_tiny
+    from safety_units.models.loading import build_tiny
 
     cache = os.environ.get("SAFETY_UNITS_CACHE", str(Path.home() / ".cache" / "safety_units"))
     return build_tiny(cache_dir=cache)
@@ -48,7 +48,7 @@ def tiny():
 
 @pytest.fixture(scope="session")
 def tokenizer():
-    from safety_units.models import smollm2_tokenizer
+    from safety_units.models.loading import smollm2_tokenizer
 
     cache = os.environ.get("SAFETY_UNITS_CACHE", str(Path.home() / ".cache" / "safety_units"))
     return smollm2_tokenizer(cache)
@@ -56,7 +56,7 @@ def tokenizer():
 
 def tiny_unit_map(out: Path) -> str:
     """A unit map of model=tiny (16 calibration samples of 64 tokens), attributed into `out`."""
-    from safety_units.attribution import run_attribution
+    from safety_units.attribution.pipeline import run_attribution
 
     cfg = compose("attribute", ["model=tiny", "calibration.nsamples=16", "calibration.max_length=64"], output_dir=out)
     return run_attribution(cfg)["unit_map"]

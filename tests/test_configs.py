@@ -48,7 +48,7 @@ def test_documented_no_logger_override_composes_to_no_loggers(tmp_path):
     """The README's config-groups row for `logger` names the override that turns logging off; it must work."""
     import re
 
-    from safety_units.config import instantiate_group
+    from safety_units.utils.config import instantiate_group
 
     [row] = [line for line in (ROOT / "README.md").read_text().splitlines() if line.startswith("| `logger` |")]
     overrides = re.findall(r"`(~?logger(?:=[^`]*)?)`", row.split("|")[3])

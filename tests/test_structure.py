@@ -1,5 +1,6 @@
-"""The package's shape, read from its source with `ast`: no import cycle between modules, no hidden in-function
-imports of the package, a module map that lists every module, and files of a readable size."""
+"""The package's shape, read from its source with `ast`: layers that import only downward, no import cycle between
+modules or folders, no private name imported across modules, no hidden in-function imports of the package, a module
+map that lists every module, few top-level modules, tests that mirror the folders, and files of a readable size."""
 import ast
 from pathlib import Path
 
@@ -7,6 +8,11 @@ from conftest import ROOT
 
 PACKAGE = ROOT / "src" / "safety_units"
 MAX_LINES = 420  # "files under ~400 lines" (DEVELOPERS.md)
+# The layering rule of the package docstring, lowest first: a folder imports only from its own folder and from
+# folders of a lower rank. experiments and runs share the top rank and do not import each other.
+LAYERS = ["utils", "units", "models", "data", "attribution", "steering", "evaluation", "defenses", "training",
+          ("experiments", "runs")]
+RANK = {name: i for i, layer in enumerate(LAYERS) for name in ((layer,) if isinstance(layer, str) else layer)}
 
 
 def modules() -> dict[str, Path]:
@@ -83,8 +89,8 @@ def test_find_cycle_finds_one():
 
 def test_no_import_cycle_between_modules():
     graph, _ = import_graph()
-    assert len(graph) > 40 and "safety_units.study.runner" in graph
-    assert graph["safety_units.evaluation"] >= {"safety_units.multiple_choice", "safety_units.rejudge"}
+    assert len(graph) > 40 and "safety_units.experiments.study.runner" in graph
+    assert graph["safety_units.evaluation.suite"] >= {"safety_units.evaluation.multiple_choice", "safety_units.evaluation.rejudge"}
     assert find_cycle(graph) is None, f"import cycle: {' -> '.join(find_cycle(graph))}"
 
 
@@ -100,10 +106,97 @@ def test_in_function_imports_of_the_package_say_why():
     assert not silent, "in-function imports without a reason:\n" + "\n".join(silent)
 
 
+def folder(module: str) -> str | None:
+    """The top-level folder of a package module (`safety_units.units.masking` -> `units`); None for the package."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else None
+
+
+def all_imports() -> list[tuple[str, str, int]]:
+    """(module, imported package module, line) for every import of the package, at load time or in a function."""
+    mods = modules()
+    out = []
+    for name, path in mods.items():
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                out += [(name, dep, node.lineno) for dep in imported(node, name, set(mods))]
+    return out
+
+
+def upward(imports: list[tuple[str, str, int]]) -> list[str]:
+    """The imports that break the layering rule: into another folder that is not of a lower rank."""
+    bad = []
+    for module, dep, line in imports:
+        a, b = folder(module), folder(dep)
+        if a and b and a != b and RANK[b] >= RANK[a]:
+            bad.append(f"{module}:{line} imports {dep} ({a} may not import {b})")
+    return bad
+
+
+def test_the_layering_rule_catches_an_upward_import():
+    assert upward([("safety_units.units.masking", "safety_units.training.fit", 3)])
+    assert upward([("safety_units.runs", "safety_units.experiments.study", 1)])  # same rank, different folders
+    assert not upward([("safety_units.training.fit", "safety_units.units.masking", 3),
+                       ("safety_units.units.masking", "safety_units.units.groups", 1)])
+
+
+def test_every_folder_has_a_layer_and_imports_only_downward():
+    folders = {folder(m) for m in modules()} - {None}
+    assert folders == set(RANK), f"folders without a layer (or layers without a folder): {folders ^ set(RANK)}"
+    bad = upward(all_imports())
+    assert not bad, "upward imports:\n" + "\n".join(bad)
+
+
+def test_no_cycle_between_folders():
+    graph: dict[str, set[str]] = {f: set() for f in RANK}
+    for module, dep, _ in all_imports():
+        if folder(module) and folder(dep) and folder(module) != folder(dep):
+            graph[folder(module)].add(folder(dep))
+    assert find_cycle(graph) is None, f"folder cycle: {' -> '.join(find_cycle(graph))}"
+
+
+def test_no_private_name_is_imported_across_modules():
+    mods = modules()
+    private = []
+    for name, path in mods.items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("safety_units"):
+                private += [f"{name}:{node.lineno} imports {node.module}.{a.name}" for a in node.names
+                            if a.name.startswith("_") and not a.name.startswith("__")]
+    assert not private, "private names imported across modules:\n" + "\n".join(private)
+
+
+def test_the_package_top_level_holds_folders_not_modules():
+    top = [p.name for p in PACKAGE.iterdir() if p.suffix == ".py" or (p.is_dir() and (p / "__init__.py").exists())]
+    assert len(top) <= 12, f"{len(top)} top-level modules and folders: {sorted(top)}"
+    assert [p.name for p in PACKAGE.glob("*.py")] == ["__init__.py"]
+
+
+def test_tests_mirror_the_folders():
+    """Each test file sits in tests/<folder>/ (or tests/ itself for the cross-cutting configs and structure tests),
+    and every package module is imported by at least one test."""
+    tests = ROOT / "tests"
+    folders = set(RANK)
+    for f in tests.rglob("test_*.py"):
+        rel = f.relative_to(tests).parts
+        assert len(rel) == 1 or rel[0] in folders | {"gpu"}, f"{f}: tests/<folder> of the package, please"
+    imported_by_tests = set()
+    known = set(modules())
+    for f in tests.rglob("*.py"):
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                imported_by_tests |= imported(node, "tests", known)
+    untested = sorted(m for m in known - imported_by_tests
+                      if not m.endswith("__main__") and not (modules()[m].name == "__init__.py"
+                                                                 and len(modules()[m].read_text().splitlines()) < 5))
+    assert not untested, f"modules no test imports: {untested}"
+
+
 def test_the_module_map_lists_every_module():
-    """The package docstring's map (indented lines, module name first) names each module once, and no other."""
+    """The package docstring's map (indented lines after `Modules`, module name first) names each module once."""
     doc = ast.get_docstring(ast.parse((PACKAGE / "__init__.py").read_text()), clean=False)
-    listed = [line.split()[0] for line in doc.splitlines() if line.startswith("    ") and line.strip()]
+    section = doc.split("\nModules", 1)[1]
+    listed = [line.split()[0] for line in section.splitlines() if line.startswith("    ") and line.strip()]
     actual = sorted(m.split(".", 1)[1] for m in modules() if m != "safety_units")
     assert sorted(listed) == actual
 

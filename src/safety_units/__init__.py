@@ -1,80 +1,103 @@
 """safety_units: find the safety-critical units of an aligned LLM and train around them.
 
-Modules, one per concept (one name per line; tests/test_structure.py checks that the list is complete):
-    errors              the project's exceptions and the one-paragraph error handler of the entry points
-    ranks               rank-zero logging and printing under multi-process training
-    config              Hydra helpers: instantiate with clear errors, callbacks and loggers from config groups
-    models              load the real SmolLM2, any local HF causal LM, or a tiny random Llama; forward helpers
-    sources             read CSV/JSON/JSONL/TXT rows with a field mapping into examples, hash splits
-    chat                the chat template and label masking: render, encode, pad
-    data                the training datamodule: mixing, self-distillation, a resumable sharded sampler
-    generation          batched greedy decoding with left padding; self-distilled responses
-    units               which parameter slices make up an MLP / attention unit, per architecture
-    calibration         the templated batches that scorers and the drift monitor run the model on
-    scoring             per-unit importance scores (wifv, activation, snip), O(units) memory
-    contrast            scoring=contrast: activation difference against the base model
-    delta               scoring=delta: each unit's weight change against the base model
-    atp                 scoring=atp: attribution patching of each unit toward its harmless mean
-    mask                scoring=mask: a learned sparse unit mask that breaks refusal and keeps utility
-    refusal_direction   scoring=refusal_direction: units writing along the refusal direction
-    classification      ESU / EUU / CU / RU from safety and utility scores
-    unit_map            the portable unit map file and its selections
-    selection           which units a freeze= strategy or an ablate= config picks
-    masking             exact gradient masks from a selection; ablation zeroes one
-    freezing            freeze= strategies as maskers
-    lora                LoRA adapters held at zero on frozen unit slices; merged and PEFT exports
-    module              the LightningModule
-    callbacks           Ctrl-C checkpoint, frozen-entry check and export, the before/after evaluation
-    drift               unit drift during training: re-scored classes vs step 0 (callbacks=drift)
-    training            what `python train.py` runs
-    attribution         what `python attribute.py` runs, and the cached attribution of freeze.auto_attribute
-    judge               refusal judges: strings, patterns, ensemble, a local model
-    judge_probe         the learned refusal probe, trained here and cached
-    judge_harm          the learned harmfulness probe (is a response harmful?) behind the defense benchmark's HS
-    task_results        task results, prompt selection by stable hash, a refusal task's result from verdicts
-    multiple_choice     zero-shot multiple-choice utility by log-likelihood
-    rejudge             reading saved completions
-    evaluation          refusal ASR, over-refusal, perplexity, re-judging; the suite
-    evaluate_run        what `python evaluate.py` runs (with unit ablation)
-    stats               Wilson intervals, McNemar, paired bootstrap, Cohen's kappa, prompt-list hashes
-    compare             paired comparison of runs on the same prompts, the before/after table
-    run_logging         what a run tells its loggers: params, summary, completions tables, plots
-    runs                a sweep's runs table from the jobs' files, offline (subpackage):
-    runs.__main__           python -m safety_units.runs <multirun dir>
-    stability           IoU / rank correlation of unit maps, planted-set recovery
-    plots               the plots of unit maps and drift (matplotlib, imported where a plot is drawn)
-    dose_response       the dose-response ablation sweep (subpackage):
-    dose_response.plan      the points, their evaluate.py commands, resumable runs
-    dose_response.report    summary, tables and plot from the runs' artifacts
-    attribution_validity    do the scorers find causal safety units: criteria and tables over sweeps
-    validity_artifacts      the small JSON inputs of that report's planted, stability, sparsity, cost tables
-    defenses            defense= training objectives: Vaccine, Booster, Lisa; SafeInstr's data share
-    posthoc             defense= after fine-tuning: SafeLoRA's projection, Antidote's pruning of the update
-    defense_bench       the defense benchmark (subpackage, scripts/run_defenses.py):
-    defense_bench.plan      defenses x threat models x seeds at the cpu and gpu scales, on the study runner
-    defense_bench.criteria  the ranking rule, significance and cost thresholds, the goal (fixed before the runs)
-    defense_bench.report    cells.json from the runs (HS re-judged), and results/defenses.md from it
-    study               the SSAH study v2 (subpackage, scripts/run_study.py):
-    study.plan              the stages of a scale
-    study.runner            runs them in memory, resumably, in worker processes
-    study.verdicts          the criteria, fixed before the numbers, and their paired comparisons
-    study.tables            the report's tables
-    study.report            the markdown report and summary.json from the stage artifacts
-    study.plots             the frontier and threat-model plots
-    study.cli               the command line shared by scripts/run_study.py and scripts/run_defenses.py
-    prompt_states       block outputs at prompt positions and the prompts they are read on (steering, testbed)
-    steering            steer=: SCANS (vectors, anchored blocks, sigma(q), signed hooks), the context manager
-    refusal_ablation    steer=refusal_ablation: Arditi et al.'s direction selection and ablation hooks
-    steer_report        results/scans.md: the goal's criteria, sigma(q)'s metrics, the report
-    objectives          objective=: DPO and NPO unlearning losses (SFT is the plain loss)
-    pairs               data=preference / unlearning: rows with roles and reference log-probabilities
-    synthetic           Jain et al.'s task x concept testbed (subpackage, scripts/run_jain_testbed.py):
-    synthetic.world         the generator (operators, concepts, jailbreak variants) and its tokenizer
-    synthetic.model         model=synthetic: a small Llama pretrained on the world, cached and resumable
-    synthetic.data          data=synthetic: safety fine-tuning rows for sft, dpo and unlearning
-    synthetic.analysis      separation per layer, null-space shares of an update, jailbreak placement
-    synthetic.testbed       the testbed run, the findings' criteria and results/jain_testbed.md
-    synthetic.ground_truth  the scorers' ground truth: a planted unit set S and each scorer's precision against it
+Layers, lowest first. A folder imports only from folders above it in this list (and from itself); the top two
+also from each other's level, never downward-up. tests/test_structure.py enforces it, with no import cycle and no
+private name imported across modules:
+
+    utils -> units -> models -> data -> attribution -> steering -> evaluation -> defenses -> training
+          -> experiments, runs
+
+Modules (one name per line; tests/test_structure.py checks that the map is complete):
+    utils                       helpers every layer uses (no torch model code):
+    utils.errors                    the project's exceptions and the one-paragraph error handler of the entry points
+    utils.ranks                     rank-zero logging and printing under multi-process training
+    utils.config                    Hydra helpers: instantiate with clear errors, callbacks and loggers from config
+    utils.stats                     Wilson intervals, McNemar, paired bootstrap, Cohen's kappa, prompt-list hashes
+    utils.plots                     the plots of unit maps and drift (matplotlib, imported where a plot is drawn)
+    utils.fingerprints              which weights a unit map, a cached judge or a run was computed on
+    utils.run_logging               what a run tells its loggers: params, summary, images, timing
+    units                       what a unit is and what is done to a set of them:
+    units.groups                    which parameter slices make up an MLP / attention unit, per architecture
+    units.classification            ESU / EUU / CU / RU from safety and utility scores
+    units.unit_map                  the portable unit map file and its selections
+    units.masking                   exact gradient masks from a selection; ablation zeroes one
+    units.stability                 IoU / rank correlation of unit maps, planted-set recovery
+    models                      the model and what trains it:
+    models.loading                  load the real SmolLM2, any local HF causal LM, or a tiny random Llama
+    models.forward                  eval mode, hooks, the decoder without its head, hidden states, response NLL
+    models.sharded                  whether a strategy shards the weights (FSDP, ZeRO-3)
+    models.lora                     LoRA adapters held at zero on frozen unit slices; merged and PEFT exports
+    models.objectives               objective=: DPO and NPO unlearning losses (SFT is the plain loss)
+    models.module                   the LightningModule
+    data                        rows, prompts and batches:
+    data.sources                    read CSV/JSON/JSONL/TXT rows with a field mapping into examples, hash splits
+    data.chat                       the chat template and label masking: render, encode, pad
+    data.generation                 batched greedy decoding with left padding; self-distilled responses
+    data.datamodule                 the training datamodule: mixing, self-distillation, a resumable sharded sampler
+    data.pairs                      data=preference / unlearning: rows with roles and reference log-probabilities
+    data.calibration                the templated batches that scorers and the drift monitor run the model on
+    attribution                 which units matter (python attribute.py):
+    attribution.scoring             per-unit importance scores (wifv, activation, snip), O(units) memory
+    attribution.contrast            scoring=contrast: activation difference against the base model
+    attribution.delta               scoring=delta: each unit's weight change against the base model
+    attribution.atp                 scoring=atp: attribution patching of each unit toward its harmless mean
+    attribution.mask                scoring=mask: a learned sparse unit mask that breaks refusal and keeps utility
+    attribution.refusal_direction   scoring=refusal_direction: units writing along the refusal direction
+    attribution.pipeline            what `python attribute.py` runs, and the cached attribution of auto_attribute
+    attribution.selection           which units a freeze= strategy or an ablate= config picks from a unit map
+    steering                    activation steering at inference (steer=):
+    steering.prompt_states          block outputs at prompt positions and the prompts they are read on
+    steering.refusal_ablation       steer=refusal_ablation: Arditi et al.'s direction selection and ablation hooks
+    steering.scans                  steer=scans: SCANS (vectors, anchored blocks, sigma(q), signed hooks), the context
+    evaluation                  what a model does (python evaluate.py):
+    evaluation.judges               judges of completions (judge=, harm_judge=):
+    evaluation.judges.refusal           refusal judges: strings, patterns, ensemble, a local model
+    evaluation.judges.probe             the learned refusal probe, trained here and cached
+    evaluation.judges.harm              the learned harmfulness probe behind the defense benchmark's HS
+    evaluation.task_results         task results, prompt selection by stable hash, a refusal task's result
+    evaluation.multiple_choice      zero-shot multiple-choice utility by log-likelihood
+    evaluation.rejudge              reading saved completions
+    evaluation.suite                refusal ASR, over-refusal, perplexity, re-judging; the suite
+    evaluation.compare              paired comparison of runs on the same prompts, the before/after table
+    evaluation.run_tables           before/after summaries and completions tables for the loggers
+    evaluation.run                  what `python evaluate.py` runs (with unit ablation and steering)
+    defenses                    defense=: defenses against harmful fine-tuning:
+    defenses.objectives             training-time defenses: Vaccine, Booster, Lisa; SafeInstr's data share
+    defenses.posthoc                after fine-tuning: SafeLoRA's projection, Antidote's pruning of the update
+    training                    fine-tuning around the units (python train.py):
+    training.freezing               freeze= strategies as maskers
+    training.callbacks              Ctrl-C checkpoint, frozen-entry check and export, the before/after evaluation
+    training.drift                  unit drift during training: re-scored classes vs step 0 (callbacks=drift)
+    training.fit                    what `python train.py` runs
+    experiments                 the studies and reports built on the layers above:
+    experiments.study               the SSAH study v2 (scripts/run_study.py):
+    experiments.study.plan              the stages of a scale
+    experiments.study.runner            runs them in memory, resumably, in worker processes
+    experiments.study.verdicts          the criteria, fixed before the numbers, and their paired comparisons
+    experiments.study.tables            the report's tables
+    experiments.study.report            the markdown report and summary.json from the stage artifacts
+    experiments.study.plots             the frontier and threat-model plots
+    experiments.study.cli               the command line shared by run_study.py and run_defenses.py
+    experiments.defense_bench       the defense benchmark (scripts/run_defenses.py):
+    experiments.defense_bench.plan      defenses x threat models x seeds at the cpu and gpu scales, on the runner
+    experiments.defense_bench.criteria  the ranking rule, significance and cost thresholds, the goal
+    experiments.defense_bench.report    cells.json from the runs (HS re-judged), and results/defenses.md from it
+    experiments.dose_response       the dose-response ablation sweep:
+    experiments.dose_response.plan      the points, their evaluate.py commands, resumable runs
+    experiments.dose_response.report    summary, tables and plot from the runs' artifacts
+    experiments.validity            do the scorers find causal safety units (results/attribution_validity.md):
+    experiments.validity.criteria       criteria and tables over sweeps
+    experiments.validity.artifacts      the small JSON inputs of the planted, stability, sparsity, cost tables
+    experiments.scans_report        results/scans.md: the goal's criteria, sigma(q)'s metrics, the report
+    experiments.synthetic           Jain et al.'s task x concept testbed (scripts/run_jain_testbed.py):
+    experiments.synthetic.world         the generator (operators, concepts, jailbreak variants) and its tokenizer
+    experiments.synthetic.model         model=synthetic: a small Llama pretrained on the world, cached, resumable
+    experiments.synthetic.data          data=synthetic: safety fine-tuning rows for sft, dpo and unlearning
+    experiments.synthetic.analysis      separation per layer, null-space shares of an update, jailbreak placement
+    experiments.synthetic.testbed       the testbed run, the findings' criteria and results/jain_testbed.md
+    experiments.synthetic.ground_truth  the scorers' ground truth: a planted unit set S, each scorer's precision
+    runs                        a sweep's runs table from the jobs' files, offline:
+    runs.__main__                   python -m safety_units.runs <multirun dir>
 """
 
 __version__ = "0.1.0"

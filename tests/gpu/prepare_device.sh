@@ -25,6 +25,6 @@ for f in safety_tuned_llamas/safety_only_data_Instructions.json instructions/alp
   mkdir -p ".shared/data/$(dirname "$f")" && cp "../shared/data/$f" ".shared/data/$f"
 done
 CACHE=${SAFETY_UNITS_CACHE:-$HOME/.cache/safety_units}
-"$PY" -c "from safety_units.models import smollm2_tokenizer; smollm2_tokenizer('$CACHE')" >/dev/null
+"$PY" -c "from safety_units.models.loading import smollm2_tokenizer; smollm2_tokenizer('$CACHE')" >/dev/null
 mkdir -p .shared/cache && cp -r "$CACHE/tokenizers" .shared/cache/
 du -sh .whl .shared

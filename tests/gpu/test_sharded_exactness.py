@@ -36,7 +36,7 @@ def run_strategy(strategy: str, unit_map: str, out: Path, *extra: str, freeze: s
                  trainer_clipping: bool = False) -> dict:
     """A 4-step bf16 fit of model=tiny under `strategy` with AdamW wd 0.1 and clipping by norm (0.5, or the trainer
     config's own value with trainer_clipping=True)."""
-    from safety_units.training import run_train
+    from safety_units.training.fit import run_train
 
     cfg = train_cfg(out, f"trainer={strategy}", "trainer.devices=1", "model.dtype=bfloat16", f"freeze={freeze}",
                     f"freeze.unit_map={unit_map}", "optim.weight_decay=0.1", "optim.lr=5e-3",

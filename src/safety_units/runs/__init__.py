@@ -2,7 +2,7 @@
 swept key and per metric, read from the jobs' own files -- what a wandb dashboard's runs table shows, offline.
 
 Per job: `.hydra/overrides.yaml` (which keys the sweep set), `params.json` (the flat resolved config,
-safety_units.run_logging), `summary.json` (the run summary: eval before / after / change / p, frozen delta, time),
+safety_units.utils.run_logging), `summary.json` (the run summary: eval before / after / change / p, frozen delta, time),
 else `eval.json` and `model/freeze_check.json`. The swept keys are the override keys whose values differ between
 jobs; without Hydra's files, the params that differ (run dirs and names aside).
 
@@ -18,7 +18,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from safety_units.errors import ConfigError
+from safety_units.utils.errors import ConfigError
 
 # params that differ between any two runs without being a setting (where each job writes, how it is named)
 PER_RUN = re.compile(r"^(paths\.|run_name$|git\.|hydra\.|.*\.(output_dir|save_dir|dirpath)$)")

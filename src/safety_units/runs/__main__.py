@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from safety_units.errors import friendly_errors
+from safety_units.utils.errors import friendly_errors
 from safety_units.runs import __doc__ as DOC
 from safety_units.runs import markdown, runs_table, write_csv
 

@@ -1,0 +1,91 @@
+"""`scoring=atp`: attribution patching (Nanda 2023; Syed et al. 2023; Kramar et al. 2024, "AtP*").
+
+A first-order estimate of what patching each unit's activation from harmless into harmful runs does to a refusal
+metric, one forward and one backward pass per batch:
+
+    safety_j = mean over harmful examples of | sum_{p in D} dm/dx_j(p) * (mu_j - x_j(p)) |
+
+* m, the metric (`scoring.metric=refusal_logprob`): the log-probability of the aligned model's own refusal -- the
+  response of each safety calibration example -- over its first `scoring.decision_tokens` + 1 tokens, where the
+  model decides to refuse or comply. A refusal-carrying unit is one whose patch moves m.
+* D: the decision window (the last prompt position and the next `decision_tokens`, as `scoring.tokens=decision`).
+* mu_j: unit j's mean activation over the harmless prompts (`calibration.harmless`) at their last prompt token,
+  the position where the harmless run decides. Harmful and harmless prompts differ in length, so the patch value
+  is a mean, not a position-by-position copy (mean patching).
+* x_j is the unit's activation at the input of down_proj / o_proj, as for every scorer here. The absolute value
+  ranks units by the size of the estimated effect, either direction (as AtP ranks nodes).
+
+AtP*'s correction re-computes attention patterns for query/key nodes, whose effect goes through the softmax and
+saturates. These units are the MLP channels and the attention *output* channels (the inputs of o_proj, after the
+softmax), so no unit's patch changes an attention pattern directly and the correction does not apply (a head unit,
+units.heads, is patched at its output -- o_proj's input -- too: the softmax is upstream of the patch); its second
+part (dropout of cancelling gradients) is not needed for per-channel scores summed in one pass.
+
+Utility is the `activation` score on the utility set, as for refusal_direction and delta. Memory: one batch's unit
+activations and their gradients (no parameter gradients: the weights do not require grad here).
+"""
+
+from __future__ import annotations
+
+import torch
+from tqdm.auto import tqdm
+
+from safety_units.utils.errors import ConfigError
+from safety_units.models.forward import eval_mode, frozen_weights, response_token_nll
+from safety_units.attribution.scoring import activation_stats, decision_positions, truncate_to
+from safety_units.units.groups import UnitGroup
+
+METRICS = ("refusal_logprob",)
+
+
+def atp_scores(model, groups: list[UnitGroup], harmful: list[dict], harmless: list[dict], decision_tokens: int = 4,
+               metric: str = "refusal_logprob", progress: bool = True, desc: str = "atp") -> dict[str, torch.Tensor]:
+    """|sum over the decision window of dm/dx_j * (mu_j - x_j)|, averaged over harmful examples (float32 per unit).
+
+    `harmful`: batches with the refusal responses as labels; `harmless`: prompt-only batches (labels all -100)."""
+    if metric not in METRICS:
+        raise ConfigError(f"scoring.metric must be one of {METRICS}, got {metric!r}.")
+    means = activation_stats(model, groups, harmless, "decision", 0, progress, f"{desc} (harmless means)")
+    device = next(model.parameters()).device
+    mu = {g.key: means[g.key].mean().to(device=device, dtype=torch.float32) for g in groups}
+    acc = {g.key: torch.zeros(g.n, dtype=torch.float64) for g in groups}
+    seen = {}
+
+    def capture(key):
+        def hook(module, args):
+            x = args[0]
+            x.retain_grad()
+            seen[key] = x
+        return hook
+
+    def leaf_embeddings(module, args, out):  # the graph starts here: every activation downstream gets a grad_fn
+        return out.detach().requires_grad_(True)
+
+    handles = [g.out_module.register_forward_pre_hook(capture(g.key)) for g in groups]
+    handles.append(model.get_input_embeddings().register_forward_hook(leaf_embeddings))
+    n_examples = 0
+    try:
+        with eval_mode(model), frozen_weights(model), torch.enable_grad():
+            for batch in tqdm(list(harmful), desc=desc, disable=not progress, leave=False):
+                batch = {k: v.to(device) for k, v in batch.items()}
+                batch, window = truncate_to(batch, decision_positions(batch, decision_tokens))  # exact, cheaper
+                nll, counts = response_token_nll(model, batch, positions=window)
+                if nll.numel() == 0:
+                    continue
+                (-nll.sum()).backward()  # m summed over examples: each example's gradient is its own
+                w = window.unsqueeze(-1).float()
+                for g in groups:
+                    x = seen[g.key]
+                    effect = (x.grad.float() * (mu[g.key] - x.detach().float()) * w).sum(dim=1)  # [batch, chans]
+                    effect = g.per_unit(effect)  # a head's patch is all its channels at once: sum, then |.|
+                    rows = counts > 0
+                    acc[g.key] += effect[rows].abs().double().sum(dim=0).cpu()
+                n_examples += int((counts > 0).sum())
+                seen.clear()
+    finally:
+        for h in handles:
+            h.remove()
+    if not n_examples:
+        raise ConfigError("scoring=atp: no harmful calibration example has response tokens in its decision window; "
+                          "the safety set needs responses (the refusals whose log-probability is the metric).")
+    return {k: (v / n_examples).float() for k, v in acc.items()}

@@ -1,0 +1,269 @@
+"""Per-unit importance scores, streamed over calibration batches with O(units) memory.
+
+* `wifv` (FLAP-style, forward only): Var_tokens(x_j) * ||W_out[:, j]||^2, where x_j is unit j's activation at
+  the input of down_proj / o_proj and W_out[:, j] the weight column it feeds.
+* `activation` (Wanda-style, aggregated per unit): mean_tokens |x_j| * ||W_out[:, j]||.
+* `snip` (Wei et al. 2024 style, first order): sum over batches of sum_{w in unit j} |w * dL_b/dw|, with the loss on
+  response tokens only. Each parameter's gradient is reduced to per-unit sums the moment it is accumulated and then
+  freed, so at most one dense gradient is alive at a time. Dropout is off (eval mode), so scores are deterministic.
+
+Which positions count (`scoring.tokens`): `all` (every attended token), `response` (the positions that *predict* a
+response token: position i counts when token i+1 is a response token, so the last prompt position -- where the model
+decides to refuse or comply -- is in and the last response token is out) or `decision` (the last prompt position and
+the next `scoring.decision_tokens` positions).
+
+Activation statistics are float64 sums (count, sum, sum of squares, sum of |x|) per unit; nothing per weight
+or per token is kept. contrast.py and refusal_direction.py (a second model, a second prompt set) build on these sums.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+from tqdm.auto import tqdm
+
+from safety_units.utils.errors import ConfigError
+from safety_units.models.forward import eval_mode, hidden_states, response_token_nll
+from safety_units.utils.ranks import RankedLogger
+from safety_units.units.groups import UnitGroup
+
+log = RankedLogger(__name__)
+
+METHODS = ("wifv", "activation", "snip", "contrast", "refusal_direction", "delta", "atp", "mask")
+TOKENS = ("all", "response", "decision")
+
+
+def _column_sq_norms(g: UnitGroup) -> torch.Tensor:
+    """||W_out[:, j]||^2 for each unit j (the out weight's unit dimension is g.out_weight.dim)."""
+    w = g.out_weight.param.detach().float()
+    other = 1 - g.out_weight.dim
+    return (w * w).sum(dim=other).double().cpu()
+
+
+def _response_loss(model, batch: dict, positions: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean next-token cross-entropy over response tokens, as the HF loss (for SNIP)."""
+    nll, _ = response_token_nll(model, batch, checkpointed=True, positions=positions)
+    return nll.sum() / max(1, nll.numel())
+
+
+def predicts_response(labels: torch.Tensor) -> torch.Tensor:
+    """[batch, seq] bool: position i predicts a response token (labels[i + 1] != -100).
+
+    The hidden state that decides response token t sits at position t - 1 (HF labels are unshifted)."""
+    mask = torch.zeros_like(labels, dtype=torch.bool)
+    mask[:, :-1] = labels[:, 1:] != -100
+    return mask
+
+
+def last_token(attention_mask: torch.Tensor) -> torch.Tensor:
+    """[batch, seq] bool: each row's last attended position (right or left padding)."""
+    seq = attention_mask.shape[1]
+    last = seq - 1 - attention_mask.flip(1).long().argmax(dim=1)
+    return torch.nn.functional.one_hot(last, seq).bool() & attention_mask.bool()
+
+
+def decision_positions(batch: dict, k: int) -> torch.Tensor:
+    """The last prompt position (it predicts the first response token: refuse or comply) and the next k positions.
+
+    Only a row's first k + 1 response-predicting positions count (calibration rows have one assistant turn); a
+    prompt-only row (no response tokens) counts its last token, where the answer would start."""
+    pred = predicts_response(batch["labels"])
+    first = pred & (pred.cumsum(dim=1) <= k + 1)
+    prompt_only = ~pred.any(dim=1, keepdim=True)
+    return torch.where(prompt_only, last_token(batch["attention_mask"]), first)
+
+
+def first_response_positions(batch: dict, n: int) -> torch.Tensor:
+    """[batch, seq] bool: each row's first n response-predicting positions."""
+    pred = predicts_response(batch["labels"])
+    return pred & (pred.cumsum(dim=1) <= n)
+
+
+def truncate_to(batch: dict, positions: torch.Tensor) -> tuple[dict, torch.Tensor]:
+    """The batch and positions cut after the last position any row needs (and the label it predicts). Exact for a
+    causal LM -- the logits at a position depend only on the tokens up to it -- and it saves the forward and
+    backward over everything later (a refusal's decision window is its first few tokens)."""
+    cols = torch.nonzero(positions.any(dim=0)).flatten()
+    if cols.numel() == 0:
+        return batch, positions
+    end = min(int(cols.max()) + 2, positions.shape[1])  # position p predicts labels[p + 1]
+    return {k: v[:, :end] for k, v in batch.items()}, positions[:, :end]
+
+
+def check_tokens(tokens: str, decision_tokens: int) -> None:
+    if tokens not in TOKENS:
+        raise ConfigError(f"scoring.tokens must be one of {TOKENS}, got {tokens!r}.")
+    if not isinstance(decision_tokens, int) or isinstance(decision_tokens, bool) or decision_tokens < 0:
+        raise ConfigError(f"scoring.decision_tokens must be an integer >= 0, got {decision_tokens!r}.")
+
+
+def token_mask(batch: dict, tokens: str, decision_tokens: int = 4) -> torch.Tensor:
+    """[batch, seq] bool: the positions whose activations a score counts (`scoring.tokens`)."""
+    check_tokens(tokens, decision_tokens)
+    if tokens == "all":
+        return batch["attention_mask"].bool()
+    if tokens == "response":
+        return predicts_response(batch["labels"])
+    return decision_positions(batch, decision_tokens)
+
+
+class ActivationStats:
+    def __init__(self, n: int):
+        self.count = 0
+        self.sum = torch.zeros(n, dtype=torch.float64)
+        self.sumsq = torch.zeros(n, dtype=torch.float64)
+        self.sumabs = torch.zeros(n, dtype=torch.float64)
+
+    def add(self, x: torch.Tensor) -> None:  # x: [tokens, n]
+        x = x.double()
+        self.count += x.shape[0]
+        self.sum += x.sum(0).cpu()
+        self.sumsq += (x * x).sum(0).cpu()
+        self.sumabs += x.abs().sum(0).cpu()
+
+    def variance(self) -> torch.Tensor:
+        mean = self.sum / max(self.count, 1)
+        return (self.sumsq / max(self.count, 1) - mean * mean).clamp_min(0.0)
+
+    def mean_abs(self) -> torch.Tensor:
+        return self.sumabs / max(self.count, 1)
+
+    def mean(self) -> torch.Tensor:
+        return self.sum / max(self.count, 1)
+
+
+@torch.no_grad()
+def activation_stats(model, groups: list[UnitGroup], batches: Iterable[dict], tokens: str = "all",
+                     decision_tokens: int = 4, progress: bool = True, desc: str = "scoring") -> dict[str, ActivationStats]:
+    """Running sums of every unit's activation (the input of down_proj / o_proj) at the `tokens` positions."""
+    check_tokens(tokens, decision_tokens)
+    device = next(model.parameters()).device
+    stats = {g.key: ActivationStats(g.n * g.width) for g in groups}  # per channel; a head sums its own
+    current: dict = {}
+
+    def make_hook(key):
+        def hook(module, args):
+            x = args[0]
+            stats[key].add(x[current["mask"]].reshape(-1, x.shape[-1]))
+        return hook
+
+    handles = [g.out_module.register_forward_pre_hook(make_hook(g.key)) for g in groups]
+    try:
+        with eval_mode(model):
+            for batch in tqdm(list(batches), desc=desc, disable=not progress, leave=False):
+                batch = {k: v.to(device) for k, v in batch.items()}
+                current["mask"] = token_mask(batch, tokens, decision_tokens)
+                hidden_states(model, batch["input_ids"], batch["attention_mask"])
+    finally:
+        for h in handles:
+            h.remove()
+    if any(st.count == 0 for st in stats.values()):
+        raise ConfigError(f"no calibration tokens were scored (empty batches, or no positions for "
+                          f"scoring.tokens={tokens!r}).")
+    return stats
+
+
+def activation_scores(model, groups: list[UnitGroup], batches: Iterable[dict], method: str = "wifv",
+                      tokens: str = "all", decision_tokens: int = 4, progress: bool = True,
+                      desc: str = "scoring") -> dict[str, torch.Tensor]:
+    if method not in ("wifv", "activation"):
+        raise ConfigError(f"activation_scores handles wifv and activation, not {method!r}.")
+    stats = activation_stats(model, groups, batches, tokens, decision_tokens, progress, desc)
+    out = {}
+    for g in groups:
+        colsq = _column_sq_norms(g)
+        st = stats[g.key]
+        out[g.key] = g.per_unit(st.variance() * colsq if method == "wifv" else st.mean_abs() * colsq.sqrt()).float()
+    return out
+
+
+def column_norms(g: UnitGroup) -> torch.Tensor:
+    """||W_out[:, j]|| for each unit j (float64, CPU)."""
+    return _column_sq_norms(g).sqrt()
+
+
+def _checkpointing_api(model):
+    """(enable, disable, currently_on) across transformers 5.x ("activation_") and 4.x ("gradient_") names."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        return (lambda: model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs),
+                model.activation_checkpointing_disable, bool(getattr(model, "is_activation_checkpointing", False)))
+    if hasattr(model, "gradient_checkpointing_enable"):
+        return (lambda: model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs),
+                model.gradient_checkpointing_disable, bool(getattr(model, "is_gradient_checkpointing", False)))
+    return None, None, False
+
+
+def _train_only_checkpointed(model) -> None:
+    """Training mode for the modules that checkpoint (HF checkpoints only `if self.gradient_checkpointing and
+    self.training`), eval mode for everything else: dropout stays off (GPT-2 has p=0.1), recomputation stays on."""
+    model.eval()
+    for m in model.modules():
+        if getattr(m, "gradient_checkpointing", False) is True:
+            m.training = True  # this module only, not its children (its dropout submodules stay in eval)
+
+
+def snip_scores(model, groups: list[UnitGroup], batches: Iterable[dict], progress: bool = True,
+                gradient_checkpointing: bool = True, desc: str = "snip", tokens: str = "response",
+                decision_tokens: int = 4) -> dict[str, torch.Tensor]:
+    """sum_b sum_{w in unit} |w * dL_b/dw| per unit; loss on the response tokens predicted at the `tokens` positions
+    (`all` and `response` are the same here: only response tokens have targets)."""
+    check_tokens(tokens, decision_tokens)
+    device = next(model.parameters()).device
+    acc = {g.key: torch.zeros(g.n, dtype=torch.float64) for g in groups}
+    owners = {}
+    for g in groups:
+        for s in g.slices:
+            owners[id(s.param)] = (g.key, s)
+    saved_flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in owners)
+
+    def reduce_and_free(p: torch.Tensor) -> None:
+        key, s = owners[id(p)]
+        prod = (p.detach().float() * p.grad.float()).abs()
+        dims = [d for d in range(prod.ndim) if d != s.dim]
+        acc[key] += s.per_unit((prod.sum(dim=dims) if dims else prod).double().cpu())
+        p.grad = None  # at most one dense gradient alive at a time
+
+    handles = [p.register_post_accumulate_grad_hook(reduce_and_free) for p in model.parameters()
+               if id(p) in owners]
+    enable, disable, gc_was = _checkpointing_api(model)
+    try:
+        with eval_mode(model):  # no dropout: the scores of the model as it is used, and deterministic
+            if gradient_checkpointing and enable is not None:
+                enable()
+                _train_only_checkpointed(model)
+            for batch in tqdm(list(batches), desc=desc, disable=not progress, leave=False):
+                batch = {k: v.to(device) for k, v in batch.items()}
+                positions = token_mask(batch, tokens, decision_tokens)
+                if not (predicts_response(batch["labels"]) & positions).any():
+                    continue
+                _response_loss(model, batch, positions).backward()
+    finally:
+        for h in handles:
+            h.remove()
+        if gradient_checkpointing and not gc_was and disable is not None:
+            disable()
+        for n, p in model.named_parameters():
+            p.requires_grad_(saved_flags[n])
+            p.grad = None
+    return {k: v.float() for k, v in acc.items()}
+
+
+def score_units(model, groups: list[UnitGroup], batches: list[dict], method: str, tokens: str = "all",
+                progress: bool = True, desc: str = "", gradient_checkpointing: bool = True,
+                decision_tokens: int = 4) -> dict[str, torch.Tensor]:
+    """The scores of one model on one calibration set (wifv, activation, snip); contrast and refusal_direction
+    need a second model or prompt set and are run by attribution.attribute."""
+    if method not in ("wifv", "activation", "snip"):
+        raise ConfigError(f"scoring.method must be one of {METHODS}, got {method!r}"
+                          + (" (score_units scores one model on one set; use attribution.attribute)."
+                             if method in METHODS else "."))
+    if method == "snip":
+        return snip_scores(model, groups, batches, progress=progress, desc=desc or "snip",
+                           gradient_checkpointing=gradient_checkpointing, tokens=tokens,
+                           decision_tokens=decision_tokens)
+    return activation_scores(model, groups, batches, method, tokens=tokens, decision_tokens=decision_tokens,
+                             progress=progress, desc=desc or method)

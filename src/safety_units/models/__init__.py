@@ -1,0 +1,2 @@
+"""The model and what trains it: loading, forward helpers, sharded-weight checks, LoRA, the objectives, the
+LightningModule."""

@@ -1,0 +1,1 @@
+"""Activation steering at inference (the `steer` config group): SCANS and refusal-direction ablation."""

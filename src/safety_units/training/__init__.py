@@ -1,0 +1,1 @@
+"""Fine-tuning around the units (`python train.py`): freeze= strategies, callbacks, drift, the fit."""

@@ -1,0 +1,161 @@
+"""What `python train.py` runs: load model and data, build the freezing masks, fit, check, export."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from safety_units.training.callbacks import EvalCallback, FinalizeRun, InterruptCheckpoint, RunSummary
+from safety_units.utils.config import (
+    finish_loggers,
+    instantiate,
+    instantiate_group,
+    output_dir,
+    resolved_yaml,
+    setup_run,
+)
+from safety_units.data.datamodule import build_datamodule
+from safety_units.defenses.objectives import build_objective, safeinstr_source
+from safety_units.utils.errors import ConfigError
+from safety_units.training.freezing import build_masker
+from safety_units.models.loading import LoadedModel, load_model
+from safety_units.models.module import CausalLMModule
+from safety_units.models.objectives import build_training_objective
+from safety_units.defenses.posthoc import PostHocDefense
+from safety_units.utils.ranks import RankedLogger
+from safety_units.utils.run_logging import Stopwatch, run_params
+
+log = RankedLogger(__name__)
+
+
+def wrap_policy(class_names: list[str]) -> set[type]:
+    """FSDP auto-wrap / activation-checkpointing policy from decoder-layer class names (e.g. LlamaDecoderLayer)."""
+    import transformers
+
+    out = set()
+    for name in class_names:
+        cls = None
+        for mod_name in ("llama", "mistral", "qwen2", "qwen3", "gpt2", "gemma", "phi3"):
+            module = getattr(getattr(transformers.models, mod_name, None), f"modeling_{mod_name}", None)
+            cls = getattr(module, name, None) if module is not None else None
+            if cls is not None:
+                break
+        if cls is None:
+            raise ConfigError(f"trainer.strategy: unknown decoder layer class {name!r} for the FSDP wrap policy.")
+        out.add(cls)
+    return out
+
+
+def build_trainer(cfg: DictConfig, extra_callbacks: list, run_dir: Path):
+    callbacks = instantiate_group(cfg.get("callbacks"), "callbacks") + extra_callbacks
+    loggers = instantiate_group(cfg.get("logger"), "logger")
+    return instantiate(cfg.trainer, "trainer", callbacks=callbacks, logger=loggers or False)
+
+
+def run_train(cfg: DictConfig) -> dict:
+    """Fit the configured model on the configured data; returns a summary dict (also used by tests)."""
+    return fit(cfg)[0]
+
+
+def fit(cfg: DictConfig, loaded: LoadedModel | None = None) -> tuple[dict, object]:
+    """run_train's work, returning (summary, the trained model). `loaded` (a model already in memory, e.g. kept on
+    the GPU between study stages) is trained in place instead of loading cfg.model."""
+    setup_run(cfg)
+    started_at = time.time()
+    run_dir = output_dir(cfg)
+    loaded = loaded or load_model(cfg.model)
+    model, tokenizer = loaded.model, loaded.tokenizer
+    log.info("model %s: %.1fM parameters", loaded.name, sum(p.numel() for p in model.parameters()) / 1e6)
+
+    defense = cfg.get("defense")
+    if defense is not None and defense.name == "safeinstr":  # a data defense: its safety share joins the sources
+        from omegaconf import open_dict
+
+        key, src = safeinstr_source(defense, cfg.data)
+        with open_dict(cfg.data.sources):
+            cfg.data.sources[key] = src
+    want = defense.get("freeze_strategy") if defense is not None else None
+    if want and cfg.freeze.strategy != want:
+        raise ConfigError(f"defense={defense.name} freezes with freeze={want}, but freeze.strategy is "
+                          f"{cfg.freeze.strategy!r} (a freeze= override after defense=?); drop one of them.")
+    if defense is not None and defense.name == "lisa" and cfg.get("ckpt_path"):
+        raise ConfigError("defense=lisa cannot resume from ckpt_path: its state and anchors are not checkpointed.")
+    datamodule = build_datamodule(cfg.data, tokenizer, cache_dir=cfg.paths.cache_dir)
+    datamodule.prepare(model)
+
+    masker, unit_map = build_masker(cfg, model, tokenizer) if cfg.get("freeze") is not None else (None, None)
+    # With an adapter only the LoRA factors train; their own masker holds them at zero on frozen unit slices,
+    # while `masker` (snapshot of the loaded weights) checks the merged weights at the end.
+    adapter = instantiate(cfg.adapter, "adapter") if cfg.get("adapter") else None
+    train_masker = masker
+    if adapter is not None:
+        model, train_masker = adapter.wrap(model, masker)
+    objective = build_objective(defense, tokenizer, cfg.data, int(cfg.seed)) if defense is not None else None
+    alignment = build_training_objective(cfg.get("objective"))
+    if alignment is not None:
+        if objective is not None:
+            raise ConfigError(f"objective={cfg.objective.name} and defense={defense.name} both set the training loss; "
+                              f"use one of them.")
+        need = {"pairs": "preference", "forget": "unlearning"}[alignment.needs]
+        if getattr(datamodule, "kind", None) != need:
+            raise ConfigError(f"objective={cfg.objective.name} trains on data={need} (rows with a role and reference "
+                              f"log-probabilities), but data={cfg.data.get('name')} is plain (prompt, response) data.")
+        objective = alignment
+    elif getattr(datamodule, "kind", None) is not None:
+        raise ConfigError(f"data={cfg.data.get('name')} holds {datamodule.kind} rows for objective="
+                          f"{'dpo' if datamodule.kind == 'preference' else 'unlearning'}; set that objective.")
+    module = CausalLMModule(model, masker=train_masker, tokenizer=tokenizer, unit_map=unit_map, objective=objective,
+                            **OmegaConf.to_container(cfg.optim, resolve=True))
+
+    unit_map_path = str(unit_map.path) if unit_map is not None else None
+    finalize = FinalizeRun(str(run_dir), tokenizer, resolved_yaml(cfg), unit_map_path=unit_map_path,
+                           export=bool(cfg.get("export", True)), masker=masker, adapter=adapter)
+    params = run_params(cfg, unit_map, masker.describe() if masker is not None else None,
+                        adapter.describe() if adapter is not None else None)
+    images = {"plots/units_per_layer": str(Path(unit_map_path).parent / "units_per_layer.png")} if unit_map_path else {}
+    posthoc = None
+    if defense is not None and defense.stage == "post":  # SafeLoRA / Antidote: applied before the export
+        posthoc = PostHocDefense(defense, tokenizer)
+    extra = [InterruptCheckpoint(str(run_dir / "checkpoints")), *([posthoc] if posthoc else []), finalize,
+             RunSummary(str(run_dir), params, images, finalize, started_at)]
+    trainer = build_trainer(cfg, extra, run_dir)
+    try:  # a failed job of a multirun must not leave its wandb run open for the next job
+        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+        summary = {"output_dir": str(run_dir), "global_step": trainer.global_step,
+                   "model_dir": str(run_dir / "model") if cfg.get("export", True) else None,
+                   "train_examples": len(datamodule.train_set), "data_stats": datamodule.stats}
+        summary.update(finalize.summary)
+        if masker is not None:
+            summary["freeze"] = masker.describe()
+        if adapter is not None:
+            summary["adapter"] = adapter.describe()
+        if defense is not None and defense.name != "none":
+            summary["defense"] = {"name": defense.name, "stage": defense.stage,
+                                  **({"report": posthoc.report} if posthoc is not None else {})}
+        for cb in trainer.callbacks:
+            if isinstance(cb, EvalCallback):
+                summary["eval"] = cb.results
+        if datamodule.val_set and "val/loss" not in trainer.callback_metrics and not trainer.interrupted:
+            trainer.validate(module, datamodule=datamodule, verbose=False)  # max_steps ended the run mid-epoch
+        summary["metrics"] = {k: float(v) for k, v in trainer.callback_metrics.items()
+                              if getattr(v, "numel", lambda: 1)() == 1}
+    finally:
+        with Stopwatch():
+            finish_loggers(trainer.loggers)
+    return summary, module.model
+
+
+def optimized_metric(cfg: DictConfig, metrics: dict[str, float]) -> float | None:
+    """The value a hydra sweeper optimises (cfg.optimized_metric, set by hparams_search=...; None when unset).
+
+    A metric the run did not log is an error, not a silent None that the sweeper would record as a result."""
+    name = cfg.get("optimized_metric")
+    if not name:
+        return None
+    if name not in metrics:
+        hint = " (val/loss needs a validation split: data.val_fraction > 0)" if name.startswith("val/") else ""
+        raise ConfigError(f"optimized_metric={name!r} was not logged by this run{hint}; the run logged: "
+                          f"{', '.join(sorted(metrics)) or 'nothing'}.")
+    return metrics[name]

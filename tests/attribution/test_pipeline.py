@@ -1,0 +1,194 @@
+import json
+
+import pytest
+import torch
+from conftest import compose
+
+from safety_units.attribution.pipeline import attribute, run_attribution
+from safety_units.data.calibration import calibration_batches
+from safety_units.units.classification import CLASS_CODES, classify, percentile_ranks
+from safety_units.utils.errors import ConfigError, UnitMapError
+from safety_units.models.loading import build_tiny
+from safety_units.attribution.scoring import score_units
+from safety_units.units.unit_map import UnitMap, selection_size
+from safety_units.units.groups import resolve_units
+
+MARKER = " Zyzzyva"  # a rare word: its tokens appear only in the safety calibration texts
+PLANT = 17           # the planted MLP unit of layer 0
+
+
+def _write_sets(tmp_path):
+    safety = [{"prompt": f"Harmful request number {i}?", "response": f"No.{MARKER}{MARKER} I refuse{MARKER}."}
+              for i in range(12)]
+    utility = [{"prompt": f"Benign question number {i}?", "response": f"Sure, the answer is {i * 7} apples."}
+               for i in range(12)]
+    for name, rows in (("safety", safety), ("utility", utility)):
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return tmp_path / "safety.jsonl", tmp_path / "utility.jsonl"
+
+
+@pytest.fixture
+def planted(tiny):
+    m = tiny.model
+    marker_ids = tiny.tokenizer(MARKER, add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        emb = m.model.embed_tokens.weight
+        emb[:, 0] = 0.0  # hidden dim 0 is reserved for the marker
+        emb[marker_ids, 0] = 4.0
+        m.model.layers[0].self_attn.o_proj.weight[0, :] = 0.0  # attention writes nothing into dim 0
+        mlp = m.model.layers[0].mlp
+        for w in (mlp.gate_proj.weight, mlp.up_proj.weight):
+            w[PLANT, :] = 0.0
+            w[PLANT, 0] = 3.0
+        mlp.down_proj.weight[:, PLANT] *= 5.0
+    return tiny
+
+
+def _cfg(tmp_path, *overrides):
+    s, u = _write_sets(tmp_path)
+    return compose("attribute", ["model=tiny", f"calibration.safety.path={s}", f"calibration.utility.path={u}",
+                                 "calibration.safety.prompt=prompt", "calibration.safety.input=null",
+                                 "calibration.safety.response=response", "calibration.utility.prompt=prompt",
+                                 "calibration.utility.input=null", "calibration.utility.response=response",
+                                 "calibration.utility.hash_split=null", "calibration.batch_size=4",
+                                 "calibration.max_length=64", *overrides], output_dir=tmp_path / "run")
+
+
+@pytest.mark.parametrize("method", ["wifv", "activation", "snip"])
+def test_planted_safety_unit_is_esu(planted, tmp_path, method):
+    cfg = _cfg(tmp_path, f"scoring={method}")
+    um = attribute(planted, cfg, device="cpu")
+    assert um.classes["mlp.0"][PLANT] == CLASS_CODES["esu"]
+    assert um.utility["mlp.0"][PLANT] == 0.0 < um.safety["mlp.0"][PLANT]
+
+
+def _batches(tiny, tmp_path):
+    s, u = _write_sets(tmp_path)
+    src = {"path": str(s), "prompt": "prompt", "response": "response"}
+    return calibration_batches(tiny.tokenizer, src, nsamples=8, max_length=48, batch_size=3, seed=0, name="s")
+
+
+def test_activation_scores_match_dense_reference(tiny, tmp_path):
+    model, groups = tiny.model, resolve_units(tiny.model)
+    batches = _batches(tiny, tmp_path)
+    acts = {g.key: [] for g in groups}
+    hooks = [g.out_module.register_forward_pre_hook(
+        lambda mod, args, key=g.key, cur=None: acts[key].append(args[0].detach().clone())) for g in groups]
+    with torch.no_grad():
+        for b in batches:
+            model(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
+    for h in hooks:
+        h.remove()
+    wifv = score_units(model, groups, batches, "wifv", progress=False)
+    act = score_units(model, groups, batches, "activation", progress=False)
+    for g in groups:
+        x = torch.cat([a[b["attention_mask"].bool()] for a, b in zip(acts[g.key], batches)]).double()
+        col = g.out_weight.param.detach().double().pow(2).sum(0)  # ||W[:, j]||^2 (Linear: columns)
+        torch.testing.assert_close(wifv[g.key].double(), x.var(0, unbiased=False) * col, rtol=1e-4, atol=1e-10)
+        torch.testing.assert_close(act[g.key].double(), x.abs().mean(0) * col.sqrt(), rtol=1e-4, atol=1e-10)
+
+
+def test_snip_matches_dense_per_weight_reference(tiny, tmp_path):
+    model, groups = tiny.model, resolve_units(tiny.model)
+    batches = _batches(tiny, tmp_path)
+    ref = {g.key: torch.zeros(g.n, dtype=torch.float64) for g in groups}
+    for b in batches:  # the naive way: dense gradients and dense per-weight scores
+        model.zero_grad()
+        model(**b).loss.backward()
+        for g in groups:
+            for s in g.slices:
+                dense = (s.param.detach() * s.param.grad).abs().double()
+                ref[g.key] += dense.sum(dim=1 - s.dim) if dense.ndim == 2 else dense
+    model.zero_grad()
+    ours = score_units(model, groups, batches, "snip", progress=False)
+    for g in groups:
+        torch.testing.assert_close(ours[g.key].double(), ref[g.key], rtol=1e-4, atol=1e-9)
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_each_unit_gets_one_class_and_shares_match():
+    g = torch.Generator().manual_seed(0)
+    safety = {f"mlp.{i}": torch.rand(1000, generator=g) for i in range(3)} | {"attn.0": torch.rand(400, generator=g)}
+    utility = {k: torch.rand(v.numel(), generator=g) for k, v in safety.items()}
+    shares = {"esu": 0.02, "euu": 0.1, "ru": 0.2}
+    for norm in ("per_layer", "global"):
+        cls = classify(safety, utility, shares=shares, normalization=norm)
+        for kind, n in (("mlp", 3000), ("attn", 400)):
+            c = torch.cat([v for k, v in cls.items() if k.startswith(kind)])
+            assert c.numel() == n and set(c.unique().tolist()) <= set(CLASS_CODES.values())
+            for name, share in shares.items():
+                assert int((c == CLASS_CODES[name]).sum()) == round(share * n)
+        assert classify(safety, utility, shares=shares, normalization=norm)["mlp.1"].equal(cls["mlp.1"])
+
+
+def test_ties_are_deterministic():
+    safety = {"mlp.0": torch.ones(50)}
+    utility = {"mlp.0": torch.ones(50)}
+    a = classify(safety, utility, shares={"esu": 0.04, "euu": 0.04, "ru": 0.1})
+    assert a["mlp.0"][:2].tolist() == [CLASS_CODES["esu"]] * 2  # equal scores: lowest positions first
+    assert percentile_ranks(torch.tensor([3.0, 1.0, 3.0])).tolist() == [0.75, 0.0, 0.75]
+
+
+def test_bad_shares_are_config_errors():
+    s = {"mlp.0": torch.rand(10)}
+    with pytest.raises(ConfigError, match="sum to less than 1"):
+        classify(s, s, shares={"esu": 0.5, "euu": 0.3, "ru": 0.3})
+    with pytest.raises(ConfigError, match="normalization"):
+        classify(s, s, normalization="zscore")
+
+
+def test_run_writes_three_files_and_map_roundtrips(tmp_path):
+    cfg = _cfg(tmp_path, "logger=csv")
+    out = run_attribution(cfg)
+    run = tmp_path / "run"
+    assert {p.name for p in run.iterdir()} >= {"unit_map.safetensors", "unit_map.json", "units_per_layer.png"}
+    # logger=csv: the run's params (class shares and the map's fingerprint among them) and its summary
+    hparams = (run / "csv" / "hparams.yaml").read_text()
+    assert "unit_map.share.mlp.esu:" in hparams and "unit_map.fingerprint:" in hparams and "scoring.method: mask" in hparams
+    assert json.loads((run / "summary.json").read_text())["units/all/esu"] == out["summary"]["total"]["all"]["esu"]["share"]
+    summary = json.loads((run / "unit_map.json").read_text())
+    assert summary["total"]["all"]["units"] == 2 * 128 + 2 * 64
+    tiny = build_tiny(cache_dir=cfg.paths.cache_dir)
+    um = UnitMap.load(out["unit_map"], model=tiny.model)
+    assert um.metadata["scoring"]["method"] == "mask" and um.metadata["normalization"] == "per_layer"  # the default
+    esu = um.select("esu")
+    plus = um.esu_plus_top_cu(0.075)
+    assert all((plus[k] | ~esu[k]).all() for k in esu)  # ESU is inside ESU + top CU
+    sizes = selection_size(plus)
+    assert sizes["mlp"]["units"] == round(0.075 * 256) and sizes["attn"]["units"] == round(0.075 * 128)
+    rnd = um.random_like(plus, seed=1)
+    assert selection_size(rnd) == sizes and any(not rnd[k].equal(plus[k]) for k in plus)
+    assert um.random_like(plus, seed=1)["mlp.0"].equal(rnd["mlp.0"])
+
+
+def test_map_of_another_model_is_refused(tmp_path):
+    out = run_attribution(_cfg(tmp_path))
+    other = build_tiny(cache_dir=compose("attribute", ["model=tiny"]).paths.cache_dir, seed=5)
+    with pytest.raises(UnitMapError, match="different model.*weight_hash"):
+        UnitMap.load(out["unit_map"], model=other.model)
+    UnitMap.load(out["unit_map"], model=other.model, strict=False)  # same architecture is accepted when asked
+    bigger = build_tiny(cache_dir=compose("attribute", ["model=tiny"]).paths.cache_dir, num_layers=3)
+    with pytest.raises(UnitMapError, match="num_layers"):
+        UnitMap.load(out["unit_map"], model=bigger.model, strict=False)
+    with pytest.raises(UnitMapError, match="does not exist"):
+        UnitMap.load(tmp_path / "nope.safetensors")
+
+
+def test_unknown_module_names_list_what_exists(tiny):
+    names = {"layers": "model.layers", "mlp": {"in": ["mlp.w1"], "out": "mlp.down_proj"}, "attn": None}
+    with pytest.raises(ConfigError, match="module 'mlp.w1' not found.*mlp.gate_proj"):
+        resolve_units(tiny.model, names)
+    with pytest.raises(ConfigError, match="not a ModuleList"):
+        resolve_units(tiny.model, {"layers": "model.blocks", "mlp": None, "attn": None})
+
+
+def test_gpt2_style_units():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, n_positions=64, vocab_size=100))
+    groups = resolve_units(model)
+    assert [(g.kind, g.n) for g in groups] == [("mlp", 128), ("attn", 32), ("mlp", 128), ("attn", 32)]
+    mlp = groups[0]
+    dims = {s.name: s.dim for s in mlp.slices}
+    assert dims == {"transformer.h.0.mlp.c_proj.weight": 0, "transformer.h.0.mlp.c_fc.weight": 1,
+                    "transformer.h.0.mlp.c_fc.bias": 0}
