@@ -1,19 +1,13 @@
-"""Dose-response ablation sweep: zero the top-k% units by safety-minus-utility rank, by utility rank, or at random.
+"""Dose-response ablation sweep: zero the top-k% units by safety-minus-utility rank, by utility rank, or at random
+(safety_units.experiments.dose_response: the points, their resumable evaluate.py runs and the report).
 
     python scripts/dose_response.py --model <aligned model dir> --unit-map <unit_map.safetensors> --out <dir>
         [--shares 0.0025 0.005 0.01 0.02 0.04 0.08] [--seeds 0 1 2] [--eval dose] [--force] [--report-only]
         [--controls-dir <dir>] [--arms safety_minus_utility utility random]
         [-- <more evaluate.py overrides, e.g. eval.limit=100 trainer=... model=tiny>]
 
-Runs (or resumes: a point whose eval.json and eval_meta.json exist is skipped) one `python evaluate.py` per point into
-<runs-dir>/<point>/ (default <out>/runs): the unablated baseline, then for each share k: ablate.top=
-safety_minus_utility, ablate.top=utility and ablate.top=random with each seed. Then writes <out>/dose_response.md
-and <out>/dose_response.png from the runs' artifacts (safety_units.experiments.dose_response).
-
-Sweeping several unit maps (scorers) of one model: give each the same --controls-dir, where the baseline and the
-random sets (which do not depend on a map's scores) run once and are shared; the report checks that every arm at a
-share zeroes as many units. --arms safety_minus_utility random leaves out the top-utility control; --arms random
-runs only the controls (any map of the model gives the unit counts).
+Several unit maps (scorers) of one model: give each the same --controls-dir, where the baseline and the random sets
+run once and are shared; --arms random runs only the controls (any map of the model gives the unit counts).
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""The Superficial Safety Alignment Hypothesis study (v2) on SmolLM2-135M-Instruct, end to end.
+"""The Superficial Safety Alignment Hypothesis study (v2) on SmolLM2-135M-Instruct, end to end (the stages, the
+runner and the report: safety_units.experiments.study).
 
     python scripts/run_study.py --scale gpu                 # one GPU, bf16-mixed, 3 worker processes
     python scripts/run_study.py --scale cpu --resume        # 2 CPU cores, reduced sizes, 2 one-thread workers
@@ -7,19 +8,9 @@
     python scripts/run_study.py --only '^c_alpaca_' --resume  # some stages (a regular expression on names)
     python scripts/run_study.py --report-only               # rebuild results/ssah_smollm2.md from the artifacts
 
-Stages (safety_units.experiments.study.plan): attribute the shipped model (the RU budget of claim a); align it (--scale
-gpu: 2,000 refusal pairs + 2,000 benign instructions; cpu: 480 examples) -> the aligned model; attribute that
-(ESU / EUU / CU / RU); (b) ablate each class and size-matched random sets; (a) full vs RU-only vs random-budget
-alignment x learning rates x seeds; (c) fine-tune the aligned model under each threat model (Alpaca, Dolly,
-harmful mixtures p, AOA epochs) with freeze = none / esu / esu_cu / random 7.5% / layers, x seeds. Every trained
-model is evaluated in memory (ASR, OKTest over-refusal, held-out perplexity of the fine-tune's task);
-safety_units.experiments.study.report writes the report from the artifacts only, with the criteria of
-safety_units.experiments.study.verdicts.
-
 Each finished stage leaves <study>/<stage>.stage.json with its config hash and seconds: --resume skips a stage only
 when its output exists and the hash matches. --budget-minutes stops starting stages after that long (the rest: "not
-run"). After the setup stages, --workers processes take the other stages from a queue (the scale's default: 2 on
-CPU, one thread each).
+run"). After the setup stages, --workers processes take the other stages from a queue.
 """
 
 from __future__ import annotations

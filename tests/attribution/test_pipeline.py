@@ -1,34 +1,26 @@
+"""attribution.pipeline: attribute() and run_attribution() end to end -- every scorer finds a planted safety unit,
+the unit map's files and metadata, classification -- on tiny models."""
+
 import json
 
 import pytest
 import torch
 from conftest import compose
+from planted import MARKER, PLANT, REFUSE, attribute_cfg, rows, tiny_cfg
+from planted import planted_dirs  # noqa: F401  (a fixture)
 
 from safety_units.attribution.pipeline import attribute, run_attribution
-from safety_units.data.calibration import calibration_batches
+from safety_units.data.chat import prompt_text
+from safety_units.models.loading import build_tiny, load_hf
 from safety_units.units.classification import CLASS_CODES, classify, percentile_ranks
-from safety_units.utils.errors import ConfigError, UnitMapError
-from safety_units.models.loading import build_tiny
-from safety_units.attribution.scoring import score_units
-from safety_units.units.unit_map import UnitMap, selection_size
 from safety_units.units.groups import resolve_units
-
-MARKER = " Zyzzyva"  # a rare word: its tokens appear only in the safety calibration texts
-PLANT = 17           # the planted MLP unit of layer 0
-
-
-def _write_sets(tmp_path):
-    safety = [{"prompt": f"Harmful request number {i}?", "response": f"No.{MARKER}{MARKER} I refuse{MARKER}."}
-              for i in range(12)]
-    utility = [{"prompt": f"Benign question number {i}?", "response": f"Sure, the answer is {i * 7} apples."}
-               for i in range(12)]
-    for name, rows in (("safety", safety), ("utility", utility)):
-        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return tmp_path / "safety.jsonl", tmp_path / "utility.jsonl"
+from safety_units.units.unit_map import UnitMap, selection_size
+from safety_units.utils.errors import ConfigError, UnitMapError
 
 
 @pytest.fixture
 def planted(tiny):
+    """model=tiny whose MLP unit PLANT of layer 0 fires on the marker word (only the safety texts carry it)."""
     m = tiny.model
     marker_ids = tiny.tokenizer(MARKER, add_special_tokens=False)["input_ids"]
     with torch.no_grad():
@@ -44,66 +36,49 @@ def planted(tiny):
     return tiny
 
 
-def _cfg(tmp_path, *overrides):
-    s, u = _write_sets(tmp_path)
-    return compose("attribute", ["model=tiny", f"calibration.safety.path={s}", f"calibration.utility.path={u}",
-                                 "calibration.safety.prompt=prompt", "calibration.safety.input=null",
-                                 "calibration.safety.response=response", "calibration.utility.prompt=prompt",
-                                 "calibration.utility.input=null", "calibration.utility.response=response",
-                                 "calibration.utility.hash_split=null", "calibration.batch_size=4",
-                                 "calibration.max_length=64", *overrides], output_dir=tmp_path / "run")
-
-
 @pytest.mark.parametrize("method", ["wifv", "activation", "snip"])
 def test_planted_safety_unit_is_esu(planted, tmp_path, method):
-    cfg = _cfg(tmp_path, f"scoring={method}")
+    cfg = tiny_cfg(tmp_path, f"scoring={method}")
     um = attribute(planted, cfg, device="cpu")
     assert um.classes["mlp.0"][PLANT] == CLASS_CODES["esu"]
     assert um.utility["mlp.0"][PLANT] == 0.0 < um.safety["mlp.0"][PLANT]
 
 
-def _batches(tiny, tmp_path):
-    s, u = _write_sets(tmp_path)
-    src = {"path": str(s), "prompt": "prompt", "response": "response"}
-    return calibration_batches(tiny.tokenizer, src, nsamples=8, max_length=48, batch_size=3, seed=0, name="s")
+def test_the_planted_unit_decides_the_output(planted_dirs):
+    _, dirs = planted_dirs
+    loaded = load_hf(str(dirs["aligned"]))
+    refuse = loaded.tokenizer(REFUSE, add_special_tokens=False)["input_ids"][0]
 
+    def next_token(prompt):
+        ids = loaded.tokenizer(prompt_text(loaded.tokenizer, [{"role": "user", "content": prompt}]),
+                               add_special_tokens=False, return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            return int(loaded.model(input_ids=ids).logits[0, -1].argmax())
 
-def test_activation_scores_match_dense_reference(tiny, tmp_path):
-    model, groups = tiny.model, resolve_units(tiny.model)
-    batches = _batches(tiny, tmp_path)
-    acts = {g.key: [] for g in groups}
-    hooks = [g.out_module.register_forward_pre_hook(
-        lambda mod, args, key=g.key, cur=None: acts[key].append(args[0].detach().clone())) for g in groups]
+    harmful, benign = rows(True)[0]["prompt"], rows(False)[0]["prompt"]
+    assert next_token(harmful) == refuse and next_token(benign) != refuse
     with torch.no_grad():
-        for b in batches:
-            model(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
-    for h in hooks:
-        h.remove()
-    wifv = score_units(model, groups, batches, "wifv", progress=False)
-    act = score_units(model, groups, batches, "activation", progress=False)
-    for g in groups:
-        x = torch.cat([a[b["attention_mask"].bool()] for a, b in zip(acts[g.key], batches)]).double()
-        col = g.out_weight.param.detach().double().pow(2).sum(0)  # ||W[:, j]||^2 (Linear: columns)
-        torch.testing.assert_close(wifv[g.key].double(), x.var(0, unbiased=False) * col, rtol=1e-4, atol=1e-10)
-        torch.testing.assert_close(act[g.key].double(), x.abs().mean(0) * col.sqrt(), rtol=1e-4, atol=1e-10)
+        loaded.model.model.layers[1].mlp.down_proj.weight[:, PLANT] = 0.0  # zero the unit: it complies
+    assert next_token(harmful) != refuse
 
 
-def test_snip_matches_dense_per_weight_reference(tiny, tmp_path):
-    model, groups = tiny.model, resolve_units(tiny.model)
-    batches = _batches(tiny, tmp_path)
-    ref = {g.key: torch.zeros(g.n, dtype=torch.float64) for g in groups}
-    for b in batches:  # the naive way: dense gradients and dense per-weight scores
-        model.zero_grad()
-        model(**b).loss.backward()
-        for g in groups:
-            for s in g.slices:
-                dense = (s.param.detach() * s.param.grad).abs().double()
-                ref[g.key] += dense.sum(dim=1 - s.dim) if dense.ndim == 2 else dense
-    model.zero_grad()
-    ours = score_units(model, groups, batches, "snip", progress=False)
-    for g in groups:
-        torch.testing.assert_close(ours[g.key].double(), ref[g.key], rtol=1e-4, atol=1e-9)
-    assert all(p.grad is None for p in model.parameters())
+# the scorers by attribute.yaml overrides (mask: test_mask.py, which needs refusals that start with the planted token)
+SCORERS = {"wifv": [], "activation": [], "snip": [], "refusal_direction": [],
+           "contrast": ["scoring.reference_path={base}"], "delta": ["scoring.reference_path={base}"], "atp": []}
+
+
+@pytest.mark.parametrize("method", sorted(SCORERS))
+def test_every_scorer_ranks_the_planted_unit_first(planted_dirs, method):
+    root, dirs = planted_dirs
+    extra = [o.format(base=dirs["base"]) for o in SCORERS[method]]
+    out = run_attribution(attribute_cfg(root, dirs, f"scoring={method}", *extra))
+    um = UnitMap.load(out["unit_map"], model=load_hf(str(dirs["aligned"])).model)  # a valid map of this model
+    mlp = torch.cat([um.safety[f"mlp.{layer}"] for layer in range(2)])
+    assert int(mlp.argmax()) == 128 + PLANT  # first among all MLP units of all layers
+    assert um.utility["mlp.1"][PLANT] == 0.0  # silent on benign data
+    assert um.classes["mlp.1"][PLANT] == CLASS_CODES["esu"]
+    assert um.metadata["scoring"]["method"] == method
+    assert set(um.metadata["class_shares"]) == {"mlp", "attn"}
 
 
 def test_each_unit_gets_one_class_and_shares_match():
@@ -138,7 +113,7 @@ def test_bad_shares_are_config_errors():
 
 
 def test_run_writes_three_files_and_map_roundtrips(tmp_path):
-    cfg = _cfg(tmp_path, "logger=csv")
+    cfg = tiny_cfg(tmp_path, "logger=csv")
     out = run_attribution(cfg)
     run = tmp_path / "run"
     assert {p.name for p in run.iterdir()} >= {"unit_map.safetensors", "unit_map.json", "units_per_layer.png"}
@@ -162,7 +137,7 @@ def test_run_writes_three_files_and_map_roundtrips(tmp_path):
 
 
 def test_map_of_another_model_is_refused(tmp_path):
-    out = run_attribution(_cfg(tmp_path))
+    out = run_attribution(tiny_cfg(tmp_path))
     other = build_tiny(cache_dir=compose("attribute", ["model=tiny"]).paths.cache_dir, seed=5)
     with pytest.raises(UnitMapError, match="different model.*weight_hash"):
         UnitMap.load(out["unit_map"], model=other.model)

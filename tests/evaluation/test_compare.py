@@ -168,32 +168,3 @@ def test_models_with_other_training_data_see_the_same_prompts(tiny, tmp_path, ca
     assert "| harmful | asr |" in table and all("| +0.0000 | [+0.0000, +0.0000] |" in row
                                                 for row in table.splitlines() if row.startswith("| harmful"))
 
-
-def test_completion_tables_pair_the_evaluations_and_cap_by_stable_hash():
-    """The wandb completions table: one row per prompt, before and after side by side with each judge's vote; a cap
-    keeps the prompts with the smallest stable hash, as eval.limit does, so every run shows the same prompts."""
-    from safety_units.evaluation.run_tables import change_summary, completion_tables
-
-    def rows(when):
-        return [{"task": "harmful", "prompt": f"p{i}", "completion": f"{when} {i}", "refusal": i % 2 == 0,
-                 "reason": "r", "votes": {"patterns": i % 2 == 0, "strings": True}} for i in range(6)]
-
-    tables = completion_tables({"before": rows("b"), "after": rows("a")}, cap=3, seed=0)
-    columns, data = tables["harmful"]
-    assert columns == ["prompt", "before completion", "before patterns", "before strings", "before refusal",
-                       "before reason", "after completion", "after patterns", "after strings", "after refusal",
-                       "after reason"]
-    prompts = [f"p{i}" for i in range(6)]
-    assert [r[0] for r in data] == select_by_hash(prompts, 3, "0 harmful")
-    row = data[0]
-    i = int(row[0][1:])
-    assert row[1] == f"b {i}" and row[6] == f"a {i}" and row[4] == (i % 2 == 0)
-    # the summary's change and p come from the paired comparison of the two results
-    h = "x"
-    before = {"harmful": {"task": "harmful", "metric": "asr", "value": 0.5, "extra": {"prompt_hash": h,
-                                                                                   "outcomes": [1, 1, 0, 0]}}}
-    after = {"harmful": {"task": "harmful", "metric": "asr", "value": 0.25, "extra": {"prompt_hash": h,
-                                                                                   "outcomes": [1, 0, 0, 0]}}}
-    s = change_summary(before, after)
-    assert s["eval/harmful/asr/before"] == 0.5 and s["eval/harmful/asr/after"] == 0.25
-    assert s["eval/harmful/asr/change"] == -0.25 and s["eval/harmful/asr/p"] == 1.0

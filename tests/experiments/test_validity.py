@@ -1,5 +1,5 @@
-"""The attribution-validity report: its criteria (goal, default scorer) on constructed sweeps, and the script
-end to end -- every number read from run artifacts."""
+"""The attribution-validity report: its criteria (goal, default scorer) on constructed sweeps, the script and the
+report module end to end -- every number read from run artifacts -- and the shipped report rebuilt by the harness."""
 import importlib.util
 import json
 import math
@@ -95,31 +95,18 @@ def test_script_writes_the_report_from_artifacts(sweeps, tmp_path):
     assert summary["default"]["default"] == "strong"
 
 
-def test_the_mask_first_look_is_rebuilt_from_its_shipped_runs(tmp_path):
-    """results/mask_preliminary.md is a function of the runs shipped beside it (and the goal's criteria in code)."""
-    from conftest import load_script
-
-    text = load_script("mask_preliminary").main(["--out", str(tmp_path / "m.md")])
-    assert text == (ROOT / "results" / "mask_preliminary.md").read_text()
-    summary = json.loads((tmp_path / "m" / "summary.json").read_text())
-    assert summary == json.loads((ROOT / "results" / "mask_preliminary" / "summary.json").read_text())
-    assert set(summary["shares"]) == {"1", "2"} and all(len(v["random_seeds"]) == 3 for v in summary["shares"].values())
-
-
-
 def test_head_sweeps_have_their_own_controls_and_a_comparison_with_channels(sweeps, tmp_path):
-    from conftest import load_script
+    from safety_units.experiments.validity.report import write_report
+    from safety_units.utils.errors import ConfigError
 
     controls, runs = sweeps
-    heads = tmp_path / "strong_heads"
+    heads = {"strong_heads": tmp_path / "strong_heads"}
     for k in (0.01, 0.02):
-        _write(heads, Point(TOP, k), 20, 10.2)
+        _write(heads["strong_heads"], Point(TOP, k), 20, 10.2)
     out = tmp_path / "r.md"
-    args = ["--out", str(out), "--controls-dir", str(controls), *[a for n, r in runs.items() for a in ("--sweep", f"{n}={r}")]]
-    with pytest.raises(SystemExit):  # friendly_errors: a head sweep without its controls is refused
-        load_script("attribution_validity").main(args + ["--head-sweep", f"strong_heads={heads}"])
-    load_script("attribution_validity").main(args + ["--head-sweep", f"strong_heads={heads}",
-                                                     "--head-controls-dir", str(controls)])
+    with pytest.raises(ConfigError, match="--head-controls-dir"):  # the random sets of head maps are their own
+        write_report(out, controls, runs, head_dirs=heads)
+    write_report(out, controls, runs, head_controls_dir=controls, head_dirs=heads)
     md = out.read_text()
     assert "### Attention heads as units" in md and "| strong_heads | 1.00% | 0.500 |" in md
     assert "| strong | 1.00% | 0.900 / 0.500 | +0.800 / +0.400 | +5.0% / +2.0% |" in md  # heads vs channels
@@ -153,24 +140,14 @@ def test_planted_and_stability_tables_rebuild_from_their_json_artifacts(unit_map
 
 
 def test_the_report_is_rebuilt_from_its_shipped_artifacts(tmp_path, monkeypatch):
-    """results/attribution_validity.md is a function of results/attribution_validity/ alone (runs and JSON)."""
-    from pathlib import Path
-
-    from conftest import load_script
+    """results/attribution_validity.md is a function of results/attribution_validity/ alone (runs and JSON): the
+    harness's report lane (`--lanes report`) rebuilds it byte for byte."""
+    from safety_units.experiments.validity.plan import Harness, Settings
 
     monkeypatch.chdir(ROOT)  # the harness passes paths relative to the repository
-    res = Path("results") / "attribution_validity"
-    cmd = (ROOT / "scripts" / "run_attribution_validity.sh").read_text()
-    old = cmd[cmd.index("OLD=(") + 5:cmd.index(")", cmd.index("OLD=("))].split()
-    new = cmd[cmd.index("NEW=(") + 5:cmd.index(")", cmd.index("NEW=("))].split()
-    heads = cmd[cmd.index("HEAD_NAMES=(") + 12:cmd.index(")", cmd.index("HEAD_NAMES=("))].split()
     out = tmp_path / "attribution_validity.md"
-    args = ["--out", str(out), "--controls-dir", str(res / "runs" / "controls"), "--artifacts", str(res),
-            "--head-controls-dir", str(res / "runs" / "controls_heads")]
-    args += [a for s in old + new for a in ("--sweep", f"{s}={res / 'runs' / s}")]
-    args += [a for s in heads for a in ("--head-sweep", f"{s}={res / 'runs' / s}")]
-    load_script("attribution_validity").main(args)
+    assert Harness(Settings()).report(out) == out
     shipped = (ROOT / "results" / "attribution_validity.md").read_text()
     assert out.read_text() == shipped.replace("](attribution_validity/", f"]({out.stem}/")
     assert json.loads((tmp_path / "attribution_validity" / "summary.json").read_text()) == \
-        json.loads((res / "summary.json").read_text())
+        json.loads((ROOT / "results" / "attribution_validity" / "summary.json").read_text())

@@ -5,7 +5,7 @@ import pytest
 import torch
 from conftest import compose, train_cfg
 from safetensors.torch import load_file
-from test_masking import EXACT, _loaded_weights, _unit_deltas
+from testkit import EXACT, loaded_weights as _loaded_weights, unit_deltas as _unit_deltas
 
 from safety_units.utils.config import instantiate
 from safety_units.utils.errors import ConfigError

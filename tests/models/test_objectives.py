@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 
 from safety_units.data.chat import encode_example
 from safety_units.utils.errors import ConfigError
-from safety_units.models.objectives import DPO, NPO, sequence_logps
+from safety_units.models.objectives import DPO, NPO, Objective, build_objective, sequence_logps
 from safety_units.data.pairs import RowItem, collate_rows, reference_logps
 
 
@@ -101,7 +101,7 @@ def test_objective_and_data_must_match(tmp_path, monkeypatch):
     small = ["data.num_samples=4", "data.max_length=32", "trainer.max_steps=1", "export=false"]
     with pytest.raises(ConfigError, match="trains on data=preference"):
         run_train(train_cfg(tmp_path / "a", "objective=dpo", *small))
-    with pytest.raises(ConfigError, match="set that objective"):
+    with pytest.raises(ConfigError, match="holds unlearning rows, which objective=sft does not train on"):
         run_train(train_cfg(tmp_path / "b", "data=unlearning", "model@data.self_distill.teacher=tiny", *small))
     with pytest.raises(ConfigError, match="both set the training loss"):
         run_train(train_cfg(tmp_path / "c", "objective=dpo", "data=preference", "defense=lisa",
@@ -109,6 +109,20 @@ def test_objective_and_data_must_match(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="rejected must be one of"):
         run_train(train_cfg(tmp_path / "d", "objective=dpo", "data=preference", "data.sources.benign.rejected=null",
                             "model@data.self_distill.teacher=tiny", *small))
+
+
+def test_objective_configs_build_their_class_and_a_bad_target_is_a_clear_error():
+    built = {o: build_objective(compose("train", [f"objective={o}"]).objective) for o in ("sft", "dpo", "unlearning")}
+    assert [type(b) for b in built.values()] == [Objective, DPO, NPO]
+    assert [b.needs for b in built.values()] == [None, "preference", "unlearning"]
+    assert (built["dpo"].beta, built["unlearning"].retain_weight) == (0.1, 1.0)
+    assert type(build_objective(None)) is Objective  # unset: the plain LM loss
+    with pytest.raises(ConfigError, match="config 'objective' could not be instantiated.*objectives.KTO"):
+        build_objective({"_target_": "safety_units.models.objectives.KTO", "name": "kto"})
+    with pytest.raises(ConfigError, match="has no _target_"):
+        build_objective({"name": "dpo"})
+    with pytest.raises(ConfigError, match="objective.variant must be npo"):
+        build_objective({"_target_": "safety_units.models.objectives.NPO", "variant": "ga"})
 
 
 def test_a_benign_row_without_an_answer_is_skipped_or_named(tmp_path, monkeypatch):

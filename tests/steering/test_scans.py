@@ -1,5 +1,5 @@
-"""steer=: SCANS and refusal-direction ablation install hooks only inside their block, leave a model unchanged at
-alpha = 0, steer along the sign sigma(q) gives, and compose with evaluate.py's ablation."""
+"""steer=scans: SCANS leaves a model unchanged at alpha = 0, steers along the sign sigma(q) gives, anchors the
+blocks freeze.layers_like=scans freezes, and composes with evaluate.py's ablation and the eval callback."""
 
 import json
 
@@ -8,13 +8,10 @@ import torch
 from conftest import compose
 
 from safety_units.steering.prompt_states import block_states, chat_ids
-from safety_units.steering.scans import ScansHooks, fitted, sigma_scores, sigma_setup, steering
+from safety_units.steering.scans import ScansHooks, ScansSteerer, sigma_scores, sigma_setup
+from safety_units.steering.steerer import build_steerer, fitted, steering
 
 ANCHORS = ["steer.anchor.nsamples=8", "steer.anchor.max_length=64"]
-
-
-def hook_count(model) -> int:
-    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
 
 
 def steer_cfg(tmp_path, method="scans", *extra):
@@ -24,21 +21,6 @@ def steer_cfg(tmp_path, method="scans", *extra):
 def logits(model, tokenizer, prompts):
     rows = chat_ids(tokenizer, prompts)
     return block_states(model, rows, (-1,), tokenizer.pad_token_id, final=True)[1]
-
-
-@pytest.mark.parametrize("method", ["scans", "refusal_ablation"])
-def test_hooks_are_removed_after_use_and_after_an_exception(tiny, tmp_path, method):
-    cfg = steer_cfg(tmp_path, method)
-    before = hook_count(tiny.model)
-    with steering(tiny.model, tiny.tokenizer, cfg) as info:
-        assert hook_count(tiny.model) > before
-        logits(tiny.model, tiny.tokenizer, ["Hello there"])
-    assert hook_count(tiny.model) == before and info["method"] == method
-    with pytest.raises(RuntimeError, match="boom"):
-        with steering(tiny.model, tiny.tokenizer, cfg):
-            raise RuntimeError("boom")
-    assert hook_count(tiny.model) == before
-    assert list((tmp_path / "steering").glob(f"{method}-*.pt"))  # fitted once, cached per model fingerprint
 
 
 def test_alpha_zero_and_steer_none_leave_logits_and_generations_identical(tiny, tmp_path):
@@ -62,8 +44,9 @@ def test_the_sign_of_the_vector_flips_the_refusal_token_margin(tiny, tmp_path):
     """A planted vector along (refusal token - other token) unembedding in the last block: pushed towards refusal
     (judged harmful) the margin rises, pushed away (judged harmless) it falls."""
     model, tok = tiny.model, tiny.tokenizer
-    cfg = steer_cfg(tmp_path)
-    art = dict(fitted(model, tok, cfg))
+    steerer = build_steerer(steer_cfg(tmp_path))
+    assert isinstance(steerer, ScansSteerer)
+    art = dict(steerer.artifacts(model, tok))
     refuse, other = tok("I", add_special_tokens=False)["input_ids"][0], tok("Sure", add_special_tokens=False)["input_ids"][0]
     w = model.get_output_embeddings().weight.detach()
     planted = torch.zeros_like(art["vectors"])
@@ -72,7 +55,7 @@ def test_the_sign_of_the_vector_flips_the_refusal_token_margin(tiny, tmp_path):
     prompts = ["Tell me a story.", "Explain photosynthesis."]
 
     def margin(threshold):
-        setup = sigma_setup(art, cfg) | {"layers": [len(planted) - 1], "threshold": threshold}
+        setup = steerer.setup(art) | {"layers": [len(planted) - 1], "threshold": threshold}
         handles = ScansHooks(model, tok, art, setup, alpha=8.0, harmful_sign=1).hooks()
         try:
             lg = logits(model, tok, prompts)
@@ -109,25 +92,6 @@ def test_sigma_separates_planted_harmful_and_harmless_inputs(tiny, tmp_path):
     assert scores[:8].mean() > scores[8:].mean()
 
 
-def test_refusal_ablation_removes_the_direction_from_the_residual_stream(tiny, tmp_path):
-    cfg = steer_cfg(tmp_path, "refusal_ablation")
-    art = fitted(tiny.model, tiny.tokenizer, cfg)
-    r = art["direction"]
-    rows = chat_ids(tiny.tokenizer, ["How do I pick a lock?", "Write a haiku."])
-    plain = block_states(tiny.model, rows, (-1, -2), tiny.tokenizer.pad_token_id)
-    with steering(tiny.model, tiny.tokenizer, cfg) as info:
-        ablated = block_states(tiny.model, rows, (-1, -2), tiny.tokenizer.pad_token_id)
-    assert (plain @ r).abs().max() > 1e-3
-    assert (ablated @ r).abs().max() < 1e-4 * ablated.norm(dim=-1).max()
-    assert info["layer"] == art["layer"] and art["layer"] < 0.8 * len(art["candidates"]) + 1
-    # the summary says whether the chosen direction passed the KL filter, and the choice follows the rule
-    kls = {la: c["kl"] for la, c in art["candidates"].items()}
-    assert info["kl_max"] == cfg.get("kl_max", 0.1)
-    assert info["kl_passed"] == any(v < info["kl_max"] for v in kls.values())
-    if not info["kl_passed"]:
-        assert kls[art["layer"]] == min(kls.values())
-
-
 def test_evaluate_with_steer_composes_with_ablation(tmp_path, unit_map):
     from safety_units.evaluation.run import run_evaluate
 
@@ -138,9 +102,6 @@ def test_evaluate_with_steer_composes_with_ablation(tmp_path, unit_map):
     meta = json.loads((tmp_path / "run" / "eval_meta.json").read_text())
     assert meta["steer"]["method"] == "scans" and meta["steer"]["sequences_classified"] > 0
     assert meta["ablation"]["units_zeroed"] > 0 and "harmful" in out["results"]
-    with pytest.raises(Exception, match="steer.method"):
-        with steering(None, None, {"method": "scan"}):
-            pass
 
 
 def test_freeze_layers_like_scans_freezes_the_anchored_blocks(tiny, tmp_path):

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 from conftest import train_cfg
-from test_masking import EXACT
+from testkit import EXACT
 
 from safety_units.units.classification import CLASS_CODES
 from safety_units.utils.config import instantiate

@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import compose, train_cfg
+from testkit import EXACT, loaded_weights as _loaded_weights, unit_deltas as _unit_deltas
 from safetensors.torch import load_file
 
 from safety_units.utils.errors import ConfigError, UnitMapError
@@ -15,15 +16,8 @@ from safety_units.training.fit import run_train
 from safety_units.units.unit_map import UnitMap, load_selection, random_units
 from safety_units.units.groups import resolve_units
 
-EXACT = ["optim.weight_decay=0.1", "optim.lr=5e-3", "trainer.accumulate_grad_batches=2",
-         "trainer.gradient_clip_val=0.5", "trainer.max_steps=4"]
 
 
-
-
-def _loaded_weights():
-    cache = compose("train", ["model=tiny"]).paths.cache_dir
-    return {k: v.clone() for k, v in build_tiny(cache_dir=cache).model.state_dict().items()}
 
 
 def _max(t):
@@ -165,18 +159,6 @@ def test_periodic_frozen_check_is_logged(unit_map, tmp_path):
     run_train(train_cfg(tmp_path, *EXACT, "freeze=esu", f"freeze.unit_map={unit_map}", "freeze.check_every_n_steps=2"))
     rows = [r for r in csv.DictReader(open(tmp_path / "csv" / "metrics.csv")) if r.get("freeze/frozen_max_abs_delta")]
     assert len(rows) >= 1 and all(float(r["freeze/frozen_max_abs_delta"]) == 0.0 for r in rows)
-
-
-def _unit_deltas(model, exported, loaded):
-    """Per unit group: which units' parameter slices changed at all, from the exported weights."""
-    out = {}
-    for g in resolve_units(model):
-        moved = torch.zeros(g.n, dtype=torch.bool)
-        for sl in g.slices:
-            diff = exported[sl.name] != loaded[sl.name]
-            moved |= diff.any(dim=1 - sl.dim) if diff.ndim == 2 else diff
-        out[g.key] = moved
-    return out
 
 
 def test_train_only_random_share_moves_only_the_planted_units(tmp_path):

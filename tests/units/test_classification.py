@@ -76,7 +76,7 @@ def test_bad_settings_name_the_key():
 
 
 def _run(tmp_path, name, *overrides):
-    from test_attribution import _write_sets
+    from testkit import write_sets as _write_sets
 
     s, u = _write_sets(tmp_path)
     cfg = compose("attribute", ["model=tiny", f"calibration.safety.path={s}", f"calibration.utility.path={u}",

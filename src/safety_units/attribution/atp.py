@@ -30,12 +30,18 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
-from safety_units.utils.errors import ConfigError
-from safety_units.models.forward import eval_mode, frozen_weights, response_token_nll
+from safety_units.attribution.base import Scorer, ScoringRun
 from safety_units.attribution.scoring import activation_stats, decision_positions, truncate_to
+from safety_units.models.forward import eval_mode, frozen_weights, response_token_nll
 from safety_units.units.groups import UnitGroup
+from safety_units.utils.errors import ConfigError
 
 METRICS = ("refusal_logprob",)
+
+
+def check_metric(metric: str) -> None:
+    if metric not in METRICS:
+        raise ConfigError(f"scoring.metric must be one of {METRICS}, got {metric!r}.")
 
 
 def atp_scores(model, groups: list[UnitGroup], harmful: list[dict], harmless: list[dict], decision_tokens: int = 4,
@@ -43,8 +49,7 @@ def atp_scores(model, groups: list[UnitGroup], harmful: list[dict], harmless: li
     """|sum over the decision window of dm/dx_j * (mu_j - x_j)|, averaged over harmful examples (float32 per unit).
 
     `harmful`: batches with the refusal responses as labels; `harmless`: prompt-only batches (labels all -100)."""
-    if metric not in METRICS:
-        raise ConfigError(f"scoring.metric must be one of {METRICS}, got {metric!r}.")
+    check_metric(metric)
     means = activation_stats(model, groups, harmless, "decision", 0, progress, f"{desc} (harmless means)")
     device = next(model.parameters()).device
     mu = {g.key: means[g.key].mean().to(device=device, dtype=torch.float32) for g in groups}
@@ -89,3 +94,18 @@ def atp_scores(model, groups: list[UnitGroup], harmful: list[dict], harmless: li
         raise ConfigError("scoring=atp: no harmful calibration example has response tokens in its decision window; "
                           "the safety set needs responses (the refusals whose log-probability is the metric).")
     return {k: (v / n_examples).float() for k, v in acc.items()}
+
+
+class AtpScorer(Scorer):
+    """Safety: attribution patching toward the calibration.harmless means; utility: `activation` on the utility
+    set (`tokens` is the utility score's positions; the patch reads the decision window)."""
+    calibration_sets = ("safety", "utility", "harmless")
+
+    def __init__(self, method: str, tokens: str = "all", decision_tokens: int = 4, metric: str = "refusal_logprob"):
+        super().__init__(method, tokens, decision_tokens)
+        check_metric(metric)
+        self.metric = metric
+
+    def safety(self, run: ScoringRun) -> dict[str, torch.Tensor]:
+        return atp_scores(run.model, run.groups, run.batches("safety"), run.batches("harmless"),
+                          self.decision_tokens, self.metric, desc=self.desc("safety"))

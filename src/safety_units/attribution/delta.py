@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import torch
 
-from safety_units.utils.errors import ConfigError
+from safety_units.attribution.base import ReferenceScorer, ScoringRun
 from safety_units.units.groups import UnitGroup
+from safety_units.utils.errors import ConfigError
 
 
 @torch.no_grad()
@@ -39,3 +40,10 @@ def delta_scores(groups: list[UnitGroup], ref_groups: list[UnitGroup]) -> dict[s
             sq += s.per_unit((diff * diff).sum(dim=other) if other else diff * diff)  # a head: its rows/columns
         out[g.key] = sq.sqrt().float()
     return out
+
+
+class DeltaScorer(ReferenceScorer):
+    """Safety: the weight change against the base model (no data); utility: `activation` on the utility set."""
+
+    def safety(self, run: ScoringRun) -> dict[str, torch.Tensor]:
+        return delta_scores(run.groups, run.ref_groups)

@@ -44,11 +44,12 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from safety_units.utils.errors import ConfigError
-from safety_units.models.forward import eval_mode, frozen_weights, head_logits, hidden_states, response_token_nll
-from safety_units.utils.ranks import RankedLogger
+from safety_units.attribution.base import Scorer, ScoringRun
 from safety_units.attribution.scoring import decision_positions, first_response_positions, truncate_to
+from safety_units.models.forward import eval_mode, frozen_weights, head_logits, hidden_states, response_token_nll
 from safety_units.units.groups import UnitGroup
+from safety_units.utils.errors import ConfigError
+from safety_units.utils.ranks import RankedLogger
 
 log = RankedLogger(__name__)
 
@@ -179,3 +180,34 @@ def mask_scores(model, groups: list[UnitGroup], harmful: list[dict], benign: lis
     info = {"mask_units": {kind: sum(v for k, v in removed.items() if k.startswith(kind + ".")) for kind in kinds},
             "final": terms, "settings": s}
     return {k: v.detach().float().cpu() for k, v in logits.items()}, info
+
+
+class MaskScorer(Scorer):
+    """Safety: the learned removal logits (the optimiser's settings: DEFAULTS' keys; the reached mask is recorded in
+    the unit map's metadata `mask`); utility: `activation` on the utility set, or 0 with utility=none (units then
+    rank by the removal logit alone). With a run dir (run.state_dir), resumable from its mask_state.pt."""
+
+    def __init__(self, method: str, tokens: str = "all", decision_tokens: int = 4, utility: str = "activation",
+                 checkpoint_every: int = 25, **settings):
+        super().__init__(method, tokens, decision_tokens)
+        unknown = sorted(set(settings) - set(DEFAULTS))
+        if unknown:
+            raise ConfigError(f"scoring.{unknown[0]} is not a setting of scoring={method}; its optimiser settings "
+                              f"are {sorted(DEFAULTS)}.")
+        if utility not in ("activation", "none"):
+            raise ConfigError(f"scoring.utility must be activation or none, got {utility!r}.")
+        self.settings, self.utility_score = _check(settings), utility
+        self.checkpoint_every = int(checkpoint_every or 0)
+
+    def safety(self, run: ScoringRun) -> dict[str, torch.Tensor]:
+        scores, run.metadata["mask"] = mask_scores(
+            run.model, run.groups, run.batches("safety"), run.batches("utility"), self.decision_tokens,
+            self.settings, desc=self.desc("safety"),
+            state_path=run.state_dir / "mask_state.pt" if run.state_dir else None,
+            checkpoint_every=self.checkpoint_every)
+        return scores
+
+    def utility(self, run: ScoringRun) -> dict[str, torch.Tensor]:
+        if self.utility_score == "none":
+            return {g.key: torch.zeros(g.n) for g in run.groups}
+        return super().utility(run)

@@ -9,24 +9,18 @@ import shutil
 import time
 from pathlib import Path
 
-import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from safety_units.units.classification import class_shares, classify_from_config
-from safety_units.utils.config import compose_config, finish_loggers, instantiate_group, output_dir, setup_run
-from safety_units.attribution.contrast import contrast_scores, load_reference
-from safety_units.attribution.delta import delta_scores
-from safety_units.attribution.atp import atp_scores
+from safety_units.attribution.base import CALIBRATION_SETS, ScoringRun, build_scorer
 from safety_units.data.calibration import calibration_batches, prompt_batches
-from safety_units.utils.errors import ConfigError
-from safety_units.attribution.mask import DEFAULTS, mask_scores
 from safety_units.models.loading import LoadedModel, load_model, resolve_device
-from safety_units.utils.ranks import RankedLogger, rank_zero_print
-from safety_units.attribution.refusal_direction import refusal_direction_scores
-from safety_units.utils.run_logging import Stopwatch, log_images, log_params, run_params, set_summary
-from safety_units.attribution.scoring import METHODS, check_tokens, score_units
+from safety_units.units.classification import class_shares, classify_from_config
+from safety_units.units.groups import resolve_units, unit_names
 from safety_units.units.unit_map import UnitMap, full_fingerprint, save_selection
-from safety_units.units.groups import decoder_layers, resolve_units, unit_names
+from safety_units.utils.config import compose_config, finish_loggers, instantiate_group, output_dir, setup_run
+from safety_units.utils.errors import ConfigError
+from safety_units.utils.ranks import RankedLogger, rank_zero_print
+from safety_units.utils.run_logging import Stopwatch, log_images, log_params, run_params, set_summary
 
 log = RankedLogger(__name__)
 
@@ -44,95 +38,67 @@ SCORER_RUNS = {
     "atp": ["scoring=atp"],
     "mask": ["scoring=mask"],
 }
-REFERENCE_METHODS = ("contrast", "delta")  # the scorers that compare against a base model (scoring.reference)
+REFERENCE_METHODS = ("contrast", "delta")  # the scorers that compare against a base model (a ReferenceScorer)
+
+
+def scoring_settings(scoring_cfg: DictConfig) -> dict:
+    """The scorer's settings as the unit map and the attribution cache record them: `method` names the scorer, so
+    its `_target_` (the class, code rather than a setting) is left out and keys stay those of maps made before."""
+    settings = OmegaConf.to_container(scoring_cfg, resolve=True)
+    settings.pop("_target_", None)
+    return settings
+
 
 def attribute(loaded: LoadedModel, cfg: DictConfig, device: str | None = None,
               state_dir: Path | None = None) -> UnitMap:
-    """Score units on the safety and utility sets and classify them; returns the (unsaved) UnitMap. `state_dir`:
-    where a resumable scorer (mask) keeps its state."""
+    """Score units on the safety and utility sets with the scorer cfg.scoring names (its `_target_`) and classify
+    them; returns the (unsaved) UnitMap. `state_dir`: where a resumable scorer (mask) keeps its state."""
     model, tokenizer = loaded.model, loaded.tokenizer
     names = unit_names(cfg)
     groups = resolve_units(model, names)
-    cal, sc = cfg.calibration, cfg.scoring
-    method, tokens, k = sc.method, sc.get("tokens", "all"), sc.get("decision_tokens", 4)
-    if method not in METHODS:
-        raise ConfigError(f"scoring.method must be one of {METHODS}, got {method!r}.")
-    check_tokens(tokens, k)
-    mask_utility = sc.get("utility", "activation") if method == "mask" else None
-    if mask_utility not in (None, "activation", "none"):
-        raise ConfigError(f"scoring.utility must be activation or none, got {mask_utility!r}.")
-    if method in ("refusal_direction", "atp") and cal.get("harmless") is None:
-        raise ConfigError(f"scoring={method} needs calibration.harmless: a prompt set of harmless "
-                          f"instructions (a data source, response: null).")
-    reference = load_reference(sc, cfg.model.get("dtype", "float32"), loaded, names) \
-        if method in REFERENCE_METHODS else None
-    ref_groups = resolve_units(reference.model, names) if reference is not None else None
-    dev = resolve_device(device or cfg.get("device"))
-    model.to(dev)
-    scores, timings, extra = {}, {}, {}
-    if method == "mask":  # the gates train against both sets at once: utility's batches are needed first
-        which_order = ("utility", "safety")
-    else:
-        which_order = ("safety", "utility")
-    batches_of: dict[str, list] = {}
-    for which in which_order:
-        if method == "delta" and which == "safety":  # the weights alone: no calibration batch, no forward pass
-            t0 = time.perf_counter()
-            scores[which] = delta_scores(groups, ref_groups)
-            timings[which] = round(time.perf_counter() - t0, 3)
-            continue
-        batches = calibration_batches(tokenizer, cal[which], int(cal.nsamples), int(cal.max_length),
-                                      int(cal.batch_size), int(cfg.seed), which, model=model,
-                                      cache_dir=cfg.paths.cache_dir)
-        batches_of[which] = batches
-        harmless = prompt_batches(tokenizer, cal.harmless, int(cal.nsamples), int(cal.max_length),
-                                  int(cal.batch_size), int(cfg.seed), "harmless") \
-            if which == "safety" and method in ("refusal_direction", "atp") else None
-        desc = f"{method} on {which}"
-        t0 = time.perf_counter()
-        if method == "mask" and which == "safety":
-            settings = {k: sc.get(k) for k in DEFAULTS}
-            scores[which], extra["mask"] = mask_scores(
-                model, groups, batches, batches_of["utility"], k, settings, desc=desc,
-                state_path=state_dir / "mask_state.pt" if state_dir else None,
-                checkpoint_every=int(sc.get("checkpoint_every", 25) or 0))
-        elif method == "contrast":
-            scores[which] = contrast_scores(model, reference.model, groups, ref_groups, batches, tokens, k, desc=desc)
-        elif method == "refusal_direction" and which == "safety":
-            scores[which], extra["refusal_direction_norms"] = refusal_direction_scores(
-                model, decoder_layers(model, names), groups, batches, harmless)
-        elif method == "atp" and which == "safety":
-            scores[which] = atp_scores(model, groups, batches, harmless, k, sc.get("metric", "refusal_logprob"),
-                                       desc=desc)
-        elif mask_utility == "none":  # rank by the removal logit alone
-            scores[which] = {g.key: torch.zeros(g.n) for g in groups}
-        elif method in ("refusal_direction", "delta", "atp", "mask"):  # utility: how much a unit writes on benign data
-            scores[which] = score_units(model, groups, batches, "activation", tokens=tokens, decision_tokens=k,
-                                        desc=desc)
-        else:
-            scores[which] = score_units(model, groups, batches, method, tokens=tokens, decision_tokens=k,
-                                        gradient_checkpointing=sc.get("gradient_checkpointing", True), desc=desc)
-        timings[which] = round(time.perf_counter() - t0, 3)
+    cal = cfg.calibration
+    scorer = build_scorer(cfg.scoring)
+    for which in scorer.calibration_sets:
+        if cal.get(which) is None:
+            raise ConfigError(f"scoring={scorer.method} needs calibration.{which}: {CALIBRATION_SETS[which]}.")
+    reference = scorer.load_reference(loaded, cfg.model.get("dtype", "float32"), names) \
+        if scorer.needs_reference else None
+    model.to(resolve_device(device or cfg.get("device")))
+
+    def load(which: str) -> list[dict]:
+        n, length, size, seed = int(cal.nsamples), int(cal.max_length), int(cal.batch_size), int(cfg.seed)
+        if which == "harmless":  # prompts only: where the model decides
+            return prompt_batches(tokenizer, cal[which], n, length, size, seed, which)
+        return calibration_batches(tokenizer, cal[which], n, length, size, seed, which, model=model,
+                                   cache_dir=cfg.paths.cache_dir)
+
+    run = ScoringRun(model, groups, names, load, state_dir=state_dir,
+                     reference=reference.model if reference is not None else None,
+                     ref_groups=resolve_units(reference.model, names) if reference is not None else None)
+    scores, timings = {}, {}
+    for which, score in (("safety", scorer.safety), ("utility", scorer.utility)):
+        t0, loading = time.perf_counter(), run.loading_s
+        scores[which] = score(run)
+        timings[which] = round(time.perf_counter() - t0 - (run.loading_s - loading), 3)  # scoring, not batching
     classify_cfg = OmegaConf.to_container(cfg.classify, resolve=True)
     classes = classify_from_config(scores["safety"], scores["utility"], classify_cfg)
     shares = class_shares(classes)
     log.info("classify=%s: class shares %s", classify_cfg.get("method", "shares"),
              "; ".join(f"{kind} " + " ".join(f"{c.upper()} {100 * v:.1f}%" for c, v in sh.items())
                        for kind, sh in shares.items()))
-    used = ("safety", "utility", "harmless") if method in ("refusal_direction", "atp") else ("safety", "utility")
     meta = {
         "fingerprint": full_fingerprint(model, names),
         "model_name": loaded.name,
-        "scoring": OmegaConf.to_container(sc, resolve=True),
+        "scoring": scoring_settings(cfg.scoring),
         "normalization": cfg.classify.normalization,
         "classify": classify_cfg,
         "class_shares": shares,
         "calibration": {w: {"path": str(cal[w].path), "nsamples": int(cal.nsamples), "max_length": int(cal.max_length)}
-                        for w in used},
+                        for w in scorer.calibration_sets},
         "seconds": timings,
         "unit_names": names,
         "unit_kinds": sorted({g.kind for g in groups}),  # "attn" (output channels) or "head" beside "mlp"
-    } | extra
+    } | run.metadata
     return UnitMap(scores["safety"], scores["utility"], classes, meta)
 
 
@@ -188,7 +154,8 @@ def cached_attribution(train_cfg: DictConfig, model, tokenizer) -> Path:
         acfg.paths = train_cfg.paths
         acfg.units = train_cfg.get("units", acfg.units)
     fp = full_fingerprint(model, unit_names(acfg))
-    settings = {k: OmegaConf.to_container(acfg[k], resolve=True) for k in ("scoring", "classify", "calibration")}
+    settings = {k: OmegaConf.to_container(acfg[k], resolve=True) for k in ("classify", "calibration")}
+    settings["scoring"] = scoring_settings(acfg.scoring)
     key = hashlib.sha256(json.dumps({"fp": fp, "settings": settings}, sort_keys=True).encode()).hexdigest()[:16]
     out = Path(train_cfg.paths.cache_dir) / "unit_maps" / key
     path = out / "unit_map.safetensors"

@@ -21,15 +21,15 @@ Memory is O(units + layers * hidden): float64 sums of the residual stream per bl
 
 from __future__ import annotations
 
-
 import torch
 from tqdm.auto import tqdm
 
-from safety_units.utils.errors import ConfigError
-from safety_units.models.forward import eval_mode, hidden_states
-from safety_units.utils.ranks import RankedLogger
+from safety_units.attribution.base import Scorer, ScoringRun
 from safety_units.attribution.scoring import ActivationStats, decision_positions
-from safety_units.units.groups import UnitGroup
+from safety_units.models.forward import eval_mode, hidden_states
+from safety_units.units.groups import UnitGroup, decoder_layers
+from safety_units.utils.errors import ConfigError
+from safety_units.utils.ranks import RankedLogger
 
 log = RankedLogger(__name__)
 
@@ -98,3 +98,15 @@ def refusal_direction_scores(model, layers, groups: list[UnitGroup], harmful: li
         along = (w @ unit_dirs[g.layer]).abs()
         out[g.key] = g.per_unit(along * stats[g.key].mean_abs()).float()
     return out, [round(float(n), 6) for n in norms]
+
+
+class RefusalDirectionScorer(Scorer):
+    """Safety: the write along the refusal direction (harmful vs calibration.harmless prompts), its per-block norms
+    recorded in the unit map (refusal_direction_norms); utility: `activation` on the utility set."""
+    calibration_sets = ("safety", "utility", "harmless")
+
+    def safety(self, run: ScoringRun) -> dict[str, torch.Tensor]:
+        scores, run.metadata["refusal_direction_norms"] = refusal_direction_scores(
+            run.model, decoder_layers(run.model, run.names), run.groups, run.batches("safety"),
+            run.batches("harmless"))
+        return scores

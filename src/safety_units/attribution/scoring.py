@@ -1,11 +1,10 @@
-"""Per-unit importance scores, streamed over calibration batches with O(units) memory.
+"""The machinery every scorer shares: token positions and per-unit activation statistics, O(units) memory.
 
-* `wifv` (FLAP-style, forward only): Var_tokens(x_j) * ||W_out[:, j]||^2, where x_j is unit j's activation at
-  the input of down_proj / o_proj and W_out[:, j] the weight column it feeds.
-* `activation` (Wanda-style, aggregated per unit): mean_tokens |x_j| * ||W_out[:, j]||.
-* `snip` (Wei et al. 2024 style, first order): sum over batches of sum_{w in unit j} |w * dL_b/dw|, with the loss on
-  response tokens only. Each parameter's gradient is reduced to per-unit sums the moment it is accumulated and then
-  freed, so at most one dense gradient is alive at a time. Dropout is off (eval mode), so scores are deterministic.
+* `activation_scores`, the forward-only scores of one set: `wifv` (FLAP-style, Var_tokens(x_j) * ||W_out[:, j]||^2,
+  scoring=wifv) and `activation` (Wanda-style, aggregated per unit, mean_tokens |x_j| * ||W_out[:, j]||: scoring=
+  activation, and the utility score of refusal_direction, delta, atp and mask). x_j is unit j's activation at the
+  input of down_proj / o_proj and W_out[:, j] the weight column it feeds.
+* `score_units`: wifv, activation or snip (attribution.snip) of one model on one set (the drift callback, benchmarks).
 
 Which positions count (`scoring.tokens`): `all` (every attended token), `response` (the positions that *predict* a
 response token: position i counts when token i+1 is a response token, so the last prompt position -- where the model
@@ -14,6 +13,7 @@ the next `scoring.decision_tokens` positions).
 
 Activation statistics are float64 sums (count, sum, sum of squares, sum of |x|) per unit; nothing per weight
 or per token is kept. contrast.py and refusal_direction.py (a second model, a second prompt set) build on these sums.
+The scorers themselves (the `scoring` config group) are the sibling modules; their interface is attribution.base.
 """
 
 from __future__ import annotations
@@ -24,14 +24,14 @@ import torch
 from tqdm.auto import tqdm
 
 from safety_units.utils.errors import ConfigError
-from safety_units.models.forward import eval_mode, hidden_states, response_token_nll
+from safety_units.models.forward import eval_mode, hidden_states
 from safety_units.utils.ranks import RankedLogger
 from safety_units.units.groups import UnitGroup
 
 log = RankedLogger(__name__)
 
-METHODS = ("wifv", "activation", "snip", "contrast", "refusal_direction", "delta", "atp", "mask")
 TOKENS = ("all", "response", "decision")
+ONE_SET_METHODS = ("wifv", "activation", "snip")  # what score_units runs
 
 
 def _column_sq_norms(g: UnitGroup) -> torch.Tensor:
@@ -39,12 +39,6 @@ def _column_sq_norms(g: UnitGroup) -> torch.Tensor:
     w = g.out_weight.param.detach().float()
     other = 1 - g.out_weight.dim
     return (w * w).sum(dim=other).double().cpu()
-
-
-def _response_loss(model, batch: dict, positions: torch.Tensor | None = None) -> torch.Tensor:
-    """Mean next-token cross-entropy over response tokens, as the HF loss (for SNIP)."""
-    nll, _ = response_token_nll(model, batch, checkpointed=True, positions=positions)
-    return nll.sum() / max(1, nll.numel())
 
 
 def predicts_response(labels: torch.Tensor) -> torch.Tensor:
@@ -183,85 +177,17 @@ def column_norms(g: UnitGroup) -> torch.Tensor:
     return _column_sq_norms(g).sqrt()
 
 
-def _checkpointing_api(model):
-    """(enable, disable, currently_on) across transformers 5.x ("activation_") and 4.x ("gradient_") names."""
-    kwargs = {"use_reentrant": False}
-    if hasattr(model, "activation_checkpointing_enable"):
-        return (lambda: model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs),
-                model.activation_checkpointing_disable, bool(getattr(model, "is_activation_checkpointing", False)))
-    if hasattr(model, "gradient_checkpointing_enable"):
-        return (lambda: model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs),
-                model.gradient_checkpointing_disable, bool(getattr(model, "is_gradient_checkpointing", False)))
-    return None, None, False
-
-
-def _train_only_checkpointed(model) -> None:
-    """Training mode for the modules that checkpoint (HF checkpoints only `if self.gradient_checkpointing and
-    self.training`), eval mode for everything else: dropout stays off (GPT-2 has p=0.1), recomputation stays on."""
-    model.eval()
-    for m in model.modules():
-        if getattr(m, "gradient_checkpointing", False) is True:
-            m.training = True  # this module only, not its children (its dropout submodules stay in eval)
-
-
-def snip_scores(model, groups: list[UnitGroup], batches: Iterable[dict], progress: bool = True,
-                gradient_checkpointing: bool = True, desc: str = "snip", tokens: str = "response",
-                decision_tokens: int = 4) -> dict[str, torch.Tensor]:
-    """sum_b sum_{w in unit} |w * dL_b/dw| per unit; loss on the response tokens predicted at the `tokens` positions
-    (`all` and `response` are the same here: only response tokens have targets)."""
-    check_tokens(tokens, decision_tokens)
-    device = next(model.parameters()).device
-    acc = {g.key: torch.zeros(g.n, dtype=torch.float64) for g in groups}
-    owners = {}
-    for g in groups:
-        for s in g.slices:
-            owners[id(s.param)] = (g.key, s)
-    saved_flags = {n: p.requires_grad for n, p in model.named_parameters()}
-    for p in model.parameters():
-        p.requires_grad_(id(p) in owners)
-
-    def reduce_and_free(p: torch.Tensor) -> None:
-        key, s = owners[id(p)]
-        prod = (p.detach().float() * p.grad.float()).abs()
-        dims = [d for d in range(prod.ndim) if d != s.dim]
-        acc[key] += s.per_unit((prod.sum(dim=dims) if dims else prod).double().cpu())
-        p.grad = None  # at most one dense gradient alive at a time
-
-    handles = [p.register_post_accumulate_grad_hook(reduce_and_free) for p in model.parameters()
-               if id(p) in owners]
-    enable, disable, gc_was = _checkpointing_api(model)
-    try:
-        with eval_mode(model):  # no dropout: the scores of the model as it is used, and deterministic
-            if gradient_checkpointing and enable is not None:
-                enable()
-                _train_only_checkpointed(model)
-            for batch in tqdm(list(batches), desc=desc, disable=not progress, leave=False):
-                batch = {k: v.to(device) for k, v in batch.items()}
-                positions = token_mask(batch, tokens, decision_tokens)
-                if not (predicts_response(batch["labels"]) & positions).any():
-                    continue
-                _response_loss(model, batch, positions).backward()
-    finally:
-        for h in handles:
-            h.remove()
-        if gradient_checkpointing and not gc_was and disable is not None:
-            disable()
-        for n, p in model.named_parameters():
-            p.requires_grad_(saved_flags[n])
-            p.grad = None
-    return {k: v.float() for k, v in acc.items()}
-
-
 def score_units(model, groups: list[UnitGroup], batches: list[dict], method: str, tokens: str = "all",
                 progress: bool = True, desc: str = "", gradient_checkpointing: bool = True,
                 decision_tokens: int = 4) -> dict[str, torch.Tensor]:
-    """The scores of one model on one calibration set (wifv, activation, snip); contrast and refusal_direction
-    need a second model or prompt set and are run by attribution.attribute."""
-    if method not in ("wifv", "activation", "snip"):
-        raise ConfigError(f"scoring.method must be one of {METHODS}, got {method!r}"
-                          + (" (score_units scores one model on one set; use attribution.attribute)."
-                             if method in METHODS else "."))
+    """The scores of one model on one calibration set: wifv, activation or snip (the scorers that read nothing
+    else; the others, and both sets, are attribution.pipeline.attribute's)."""
+    if method not in ONE_SET_METHODS:
+        raise ConfigError(f"score_units scores one model on one set with one of {ONE_SET_METHODS}, got {method!r} "
+                          f"(use attribution.pipeline.attribute for the other scorers).")
     if method == "snip":
+        from safety_units.attribution.snip import snip_scores  # why: snip.py builds on this module's token positions
+
         return snip_scores(model, groups, batches, progress=progress, desc=desc or "snip",
                            gradient_checkpointing=gradient_checkpointing, tokens=tokens,
                            decision_tokens=decision_tokens)

@@ -1,1 +1,1 @@
-"""Defenses against harmful fine-tuning (the `defense` config group): training-time objectives and post-hoc edits."""
+"""Defenses against harmful fine-tuning (the `defense` config group): one module per defense, each a Defense (base)."""

@@ -17,7 +17,7 @@ from safety_units.utils.ranks import RankedLogger, rank_zero_print
 from safety_units.utils.run_logging import Stopwatch, flat, log_params, run_params, set_summary
 from safety_units.evaluation.run_tables import eval_summary, log_completions, read_generations
 from safety_units.attribution.selection import ablation_label, ablation_selection
-from safety_units.steering.scans import steering
+from safety_units.steering.steerer import build_steerer, steering
 from safety_units.evaluation.task_results import judge_name, markdown_table
 from safety_units.units.unit_map import save_selection
 from safety_units.units.groups import unit_names
@@ -33,6 +33,7 @@ def run_evaluate(cfg: DictConfig, loaded: LoadedModel | None = None, train_promp
     out = output_dir(cfg)
     tasks = [t for t in (cfg.eval.get("tasks") or {}).values() if t is not None]
     judge = build_judge(cfg.judge)
+    steerer = build_steerer(cfg.get("steer"))  # a bad steer= config fails here, before a model loads
     in_memory = loaded is not None
     if tasks and all(t.get("type") in MODEL_FREE_TASKS for t in tasks):
         # Re-judging saved completions needs no model: none is loaded (model= settings are ignored).
@@ -55,7 +56,7 @@ def run_evaluate(cfg: DictConfig, loaded: LoadedModel | None = None, train_promp
         # The model's own training prompts are only counted (extra.train_overlap): every model sees the same prompts.
         if not in_memory:
             train_prompts = training_prompts_of(cfg.model.get("path"))
-    with steering(model, tokenizer, cfg.get("steer")) as steer:  # after any ablation: fitted on the ablated model
+    with steering(model, tokenizer, steerer) as steer:  # after any ablation: fitted on the ablated model
         results = run_suite(model, tokenizer, cfg.eval, judge, train_prompts, out)
     params = run_params(cfg) | {"eval.model_name": name, "eval.judge": judge_name(judge)} | \
         {f"ablation.{k}": v for k, v in flat(ablation or {}).items()}
@@ -65,7 +66,7 @@ def run_evaluate(cfg: DictConfig, loaded: LoadedModel | None = None, train_promp
     table = markdown_table(results)
     (out / "eval.md").write_text(table + "\n")
     header = f"model {name}, judge {judge_name(judge)}" + (f", ablated {ablation_label(ablation)}" if ablation else "") \
-        + (f", steered by {steer['method']}" if steer["method"] != "none" else "")
+        + (f", steered by {steer['method']}" if steerer.active else "")
     rank_zero_print(f"\n{header}\n{table}\n", flush=True)
     loggers = instantiate_group(cfg.get("logger"), "logger")
     try:

@@ -38,6 +38,7 @@ from safety_units.models.forward import eval_mode, response_token_nll
 from safety_units.evaluation.multiple_choice import run_label, run_mc
 from safety_units.data.pairs import ROW_KEYS
 from safety_units.evaluation.rejudge import load_completions
+from safety_units.evaluation.judges.refusal import check_judge
 from safety_units.utils.stats import prompt_list_hash
 from safety_units.evaluation.task_results import (
     TaskResult,
@@ -209,7 +210,12 @@ def run_ppl(name: str, task: DictConfig, settings: DictConfig, model, tokenizer,
 
 # --------------------------------------------------------------------------- the suite
 def build_judge(judge_cfg):
-    return instantiate(judge_cfg, "judge")
+    """The refusal judge of a `judge` config: the class its `_target_` names (conf/judge/), which answers
+    judge(prompts, completions) -> [Verdict]."""
+    if judge_cfg is None or "_target_" not in judge_cfg:
+        raise ConfigError(f"judge needs a _target_ (a judge class, e.g. judge=patterns from conf/judge/), "
+                          f"got {judge_cfg!r}.")
+    return check_judge(instantiate(judge_cfg, "judge"), "judge")
 
 
 def run_suite(model, tokenizer, eval_cfg: DictConfig, judge, train_prompts: set[str] | None = None,

@@ -1,6 +1,9 @@
 """`objective=`: what an alignment run optimises -- Jain et al.'s three safety fine-tuning methods (arXiv 2407.10264).
 
-* `sft` (unset = sft): the language-model loss on (prompt, response) pairs, today's behaviour.
+Each is a class named by its config's `_target_` (conf/objective/*.yaml) with `loss(module, batch)` and the data
+kind it `needs` (safety_units.data.pairs: preference | unlearning; None: plain (prompt, response) pairs).
+
+* `sft` (unset = sft): `Objective`, the base: the language-model loss on (prompt, response) pairs.
 * `dpo` (Rafailov et al. 2023): on preference pairs (data=preference: chosen and rejected answers to one prompt),
       L = -log sigmoid(beta * [(log pi(y_c) - log ref(y_c)) - (log pi(y_r) - log ref(y_r))]),
   log-probabilities summed over the response tokens; the reference is the frozen starting model, whose
@@ -23,10 +26,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from safety_units.utils.errors import ConfigError
 from safety_units.models.forward import response_token_nll
+from safety_units.utils.config import instantiate
+from safety_units.utils.errors import ConfigError
 
-OBJECTIVES = ("sft", "dpo", "unlearning")
 PAIR_KEYS = ("input_ids", "attention_mask", "labels")
 
 
@@ -43,16 +46,30 @@ def sequence_logps(model, batch: dict) -> torch.Tensor:
     return token_and_sequence_nll(model, batch)[2]
 
 
-class DPO:
+class Objective:
+    """objective=sft (or unset): the plain language-modelling loss, and what every objective has: its `name` (in
+    error messages), the data kind it `needs` and the terms it logs (`last_terms`)."""
+
+    needs: str | None = None
+
+    def __init__(self, name: str = "sft"):
+        self.name = name
+        self.last_terms: dict[str, float] = {}
+
+    def loss(self, module, batch: dict) -> torch.Tensor:
+        return module.model(**batch).loss
+
+
+class DPO(Objective):
     """Rows come interleaved: chosen, rejected, chosen, rejected, ... (safety_units.data.pairs.collate_rows)."""
 
-    needs = "pairs"
+    needs = "preference"
 
-    def __init__(self, beta: float = 0.1, sft_weight: float = 0.0):
+    def __init__(self, name: str = "dpo", beta: float = 0.1, sft_weight: float = 0.0):
+        super().__init__(name)
         if beta <= 0:
             raise ConfigError(f"objective.beta must be > 0, got {beta}.")
         self.beta, self.sft_weight = float(beta), float(sft_weight)
-        self.last_terms: dict[str, float] = {}
 
     def loss(self, module, batch: dict) -> torch.Tensor:
         logp = sequence_logps(module.model, batch)
@@ -67,16 +84,19 @@ class DPO:
         return loss
 
 
-class NPO:
-    """Rows carry `forget` (1: a harmful completion to unlearn, 0: a benign pair to retain)."""
+class NPO(Objective):
+    """objective=unlearning. Rows carry `forget` (1: a harmful completion to unlearn, 0: a benign pair to retain)."""
 
-    needs = "forget"
+    needs = "unlearning"
 
-    def __init__(self, beta: float = 0.1, retain_weight: float = 1.0):
+    def __init__(self, name: str = "unlearning", variant: str = "npo", beta: float = 0.1, retain_weight: float = 1.0):
+        super().__init__(name)
+        if variant != "npo":
+            raise ConfigError(f"objective.variant must be npo (bounded; see safety_units.models.objectives), "
+                              f"got {variant!r}.")
         if beta <= 0:
             raise ConfigError(f"objective.beta must be > 0, got {beta}.")
         self.beta, self.retain_weight = float(beta), float(retain_weight)
-        self.last_terms: dict[str, float] = {}
 
     def terms(self, model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """(forget term, retain term); a term without rows in the batch is 0."""
@@ -97,16 +117,16 @@ class NPO:
         return f_term + self.retain_weight * r_term
 
 
-def build_training_objective(cfg):
-    """The objective of cfg.objective (None: sft, the plain LM loss)."""
-    if cfg is None or cfg.get("name", "sft") == "sft":
-        return None
-    name = cfg.name
-    if name == "dpo":
-        return DPO(cfg.get("beta", 0.1), cfg.get("sft_weight", 0.0))
-    if name == "unlearning":
-        if cfg.get("variant", "npo") != "npo":
-            raise ConfigError(f"objective.variant must be npo (bounded; see safety_units.models.objectives), "
-                              f"got {cfg.variant!r}.")
-        return NPO(cfg.get("beta", 0.1), cfg.get("retain_weight", 1.0))
-    raise ConfigError(f"objective.name must be one of {OBJECTIVES}, got {name!r}.")
+def build_objective(cfg) -> Objective:
+    """The Objective of an `objective` config (None: sft, the plain LM loss)."""
+    if cfg is None:
+        return Objective()
+    if "_target_" not in cfg:
+        raise ConfigError(f"objective (name: {cfg.get('name')!r}) has no _target_: an objective config names the "
+                          f"class that builds it, e.g. `_target_: safety_units.models.objectives.DPO` (see "
+                          f"conf/objective/).")
+    objective = instantiate(cfg, "objective")
+    if not isinstance(objective, Objective):
+        raise ConfigError(f"objective._target_ {cfg['_target_']!r} built a {type(objective).__name__}, not a "
+                          f"safety_units.models.objectives.Objective.")
+    return objective

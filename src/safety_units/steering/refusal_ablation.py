@@ -10,17 +10,19 @@ position), measured on the anchors:
   * the KL divergence of the harmless anchors' first-response-token distribution from the unablated model's.
 The chosen direction has the lowest refusal score among those with KL < kl_max (the paper's 0.1); if none passes,
 the lowest KL is taken, with a warning.
+The fit is cached (safety_units.steering.steerer.AnchoredSteerer).
 """
 
 from __future__ import annotations
 
 import torch
 
-from safety_units.utils.errors import ConfigError
 from safety_units.models.forward import forward_hooks
+from safety_units.steering.steerer import AnchoredSteerer, SteeringHooks
 from safety_units.steering.prompt_states import block_states, chat_ids, difference_of_means, token_ids
+from safety_units.units.groups import decoder_layers, names_for, submodule
+from safety_units.utils.errors import ConfigError
 from safety_units.utils.ranks import RankedLogger
-from safety_units.units.groups import submodule, decoder_layers, names_for
 
 log = RankedLogger(__name__)
 
@@ -87,7 +89,7 @@ def fit_refusal_ablation(model, tokenizer, cfg, prompts: dict[str, list[str]]) -
             "refusal_token_ids": refusal}
 
 
-class AblationHooks:
+class AblationHooks(SteeringHooks):
     def __init__(self, model, art: dict):
         self.model, self.art = model, art
 
@@ -101,3 +103,23 @@ class AblationHooks:
                 "refusal_score": round(cand["refusal_score"], 4), "kl": round(cand["kl"], 4),
                 "kl_max": self.art.get("kl_max"), "kl_passed": self.art.get("kl_passed"),  # None: cached before
                 "baseline_refusal_score": round(self.art["baseline_refusal_score"], 4)}
+
+
+class RefusalAblationSteerer(AnchoredSteerer):
+    """steer=refusal_ablation (conf/steer/refusal_ablation.yaml): every setting changes the fit (all in its cache
+    key)."""
+
+    method = "refusal_ablation"
+
+    def __init__(self, anchor: dict, refusal_tokens: list[str], layer: int | None = None,
+                 max_layer_share: float = 0.8, kl_max: float = 0.1, cache_dir: str | None = None,
+                 method: str | None = None):
+        super().__init__(method, anchor=anchor, refusal_tokens=refusal_tokens, cache_dir=cache_dir, layer=layer,
+                         max_layer_share=max_layer_share, kl_max=kl_max)
+
+    def fit_artifacts(self, model, tokenizer, prompts: dict[str, list[str]]) -> dict:
+        return fit_refusal_ablation(model, tokenizer, self.cfg, prompts)
+
+    def hooks_for(self, model, tokenizer, art: dict) -> AblationHooks:
+        log.info("steer=refusal_ablation: direction of block %d ablated from every residual write", art["layer"])
+        return AblationHooks(model, art)

@@ -1,9 +1,5 @@
-"""Inference-time steering (`steer=`): SCANS and Arditi et al.'s directional ablation of the refusal direction.
-
-    with steering(model, tokenizer, cfg.steer):   # hooks installed here, removed on exit (also on error)
-        run_suite(...) / generate(...)
-
-SCANS (Cao et al., AAAI 2025; zouyingcao/SCANS: SCANS_llama.py, utils/llama_wrapper.py, utils/modeling_utils.py):
+"""`steer=scans`: SCANS (Cao et al., AAAI 2025; zouyingcao/SCANS: SCANS_llama.py, utils/llama_wrapper.py,
+utils/modeling_utils.py), a Steerer (safety_units.steering.steerer):
 1. refusal steering vectors: per block l, the mean output of block l at the last prompt token over harmful anchor
    prompts minus that over harmless ones, scaled to unit length (`get_safety_vectors`);
 2. the steered (safety-critical) blocks: anchored by projecting each vector onto the vocabulary (final norm, LM
@@ -16,37 +12,24 @@ SCANS (Cao et al., AAAI 2025; zouyingcao/SCANS: SCANS_llama.py, utils/llama_wrap
    judged harmless and +alpha * v_l (times `harmful_sign`) for one judged harmful (`BlockOutputWrapper`,
    `add_vector_after_position`).
 
-refusal_ablation (Arditi et al. 2024): remove the component along one unit refusal direction r from every write to
-the residual stream (embeddings, attention and MLP outputs), at every position; r is the difference of means at one
-block, chosen as Arditi et al. do (safety_units.steering.refusal_ablation).
-
-Fitted artifacts are cached per model fingerprint and anchor data under `<cache_dir>/steering/`.
+The fit (vectors, anchored blocks, anchor transitions) is cached per model fingerprint and anchor data under
+`<cache_dir>/steering/`; alpha, harmful_sign, layers and sigma are applied when the hooks are installed.
 """
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
-import json
-import os
-from pathlib import Path
-
 import torch
 import torch.nn.functional as F
-from omegaconf import OmegaConf
 
 from safety_units.data.chat import prompt_text
-from safety_units.utils.errors import ConfigError
 from safety_units.models.forward import decoder, head_logits
-from safety_units.utils.fingerprints import fingerprint_key, model_fingerprint
-from safety_units.steering.prompt_states import anchor_prompts, block_states, chat_ids, difference_of_means, token_ids
-from safety_units.utils.ranks import RankedLogger
-from safety_units.steering.refusal_ablation import AblationHooks, fit_refusal_ablation
+from safety_units.steering.steerer import AnchoredSteerer, SteeringHooks
+from safety_units.steering.prompt_states import block_states, chat_ids, difference_of_means, token_ids
 from safety_units.units.groups import decoder_layers
+from safety_units.utils.errors import ConfigError
+from safety_units.utils.ranks import RankedLogger
 
 log = RankedLogger(__name__)
-
-METHODS = ("none", "scans", "refusal_ablation")
 
 
 # --------------------------------------------------------------------------- prompts and block states
@@ -62,38 +45,7 @@ def generation_header(tokenizer) -> list[int]:
     return with_header[n:]
 
 
-# --------------------------------------------------------------------------- fitting (cached)
-def cache_path(model, cfg, prompts: dict[str, list[str]]) -> Path | None:
-    if not cfg.get("cache_dir"):
-        return None
-    settings = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items()
-                if k not in ("alpha", "harmful_sign", "cache_dir", "layers", "sigma")}
-    h = hashlib.sha256(json.dumps([settings, prompts], sort_keys=True).encode()).hexdigest()[:16]
-    return Path(cfg.cache_dir) / "steering" / f"{cfg.method}-{fingerprint_key(model_fingerprint(model))}-{h}.pt"
-
-
-def fitted(model, tokenizer, cfg) -> dict:
-    """The fitted steering artifacts of cfg.method for this model (from the cache, or fitted and cached)."""
-    a = cfg.anchor
-    prompts = {"harmful": anchor_prompts(a.harmful, int(a.nsamples), int(a.get("seed", 0)), "steer.anchor.harmful"),
-               "harmless": anchor_prompts(a.harmless, int(a.nsamples), int(a.get("seed", 0)),
-                                          "steer.anchor.harmless")}
-    path = cache_path(model, cfg, prompts)
-    if path is not None and path.is_file():
-        log.info("steer=%s: fitted vectors from %s", cfg.method, path)
-        return torch.load(path, weights_only=False)
-    fit = fit_scans if cfg.method == "scans" else fit_refusal_ablation
-    art = fit(model, tokenizer, cfg, prompts)
-    if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        torch.save(art, tmp)
-        os.replace(tmp, path)
-        log.info("steer=%s: fitted on %d harmful + %d harmless anchors, cached in %s", cfg.method,
-                 len(prompts["harmful"]), len(prompts["harmless"]), path)
-    return art
-
-
+# --------------------------------------------------------------------------- fitting
 def vocabulary_scores(model, vectors: torch.Tensor, refusal: list[int]) -> torch.Tensor:
     """Per block: the mean percentile rank (1 = top) of the refusal tokens when the unit vector is projected onto
     the vocabulary through the final norm and the LM head (the logit lens)."""
@@ -185,7 +137,7 @@ def sigma_scores(model, tokenizer, art: dict, setup: dict, prompts: list[str], c
 
 
 # --------------------------------------------------------------------------- the hooks
-class ScansHooks:
+class ScansHooks(SteeringHooks):
     """Installs SCANS on a model: a pre-hook on the decoder classifies each new sequence (sigma(q)) and marks the
     positions from the end of its prompt on; forward hooks add the signed, scaled vectors to the steered blocks."""
 
@@ -268,37 +220,34 @@ class ScansHooks:
                 "sequences_classified": n, "judged_harmful": sum(self.decisions)}
 
 
-def check(cfg) -> str:
-    method = (cfg or {}).get("method", "none") if cfg is not None else "none"
-    if method not in METHODS:
-        raise ConfigError(f"steer.method must be one of {METHODS}, got {method!r} (choose steer=none|scans|"
-                          f"refusal_ablation).")
-    return method
+class ScansSteerer(AnchoredSteerer):
+    """steer=scans (conf/steer/scans.yaml): the fit is cached; alpha, harmful_sign, layers and sigma only set up
+    the hooks."""
 
+    method = "scans"
+    install_settings = ("alpha", "harmful_sign", "layers", "sigma")
 
-@contextlib.contextmanager
-def steering(model, tokenizer, cfg):
-    """Steer every forward pass inside the block by cfg (a `steer` config); yields a dict that is filled with what
-    was installed (method, blocks, threshold, ...) when the block ends. steer=none installs nothing."""
-    method = check(cfg)
-    info: dict = {"method": method}
-    if method == "none" or model is None:
-        yield info
-        return
-    art = fitted(model, tokenizer, cfg)
-    if method == "scans":
-        installer = ScansHooks(model, tokenizer, art, sigma_setup(art, cfg), cfg.alpha, cfg.get("harmful_sign", 1))
+    def __init__(self, anchor: dict, refusal_tokens: list[str], sigma: dict, alpha: float, harmful_sign: float = 1,
+                 layers: list[int] | None = None, cache_dir: str | None = None, method: str | None = None):
+        super().__init__(method, anchor=anchor, refusal_tokens=refusal_tokens, cache_dir=cache_dir, alpha=alpha,
+                         harmful_sign=harmful_sign, layers=layers, sigma=sigma)
+
+    def fit_artifacts(self, model, tokenizer, prompts: dict[str, list[str]]) -> dict:
+        return fit_scans(model, tokenizer, self.cfg, prompts)
+
+    def setup(self, art: dict) -> dict:
+        """The steered blocks, sigma(q)'s blocks and threshold for these settings (sigma_setup)."""
+        return sigma_setup(art, self.cfg)
+
+    def steered_layers(self, model, tokenizer) -> list[int]:
+        """The blocks SCANS steers on this model (fitted once, cached)."""
+        return self.setup(self.artifacts(model, tokenizer))["layers"]
+
+    def hooks_for(self, model, tokenizer, art: dict) -> ScansHooks:
+        cfg = self.cfg
+        installer = ScansHooks(model, tokenizer, art, self.setup(art), cfg.alpha, cfg.get("harmful_sign", 1))
         log.info("steer=scans: alpha %s on blocks %s; sigma(q) on blocks %s..%s, threshold %.4f (anchor balanced "
                  "accuracy %.3f)", cfg.alpha, installer.setup["layers"], installer.setup["sigma_layers"][0],
                  installer.setup["sigma_layers"][-1], installer.setup["threshold"],
                  installer.setup["anchor_balanced_accuracy"])
-    else:
-        installer = AblationHooks(model, art)
-        log.info("steer=refusal_ablation: direction of block %d ablated from every residual write", art["layer"])
-    handles = installer.hooks()
-    try:
-        yield info
-    finally:
-        for h in handles:
-            h.remove()
-        info.update(installer.summary())
+        return installer

@@ -15,7 +15,7 @@ import torch
 from safety_units.evaluation.compare import compare_table
 from safety_units.models.sharded import weights_sharded
 from safety_units.evaluation.suite import log_results, run_suite
-from safety_units.steering.scans import steering
+from safety_units.steering.steerer import build_steerer, steering
 from safety_units.utils.ranks import RankedLogger
 from safety_units.utils.run_logging import Stopwatch, log_images, log_params, set_summary
 from safety_units.evaluation.run_tables import change_summary, eval_summary, log_completions, read_generations
@@ -136,7 +136,7 @@ class EvalCallback(pl.Callback):
     """
 
     def __init__(self, suite, judge, output_dir: str | Path, before: bool = True, after: bool = True, steer=None):
-        self.suite, self.judge, self.steer = suite, judge, steer
+        self.suite, self.judge, self.steer = suite, judge, build_steerer(steer)  # Hydra hands a Steerer (or None)
         self.output_dir = Path(output_dir)
         self.before, self.after = before, after
         self.results: dict[str, dict] = {}
@@ -153,7 +153,7 @@ class EvalCallback(pl.Callback):
             with steering(pl_module.model, pl_module.tokenizer, self.steer) as steer:  # fitted on the current weights
                 res = run_suite(pl_module.model, pl_module.tokenizer, self.suite, self.judge, train,
                                 self.output_dir, prefix=f"eval_{when}")
-            if steer["method"] != "none":
+            if self.steer.active:
                 (self.output_dir / f"eval_{when}_steer.json").write_text(json.dumps(steer, indent=2))
             self.results[when] = {k: asdict(v) for k, v in res.items()}
             log_results(trainer.loggers, res, prefix=f"eval_{when}", step=trainer.global_step)

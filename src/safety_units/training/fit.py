@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from safety_units.training.callbacks import EvalCallback, FinalizeRun, InterruptCheckpoint, RunSummary
 from safety_units.utils.config import (
@@ -17,13 +17,12 @@ from safety_units.utils.config import (
     setup_run,
 )
 from safety_units.data.datamodule import build_datamodule
-from safety_units.defenses.objectives import build_objective, safeinstr_source
+from safety_units.defenses.base import build_defense
 from safety_units.utils.errors import ConfigError
 from safety_units.training.freezing import build_masker
 from safety_units.models.loading import LoadedModel, load_model
 from safety_units.models.module import CausalLMModule
-from safety_units.models.objectives import build_training_objective
-from safety_units.defenses.posthoc import PostHocDefense
+from safety_units.models.objectives import Objective, build_objective
 from safety_units.utils.ranks import RankedLogger
 from safety_units.utils.run_logging import Stopwatch, run_params
 
@@ -69,19 +68,13 @@ def fit(cfg: DictConfig, loaded: LoadedModel | None = None) -> tuple[dict, objec
     model, tokenizer = loaded.model, loaded.tokenizer
     log.info("model %s: %.1fM parameters", loaded.name, sum(p.numel() for p in model.parameters()) / 1e6)
 
-    defense = cfg.get("defense")
-    if defense is not None and defense.name == "safeinstr":  # a data defense: its safety share joins the sources
-        from omegaconf import open_dict
-
-        key, src = safeinstr_source(defense, cfg.data)
+    defense = build_defense(cfg.get("defense"))  # the hooks of safety_units.defenses.base.Defense, in order
+    objective = build_objective(cfg.get("objective"))
+    extra_sources = defense.extra_sources(cfg.data)
+    if extra_sources:  # e.g. SafeInstr's safety share joins the user's sources
         with open_dict(cfg.data.sources):
-            cfg.data.sources[key] = src
-    want = defense.get("freeze_strategy") if defense is not None else None
-    if want and cfg.freeze.strategy != want:
-        raise ConfigError(f"defense={defense.name} freezes with freeze={want}, but freeze.strategy is "
-                          f"{cfg.freeze.strategy!r} (a freeze= override after defense=?); drop one of them.")
-    if defense is not None and defense.name == "lisa" and cfg.get("ckpt_path"):
-        raise ConfigError("defense=lisa cannot resume from ckpt_path: its state and anchors are not checkpointed.")
+            cfg.data.sources.update(extra_sources)
+    defense.check_run(cfg)
     datamodule = build_datamodule(cfg.data, tokenizer, cache_dir=cfg.paths.cache_dir)
     datamodule.prepare(model)
 
@@ -92,21 +85,21 @@ def fit(cfg: DictConfig, loaded: LoadedModel | None = None) -> tuple[dict, objec
     train_masker = masker
     if adapter is not None:
         model, train_masker = adapter.wrap(model, masker)
-    objective = build_objective(defense, tokenizer, cfg.data, int(cfg.seed)) if defense is not None else None
-    alignment = build_training_objective(cfg.get("objective"))
-    if alignment is not None:
-        if objective is not None:
-            raise ConfigError(f"objective={cfg.objective.name} and defense={defense.name} both set the training loss; "
-                              f"use one of them.")
-        need = {"pairs": "preference", "forget": "unlearning"}[alignment.needs]
-        if getattr(datamodule, "kind", None) != need:
-            raise ConfigError(f"objective={cfg.objective.name} trains on data={need} (rows with a role and reference "
-                              f"log-probabilities), but data={cfg.data.get('name')} is plain (prompt, response) data.")
-        objective = alignment
-    elif getattr(datamodule, "kind", None) is not None:
-        raise ConfigError(f"data={cfg.data.get('name')} holds {datamodule.kind} rows for objective="
-                          f"{'dpo' if datamodule.kind == 'preference' else 'unlearning'}; set that objective.")
-    module = CausalLMModule(model, masker=train_masker, tokenizer=tokenizer, unit_map=unit_map, objective=objective,
+    defense_loss = defense.training_objective(tokenizer, cfg.data, int(cfg.seed))
+    if defense_loss is not None and type(objective) is not Objective:  # only the plain LM loss gives way
+        raise ConfigError(f"objective={objective.name} and defense={defense.name} both set the training loss; "
+                          f"use one of them.")
+    kind = getattr(datamodule, "kind", None)  # None: plain (prompt, response) rows
+    if objective.needs is not None and kind != objective.needs:
+        raise ConfigError(f"objective={objective.name} trains on data={objective.needs} (rows with a role and "
+                          f"reference log-probabilities), but data={cfg.data.get('name')} holds "
+                          f"{kind or 'plain (prompt, response)'} rows.")
+    if objective.needs is None and kind is not None:
+        raise ConfigError(f"data={cfg.data.get('name')} holds {kind} rows, which objective={objective.name} does not "
+                          f"train on; set the objective that does (conf/objective/: e.g. objective=dpo for "
+                          f"data=preference).")
+    module = CausalLMModule(model, masker=train_masker, tokenizer=tokenizer, unit_map=unit_map,
+                            objective=defense_loss if defense_loss is not None else objective,
                             **OmegaConf.to_container(cfg.optim, resolve=True))
 
     unit_map_path = str(unit_map.path) if unit_map is not None else None
@@ -115,10 +108,8 @@ def fit(cfg: DictConfig, loaded: LoadedModel | None = None) -> tuple[dict, objec
     params = run_params(cfg, unit_map, masker.describe() if masker is not None else None,
                         adapter.describe() if adapter is not None else None)
     images = {"plots/units_per_layer": str(Path(unit_map_path).parent / "units_per_layer.png")} if unit_map_path else {}
-    posthoc = None
-    if defense is not None and defense.stage == "post":  # SafeLoRA / Antidote: applied before the export
-        posthoc = PostHocDefense(defense, tokenizer)
-    extra = [InterruptCheckpoint(str(run_dir / "checkpoints")), *([posthoc] if posthoc else []), finalize,
+    # the defense's callbacks (SafeLoRA's and Antidote's edits of the weights) run before the export
+    extra = [InterruptCheckpoint(str(run_dir / "checkpoints")), *defense.callbacks(tokenizer), finalize,
              RunSummary(str(run_dir), params, images, finalize, started_at)]
     trainer = build_trainer(cfg, extra, run_dir)
     try:  # a failed job of a multirun must not leave its wandb run open for the next job
@@ -131,9 +122,8 @@ def fit(cfg: DictConfig, loaded: LoadedModel | None = None) -> tuple[dict, objec
             summary["freeze"] = masker.describe()
         if adapter is not None:
             summary["adapter"] = adapter.describe()
-        if defense is not None and defense.name != "none":
-            summary["defense"] = {"name": defense.name, "stage": defense.stage,
-                                  **({"report": posthoc.report} if posthoc is not None else {})}
+        if (record := defense.summary()) is not None:
+            summary["defense"] = record
         for cb in trainer.callbacks:
             if isinstance(cb, EvalCallback):
                 summary["eval"] = cb.results

@@ -58,14 +58,15 @@ def scans_layers(cfg, model: nn.Module, tokenizer, description: dict) -> list[in
     """The blocks SCANS steers on this model (safety_units.steering.scans: anchored by vocabulary projection), from
     cfg.steer when it is steer=scans, else from conf/steer/scans.yaml's defaults (fitted once, cached)."""
     from safety_units.utils.config import compose_config  # here: only freeze.layers_like=scans composes a second config
-    from safety_units.steering.scans import fitted, sigma_setup  # here: steering (and its data reads) only for this strategy
+    from safety_units.steering.steerer import build_steerer  # here: steering (and its data reads) only for this strategy
+    from safety_units.steering.scans import ScansSteerer  # here: as above
 
-    steer = cfg.get("steer")
-    if steer is None or steer.get("method") != "scans":
-        steer = compose_config("evaluate", ["steer=scans"]).steer
+    steerer = build_steerer(cfg.get("steer"))
+    if not isinstance(steerer, ScansSteerer):
+        steerer = build_steerer(compose_config("evaluate", ["steer=scans"]).steer)
     if tokenizer is None:
         raise ConfigError("freeze.layers_like=scans needs the tokenizer (it fits SCANS's vectors on the model).")
-    layers = sigma_setup(fitted(model, tokenizer, steer), steer)["layers"]
+    layers = steerer.steered_layers(model, tokenizer)
     description.update(layers_like="scans")
     return layers
 

@@ -1,13 +1,18 @@
-"""Paired statistics for comparing two runs on the same prompts, agreement between judges, prompt-list hashes.
+"""Paired statistics for comparing two runs on the same prompts, agreement between judges, a binary classifier
+against labels, prompt-list hashes.
 
 * `mcnemar_exact(a, b)`: two-sided exact McNemar test on paired binary outcomes (binomial on the discordant pairs).
 * `paired_bootstrap(a, b)`: the difference mean(b) - mean(a) with a 95% percentile interval, resampling prompts.
 * `cohen_kappa(a, b)`: chance-corrected agreement of two binary raters.
 * `prompt_list_hash(prompts)`: a short hash of an ordered prompt list (what makes two evaluations comparable).
+* `wilson(k, n)`: the 95% Wilson score interval of a proportion.
+* `confusion_counts(pred, truth)`, `f1_interval(pred, truth)`, `auroc(scores, truth)`: a binary classifier (the
+  positive class is True) against labels: its confusion matrix, F1's percentile-bootstrap interval, its AUROC.
 """
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import math
 import random
@@ -91,3 +96,39 @@ def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
     centre = (p + z * z / (2 * n)) / denom
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
     return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def confusion_counts(pred: Sequence[bool], truth: Sequence[bool]) -> dict[str, int]:
+    """{"tp", "fp", "fn", "tn"} of binary predictions against binary labels (True is the positive class)."""
+    _check_paired(pred, truth)
+    pairs = [(bool(p), bool(t)) for p, t in zip(pred, truth)]
+    return {"tp": pairs.count((True, True)), "fp": pairs.count((True, False)),
+            "fn": pairs.count((False, True)), "tn": pairs.count((False, False))}
+
+
+def f1_interval(pred: Sequence[bool], truth: Sequence[bool], n_boot: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """95% percentile-bootstrap interval of F1 (True is the positive class), resampling (prediction, label) pairs
+    together; seeded, so the same inputs give the same interval. F1 is not a proportion: no Wilson interval."""
+    import torch  # torch's generator and quantile: the intervals the shipped reports were computed with
+
+    _check_paired(pred, truth)
+    if not pred:
+        return (float("nan"), float("nan"))
+    p, t = torch.tensor(list(pred), dtype=torch.bool), torch.tensor(list(truth), dtype=torch.bool)
+    n = len(p)
+    idx = torch.randint(n, (n_boot, n), generator=torch.Generator().manual_seed(seed))
+    bp, bt = p[idx], t[idx]
+    btp = (bp & bt).sum(1).double()
+    f1s = 2 * btp / (2 * btp + (bp & ~bt).sum(1) + (~bp & bt).sum(1)).double().clamp_min(1)
+    return (float(f1s.quantile(0.025)), float(f1s.quantile(0.975)))
+
+
+def auroc(scores: Sequence[float], truth: Sequence[bool]) -> float:
+    """Area under the ROC curve: the probability that a positive scores above a negative (ties count half); nan
+    without both classes."""
+    _check_paired(scores, truth)
+    pos = sorted(s for s, t in zip(scores, truth) if t)
+    neg = [s for s, t in zip(scores, truth) if not t]
+    wins = sum(len(pos) - bisect.bisect_right(pos, s) + 0.5 * (bisect.bisect_right(pos, s) - bisect.bisect_left(pos, s))
+               for s in neg)
+    return wins / (len(pos) * len(neg)) if pos and neg else float("nan")

@@ -1,4 +1,5 @@
-"""Refusal judges: the pattern judge (soft refusals), the ensemble, the learned probe, re-judging saved files."""
+"""Refusal judges: the pattern judge (soft refusals), the ensemble, judges built from their `_target_`, re-judging
+saved files (the learned probe: test_probe.py)."""
 
 import csv
 import json
@@ -184,29 +185,6 @@ def test_rejudge_errors_name_the_key_and_row(tmp_path):
         run_evaluate(cfg)
 
 
-def test_probe_judge_trains_caches_and_separates(tmp_path, tiny, monkeypatch):
-    """The learned probe on a tiny backbone: trains once from real refusal / answer texts, then loads from cache."""
-    from safety_units.utils.config import instantiate
-    from safety_units.evaluation.judges.probe import ProbeJudge
-
-    tiny.model.save_pretrained(tmp_path / "backbone")
-    tiny.tokenizer.save_pretrained(tmp_path / "backbone")
-    overrides = ["judge=probe", f"judge.backbone_path={tmp_path / 'backbone'}", f"judge.cache_dir={tmp_path / 'c'}",
-                 "judge.refusal_sources.wei.limit=60", "judge.refusal_sources.stl.limit=60",
-                 "judge.compliance_sources.alpaca.limit=120", "judge.compliance_sources.self_harmful=null",
-                 "judge.compliance_sources.self_benign=null", "judge.device=cpu"]
-    judge = instantiate(compose("evaluate", overrides).judge, "judge")
-    assert judge.path.is_file() and judge.info["refusal_texts"] > 50 and judge.info["compliance_texts"] > 100
-    probs = judge.probabilities(["I'm sorry, but I cannot help with that request.",
-                                 "The capital of France is Paris, a city on the Seine."])
-    assert all(0.0 <= p <= 1.0 for p in probs)
-
-    monkeypatch.setattr(ProbeJudge, "_train", lambda *a, **k: (_ for _ in ()).throw(AssertionError("retrained")))
-    again = instantiate(compose("evaluate", overrides).judge, "judge")
-    assert again.path == judge.path
-    assert again.probabilities(["I'm sorry, but I cannot help with that request."])[0] == pytest.approx(probs[0])
-
-
 @pytest.mark.parametrize("option", sorted(p.stem for p in (ROOT / "conf" / "judge").glob("*.yaml")))
 def test_every_judge_option_composes(option, tmp_path):
     from omegaconf import OmegaConf
@@ -214,6 +192,27 @@ def test_every_judge_option_composes(option, tmp_path):
     cfg = compose("evaluate", [f"judge={option}"], output_dir=tmp_path)
     OmegaConf.resolve(cfg)
     assert cfg.judge._target_.startswith("safety_units.")
+
+
+@pytest.mark.parametrize("cfg,message", [
+    ({"_target_": "safety_units.evaluation.judges.nowhere.Judge"}, "config 'judge' could not be instantiated"),
+    ({"_target_": "collections.OrderedDict"}, "judge is not a judge: a OrderedDict has no judge"),
+    ({"min_words": 20}, "judge needs a _target_"),
+])
+def test_a_bad_judge_config_is_a_config_error(cfg, message):
+    from safety_units.evaluation.suite import build_judge
+
+    with pytest.raises(ConfigError, match=message):
+        build_judge(cfg)
+
+
+def test_a_judge_from_outside_the_package_is_built_from_its_target():
+    from safety_units.evaluation.suite import build_judge
+
+    judge = build_judge({"_target_": f"{__name__}._Fixed", "answers": [True, False]})
+    assert [v.refusal for v in judge.judge(["a", "b"], ["x", "y"])] == [True, False]
+    with pytest.raises(ConfigError, match="judge.judges.b is not a judge"):
+        EnsembleJudge({"a": judge, "b": object()})
 
 
 def test_rejudge_where_filter_selects_rows_of_a_generations_file(tmp_path):
