@@ -46,9 +46,10 @@ Modules (one name per line; tests/test_structure.py checks that the map is compl
     attribution.pipeline            what `python attribute.py` runs, and the cached attribution of auto_attribute
     attribution.selection           which units a freeze= strategy or an ablate= config picks from a unit map
     steering                    activation steering at inference (steer=):
+    steering.steerer                the Steerer interface (none, anchored fits cached), build from _target_, the hooks
     steering.prompt_states          block outputs at prompt positions and the prompts they are read on
+    steering.scans                  steer=scans: SCANS (vectors, anchored blocks, sigma(q), signed hooks)
     steering.refusal_ablation       steer=refusal_ablation: Arditi et al.'s direction selection and ablation hooks
-    steering.scans                  steer=scans: SCANS (vectors, anchored blocks, sigma(q), signed hooks), the context
     evaluation                  what a model does (python evaluate.py):
     evaluation.judges               judges of completions (judge=, harm_judge=):
     evaluation.judges.refusal           refusal judges: strings, patterns, ensemble, a local model

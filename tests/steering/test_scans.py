@@ -3,7 +3,6 @@ blocks freeze.layers_like=scans freezes, and composes with evaluate.py's ablatio
 
 import json
 
-import pytest
 import torch
 from conftest import compose
 

@@ -88,6 +88,6 @@ def compose_config(config_name: str, overrides: list[str] | None = None) -> Dict
     overrides = list(overrides or [])
     if GlobalHydra.instance().is_initialized():
         return compose(config_name=config_name, overrides=overrides)
-    conf_dir = Path(__file__).resolve().parents[2] / "conf"
+    conf_dir = Path(__file__).resolve().parents[3] / "conf"
     with initialize_config_dir(version_base="1.3", config_dir=str(conf_dir)):
         return compose(config_name=config_name, overrides=overrides)

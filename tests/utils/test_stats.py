@@ -1,0 +1,57 @@
+"""A binary classifier against labels: confusion counts, F1's bootstrap interval, AUROC (safety_units.utils.stats);
+checked on cases whose answer is known by hand."""
+import math
+import random
+
+import pytest
+
+from safety_units.utils.stats import auroc, confusion_counts, f1_interval, wilson
+
+
+def test_confusion_counts_count_each_cell():
+    pred = [True, True, False, False, True, False]
+    truth = [True, False, True, False, True, False]
+    assert confusion_counts(pred, truth) == {"tp": 2, "fp": 1, "fn": 1, "tn": 2}
+    with pytest.raises(ValueError, match="equal lengths"):
+        confusion_counts([True], [True, False])
+
+
+@pytest.mark.parametrize("scores, truth, expected", [
+    ([0.9, 0.8, 0.2, 0.1], [1, 1, 0, 0], 1.0),      # every positive above every negative
+    ([0.1, 0.2, 0.8, 0.9], [1, 1, 0, 0], 0.0),      # every positive below
+    ([0.5, 0.5, 0.5, 0.5], [1, 0, 1, 0], 0.5),      # all tied: each pair counts half
+    ([0.9, 0.4, 0.6, 0.1], [1, 1, 0, 0], 0.75),     # 3 of the 4 (positive, negative) pairs ordered right
+])
+def test_auroc_is_the_share_of_pairs_ranked_right(scores, truth, expected):
+    assert auroc(scores, truth) == expected
+
+
+def test_auroc_without_both_classes_is_nan_and_matches_the_pairwise_definition():
+    assert math.isnan(auroc([0.1, 0.2], [1, 1]))
+    rng = random.Random(0)
+    scores = [round(rng.random(), 1) for _ in range(60)]  # rounding makes ties
+    truth = [rng.random() < 0.4 for _ in range(60)]
+    pos = [s for s, t in zip(scores, truth) if t]
+    neg = [s for s, t in zip(scores, truth) if not t]
+    pairwise = sum((p > n) + 0.5 * (p == n) for p in pos for n in neg) / (len(pos) * len(neg))
+    assert auroc(scores, truth) == pytest.approx(pairwise)
+
+
+def test_f1_interval_is_seeded_brackets_f1_and_is_a_point_when_perfect():
+    rng = random.Random(1)
+    truth = [rng.random() < 0.5 for _ in range(200)]
+    pred = [t if rng.random() < 0.8 else not t for t in truth]
+    c = confusion_counts(pred, truth)
+    f1 = 2 * c["tp"] / (2 * c["tp"] + c["fp"] + c["fn"])
+    lo, hi = f1_interval(pred, truth, n_boot=500, seed=3)
+    assert lo < f1 < hi and hi - lo < 0.2
+    assert f1_interval(pred, truth, n_boot=500, seed=3) == (lo, hi)
+    assert f1_interval(pred, truth, n_boot=500, seed=4) != (lo, hi)
+    assert f1_interval(truth, truth, n_boot=200) == (1.0, 1.0)
+    assert all(math.isnan(x) for x in f1_interval([], []))
+
+
+def test_wilson_interval_brackets_the_proportion():
+    lo, hi = wilson(30, 100)
+    assert lo < 0.3 < hi and lo == pytest.approx(0.2189, abs=1e-4) and hi == pytest.approx(0.3958, abs=1e-4)
+    assert wilson(0, 10)[0] == 0.0 and all(math.isnan(x) for x in wilson(0, 0))
