@@ -27,7 +27,7 @@ Modules (one name per line; tests/test_structure.py checks that the map is compl
     models.forward                  eval mode, hooks, the decoder without its head, hidden states, response NLL
     models.sharded                  whether a strategy shards the weights (FSDP, ZeRO-3)
     models.lora                     LoRA adapters held at zero on frozen unit slices; merged and PEFT exports
-    models.objectives               objective=: DPO and NPO unlearning losses (SFT is the plain loss)
+    models.objectives               objective=: the Objective base (SFT), DPO, NPO unlearning, build_objective
     models.module                   the LightningModule
     data                        rows, prompts and batches:
     data.sources                    read CSV/JSON/JSONL/TXT rows with a field mapping into examples, hash splits
@@ -63,8 +63,15 @@ Modules (one name per line; tests/test_structure.py checks that the map is compl
     evaluation.run_tables           before/after summaries and completions tables for the loggers
     evaluation.run                  what `python evaluate.py` runs (with unit ablation and steering)
     defenses                    defense=: defenses against harmful fine-tuning:
-    defenses.objectives             training-time defenses: Vaccine, Booster, Lisa; SafeInstr's data share
-    defenses.posthoc                after fine-tuning: SafeLoRA's projection, Antidote's pruning of the update
+    defenses.base                   the Defense interface (defense=none is the no-op), build_defense from _target_
+    defenses.units                  defense=esu|esu_cu|layers|random|sn_tune: a freeze= strategy the run must use
+    defenses.vaccine                defense=vaccine: train under the worst-case perturbation of attention outputs
+    defenses.booster                defense=booster: the alignment loss plus the harmful-loss-reduction term
+    defenses.lisa                   defense=lisa: two alternating states with a proximal term
+    defenses.safeinstr              defense=safeinstr: a share of safety data mixed into the fine-tune
+    defenses.posthoc                what post-hoc defenses share: target weights, the update, the export callback
+    defenses.safelora               defense=safelora: project the update onto the alignment subspace
+    defenses.antidote               defense=antidote: Wanda pruning of the update
     training                    fine-tuning around the units (python train.py):
     training.freezing               freeze= strategies as maskers
     training.callbacks              Ctrl-C checkpoint, frozen-entry check and export, the before/after evaluation

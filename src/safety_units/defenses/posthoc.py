@@ -71,7 +71,7 @@ class PostHocDefense(Defense, pl.Callback):
     the defended weights) and `summary_line`, and name the report's count in `count_key`. `self.report`: the
     report of the edit (rank zero; {} elsewhere), also recorded in the run's summary."""
 
-    count_key = "n_changed"
+    count_key: str  # the report's count of changed matrices or entries, logged as defense/<count_key>
 
     def __init__(self, name: str, stage: str = "post"):
         super().__init__(name, stage)

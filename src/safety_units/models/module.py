@@ -76,7 +76,7 @@ class CausalLMModule(pl.LightningModule):
                  warmup_ratio: float = 0.0, schedule: str = "cosine", min_lr_ratio: float = 0.1,
                  masker=None, tokenizer=None, unit_map=None, objective=None):
         super().__init__()
-        self.objective = objective  # a defense's training objective (safety_units.defenses.objectives); None: the LM loss
+        self.objective = objective  # a defense's training objective (safety_units.defenses: Vaccine, Booster, Lisa); None: the LM loss
         self.tokenizer, self.unit_map = tokenizer, unit_map
         if lr <= 0:
             raise ConfigError(f"optim.lr must be positive, got {lr}.")
