@@ -37,7 +37,10 @@ Modules (one name per line; tests/test_structure.py checks that the map is compl
     data.pairs                      data=preference / unlearning: rows with roles and reference log-probabilities
     data.calibration                the templated batches that scorers and the drift monitor run the model on
     attribution                 which units matter (python attribute.py):
-    attribution.scoring             per-unit importance scores (wifv, activation, snip), O(units) memory
+    attribution.scorer              the Scorer interface (a base-model ReferenceScorer), ScoringRun, build from _target_
+    attribution.scoring             the shared machinery: token positions, activation statistics, score_units
+    attribution.wifv                scoring=wifv | activation: forward-only scores from activation statistics
+    attribution.snip                scoring=snip: first-order SNIP per unit
     attribution.contrast            scoring=contrast: activation difference against the base model
     attribution.delta               scoring=delta: each unit's weight change against the base model
     attribution.atp                 scoring=atp: attribution patching of each unit toward its harmless mean

@@ -1,5 +1,5 @@
 """scoring=contrast (attribution.contrast): the activation shift against the base model, and the checks on that
-base model (attribution.base.ReferenceScorer)."""
+base model (attribution.scorer.ReferenceScorer)."""
 
 import copy
 
@@ -8,7 +8,7 @@ import torch
 from planted import attribute_cfg, safety_batches
 from planted import planted_dirs  # noqa: F401  (a fixture)
 
-from safety_units.attribution.base import ScoringRun
+from safety_units.attribution.scorer import ScoringRun
 from safety_units.attribution.contrast import ContrastScorer
 from safety_units.attribution.pipeline import run_attribution
 from safety_units.units.groups import resolve_units

@@ -3,7 +3,7 @@
 import torch
 from conftest import compose
 
-from safety_units.attribution.base import ScoringRun
+from safety_units.attribution.scorer import ScoringRun
 from safety_units.attribution.delta import DeltaScorer
 from safety_units.models.loading import build_tiny
 from safety_units.units.groups import resolve_units

@@ -6,7 +6,7 @@ from conftest import compose
 from planted import PLANT, SORRY, attribute_cfg, sorry_refusals
 from planted import planted_dirs  # noqa: F401  (a fixture)
 
-from safety_units.attribution.base import ScoringRun, build_scorer
+from safety_units.attribution.scorer import ScoringRun, build_scorer
 from safety_units.attribution.mask import MaskScorer
 from safety_units.attribution.pipeline import run_attribution
 from safety_units.attribution.selection import ablation_selection

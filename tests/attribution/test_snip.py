@@ -4,7 +4,7 @@ with gradient checkpointing kept on."""
 import torch
 from planted import safety_batches
 
-from safety_units.attribution.base import ScoringRun
+from safety_units.attribution.scorer import ScoringRun
 from safety_units.attribution.scoring import score_units
 from safety_units.attribution.snip import SnipScorer
 from safety_units.data.chat import IGNORE_INDEX

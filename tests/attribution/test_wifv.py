@@ -4,7 +4,7 @@ activations kept per token."""
 import torch
 from planted import safety_batches
 
-from safety_units.attribution.base import ScoringRun
+from safety_units.attribution.scorer import ScoringRun
 from safety_units.attribution.wifv import ActivationScorer, WifvScorer
 from safety_units.units.groups import resolve_units
 

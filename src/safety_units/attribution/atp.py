@@ -30,7 +30,7 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
-from safety_units.attribution.base import Scorer, ScoringRun
+from safety_units.attribution.scorer import Scorer, ScoringRun
 from safety_units.attribution.scoring import activation_stats, decision_positions, truncate_to
 from safety_units.models.forward import eval_mode, frozen_weights, response_token_nll
 from safety_units.units.groups import UnitGroup

@@ -12,14 +12,14 @@ uses the safety calibration set, the utility score the utility set.
 
 The reference model (`scoring.reference`, a model config; `scoring.reference_path=<dir>` for a local HF directory)
 must have the same architecture, unit counts and vocabulary: the same token ids are fed to both (checked by
-attribution.base.ReferenceScorer). Memory is O(units): the two runs share nothing but the per-unit float64 sums.
+attribution.scorer.ReferenceScorer). Memory is O(units): the two runs share nothing but the per-unit float64 sums.
 """
 
 from __future__ import annotations
 
 import torch
 
-from safety_units.attribution.base import ReferenceScorer, ScoringRun
+from safety_units.attribution.scorer import ReferenceScorer, ScoringRun
 from safety_units.attribution.scoring import activation_stats, column_norms
 from safety_units.units.groups import UnitGroup
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from safety_units.attribution.base import ReferenceScorer, ScoringRun
+from safety_units.attribution.scorer import ReferenceScorer, ScoringRun
 from safety_units.units.groups import UnitGroup
 from safety_units.utils.errors import ConfigError
 

@@ -44,7 +44,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from safety_units.attribution.base import Scorer, ScoringRun
+from safety_units.attribution.scorer import Scorer, ScoringRun
 from safety_units.attribution.scoring import decision_positions, first_response_positions, truncate_to
 from safety_units.models.forward import eval_mode, frozen_weights, head_logits, hidden_states, response_token_nll
 from safety_units.units.groups import UnitGroup

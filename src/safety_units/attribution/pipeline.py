@@ -11,7 +11,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from safety_units.attribution.base import CALIBRATION_SETS, ScoringRun, build_scorer
+from safety_units.attribution.scorer import CALIBRATION_SETS, ScoringRun, build_scorer
 from safety_units.data.calibration import calibration_batches, prompt_batches
 from safety_units.models.loading import LoadedModel, load_model, resolve_device
 from safety_units.units.classification import class_shares, classify_from_config

@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
-from safety_units.attribution.base import Scorer, ScoringRun
+from safety_units.attribution.scorer import Scorer, ScoringRun
 from safety_units.attribution.scoring import ActivationStats, decision_positions
 from safety_units.models.forward import eval_mode, hidden_states
 from safety_units.units.groups import UnitGroup, decoder_layers

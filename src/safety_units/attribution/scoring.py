@@ -13,7 +13,7 @@ the next `scoring.decision_tokens` positions).
 
 Activation statistics are float64 sums (count, sum, sum of squares, sum of |x|) per unit; nothing per weight
 or per token is kept. contrast.py and refusal_direction.py (a second model, a second prompt set) build on these sums.
-The scorers themselves (the `scoring` config group) are the sibling modules; their interface is attribution.base.
+The scorers themselves (the `scoring` config group) are the sibling modules; their interface is attribution.scorer.
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ from typing import Iterable
 import torch
 from tqdm.auto import tqdm
 
-from safety_units.attribution.base import Scorer, ScoringRun
+from safety_units.attribution.scorer import Scorer, ScoringRun
 from safety_units.attribution.scoring import check_tokens, predicts_response, token_mask
 from safety_units.models.forward import eval_mode, response_token_nll
 from safety_units.units.groups import UnitGroup

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from safety_units.attribution.base import Scorer, ScoringRun
+from safety_units.attribution.scorer import Scorer, ScoringRun
 from safety_units.attribution.scoring import activation_scores
 
 

@@ -146,10 +146,10 @@ def build_scorer(cfg: DictConfig | None) -> Scorer:
     """The scorer a `scoring` config names by `_target_`, called with the config's other keys. A nested `reference`
     model config is passed as a config, not loaded (scoring.reference_path may replace it)."""
     if cfg is None or "_target_" not in cfg:
-        raise ConfigError("scoring needs a _target_: its scorer class, a safety_units.attribution.base.Scorer "
+        raise ConfigError("scoring needs a _target_: its scorer class, a safety_units.attribution.scorer.Scorer "
                           "(e.g. _target_: safety_units.attribution.wifv.WifvScorer; see conf/scoring/*.yaml).")
     scorer = instantiate(cfg, "scoring", _recursive_=False)
     if not isinstance(scorer, Scorer):
-        raise ConfigError(f"scoring._target_={cfg._target_!r} must be a safety_units.attribution.base.Scorer "
+        raise ConfigError(f"scoring._target_={cfg._target_!r} must be a safety_units.attribution.scorer.Scorer "
                           f"subclass, got {type(scorer).__name__}.")
     return scorer

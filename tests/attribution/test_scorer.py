@@ -1,4 +1,4 @@
-"""The scorer interface (attribution.base): every conf/scoring option builds its scorer from `_target_`, a scorer
+"""The scorer interface (attribution.scorer): every conf/scoring option builds its scorer from `_target_`, a scorer
 defined outside the package runs through attribute() from its config alone, and a bad `_target_` is a clear error."""
 
 import pytest
@@ -7,7 +7,7 @@ from conftest import ROOT, compose
 from omegaconf import OmegaConf, open_dict
 from planted import tiny_cfg
 
-from safety_units.attribution.base import ReferenceScorer, Scorer, ScoringRun, build_scorer
+from safety_units.attribution.scorer import ReferenceScorer, Scorer, ScoringRun, build_scorer
 from safety_units.attribution.pipeline import REFERENCE_METHODS, SCORER_RUNS, attribute
 from safety_units.utils.errors import ConfigError
 
@@ -58,7 +58,7 @@ def test_every_scorer_run_names_a_scoring_option():
 
 @pytest.mark.parametrize("override,match", [
     ("scoring._target_=safety_units.attribution.nope.Scorer", "config 'scoring' could not be instantiated.*nope"),
-    ("scoring._target_=collections.OrderedDict", "must be a safety_units.attribution.base.Scorer subclass"),
+    ("scoring._target_=collections.OrderedDict", "must be a safety_units.attribution.scorer.Scorer subclass"),
     ("~scoring._target_", "scoring needs a _target_"),
     ("+scoring.stepz=3", "unexpected keyword argument 'stepz'"),
     ("scoring.tokens=prompt", "scoring.tokens must be one of"),
