@@ -15,9 +15,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from safety_units.experiments.dose_response.plan import ARM_LABELS, SEEDS, SHARES, command, plan, run_points, run_subprocess
-from safety_units.experiments.dose_response.report import write_report
-from safety_units.utils.errors import ConfigError, friendly_errors
+from safety_units.experiments.dose_response.plan import ARM_LABELS, SEEDS, SHARES
+from safety_units.experiments.dose_response.sweep import run_sweep
+from safety_units.utils.errors import friendly_errors
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -39,21 +39,9 @@ def main(argv: list[str] | None = None, runner=None) -> Path:
     ap.add_argument("--report-only", action="store_true", help="only build the report from finished points")
     ap.add_argument("overrides", nargs="*", help="evaluate.py overrides, after --")
     args = ap.parse_args(argv)
-    unit_map = Path(args.unit_map).resolve()
-    if not unit_map.exists():
-        raise ConfigError(f"--unit-map {args.unit_map} does not exist.")
-    model = str(Path(args.model).resolve()) if args.model else None
-    if model and not Path(model).is_dir():
-        raise ConfigError(f"--model {args.model} is not a model directory.")
-    out = Path(args.out).resolve()
-    runs = Path(args.runs_dir).resolve() if args.runs_dir else out / "runs"
-    controls = Path(args.controls_dir).resolve() if args.controls_dir else None
-    points = plan(args.shares, args.seeds, args.arms)
-    if not args.report_only:
-        jobs = [(p, command(p, ROOT / "evaluate.py", runs, str(unit_map), args.eval, model, args.overrides,
-                            controls)) for p in points]
-        run_points(jobs, runs, args.force, runner or run_subprocess, controls)
-    path = write_report(runs, points, out, controls)
+    path = run_sweep(ROOT / "evaluate.py", args.unit_map, args.out, args.model, args.runs_dir, args.shares,
+                     args.seeds, args.controls_dir, args.arms, args.eval, args.overrides, args.force,
+                     args.report_only, runner)
     print(f"wrote {path}", flush=True)
     return path
 

@@ -126,12 +126,20 @@ def path_exists(cited: str) -> bool:
     return (ROOT / cited).exists()
 
 
+PACKAGE_FOLDERS = sorted(p.name for p in (ROOT / "src" / "safety_units").iterdir() if (p / "__init__.py").is_file())
+PACKAGE_FILE = re.compile(r"(?<![\w/.$<-])((?:%s)/[\w/]*\.py)\b" % "|".join(PACKAGE_FOLDERS))
+
+
 def test_every_cited_path_exists():
-    """Paths in prose and in inline code (not in fenced blocks, where --out arguments name paths to be written)."""
+    """Paths in prose and in inline code (not in fenced blocks, where --out arguments name paths to be written):
+    from the repo root (src/..., results/...), or a package module by its folder (attribution/scorer.py)."""
     missing = []
     for s in (s for s in ALL if s.kind == "prose"):  # a prose line holds its inline code spans
-        for cited in PATH.findall(LINK.sub("]", s.text)):  # link targets: checked above
+        text = LINK.sub("]", s.text)  # link targets: checked above
+        for cited in PATH.findall(text):
             missing += [f"{s.where}: {p}" for p in expand_braces(cited) if not path_exists(p)]
+        missing += [f"{s.where}: {p}" for p in PACKAGE_FILE.findall(text)
+                    if not (ROOT / "src" / "safety_units" / p).is_file()]
     assert not missing, "cited paths that do not exist:\n" + "\n".join(missing)
 
 

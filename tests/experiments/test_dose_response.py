@@ -209,6 +209,19 @@ def test_report_refuses_runs_of_another_sweep(tmp_path):
         write_report(runs, plan([0.01], [0, 1, 2]), tmp_path / "out")
 
 
+def test_a_sweep_refuses_a_missing_map_or_model_before_running_anything(tmp_path):
+    from safety_units.experiments.dose_response.sweep import run_sweep
+
+    ran = []
+    with pytest.raises(ConfigError, match="--unit-map .*none does not exist"):
+        run_sweep(ROOT / "evaluate.py", str(tmp_path / "none"), str(tmp_path / "out"), runner=ran.append)
+    (tmp_path / "map.safetensors").write_text("")
+    with pytest.raises(ConfigError, match="--model .* is not a model directory"):
+        run_sweep(ROOT / "evaluate.py", str(tmp_path / "map.safetensors"), str(tmp_path / "out"),
+                  model=str(tmp_path / "no_model"), runner=ran.append)
+    assert ran == [] and not (tmp_path / "out").exists()
+
+
 def test_sweeps_of_two_maps_share_the_baseline_and_random_runs(unit_map, tmp_path):
     calls = []
 

@@ -20,6 +20,9 @@ def test_the_harm_judge_report_is_rebuilt_from_its_shipped_json(tmp_path):
         harm_judge_report.write_report(tmp_path / "none", md_only=True)
     with pytest.raises(ConfigError, match="harm_judge.<key>=<value>"):
         harm_judge_report.harm_config(["judge.layer=0.5"])
+    with pytest.raises(ConfigError, match="Could not override 'harm_judge.nope'"):
+        harm_judge_report.harm_config(["harm_judge.nope=1"])
+    assert harm_judge_report.harm_config(["harm_judge.layer=0.5"]).harm_judge.layer == 0.5
 
 
 def test_judge_metrics_count_wilson_proportions_and_f1():

@@ -36,7 +36,12 @@ def harm_config(overrides: list[str]):
         key, sep, _ = o.partition("=")
         if not sep or not key.startswith("harm_judge."):
             raise ConfigError(f"override {o!r}: expected harm_judge.<key>=<value>.")
-    return compose_config("evaluate", ["+harm_judge=probe", *overrides])  # the group is not in evaluate's defaults
+    from hydra.errors import ConfigCompositionException
+
+    try:
+        return compose_config("evaluate", ["+harm_judge=probe", *overrides])  # the group is not in evaluate's defaults
+    except ConfigCompositionException as e:  # e.g. a key conf/harm_judge/probe.yaml does not have
+        raise ConfigError(f"overrides {overrides} of conf/harm_judge/probe.yaml: {e}") from e
 
 
 def proportion(k: int, n: int) -> dict:
