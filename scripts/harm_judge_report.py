@@ -1,5 +1,5 @@
 """Validate harmfulness judges on the held-out half of BeaverTails 30k_test: results/harm_judge.{json,md}
-(safety_units.experiments.harm_judge_report says how).
+(safety_units.experiments.judges.harm_report says how).
 
     python scripts/harm_judge_report.py                       # every held-out pair (the probe trains once)
     python scripts/harm_judge_report.py --limit 200           # a seeded subsample, for a quick look
@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from safety_units.experiments.harm_judge_report import write_report
+from safety_units.experiments.judges.harm_report import write_report
 from safety_units.utils.errors import friendly_errors
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -1,5 +1,5 @@
 """Validate the refusal judges against human labels and reference sets: results/judges.md
-(safety_units.experiments.judge_report says which sets and how).
+(safety_units.experiments.judges.refusal_report says which sets and how).
 
     python scripts/judge_report.py                      # strings, patterns, probe, ensemble (probe trains once)
     python scripts/judge_report.py --judges strings patterns
@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from safety_units.experiments.judge_report import JUDGES, write_report
+from safety_units.experiments.judges.refusal_report import JUDGES, write_report
 from safety_units.utils.errors import friendly_errors
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -1,5 +1,5 @@
 """A first look at scoring=mask on an aligned SmolLM2 (issue 23): results/mask_preliminary.md from the runs shipped
-beside it (safety_units.experiments.mask_preliminary: the runs it reads, the goal's criteria).
+beside it (safety_units.experiments.validity.mask_preliminary: the runs it reads, the goal's criteria).
 
     python scripts/mask_preliminary.py [--runs results/mask_preliminary/runs] [--out results/mask_preliminary.md]
 """
@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from safety_units.experiments.mask_preliminary import write_report
+from safety_units.experiments.validity.mask_preliminary import write_report
 from safety_units.utils.errors import friendly_errors
 
 ROOT = Path(__file__).resolve().parents[1]

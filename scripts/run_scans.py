@@ -1,5 +1,5 @@
 """SCANS against refusal-direction ablation and no steering, on aligned models: results/scans.md
-(safety_units.experiments.scans_run: the conditions of each model; scans_report: the criteria and the report).
+(safety_units.experiments.scans.run: the conditions of each model; scans_report: the criteria and the report).
 
     python scripts/run_scans.py --model aligned=logs/align_quick/model \\
         --model quickstart_ru=logs/quickstart_ru/model --model quickstart_random=logs/quickstart_random/model \\
@@ -18,7 +18,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("PROJECT_ROOT", str(ROOT))
 
-from safety_units.experiments.scans_report import write_report  # noqa: E402
+from safety_units.experiments.scans.report import write_report  # noqa: E402
 from safety_units.utils.errors import friendly_errors  # noqa: E402
 
 
@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None):
     args = ap.parse_args(argv)
     if args.report_only:
         return print(f"wrote {write_report(args.results_dir, args.report_name)}")
-    from safety_units.experiments.scans_run import name_paths, run_scans, unit_maps  # loads torch: not for reports
+    from safety_units.experiments.scans.run import name_paths, run_scans, unit_maps  # loads torch: not for reports
 
     models = name_paths(args.model, "--model")
     out = run_scans(models, unit_maps(args.unit_map, models), [float(a) for a in args.alphas.split(",")],

@@ -93,13 +93,23 @@ Modules (one name per line; tests/test_structure.py checks that the map is compl
     experiments.defense_bench.plan      defenses x threat models x seeds at the cpu and gpu scales, on the runner
     experiments.defense_bench.criteria  the ranking rule, significance and cost thresholds, the goal
     experiments.defense_bench.report    cells.json from the runs (HS re-judged), and results/defenses.md from it
-    experiments.dose_response       the dose-response ablation sweep:
+    experiments.dose_response       the dose-response ablation sweep (scripts/dose_response.py):
     experiments.dose_response.plan      the points, their evaluate.py commands, resumable runs
     experiments.dose_response.report    summary, tables and plot from the runs' artifacts
+    experiments.dose_response.sweep     one sweep end to end: check the inputs, run the points, report
     experiments.validity            do the scorers find causal safety units (results/attribution_validity.md):
+    experiments.validity.plan           the harness's lanes and steps, resumable (scripts/run_attribution_validity.py)
     experiments.validity.criteria       criteria and tables over sweeps
     experiments.validity.artifacts      the small JSON inputs of the planted, stability, sparsity, cost tables
-    experiments.scans_report        results/scans.md: the goal's criteria, sigma(q)'s metrics, the report
+    experiments.validity.report         results/attribution_validity.md from results/ alone
+    experiments.validity.mask_preliminary   scoring=mask's first look (results/mask_preliminary.md)
+    experiments.scans               SCANS against refusal-direction ablation and no steering (scripts/run_scans.py):
+    experiments.scans.run               the conditions per model, resumable; cells.json, then the report
+    experiments.scans.report            results/scans.md: the goal's criteria, sigma(q)'s metrics, the report
+    experiments.judges              the judges' validation reports:
+    experiments.judges.refusal_report   refusal judges against human labels and reference sets (results/judges.md)
+    experiments.judges.harm_report      harmfulness judges on held-out BeaverTails (results/harm_judge.md)
+    experiments.quickstart_report   the quickstart's RU-only run against its random control (results/quickstart.md)
     experiments.synthetic           Jain et al.'s task x concept testbed (scripts/run_jain_testbed.py):
     experiments.synthetic.world         the generator (operators, concepts, jailbreak variants) and its tokenizer
     experiments.synthetic.model         model=synthetic: a small Llama pretrained on the world, cached, resumable
@@ -107,6 +117,14 @@ Modules (one name per line; tests/test_structure.py checks that the map is compl
     experiments.synthetic.analysis      separation per layer, null-space shares of an update, jailbreak placement
     experiments.synthetic.testbed       the testbed run, the findings' criteria and results/jain_testbed.md
     experiments.synthetic.ground_truth  the scorers' ground truth: a planted unit set S, each scorer's precision
+    experiments.benchmarks          what operations cost, measured in one run (benchmarks/*.py):
+    experiments.benchmarks.peak_memory      time and peak memory of a call, a function in a fresh process
+    experiments.benchmarks.attribution_cost attribution per method against a per-weight naive SNIP
+    experiments.benchmarks.scorer_cost      each scorer's cost relative to wifv
+    experiments.benchmarks.mask_overhead    masked against unmasked training step time, full and LoRA
+    experiments.benchmarks.logging_overhead what a run's wandb logging costs
+    experiments.benchmarks.steering_cost    tokens per second with each steering method
+    experiments.benchmarks.time_projection  projected H100 wall time of the study and the defense benchmark
     runs                        a sweep's runs table from the jobs' files, offline:
     runs.__main__                   python -m safety_units.runs <multirun dir>
 """

@@ -6,7 +6,10 @@ import shutil
 import pytest
 from conftest import ROOT
 
-from safety_units.experiments import harm_judge_report, judge_report, mask_preliminary, quickstart_report
+from safety_units.experiments import quickstart_report
+from safety_units.experiments.judges import harm_report as harm_judge_report
+from safety_units.experiments.judges import refusal_report as judge_report
+from safety_units.experiments.validity import mask_preliminary
 from safety_units.utils.errors import ConfigError
 
 RESULTS = ROOT / "results"

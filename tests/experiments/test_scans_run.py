@@ -1,9 +1,9 @@
-"""The SCANS runs' plan (safety_units.experiments.scans_run): the command line's model and unit-map items, each
+"""The SCANS runs' plan (safety_units.experiments.scans.run): the command line's model and unit-map items, each
 model's conditions, a model's provenance. The runs themselves: tests/steering/test_scans.py (scripts/run_scans.py
 on a tiny model)."""
 import pytest
 
-from safety_units.experiments.scans_run import conditions, name_paths, provenance, run_scans, unit_maps
+from safety_units.experiments.scans.run import conditions, name_paths, provenance, run_scans, unit_maps
 from safety_units.utils.errors import ConfigError
 
 

@@ -132,7 +132,7 @@ def _result(metric, outcomes, value=None):
 
 
 def test_the_goal_and_the_recommended_alpha_follow_the_written_criteria():
-    from safety_units.experiments.scans_report import fallback_alpha, goal_check, recommend
+    from safety_units.experiments.scans.report import fallback_alpha, goal_check, recommend
 
     ppl = [[10.0, 5]] * 20
     base = {"oktest": _result("refusal_rate", [1] * 20 + [0] * 20), "harmful": _result("asr", [0] * 40),
@@ -184,7 +184,7 @@ def test_the_eval_callback_steers_both_evaluations(tmp_path):
 
 
 def test_the_report_reads_the_defense_benchmarks_scans_layers_line(tmp_path):
-    from safety_units.experiments.scans_report import freeze_line
+    from safety_units.experiments.scans.report import freeze_line
 
     def cell(defense, seed, k):
         harmful = [1] * k + [0] * (20 - k)

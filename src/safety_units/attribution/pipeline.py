@@ -25,7 +25,7 @@ from safety_units.utils.run_logging import Stopwatch, log_images, log_params, ru
 log = RankedLogger(__name__)
 
 
-# The scorers as the validity harness runs them on channels (scripts/run_attribution_validity.sh): name -> attribute.yaml
+# The scorers as the validity harness runs them on channels (experiments.validity.plan): name -> attribute.yaml
 # overrides. The planted-set ground truth (safety_units.experiments.synthetic.ground_truth) and benchmarks/scorers.py run these.
 SCORER_RUNS = {
     "wifv": ["scoring=wifv"],

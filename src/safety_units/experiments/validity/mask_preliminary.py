@@ -36,7 +36,7 @@ def build(runs: Path) -> tuple[list[str], dict]:
     """The arms' table and the goal's verdict per share (markdown lines), and the summary."""
     if not runs.is_dir():
         raise ConfigError(f"{runs} does not exist: copy the runs' eval dirs there "
-                          "(see safety_units.experiments.mask_preliminary).")
+                          "(see safety_units.experiments.validity.mask_preliminary).")
     base_asr, _ = arm(runs, "base", "harmful")
     base_ppl, _ = arm(runs, "base", "ppl")
     lines = ["| arm | units zeroed (mlp / attn) | ASR [95% CI] | change vs unablated | ppl | ppl rise |",

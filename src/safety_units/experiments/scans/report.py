@@ -207,7 +207,7 @@ def write_report(results_dir: str | Path, name: str = "scans") -> Path:
     rec = recommend(checks)
     frontier_plot(data, results_dir / name / "frontier.png")
     out = ["# SCANS: safety-conscious activation steering on the project's aligned models", "",
-           f"Written by `python scripts/run_scans.py` (`safety_units.experiments.scans_report`) from `results/{name}/cells.json`. "
+           f"Written by `python scripts/run_scans.py` (`safety_units.experiments.scans.report`) from `results/{name}/cells.json`. "
            "Every condition of a model sees the same prompts (hashes checked by the paired tests); refusal judge: "
            f"{data['judge']}. p: exact McNemar test against the same model unsteered; ppl change relative.", "",
            "## Models", "", "| model | path | alignment | steered blocks (SCANS) | sigma threshold |",
@@ -216,7 +216,7 @@ def write_report(results_dir: str | Path, name: str = "scans") -> Path:
         out.append(f"| {n} | `{m['path']}` | {m['provenance']} | {m['sigma']['layers']} | "
                    f"{m['sigma']['threshold']:.3f} |")
     out += ["", f"## The goal on the fully aligned model (`{main_name}`)", "",
-            f"Criteria (fixed before the runs, `safety_units.experiments.scans_report`): OKTest refusal at most "
+            f"Criteria (fixed before the runs, `safety_units.experiments.scans.report`): OKTest refusal at most "
             f"{GOAL_OKTEST_FACTOR:g}x unsteered, the decrease significant (McNemar p < {ALPHA:g}); harmful ASR up by "
             f"at most {GOAL_ASR_MAX_UP:g}; perplexity up by at most {100 * GOAL_PPL_MAX_UP:g}%.", "",
             "| alpha | OKTest before -> after | p | halved | ASR change | ASR ok | ppl change | ppl ok | goal met |",

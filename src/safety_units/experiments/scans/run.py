@@ -1,8 +1,8 @@
 """The runs behind results/scans.md: SCANS against refusal-direction ablation and no steering, on aligned models
-(scripts/run_scans.py is the command line; safety_units.experiments.scans_report writes the report).
+(scripts/run_scans.py is the command line; safety_units.experiments.scans.report writes the report).
 
 The first model is the fully aligned one: it runs no steering, refusal_ablation and SCANS at every alpha; the goal
-and the recommended alpha are read there (criteria fixed before the runs in scans_report). The others run no
+and the recommended alpha are read there (criteria fixed before the runs in scans.report). The others run no
 steering, refusal_ablation (unless `ablation_on="first"`: it is the slow condition) and SCANS at the recommended
 alpha (or, when none meets the goal, the fallback alpha). Every condition is `evaluate.py eval=scans steer=...` on
 the model loaded once; each writes <work dir>/<model>/<condition>/ (eval.json, generations.jsonl, eval_meta.json)
@@ -22,7 +22,7 @@ from omegaconf import OmegaConf
 
 from safety_units.evaluation.run import run_evaluate
 from safety_units.evaluation.suite import training_prompts_of
-from safety_units.experiments.scans_report import (classifier_metrics, fallback_alpha, goal_check, layer_overlap,
+from safety_units.experiments.scans.report import (classifier_metrics, fallback_alpha, goal_check, layer_overlap,
                                                    recommend, write_report)
 from safety_units.models.loading import load_hf
 from safety_units.steering.scans import sigma_scores, sigma_setup
