@@ -38,7 +38,8 @@ Modules (one name per line; tests/test_structure.py checks that the map is compl
     data.calibration                the templated batches that scorers and the drift monitor run the model on
     attribution                 which units matter (python attribute.py):
     attribution.scorer              the Scorer interface (a base-model ReferenceScorer), ScoringRun, build from _target_
-    attribution.scoring             the shared machinery: token positions, activation statistics, score_units
+    attribution.scoring             the shared machinery: token positions, activation statistics
+    attribution.one_set             score_units: wifv, activation or snip of one model on one set (drift, benchmarks)
     attribution.wifv                scoring=wifv | activation: forward-only scores from activation statistics
     attribution.snip                scoring=snip: first-order SNIP per unit
     attribution.contrast            scoring=contrast: activation difference against the base model

@@ -4,7 +4,8 @@ score_units, one model on one set."""
 import pytest
 import torch
 
-from safety_units.attribution.scoring import score_units
+from safety_units.attribution.one_set import score_units
+from safety_units.attribution.scoring import decision_positions, token_mask
 from safety_units.data.chat import IGNORE_INDEX
 from safety_units.units.groups import resolve_units
 from safety_units.utils.errors import ConfigError
@@ -19,6 +20,16 @@ def _hand_batch():
     labels[1, 2:4] = ids[1, 2:4]
     mask = torch.tensor([[1] * 8, [1, 1, 1, 1, 0, 0, 0, 0]])
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def test_token_masks_select_the_response_predictors_and_the_decision_window():
+    batch = _hand_batch()
+    assert token_mask(batch, "response").tolist() == [[0, 0, 1, 1, 1, 0, 0, 0], [0, 1, 1, 0, 0, 0, 0, 0]]
+    assert token_mask(batch, "all").tolist() == batch["attention_mask"].bool().tolist()
+    # k = 1: the last prompt position and the next one, per row (row 0: 2, 3; row 1: 1, 2)
+    expected = [[0, 0, 1, 1, 0, 0, 0, 0], [0, 1, 1, 0, 0, 0, 0, 0]]
+    assert decision_positions(batch, 1).int().tolist() == expected
+    assert token_mask(batch, "decision", decision_tokens=1).int().tolist() == expected
 
 
 def _dense_activation(model, groups, batches, mask_of):

@@ -5,7 +5,7 @@ import torch
 from planted import safety_batches
 
 from safety_units.attribution.scorer import ScoringRun
-from safety_units.attribution.scoring import score_units
+from safety_units.attribution.one_set import score_units
 from safety_units.attribution.snip import SnipScorer
 from safety_units.data.chat import IGNORE_INDEX
 from safety_units.units.groups import resolve_units

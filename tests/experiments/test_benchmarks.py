@@ -22,7 +22,7 @@ def test_a_worker_process_has_its_own_environment_and_fails_clearly():
 
 
 def test_naive_per_weight_snip_equals_the_per_unit_snip(tiny):
-    from safety_units.attribution.scoring import score_units
+    from safety_units.attribution.one_set import score_units
     from safety_units.units.groups import resolve_units
 
     torch.manual_seed(0)

@@ -158,7 +158,7 @@ def test_sigterm_to_the_runner_stops_its_workers(tmp_path):
     import sys
     import time
 
-    code = (f"import sys; sys.path.insert(0, {str(ROOT / 'tests')!r})\n"
+    code = (f"import sys; sys.path[:0] = [{str(ROOT / 'tests')!r}, {str(Path(__file__).parent)!r}]\n"
             "from test_study_runner import TINY\nfrom safety_units.experiments.study.runner import run_study\n"
             f"run_study(TINY, __import__('pathlib').Path({str(tmp_path / 's')!r}), "
             "only=r'^a_full_(lr1e-3|dpo_lr2e-4)_s0$', workers=2)\n")
@@ -175,9 +175,13 @@ def test_sigterm_to_the_runner_stops_its_workers(tmp_path):
                 continue
         return out
 
+    seen = []
     for line in runner.stdout:  # the workers have started once one of them announces a stage
+        seen.append(line)
         if "[run ]" in line:
             break
+    else:
+        pytest.fail("the runner ended before any stage started:\n" + "".join(seen[-30:]))
     workers = children()
     assert len(workers) >= 2  # the two workers (and multiprocessing's resource tracker)
     runner.send_signal(signal.SIGTERM)

@@ -4,7 +4,7 @@
   scoring=wifv) and `activation` (Wanda-style, aggregated per unit, mean_tokens |x_j| * ||W_out[:, j]||: scoring=
   activation, and the utility score of refusal_direction, delta, atp and mask). x_j is unit j's activation at the
   input of down_proj / o_proj and W_out[:, j] the weight column it feeds.
-* `score_units`: wifv, activation or snip (attribution.snip) of one model on one set (the drift callback, benchmarks).
+* (`attribution.one_set.score_units` runs wifv, activation or snip of one model on one set: drift, benchmarks.)
 
 Which positions count (`scoring.tokens`): `all` (every attended token), `response` (the positions that *predict* a
 response token: position i counts when token i+1 is a response token, so the last prompt position -- where the model
@@ -31,7 +31,6 @@ from safety_units.units.groups import UnitGroup
 log = RankedLogger(__name__)
 
 TOKENS = ("all", "response", "decision")
-ONE_SET_METHODS = ("wifv", "activation", "snip")  # what score_units runs
 
 
 def _column_sq_norms(g: UnitGroup) -> torch.Tensor:
@@ -177,19 +176,3 @@ def column_norms(g: UnitGroup) -> torch.Tensor:
     return _column_sq_norms(g).sqrt()
 
 
-def score_units(model, groups: list[UnitGroup], batches: list[dict], method: str, tokens: str = "all",
-                progress: bool = True, desc: str = "", gradient_checkpointing: bool = True,
-                decision_tokens: int = 4) -> dict[str, torch.Tensor]:
-    """The scores of one model on one calibration set: wifv, activation or snip (the scorers that read nothing
-    else; the others, and both sets, are attribution.pipeline.attribute's)."""
-    if method not in ONE_SET_METHODS:
-        raise ConfigError(f"score_units scores one model on one set with one of {ONE_SET_METHODS}, got {method!r} "
-                          f"(use attribution.pipeline.attribute for the other scorers).")
-    if method == "snip":
-        from safety_units.attribution.snip import snip_scores  # why: snip.py builds on this module's token positions
-
-        return snip_scores(model, groups, batches, progress=progress, desc=desc or "snip",
-                           gradient_checkpointing=gradient_checkpointing, tokens=tokens,
-                           decision_tokens=decision_tokens)
-    return activation_scores(model, groups, batches, method, tokens=tokens, decision_tokens=decision_tokens,
-                             progress=progress, desc=desc or method)

@@ -33,7 +33,8 @@ from safety_units.units.classification import CLASS_CODES, classify_from_config
 from safety_units.utils.errors import ConfigError
 from safety_units.models.lora import effective_weight
 from safety_units.utils.ranks import RankedLogger
-from safety_units.attribution.scoring import TOKENS, score_units
+from safety_units.attribution.scoring import TOKENS
+from safety_units.attribution.one_set import score_units
 from safety_units.units.groups import ParamSlice, UnitGroup, resolve_units
 
 log = RankedLogger(__name__)

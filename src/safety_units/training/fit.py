@@ -85,21 +85,9 @@ def fit(cfg: DictConfig, loaded: LoadedModel | None = None) -> tuple[dict, objec
     train_masker = masker
     if adapter is not None:
         model, train_masker = adapter.wrap(model, masker)
-    defense_loss = defense.training_objective(tokenizer, cfg.data, int(cfg.seed))
-    if defense_loss is not None and type(objective) is not Objective:  # only the plain LM loss gives way
-        raise ConfigError(f"objective={objective.name} and defense={defense.name} both set the training loss; "
-                          f"use one of them.")
-    kind = getattr(datamodule, "kind", None)  # None: plain (prompt, response) rows
-    if objective.needs is not None and kind != objective.needs:
-        raise ConfigError(f"objective={objective.name} trains on data={objective.needs} (rows with a role and "
-                          f"reference log-probabilities), but data={cfg.data.get('name')} holds "
-                          f"{kind or 'plain (prompt, response)'} rows.")
-    if objective.needs is None and kind is not None:
-        raise ConfigError(f"data={cfg.data.get('name')} holds {kind} rows, which objective={objective.name} does not "
-                          f"train on; set the objective that does (conf/objective/: e.g. objective=dpo for "
-                          f"data=preference).")
+    loss = training_loss(defense, objective, cfg, tokenizer, getattr(datamodule, "kind", None))
     module = CausalLMModule(model, masker=train_masker, tokenizer=tokenizer, unit_map=unit_map,
-                            objective=defense_loss if defense_loss is not None else objective,
+                            objective=loss,
                             **OmegaConf.to_container(cfg.optim, resolve=True))
 
     unit_map_path = str(unit_map.path) if unit_map is not None else None
@@ -114,27 +102,52 @@ def fit(cfg: DictConfig, loaded: LoadedModel | None = None) -> tuple[dict, objec
     trainer = build_trainer(cfg, extra, run_dir)
     try:  # a failed job of a multirun must not leave its wandb run open for the next job
         trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
-        summary = {"output_dir": str(run_dir), "global_step": trainer.global_step,
-                   "model_dir": str(run_dir / "model") if cfg.get("export", True) else None,
-                   "train_examples": len(datamodule.train_set), "data_stats": datamodule.stats}
-        summary.update(finalize.summary)
-        if masker is not None:
-            summary["freeze"] = masker.describe()
-        if adapter is not None:
-            summary["adapter"] = adapter.describe()
-        if (record := defense.summary()) is not None:
-            summary["defense"] = record
-        for cb in trainer.callbacks:
-            if isinstance(cb, EvalCallback):
-                summary["eval"] = cb.results
-        if datamodule.val_set and "val/loss" not in trainer.callback_metrics and not trainer.interrupted:
-            trainer.validate(module, datamodule=datamodule, verbose=False)  # max_steps ended the run mid-epoch
-        summary["metrics"] = {k: float(v) for k, v in trainer.callback_metrics.items()
-                              if getattr(v, "numel", lambda: 1)() == 1}
+        summary = fit_summary(cfg, trainer, module, datamodule, finalize, masker, adapter, defense)
     finally:
         with Stopwatch():
             finish_loggers(trainer.loggers)
     return summary, module.model
+
+
+def training_loss(defense, objective, cfg: DictConfig, tokenizer, kind: str | None):
+    """What trains: the defense's loss where it brings one (only the plain LM loss gives way to it), else the
+    objective, checked against the data's kind of rows (None: plain (prompt, response) rows)."""
+    defense_loss = defense.training_objective(tokenizer, cfg.data, int(cfg.seed))
+    if defense_loss is not None and type(objective) is not Objective:
+        raise ConfigError(f"objective={objective.name} and defense={defense.name} both set the training loss; "
+                          f"use one of them.")
+    if objective.needs is not None and kind != objective.needs:
+        raise ConfigError(f"objective={objective.name} trains on data={objective.needs} (rows with a role and "
+                          f"reference log-probabilities), but data={cfg.data.get('name')} holds "
+                          f"{kind or 'plain (prompt, response)'} rows.")
+    if objective.needs is None and kind is not None:
+        raise ConfigError(f"data={cfg.data.get('name')} holds {kind} rows, which objective={objective.name} does not "
+                          f"train on; set the objective that does (conf/objective/: e.g. objective=dpo for "
+                          f"data=preference).")
+    return defense_loss if defense_loss is not None else objective
+
+
+def fit_summary(cfg: DictConfig, trainer, module, datamodule, finalize, masker, adapter, defense) -> dict:
+    """The fitted run's summary: steps, export, data, frozen entries, adapter, defense, evaluations, metrics."""
+    run_dir = output_dir(cfg)
+    summary = {"output_dir": str(run_dir), "global_step": trainer.global_step,
+               "model_dir": str(run_dir / "model") if cfg.get("export", True) else None,
+               "train_examples": len(datamodule.train_set), "data_stats": datamodule.stats}
+    summary.update(finalize.summary)
+    if masker is not None:
+        summary["freeze"] = masker.describe()
+    if adapter is not None:
+        summary["adapter"] = adapter.describe()
+    if (record := defense.summary()) is not None:
+        summary["defense"] = record
+    for cb in trainer.callbacks:
+        if isinstance(cb, EvalCallback):
+            summary["eval"] = cb.results
+    if datamodule.val_set and "val/loss" not in trainer.callback_metrics and not trainer.interrupted:
+        trainer.validate(module, datamodule=datamodule, verbose=False)  # max_steps ended the run mid-epoch
+    summary["metrics"] = {k: float(v) for k, v in trainer.callback_metrics.items()
+                          if getattr(v, "numel", lambda: 1)() == 1}
+    return summary
 
 
 def optimized_metric(cfg: DictConfig, metrics: dict[str, float]) -> float | None:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from safety_units.attribution.scoring import score_units
+from safety_units.attribution.one_set import score_units
 from safety_units.data.calibration import calibration_batches
 from safety_units.experiments.benchmarks.peak_memory import in_fresh_process, timed_peak
 from safety_units.models.loading import build_tiny, load_smollm2
