@@ -1,16 +1,39 @@
-"""Helpers shared by test files of several folders: the exactness settings of the freezing tests, the tiny model's
-loaded weights, which units moved, and a small safety / utility set pair."""
+"""Helpers shared by several test files: the exactness settings of the freezing tests, the tiny model and its loaded
+weights, which units moved, a small safety / utility set pair, data sources from keywords, a stand-in for
+self-distilled answers, and a few constants."""
 import json
 
+import pytest
 import torch
-from conftest import compose
+from conftest import SHARED_DATA, compose
 
+from safety_units.data.sources import Source
 from safety_units.models.loading import build_tiny
 from safety_units.units.groups import resolve_units
 
 # every step of the exactness tests: decoupled weight decay, accumulation, clipping (the masking pitfalls)
 EXACT = ["optim.weight_decay=0.1", "optim.lr=5e-3", "trainer.accumulate_grad_batches=2",
          "trainer.gradient_clip_val=0.5", "trainer.max_steps=4"]
+LONG = " ".join(["word"] * 30)  # 30 words: past the judges' minimum length (20) and their 80-character opening
+HEADS = {"heads": True}  # units.heads=true: attention heads as units
+needs_hft_data = pytest.mark.skipif(not (SHARED_DATA / "hft").is_dir(), reason="needs ../shared/data/hft")
+
+
+def tiny_model():
+    """model=tiny's model, freshly built (the same random weights every call)."""
+    return build_tiny(cache_dir=compose("train", ["model=tiny"]).paths.cache_dir).model
+
+
+def src(**kw):
+    """A data source from its settings as keywords (named `test` unless `name` is given)."""
+    return Source.from_config(kw, kw.pop("name", "test") if "name" in kw else "test")
+
+
+def fake_own_answers(model, tokenizer, examples, cache_dir=None, **kw):
+    """Stand-in for the teacher's greedy answers (a tiny random model answers with nothing or noise)."""
+    from safety_units.data.pairs import with_response
+
+    return [with_response(ex, f"Sure, here is how to {ex.prompt[:20]}") for ex in examples]
 
 
 def loaded_weights():

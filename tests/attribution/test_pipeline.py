@@ -1,5 +1,5 @@
-"""attribution.pipeline: attribute() and run_attribution() end to end -- every scorer finds a planted safety unit,
-the unit map's files and metadata, classification -- on tiny models."""
+"""What `python attribute.py` runs (safety_units.attribution.pipeline): attribute() and run_attribution() end to end --
+every scorer finds a planted safety unit, the unit map's files and metadata, head maps -- on tiny models."""
 
 import json
 
@@ -8,14 +8,14 @@ import torch
 from conftest import compose
 from planted import MARKER, PLANT, REFUSE, attribute_cfg, rows, tiny_cfg
 from planted import planted_dirs  # noqa: F401  (a fixture)
+from testkit import tiny_model as _tiny
 
 from safety_units.attribution.pipeline import attribute, run_attribution
 from safety_units.data.chat import prompt_text
 from safety_units.models.loading import build_tiny, load_hf
-from safety_units.units.classification import CLASS_CODES, classify, percentile_ranks
-from safety_units.units.groups import resolve_units
+from safety_units.units.classification import CLASS_CODES
 from safety_units.units.unit_map import UnitMap, selection_size
-from safety_units.utils.errors import ConfigError, UnitMapError
+from safety_units.utils.errors import UnitMapError
 
 
 @pytest.fixture
@@ -81,37 +81,6 @@ def test_every_scorer_ranks_the_planted_unit_first(planted_dirs, method):
     assert set(um.metadata["class_shares"]) == {"mlp", "attn"}
 
 
-def test_each_unit_gets_one_class_and_shares_match():
-    g = torch.Generator().manual_seed(0)
-    safety = {f"mlp.{i}": torch.rand(1000, generator=g) for i in range(3)} | {"attn.0": torch.rand(400, generator=g)}
-    utility = {k: torch.rand(v.numel(), generator=g) for k, v in safety.items()}
-    shares = {"esu": 0.02, "euu": 0.1, "ru": 0.2}
-    for norm in ("per_layer", "global"):
-        cls = classify(safety, utility, shares=shares, normalization=norm)
-        for kind, n in (("mlp", 3000), ("attn", 400)):
-            c = torch.cat([v for k, v in cls.items() if k.startswith(kind)])
-            assert c.numel() == n and set(c.unique().tolist()) <= set(CLASS_CODES.values())
-            for name, share in shares.items():
-                assert int((c == CLASS_CODES[name]).sum()) == round(share * n)
-        assert classify(safety, utility, shares=shares, normalization=norm)["mlp.1"].equal(cls["mlp.1"])
-
-
-def test_ties_are_deterministic():
-    safety = {"mlp.0": torch.ones(50)}
-    utility = {"mlp.0": torch.ones(50)}
-    a = classify(safety, utility, shares={"esu": 0.04, "euu": 0.04, "ru": 0.1})
-    assert a["mlp.0"][:2].tolist() == [CLASS_CODES["esu"]] * 2  # equal scores: lowest positions first
-    assert percentile_ranks(torch.tensor([3.0, 1.0, 3.0])).tolist() == [0.75, 0.0, 0.75]
-
-
-def test_bad_shares_are_config_errors():
-    s = {"mlp.0": torch.rand(10)}
-    with pytest.raises(ConfigError, match="sum to less than 1"):
-        classify(s, s, shares={"esu": 0.5, "euu": 0.3, "ru": 0.3})
-    with pytest.raises(ConfigError, match="normalization"):
-        classify(s, s, normalization="zscore")
-
-
 def test_run_writes_three_files_and_map_roundtrips(tmp_path):
     cfg = tiny_cfg(tmp_path, "logger=csv")
     out = run_attribution(cfg)
@@ -149,21 +118,16 @@ def test_map_of_another_model_is_refused(tmp_path):
         UnitMap.load(tmp_path / "nope.safetensors")
 
 
-def test_unknown_module_names_list_what_exists(tiny):
-    names = {"layers": "model.layers", "mlp": {"in": ["mlp.w1"], "out": "mlp.down_proj"}, "attn": None}
-    with pytest.raises(ConfigError, match="module 'mlp.w1' not found.*mlp.gate_proj"):
-        resolve_units(tiny.model, names)
-    with pytest.raises(ConfigError, match="not a ModuleList"):
-        resolve_units(tiny.model, {"layers": "model.blocks", "mlp": None, "attn": None})
+@pytest.mark.parametrize("method", ["mask", "atp", "activation"])
+def test_head_scorers_write_a_head_map(tmp_path, method):
+    from safety_units.attribution.pipeline import run_attribution
 
-
-def test_gpt2_style_units():
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, n_positions=64, vocab_size=100))
-    groups = resolve_units(model)
-    assert [(g.kind, g.n) for g in groups] == [("mlp", 128), ("attn", 32), ("mlp", 128), ("attn", 32)]
-    mlp = groups[0]
-    dims = {s.name: s.dim for s in mlp.slices}
-    assert dims == {"transformer.h.0.mlp.c_proj.weight": 0, "transformer.h.0.mlp.c_fc.weight": 1,
-                    "transformer.h.0.mlp.c_fc.bias": 0}
+    extra = ["scoring.steps=5"] if method == "mask" else []
+    cfg = compose("attribute", ["model=tiny", "calibration.nsamples=8", "calibration.max_length=48",
+                                "units.heads=true", f"scoring={method}", *extra], output_dir=tmp_path)
+    um = UnitMap.load(run_attribution(cfg)["unit_map"], model=_tiny())
+    assert set(um.keys) == {"mlp.0", "head.0", "mlp.1", "head.1"}
+    assert um.safety["head.0"].shape == (4,) and torch.isfinite(um.safety["head.1"]).all()
+    assert um.metadata["unit_names"] == {"heads": True} and set(um.metadata["class_shares"]) == {"mlp", "head"}
+    assert um.metadata["fingerprint"]["units"]["head"] == [4, 4]
+    assert um.metadata["unit_kinds"] == ["head", "mlp"] == um.kinds

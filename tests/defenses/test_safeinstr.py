@@ -3,16 +3,15 @@
 import math
 
 import pytest
-from conftest import SHARED_DATA, compose
+from conftest import compose
+from testkit import needs_hft_data
 
 from safety_units.defenses.base import build_defense
 from safety_units.defenses.safeinstr import SafeInstr
 from safety_units.utils.errors import ConfigError
 
-needs_data = pytest.mark.skipif(not (SHARED_DATA / "hft").is_dir(), reason="needs ../shared/data/hft")
 
-
-@needs_data
+@needs_hft_data
 def test_safeinstr_adds_its_share_of_safety_data():
     cfg = compose("train", ["~experiment", "data=task_mix", "data.num_samples=200", "defense=safeinstr"])
     defense = build_defense(cfg.defense)

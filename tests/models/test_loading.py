@@ -1,3 +1,4 @@
+"""Loading models (safety_units.models.loading): the tiny random Llama, local HF models, the real SmolLM2."""
 import importlib.util
 import json
 import os
@@ -25,11 +26,6 @@ def test_tiny_model_shape_and_seed():
     assert torch.equal(a.model.model.layers[0].mlp.up_proj.weight, b.model.model.layers[0].mlp.up_proj.weight)
     assert not torch.equal(a.model.model.layers[0].mlp.up_proj.weight, c.model.model.layers[0].mlp.up_proj.weight)
     assert model_fingerprint(a.model) == model_fingerprint(b.model) != model_fingerprint(c.model)
-
-
-def test_fingerprint_is_dtype_independent(tiny):
-    fp32 = model_fingerprint(tiny.model)
-    assert model_fingerprint(tiny.model.to(torch.bfloat16))["weight_hash"] == fp32["weight_hash"]
 
 
 def test_load_hf_roundtrip_and_dtype(tiny, tmp_path):
@@ -75,19 +71,3 @@ def test_real_smollm2_loads_offline_and_replies():
     reply = generate_chat(loaded.model, loaded.tokenizer, [[{"role": "user", "content": "What is the capital of France?"}]],
                           max_new_tokens=20, progress=False)[0]
     assert "Paris" in reply
-
-
-def test_eval_mode_restores_the_previous_mode_even_on_error():
-    from safety_units.models.forward import eval_mode
-
-    model = torch.nn.Sequential(torch.nn.Dropout(0.5))
-    model.train()
-    with pytest.raises(RuntimeError):
-        with eval_mode(model):
-            assert not model.training
-            raise RuntimeError("boom")
-    assert model.training
-    model.eval()
-    with eval_mode(model):
-        pass
-    assert not model.training

@@ -1,12 +1,12 @@
-"""objective=dpo / unlearning: DPO is log 2 at the reference, NPO's retain term is the plain LM loss and masks do
-not change it, and both keep frozen entries exact; the data configs build pairs / forget rows on data=mix's prompts."""
+"""The training objectives (safety_units.models.objectives): DPO is log 2 at the reference, NPO's retain term is the
+plain LM loss and masks do not change it, both keep frozen entries exact, and objective and data must match."""
 
 import math
 
 import pytest
 import torch
 from conftest import compose, train_cfg
-from omegaconf import OmegaConf
+from testkit import fake_own_answers
 
 from safety_units.data.chat import encode_example
 from safety_units.utils.errors import ConfigError
@@ -68,13 +68,6 @@ def test_npo_retain_term_is_the_lm_loss_and_masks_leave_it_unchanged(tiny, unit_
     assert 0 <= npo.terms(tiny.model, far)[0].item() < 1e-3
 
 
-def fake_own_answers(model, tokenizer, examples, cache_dir=None, **kw):
-    """Stand-in for the teacher's greedy answers (a tiny random model answers with nothing or noise)."""
-    from safety_units.data.pairs import with_response
-
-    return [with_response(ex, f"Sure, here is how to {ex.prompt[:20]}") for ex in examples]
-
-
 @pytest.mark.parametrize("objective,data", [("dpo", "preference"), ("unlearning", "unlearning")])
 def test_objectives_train_with_frozen_entries_exact(tmp_path, monkeypatch, objective, data):
     import safety_units.data.pairs as pairs
@@ -123,39 +116,3 @@ def test_objective_configs_build_their_class_and_a_bad_target_is_a_clear_error()
         build_objective({"name": "dpo"})
     with pytest.raises(ConfigError, match="objective.variant must be npo"):
         build_objective({"_target_": "safety_units.models.objectives.NPO", "variant": "ga"})
-
-
-def test_a_benign_row_without_an_answer_is_skipped_or_named(tmp_path, monkeypatch):
-    """Alpaca has rows with an empty output: a source whose answers are the chosen ones must skip them under
-    on_bad_row=skip (the study's DPO stages failed on them) and name the file otherwise."""
-    import json
-
-    import safety_units.data.pairs as pairs
-    from safety_units.utils.errors import DataError
-    from safety_units.training.fit import run_train
-
-    monkeypatch.setattr(pairs, "self_distill_responses", fake_own_answers)
-    benign = tmp_path / "benign.jsonl"
-    rows = [{"instruction": f"Name a colour number {i}.", "output": f"Blue {i}."} for i in range(7)]
-    benign.write_text("\n".join(json.dumps(r) for r in [*rows, {"instruction": "Say nothing.", "output": ""}]))
-    small = ["objective=dpo", "data=preference", "model@data.self_distill.teacher=tiny", f"data.sources.benign.path={benign}",
-             "~data.sources.benign.input", "~data.sources.benign.hash_split", "data.num_samples=8",
-             "data.max_length=32", "data.val_fraction=0.0", "trainer.max_steps=1", "export=false"]
-    summary = run_train(train_cfg(tmp_path / "skip", *small))
-    assert summary["train_examples"] == 4 + 4  # 4 refusal pairs and 4 of the 7 answered benign rows
-    with pytest.raises((ConfigError, DataError), match="benign.jsonl"):
-        run_train(train_cfg(tmp_path / "error", *small, "data.sources.benign.on_bad_row=error"))
-
-
-@pytest.mark.parametrize("data", ["preference", "unlearning"])
-def test_pair_sources_count_as_training_prompts(data):
-    """The study counts a fine-tune's prompts in its eval (prompt_set_texts of data.sources): pair data's row keys
-    (rejected / role) must not break that, and the prompts are those of the same sources without them."""
-    from safety_units.evaluation.suite import prompt_set_texts
-    from safety_units.data.pairs import ROW_KEYS
-
-    sources = compose("train", ["model=tiny", f"data={data}"]).data.sources
-    plain = {n: {k: v for k, v in OmegaConf.to_container(c, resolve=True).items() if k not in ROW_KEYS}
-             for n, c in sources.items()}
-    got = prompt_set_texts(sources, where="data.sources")
-    assert len(got) > 100 and got == prompt_set_texts(plain)

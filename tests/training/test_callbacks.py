@@ -1,17 +1,18 @@
 """The callbacks of a training run (safety_units.training.callbacks), each called as Lightning calls it, on the tiny
 model with a stand-in trainer (what a callback reads of it: strategy, rank, loggers, step): the Ctrl-C checkpoint,
-the frozen-entry check and export, the evaluation's refusal under sharded weights, and the run's summary. Whole runs
-through train.py are in test_fit.py / test_freezing.py."""
+the frozen-entry check and export, the evaluation's refusal under sharded weights, and the run's summary; and one
+whole run's before/after evaluation table."""
 import json
 from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import train_cfg
+from conftest import compose, train_cfg
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.strategies import SingleDeviceStrategy
 from transformers import AutoModelForCausalLM
 
+from safety_units.evaluation.judges.refusal import PatternJudge
 from safety_units.training.callbacks import EvalCallback, FinalizeRun, InterruptCheckpoint, RunSummary
 from safety_units.training.freezing import build_masker
 from safety_units.units.unit_map import load_selection
@@ -146,3 +147,23 @@ def test_the_run_summary_collects_params_time_tokens_freeze_and_eval_change(tmp_
     rank1 = trainer(tmp_path / "r1", rank=1, strategy=TwoRanks("cpu"))
     RunSummary(str(tmp_path / "r1" / "run"), params).on_train_end(rank1, module)  # takes part in the sum, writes nothing
     assert not (tmp_path / "r1" / "run").exists()
+
+
+def test_eval_callback_writes_before_after_table(tmp_path):
+    from safety_units.training.fit import run_train
+
+    cfg = train_cfg(tmp_path, "callbacks=eval", "callbacks.eval.suite.limit=3", "callbacks.eval.suite.max_new_tokens=6",
+                    "trainer.max_steps=2")
+    summary = run_train(cfg)
+    table = (tmp_path / "eval_compare.md").read_text()
+    assert "| harmful | asr |" in table and "| ppl | ppl |" in table
+    default_judge = compose("evaluate", []).judge._target_.rsplit(".", 1)[1]
+    assert cfg.callbacks.eval.judge._target_.endswith(default_judge)  # the callback uses the default judge
+    assert f"Refusal judge: {getattr(PatternJudge, 'name')}." in table and "| 95% CI of change | McNemar p |" in table
+    before = json.loads((tmp_path / "eval_before.json").read_text())
+    after = json.loads((tmp_path / "eval_after.json").read_text())
+    assert all(before[k]["extra"]["prompt_hash"] == after[k]["extra"]["prompt_hash"] for k in before)
+    # the run trains on Alpaca: the ppl slice is held out by hash, so nothing of it was trained on
+    assert before["ppl"]["extra"]["train_overlap"] == 0
+    assert set(summary["eval"]) == {"before", "after"}
+    assert (tmp_path / "eval_before.json").is_file() and (tmp_path / "eval_after.json").is_file()

@@ -1,3 +1,4 @@
+"""What `python train.py` runs (safety_units.training.fit): end to end, resume, Ctrl-C, loggers, sweeps, quickstart."""
 import csv
 import json
 
@@ -6,7 +7,7 @@ import torch
 from conftest import compose, train_cfg
 from transformers import AutoModelForCausalLM
 
-from safety_units.utils.errors import ConfigError, NonFiniteLossError
+from safety_units.utils.errors import ConfigError
 from safety_units.training.fit import run_train
 
 
@@ -42,23 +43,11 @@ def test_resume_equals_uninterrupted_run(tmp_path):
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
-def test_nan_loss_stops_with_clear_message(tmp_path):
-    with pytest.raises(NonFiniteLossError, match=r"loss became (nan|inf) at global step [1-9]") as e:
-        run_train(train_cfg(tmp_path, "optim.lr=1e30", "optim.warmup_ratio=0", "trainer.gradient_clip_val=null",
-                            "trainer.max_steps=20"))
-    assert "last good checkpoint" in str(e.value)
-
-
 def test_unknown_config_key_is_an_error(tmp_path):
     from hydra.errors import ConfigCompositionException
 
     with pytest.raises(ConfigCompositionException, match="batchsize"):
         train_cfg(tmp_path, "data.batchsize=3")
-
-
-def test_bad_optim_value_is_a_clear_error(tmp_path):
-    with pytest.raises(ConfigError, match="optim.lr must be positive"):
-        run_train(train_cfg(tmp_path, "optim.lr=-1"))
 
 
 def test_ctrl_c_saves_a_resumable_checkpoint(tmp_path, monkeypatch):
@@ -157,20 +146,6 @@ def test_multirun_jobs_are_a_dashboard_online_and_offline(tmp_path, unit_map):
     header = next(line for line in out.splitlines() if line.startswith("| job |"))
     assert header.split(" | ")[1] == "seed" and "2 runs; swept: seed" in out
     assert (tmp_path / "r.csv").read_text().splitlines()[0].startswith("job,seed,")
-
-
-def test_entry_point_prints_one_paragraph_error(tmp_path):
-    import subprocess
-    import sys
-
-    from conftest import ROOT
-
-    cmd = [sys.executable, str(ROOT / "train.py"), "model=hf", "model.path=/no/such/model",
-           f"hydra.run.dir={tmp_path}"]
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert res.returncode == 1
-    assert "error: model.path='/no/such/model' does not exist" in res.stderr
-    assert "Traceback" not in res.stderr
 
 
 def test_optuna_sweep_runs_trials(tmp_path):

@@ -1,4 +1,4 @@
-"""classify=set_difference: ESU = top-p by safety minus top-q by utility; class sizes are an outcome."""
+"""Unit classes from scores (safety_units.units.classification): shares, ties, set_difference, bad settings."""
 
 import json
 
@@ -7,7 +7,14 @@ import torch
 from conftest import compose
 
 from safety_units.attribution.pipeline import run_attribution
-from safety_units.units.classification import CLASS_CODES, CLASS_NAMES, classify_from_config, classify_set_difference
+from safety_units.units.classification import (
+    CLASS_CODES,
+    CLASS_NAMES,
+    classify,
+    classify_from_config,
+    classify_set_difference,
+    percentile_ranks,
+)
 from safety_units.utils.errors import ConfigError
 
 ESU, EUU, CU, RU = (CLASS_CODES[c] for c in ("esu", "euu", "cu", "ru"))
@@ -99,3 +106,34 @@ def test_attribute_reports_the_resulting_shares(tmp_path):
             assert summary["metadata"]["class_shares"][kind] == {c: total[c]["share"] for c in CLASS_CODES}
     assert large["total"]["mlp"]["esu"]["count"] > small["total"]["mlp"]["esu"]["count"]
     assert small["metadata"]["classify"]["method"] == "set_difference"
+
+
+def test_each_unit_gets_one_class_and_shares_match():
+    g = torch.Generator().manual_seed(0)
+    safety = {f"mlp.{i}": torch.rand(1000, generator=g) for i in range(3)} | {"attn.0": torch.rand(400, generator=g)}
+    utility = {k: torch.rand(v.numel(), generator=g) for k, v in safety.items()}
+    shares = {"esu": 0.02, "euu": 0.1, "ru": 0.2}
+    for norm in ("per_layer", "global"):
+        cls = classify(safety, utility, shares=shares, normalization=norm)
+        for kind, n in (("mlp", 3000), ("attn", 400)):
+            c = torch.cat([v for k, v in cls.items() if k.startswith(kind)])
+            assert c.numel() == n and set(c.unique().tolist()) <= set(CLASS_CODES.values())
+            for name, share in shares.items():
+                assert int((c == CLASS_CODES[name]).sum()) == round(share * n)
+        assert classify(safety, utility, shares=shares, normalization=norm)["mlp.1"].equal(cls["mlp.1"])
+
+
+def test_ties_are_deterministic():
+    safety = {"mlp.0": torch.ones(50)}
+    utility = {"mlp.0": torch.ones(50)}
+    a = classify(safety, utility, shares={"esu": 0.04, "euu": 0.04, "ru": 0.1})
+    assert a["mlp.0"][:2].tolist() == [CLASS_CODES["esu"]] * 2  # equal scores: lowest positions first
+    assert percentile_ranks(torch.tensor([3.0, 1.0, 3.0])).tolist() == [0.75, 0.0, 0.75]
+
+
+def test_bad_shares_are_config_errors():
+    s = {"mlp.0": torch.rand(10)}
+    with pytest.raises(ConfigError, match="sum to less than 1"):
+        classify(s, s, shares={"esu": 0.5, "euu": 0.3, "ru": 0.3})
+    with pytest.raises(ConfigError, match="normalization"):
+        classify(s, s, normalization="zscore")

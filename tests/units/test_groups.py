@@ -1,22 +1,16 @@
-"""Attention heads as units (units.heads=true): the head slices under grouped-query attention, exact head masks
-under freezing, head scores from mask / atp / activation, and unit maps written before heads existed."""
+"""Which parameter slices make up a unit (safety_units.units.groups): heads under grouped-query attention, exact head
+masks under freezing, module names, GPT-2 units."""
 
 import pytest
 import torch
-from conftest import FIXTURES, compose, train_cfg
+from conftest import train_cfg
 from safetensors.torch import load_file
+from testkit import HEADS, tiny_model as _tiny
 
-from safety_units.units.masking import ablate_units
-from safety_units.models.loading import build_tiny
 from safety_units.training.fit import run_train
-from safety_units.units.unit_map import UnitMap, random_units, share_counts
 from safety_units.units.groups import resolve_units, unit_counts
-
-HEADS = {"heads": True}
-
-
-def _tiny():
-    return build_tiny(cache_dir=compose("train", ["model=tiny"]).paths.cache_dir).model
+from safety_units.units.unit_map import random_units, share_counts
+from safety_units.utils.errors import ConfigError
 
 
 def test_a_head_owns_its_q_rows_and_o_columns_and_shares_its_kv_block():
@@ -88,40 +82,21 @@ def test_head_masks_are_exact_under_freezing_with_grouped_query_attention(tmp_pa
     assert moved_any and full_group
 
 
-def test_ablating_heads_zeroes_their_slices_and_a_full_groups_kv():
-    model = _tiny()
-    sel = {g.key: torch.zeros(g.n, dtype=torch.bool) for g in resolve_units(model, HEADS)}
-    sel["head.1"][torch.tensor([0, 1, 2])] = True  # K/V group 0 fully, group 1 half
-    zeroed = ablate_units(model, sel)
-    attn = model.model.layers[1].self_attn.requires_grad_(False)
-    assert zeroed["units_zeroed"] == 3
-    assert float(attn.o_proj.weight[:, :48].abs().max()) == 0.0 and float(attn.o_proj.weight[:, 48:].abs().min()) > 0
-    assert float(attn.q_proj.weight[:48].abs().max()) == 0.0
-    assert float(attn.v_proj.weight[:16].abs().max()) == 0.0 and float(attn.v_proj.weight[16:].abs().max()) > 0
-    assert zeroed["entries_zeroed"] == 3 * 16 * 64 * 2 + 16 * 64 * 2  # q rows + o columns; one K/V block of k and v
+def test_unknown_module_names_list_what_exists(tiny):
+    names = {"layers": "model.layers", "mlp": {"in": ["mlp.w1"], "out": "mlp.down_proj"}, "attn": None}
+    with pytest.raises(ConfigError, match="module 'mlp.w1' not found.*mlp.gate_proj"):
+        resolve_units(tiny.model, names)
+    with pytest.raises(ConfigError, match="not a ModuleList"):
+        resolve_units(tiny.model, {"layers": "model.blocks", "mlp": None, "attn": None})
 
 
-def test_a_unit_map_written_before_heads_existed_still_loads_and_ablates():
-    path = FIXTURES / "unit_map_channels_v9a1b3aa_tiny.safetensors"  # written by commit 9a1b3aa's attribute.py
-    model = _tiny()
-    um = UnitMap.load(path, model=model)  # fingerprint (units per kind) unchanged for channel maps
-    assert set(um.keys) == {"mlp.0", "attn.0", "mlp.1", "attn.1"} and um.kinds == ["attn", "mlp"]
-    assert "unit_kinds" not in um.metadata  # recorded since heads exist; older maps answer from their keys
-    top = um.top("safety", {"mlp": 3, "attn": 2})
-    zeroed = ablate_units(model, top)
-    assert zeroed["units_zeroed"] == 5 and zeroed["entries_zeroed"] == 3 * 64 * 3 + 2 * 64
+def test_gpt2_style_units():
+    from transformers import GPT2Config, GPT2LMHeadModel
 
-
-@pytest.mark.parametrize("method", ["mask", "atp", "activation"])
-def test_head_scorers_write_a_head_map(tmp_path, method):
-    from safety_units.attribution.pipeline import run_attribution
-
-    extra = ["scoring.steps=5"] if method == "mask" else []
-    cfg = compose("attribute", ["model=tiny", "calibration.nsamples=8", "calibration.max_length=48",
-                                "units.heads=true", f"scoring={method}", *extra], output_dir=tmp_path)
-    um = UnitMap.load(run_attribution(cfg)["unit_map"], model=_tiny())
-    assert set(um.keys) == {"mlp.0", "head.0", "mlp.1", "head.1"}
-    assert um.safety["head.0"].shape == (4,) and torch.isfinite(um.safety["head.1"]).all()
-    assert um.metadata["unit_names"] == {"heads": True} and set(um.metadata["class_shares"]) == {"mlp", "head"}
-    assert um.metadata["fingerprint"]["units"]["head"] == [4, 4]
-    assert um.metadata["unit_kinds"] == ["head", "mlp"] == um.kinds
+    model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, n_positions=64, vocab_size=100))
+    groups = resolve_units(model)
+    assert [(g.kind, g.n) for g in groups] == [("mlp", 128), ("attn", 32), ("mlp", 128), ("attn", 32)]
+    mlp = groups[0]
+    dims = {s.name: s.dim for s in mlp.slices}
+    assert dims == {"transformer.h.0.mlp.c_proj.weight": 0, "transformer.h.0.mlp.c_fc.weight": 1,
+                    "transformer.h.0.mlp.c_fc.bias": 0}

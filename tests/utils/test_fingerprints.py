@@ -1,6 +1,5 @@
 """Model fingerprints (safety_units.utils.fingerprints): a few weight tensors hashed, spread over the model, so a map
-or cache computed on other weights is told apart; the key is independent of the fingerprint's key order. (That the
-hash ignores the load dtype is tested on the tiny model in tests/models/test_loading.py.)"""
+or cache computed on other weights is told apart, whatever the load dtype; the key ignores the key order."""
 import re
 
 import torch
@@ -43,3 +42,8 @@ def test_fingerprint_key_is_order_independent_and_tells_fingerprints_apart():
     assert re.fullmatch(r"[0-9a-f]{16}", key)
     assert fingerprint_key(dict(reversed(list(fp.items())))) == key
     assert fingerprint_key(fp | {"num_layers": 7}) != key
+
+
+def test_fingerprint_is_dtype_independent(tiny):
+    fp32 = model_fingerprint(tiny.model)
+    assert model_fingerprint(tiny.model.to(torch.bfloat16))["weight_hash"] == fp32["weight_hash"]

@@ -1,5 +1,5 @@
-"""A binary classifier against labels: confusion counts, F1's bootstrap interval, AUROC (safety_units.utils.stats);
-checked on cases whose answer is known by hand."""
+"""Statistics (safety_units.utils.stats): a classifier's confusion counts, F1's bootstrap interval and AUROC, Wilson
+intervals, pairwise kappa; checked on cases whose answer is known by hand."""
 import math
 import random
 
@@ -55,3 +55,18 @@ def test_wilson_interval_brackets_the_proportion():
     lo, hi = wilson(30, 100)
     assert lo < 0.3 < hi and lo == pytest.approx(0.2189, abs=1e-4) and hi == pytest.approx(0.3958, abs=1e-4)
     assert wilson(0, 10)[0] == 0.0 and all(math.isnan(x) for x in wilson(0, 0))
+
+
+def test_wilson_interval():
+    lo, hi = wilson(5, 10)
+    assert round(lo, 4) == 0.2366 and round(hi, 4) == 0.7634
+    assert wilson(0, 20)[0] == 0.0 and wilson(20, 20)[1] == 1.0
+
+
+def test_pairwise_kappa_covers_every_pair_once():
+    from safety_units.utils.stats import cohen_kappa, pairwise_kappa
+
+    votes = {"a": [1, 0, 1, 0], "b": [1, 0, 0, 0], "c": [0, 1, 0, 1]}
+    k = pairwise_kappa(votes)
+    assert list(k) == ["a~b", "a~c", "b~c"]
+    assert k["a~b"] == cohen_kappa(votes["a"], votes["b"]) == 0.5 and k["a~c"] == -1.0
