@@ -80,8 +80,9 @@ def atp_scores(model, groups: list[UnitGroup], harmful: list[dict], harmless: li
                 (-nll.sum()).backward()  # m summed over examples: each example's gradient is its own
                 w = window.unsqueeze(-1).float()
                 for g in groups:
-                    x = seen[g.key]
-                    effect = (x.grad.float() * (mu[g.key] - x.detach().float()) * w).sum(dim=1)  # [batch, chans]
+                    x = seen[g.key]  # OPT feeds fc2 [batch * seq, channels]: back to [batch, seq, channels]
+                    grad, act = (t.float().reshape(*window.shape, x.shape[-1]) for t in (x.grad, x.detach()))
+                    effect = (grad * (mu[g.key] - act) * w).sum(dim=1)  # [batch, chans]
                     effect = g.per_unit(effect)  # a head's patch is all its channels at once: sum, then |.|
                     rows = counts > 0
                     acc[g.key] += effect[rows].abs().double().sum(dim=0).cpu()

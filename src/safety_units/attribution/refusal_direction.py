@@ -53,7 +53,7 @@ def decision_means(model, layers: torch.nn.ModuleList, batches: list[dict], grou
 
     def add_units(key):
         def hook(module, args):
-            x = args[0]
+            x = args[0].reshape(*current["mask"].shape, args[0].shape[-1])  # OPT feeds fc2 [batch * seq, channels]
             stats[key].add(x[current["mask"]].reshape(-1, x.shape[-1]))
         return hook
 

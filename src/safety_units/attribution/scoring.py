@@ -137,7 +137,7 @@ def activation_stats(model, groups: list[UnitGroup], batches: Iterable[dict], to
 
     def make_hook(key):
         def hook(module, args):
-            x = args[0]
+            x = args[0].reshape(*current["mask"].shape, args[0].shape[-1])  # OPT feeds fc2 [batch * seq, channels]
             stats[key].add(x[current["mask"]].reshape(-1, x.shape[-1]))
         return hook
 

@@ -23,7 +23,7 @@ from safety_units.units.masking import Masker, PartialMask, count_entries, masks
 from safety_units.utils.ranks import RankedLogger
 from safety_units.attribution.selection import freeze_selection
 from safety_units.units.unit_map import UnitMap, selection_size
-from safety_units.units.groups import resolve_units, unit_names
+from safety_units.units.groups import names_for, resolve_units, unit_names
 
 log = RankedLogger(__name__)
 
@@ -33,7 +33,7 @@ STRATEGIES = ("none", "esu", "esu_cu", "ru_only", "random", "train_only", "layer
 def _layer_masks(cfg, model: nn.Module, tokenizer, names: dict | None, description: dict) -> tuple[dict, set[str]]:
     f = cfg.freeze
     groups = resolve_units(model, names)
-    prefix = groups[0].out_name.rsplit(".", 3)[0] if groups else "model.layers"
+    prefix = names_for(model, names)["layers"]  # OPT's blocks hold fc2 directly: no fixed depth below them
     n_layers = max(g.layer for g in groups) + 1
     if f.get("layers_like") == "scans":
         layer_ids = scans_layers(cfg, model, tokenizer, description)

@@ -11,7 +11,13 @@
   reads), is zeroed only when every head of its group is ablated, and its score share is split evenly.
 
 A unit owns `width` consecutive entries of each slice along the slice's dimension (1 for channels, head_dim for a
-head's q rows and o columns); a `shared` slice's block of `width` entries belongs to `shared` consecutive units.
+head's q rows and o columns); a `shared` slice's block of `width` entries belongs to `shared` consecutive units. A
+fused projection holds `parts` copies of the unit axis end to end (Phi-3's gate_up_proj: gate rows, then up rows),
+so MLP unit j owns row j of every part -- entries that are not contiguous.
+
+Module names come from `units.names`, else the per-architecture table DEFAULT_NAMES, else structural detection: a
+decoder ModuleList whose first block has Llama's mlp.down_proj (with gate_proj / up_proj or a fused gate_up_proj)
+and self_attn.o_proj, so a new model type with a Llama layout needs no table entry.
 
 A `UnitGroup` is all units of one kind in one layer: the parameter slices each unit owns, plus the module whose
 *input* channels are the units (down_proj / o_proj), where activations are observed.
@@ -26,21 +32,43 @@ import torch
 from torch import nn
 
 from safety_units.utils.errors import ConfigError
+from safety_units.utils.ranks import RankedLogger
+
+log = RankedLogger(__name__)
 
 KINDS = ("mlp", "attn", "head")
 
+LLAMA_HEAD = {"q": ["self_attn.q_proj"], "kv": ["self_attn.k_proj", "self_attn.v_proj"], "out": "self_attn.o_proj"}
 LLAMA_NAMES = {"layers": "model.layers",
                "mlp": {"in": ["mlp.gate_proj", "mlp.up_proj"], "out": "mlp.down_proj"},
                "attn": {"in": [], "out": "self_attn.o_proj"},
-               "head": {"q": ["self_attn.q_proj"], "kv": ["self_attn.k_proj", "self_attn.v_proj"],
-                        "out": "self_attn.o_proj"}}
+               "head": LLAMA_HEAD}
 GPT2_NAMES = {"layers": "transformer.h",
               "mlp": {"in": ["mlp.c_fc"], "out": "mlp.c_proj"},
               "attn": {"in": [], "out": "attn.c_proj"}}
-# model_type -> module names; Llama-style names cover Mistral, Qwen2/3, Gemma, OLMo, SmolLM.
+# No "head" entry where q/k/v are one fused module (Phi-3 qkv_proj, GPT-NeoX / Falcon query_key_value, GPT-2 c_attn).
+PHI3_NAMES = {"layers": "model.layers",
+              "mlp": {"in": ["mlp.gate_up_proj"], "out": "mlp.down_proj"},  # fused: gate rows, then up rows
+              "attn": {"in": [], "out": "self_attn.o_proj"}}
+GPT_NEOX_NAMES = {"layers": "gpt_neox.layers",
+                  "mlp": {"in": ["mlp.dense_h_to_4h"], "out": "mlp.dense_4h_to_h"},
+                  "attn": {"in": [], "out": "attention.dense"}}
+FALCON_NAMES = {"layers": "transformer.h",
+                "mlp": {"in": ["mlp.dense_h_to_4h"], "out": "mlp.dense_4h_to_h"},
+                "attn": {"in": [], "out": "self_attention.dense"}}
+OPT_NAMES = {"layers": "model.decoder.layers",
+             "mlp": {"in": ["fc1"], "out": "fc2"},
+             "attn": {"in": [], "out": "self_attn.out_proj"},
+             "head": dict(LLAMA_HEAD, out="self_attn.out_proj")}
+PHI_NAMES = {"layers": "model.layers",
+             "mlp": {"in": ["mlp.fc1"], "out": "mlp.fc2"},
+             "attn": {"in": [], "out": "self_attn.dense"},
+             "head": dict(LLAMA_HEAD, out="self_attn.dense")}
+# model_type -> module names; Llama-style names cover Mistral, Qwen2/3, Gemma, OLMo, SmolLM, Granite, StableLM.
 DEFAULT_NAMES = {t: LLAMA_NAMES for t in ("llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2",
-                                          "gemma3_text", "olmo", "olmo2", "smollm3", "granite")}
-DEFAULT_NAMES["gpt2"] = GPT2_NAMES
+                                          "gemma3_text", "olmo", "olmo2", "smollm3", "granite", "stablelm")}
+DEFAULT_NAMES.update(gpt2=GPT2_NAMES, phi3=PHI3_NAMES, gpt_neox=GPT_NEOX_NAMES, falcon=FALCON_NAMES, opt=OPT_NAMES,
+                     phi=PHI_NAMES)
 
 
 @dataclass
@@ -50,17 +78,22 @@ class ParamSlice:
     dim: int  # the dimension indexed by unit
     width: int = 1  # entries per unit (block) along dim
     shared: int = 1  # units sharing one block (grouped-query K/V)
+    parts: int = 1  # copies of the unit axis laid end to end along dim (a fused gate_up_proj: 2)
 
     def entries(self, units: torch.Tensor, reduce: str = "all") -> torch.Tensor:
         """A per-unit bool vector as a per-entry vector along `dim`; a shared block is True when all (or any) of
-        its units are."""
+        its units are; a fused slice repeats it once per part."""
         if self.shared > 1:
             blocks = units.view(-1, self.shared)
             units = blocks.all(dim=1) if reduce == "all" else blocks.any(dim=1)
-        return units.repeat_interleave(self.width) if self.width > 1 else units
+        units = units.repeat_interleave(self.width) if self.width > 1 else units
+        return units.repeat(self.parts) if self.parts > 1 else units
 
     def per_unit(self, values: torch.Tensor) -> torch.Tensor:
-        """Per-entry values along `dim` summed per unit; a shared block's sum split evenly among its units."""
+        """Per-entry values along `dim` summed per unit (over every part of a fused slice); a shared block's sum
+        split evenly among its units."""
+        if self.parts > 1:
+            values = values.view(self.parts, -1).sum(dim=0)
         if self.width > 1:
             values = values.view(-1, self.width).sum(dim=1)
         return values.repeat_interleave(self.shared) / self.shared if self.shared > 1 else values
@@ -106,18 +139,57 @@ def _is_conv1d(module: nn.Module) -> bool:  # GPT-2 style: weight is (in_feature
 
 
 def names_for(model: nn.Module, names: dict | None = None) -> dict:
-    """The unit module names: `names` when it gives them (units.names), else the architecture's defaults; the
-    `heads` flag (units.heads) is carried either way."""
+    """The unit module names: `names` when it gives them (units.names), else the architecture's table entry, else
+    Llama-style names found by structure; the `heads` flag (units.heads) is carried either way."""
     heads = bool(names and names.get("heads"))
     if names and names.get("layers"):
         return dict(names, heads=heads)
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if model_type in DEFAULT_NAMES:
         return dict(DEFAULT_NAMES[model_type], heads=heads)
+    detected = detect_names(model)
+    if detected:
+        if model_type not in _ANNOUNCED:
+            _ANNOUNCED.add(model_type)
+            log.info("units: model_type=%r has no table entry; using the Llama-style names found in the model: "
+                     "%s", model_type, detected)
+        return dict(detected, heads=heads)
     raise ConfigError(
-        f"no unit module names are known for model_type={model_type!r}; set units.names in the config "
-        f"(layers / mlp.in / mlp.out / attn.in / attn.out). Modules in this model: {_module_sample(model)}"
+        f"no unit module names are known for model_type={model_type!r}, and no Llama-style layout was found "
+        f"(a decoder ModuleList whose blocks have mlp.down_proj, mlp.gate_proj / up_proj or gate_up_proj, and "
+        f"self_attn.o_proj); set units.names in the config (layers / mlp.in / mlp.out / attn.in / attn.out). "
+        f"Modules in this model: {_module_sample(model)}"
     )
+
+
+_ANNOUNCED: set = set()  # model types whose detected names were logged (once per process)
+
+
+def detect_names(model: nn.Module) -> dict | None:
+    """Llama-style unit names of a model with no table entry: the first ModuleList of num_hidden_layers blocks
+    whose block 0 has mlp.down_proj fed by gate_proj / up_proj (or a fused gate_up_proj) and self_attn.o_proj;
+    heads when q_proj, k_proj and v_proj are separate. None when there is no such list."""
+    n_layers = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    for path, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) and len(module) == (n_layers or len(module)):
+            names = _llama_layout(module[0], path)
+            if names:
+                return names
+    return None
+
+
+def _llama_layout(block: nn.Module, layers: str) -> dict | None:
+    def has(name: str) -> bool:
+        return isinstance(getattr(submodule(block, name), "weight", None), torch.Tensor)
+
+    mlp_in = [n for n in ("mlp.gate_proj", "mlp.up_proj") if has(n)] or [n for n in ("mlp.gate_up_proj",) if has(n)]
+    if not (mlp_in and has("mlp.down_proj") and has("self_attn.o_proj")):
+        return None
+    names = {"layers": layers, "mlp": {"in": mlp_in, "out": "mlp.down_proj"},
+             "attn": {"in": [], "out": "self_attn.o_proj"}}
+    if all(has(n) for n in LLAMA_HEAD["q"] + LLAMA_HEAD["kv"]):
+        names["head"] = LLAMA_HEAD
+    return names
 
 
 def _module_sample(model: nn.Module, limit: int = 40) -> str:
@@ -180,7 +252,8 @@ def _head_shape(model: nn.Module, names: dict) -> tuple[int, int, int]:
     """(heads, kv heads, head_dim) from the model config, for units.heads."""
     if not names.get("head"):
         raise ConfigError("units.heads=true needs separate q/k/v projections (units.names.head: q, kv, out); "
-                          "this architecture has none known (GPT-2's fused c_attn is not supported).")
+                          "this architecture has none known (fused q/k/v -- GPT-2's c_attn, Phi-3's qkv_proj, "
+                          "GPT-NeoX / Falcon's query_key_value -- is not supported).")
     cfg = getattr(model, "config", None)
     n_heads = getattr(cfg, "num_attention_heads", None)
     if not n_heads:
@@ -234,12 +307,15 @@ def _group(layer: nn.Module, li: int, kind: str, spec: dict, layers_name: str, p
     for name in spec.get("in") or []:
         m = find(name)
         dim = 1 if _is_conv1d(m) else 0
-        if m.weight.shape[dim] != n:
-            raise ConfigError(f"units.names.{kind}.in: {name} has {m.weight.shape[dim]} output channels but "
-                              f"{spec['out']} has {n} input channels; they cannot index the same units.")
-        g.slices.append(ParamSlice(param_names[id(m.weight)], m.weight, dim))
+        channels = m.weight.shape[dim]
+        if channels % n:
+            raise ConfigError(f"units.names.{kind}.in: {name} has {channels} output channels but {spec['out']} has "
+                              f"{n} input channels; they cannot index the same units (a fused projection has a "
+                              f"whole multiple of them).")
+        parts = channels // n  # > 1: a fused projection, e.g. gate_up_proj = [gate; up]
+        g.slices.append(ParamSlice(param_names[id(m.weight)], m.weight, dim, parts=parts))
         if getattr(m, "bias", None) is not None:
-            g.slices.append(ParamSlice(param_names[id(m.bias)], m.bias, 0))
+            g.slices.append(ParamSlice(param_names[id(m.bias)], m.bias, 0, parts=parts))
     return g
 
 

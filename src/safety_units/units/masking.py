@@ -127,7 +127,7 @@ class Masker:
 
     def _patch_forward(self, mod: nn.Module, masks: dict[str, PartialMask]) -> None:
         kind = type(mod).__name__
-        if kind not in ("Linear", "Conv1D"):
+        if kind not in ("Linear", "FalconLinear", "Conv1D"):  # FalconLinear: nn.Linear's product, written out
             raise ConfigError(f"freeze.mechanism=forward supports Linear and Conv1D modules, not {kind}.")
 
         def masked(attr):
@@ -136,7 +136,7 @@ class Masker:
                 return t
             return _MaskGrad.apply(t, masks[attr].view(t.device, t.dtype))
 
-        if kind == "Linear":
+        if kind != "Conv1D":
             def forward(x):
                 return nn.functional.linear(x, masked("weight"), masked("bias"))
         else:  # GPT-2 Conv1D: weight is (in, out)

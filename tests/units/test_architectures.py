@@ -1,0 +1,262 @@
+"""Units of every dense decoder layout (safety_units.units.groups): one matrix of tiny random models built offline from
+each architecture's transformers config (2 layers, hidden 64, intermediate 128, 4 heads). Each arch resolves 2 x (mlp,
+attn) groups of the right size, freezes a random unit set exactly under AdamW with weight decay, ablates exactly the
+selected slices and gets wifv scores; head units wherever q/k/v are separate. `my_llama` / `my_phi3` are model types
+with no table entry (structural detection)."""
+
+import copy
+
+import pytest
+import torch
+from conftest import train_cfg
+from testkit import HEADS
+
+from safety_units.attribution.one_set import score_units
+from safety_units.training.freezing import build_masker
+from safety_units.units.groups import names_for, resolve_units, unit_counts
+from safety_units.units.masking import Masker, ablate_units, masks_from_selection
+from safety_units.utils.errors import ConfigError
+
+VOCAB, HIDDEN, INTER, HEADS_N, HEAD_DIM = 128, 64, 128, 4, 16
+BASE = dict(num_hidden_layers=2, hidden_size=HIDDEN, intermediate_size=INTER, num_attention_heads=HEADS_N,
+            vocab_size=VOCAB, pad_token_id=0, bos_token_id=1, eos_token_id=2, max_position_embeddings=64)
+GQA = dict(num_key_value_heads=2)
+# arch -> (transformers config class, settings beyond BASE, layers path, head units supported)
+ARCHS = {
+    "llama": ("LlamaConfig", GQA, "model.layers", True),
+    "mistral": ("MistralConfig", GQA, "model.layers", True),
+    "qwen2": ("Qwen2Config", GQA, "model.layers", True),
+    "qwen3": ("Qwen3Config", dict(GQA, head_dim=HEAD_DIM), "model.layers", True),
+    "gemma2": ("Gemma2Config", dict(GQA, head_dim=HEAD_DIM), "model.layers", True),
+    "gemma3_text": ("Gemma3TextConfig", dict(GQA, head_dim=HEAD_DIM), "model.layers", True),
+    "olmo2": ("Olmo2Config", GQA, "model.layers", True),
+    "granite": ("GraniteConfig", GQA, "model.layers", True),
+    "stablelm": ("StableLmConfig", GQA, "model.layers", True),
+    "gpt2": ("GPT2Config", dict(n_inner=INTER), "transformer.h", False),  # fused Conv1D c_attn
+    "phi3": ("Phi3Config", GQA, "model.layers", False),  # fused gate_up_proj and qkv_proj
+    "gpt_neox": ("GPTNeoXConfig", {}, "gpt_neox.layers", False),  # fused, per-head interleaved query_key_value
+    "falcon": ("FalconConfig", dict(ffn_hidden_size=INTER), "transformer.h", False),  # fused query_key_value
+    "opt": ("OPTConfig", dict(ffn_dim=INTER, word_embed_proj_dim=HIDDEN), "model.decoder.layers", True),
+    "phi": ("PhiConfig", {}, "model.layers", True),
+    "my_llama": ("LlamaConfig", GQA, "model.layers", True),  # no table entry: found by structure
+    "my_phi3": ("Phi3Config", GQA, "model.layers", False),  # no table entry, fused gate_up_proj found by structure
+}
+CASES = [(a, False) for a in ARCHS] + [(a, True) for a, spec in ARCHS.items() if spec[3]]
+CASE_IDS = [f"{a}-{'heads' if h else 'channels'}" for a, h in CASES]
+
+
+def _build(arch: str, model_type: str | None = None):
+    import transformers
+
+    config_class, extra, _, _ = ARCHS[arch]
+    settings = dict(BASE, **extra)
+    if arch == "gpt2":  # GPT-2's own setting names
+        settings = dict(n_layer=2, n_embd=HIDDEN, n_head=HEADS_N, n_positions=64, vocab_size=VOCAB, **extra)
+    config = getattr(transformers, config_class)(**settings)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = transformers.AutoModelForCausalLM.from_config(config)
+    if model_type or arch.startswith("my_"):
+        model.config.model_type = model_type or arch
+    return model
+
+
+@pytest.fixture(scope="module")
+def built():
+    """A fresh copy of each arch's tiny model; every arch is built once per module. One torch thread meanwhile:
+    64-wide matrices gain nothing from two, and on shared cores two threads spin-wait on each other."""
+    cache, threads = {}, torch.get_num_threads()
+
+    def get(arch: str):
+        if arch not in cache:
+            cache[arch] = _build(arch)
+        return copy.deepcopy(cache[arch])
+    torch.set_num_threads(1)
+    yield get
+    torch.set_num_threads(threads)
+
+
+def _names(heads: bool):
+    return HEADS if heads else None
+
+
+def _selection(groups, heads: bool, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A random 10% of each group's channels; for heads, one head in layer 0 and a whole K/V group in layer 1."""
+    g = torch.Generator().manual_seed(seed)
+    sel = {}
+    for grp in groups:
+        if grp.kind == "head":
+            sel[grp.key] = torch.tensor([True, False, False, False] if grp.layer == 0 else [True, True, False, False])
+        else:
+            sel[grp.key] = torch.rand(grp.n, generator=g) < 0.1
+            sel[grp.key][0], sel[grp.key][1] = True, False  # never empty, never full
+    return sel
+
+
+def _expected(s, units: torch.Tensor) -> torch.Tensor:
+    """Entry-by-entry reference of ParamSlice.entries(units, "all"): entry e of each part belongs to block
+    e // width, whose units are block * shared ... (block + 1) * shared - 1; True when all of them are."""
+    per_part = s.param.shape[s.dim] // s.parts
+    one = torch.tensor([bool(units[(e // s.width) * s.shared:(e // s.width + 1) * s.shared].all())
+                        for e in range(per_part)])
+    return torch.cat([one] * s.parts)
+
+
+def _changed(before: torch.Tensor, after: torch.Tensor, dim: int) -> torch.Tensor:
+    """Per index along `dim`: did any entry there change at all?"""
+    diff = before != after
+    return diff.any(dim=1 - dim) if diff.ndim == 2 else diff
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_resolve_units_finds_two_layers_of_mlp_and_attention_units(arch, built):
+    model = built(arch)
+    groups = resolve_units(model)
+    assert [(g.key, g.n) for g in groups] == [("mlp.0", INTER), ("attn.0", HIDDEN), ("mlp.1", INTER),
+                                              ("attn.1", HIDDEN)]
+    assert unit_counts(groups) == {"mlp": [INTER, INTER], "attn": [HIDDEN, HIDDEN]}
+    layers = ARCHS[arch][2]
+    for g in groups:
+        assert g.out_name.startswith(f"{layers}.{g.layer}.")
+        assert len(g.slices) >= (2 if g.kind == "mlp" else 1)  # an MLP unit owns its input rows too
+        for s in g.slices:
+            assert s.name.startswith(f"{layers}.{g.layer}.") and s.param is dict(model.named_parameters())[s.name]
+            assert s.param.shape[s.dim] == g.n * s.width * s.parts // s.shared
+    assert names_for(model)["layers"] == layers
+    if ARCHS[arch][3]:
+        heads = resolve_units(model, HEADS)
+        assert [(g.key, g.n, g.width) for g in heads if g.kind == "head"] == [("head.0", 4, HEAD_DIM),
+                                                                             ("head.1", 4, HEAD_DIM)]
+    else:
+        with pytest.raises(ConfigError, match="separate q/k/v"):
+            resolve_units(model, HEADS)
+
+
+def _train(model, masker, steps: int = 3) -> None:
+    """A few steps as the LightningModule takes them: AdamW with decoupled weight decay (the masker's on partially
+    masked parameters), gradient clipping; dropout on."""
+    masked = masker.partially_masked_params(model)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW([{"params": [p for p in trainable if id(p) not in masked], "weight_decay": 0.1},
+                             {"params": [p for p in trainable if id(p) in masked], "weight_decay": 0.0,
+                              "masked_weight_decay": 0.1}], lr=1e-2)
+    ids = torch.randint(3, VOCAB, (2, 12), generator=torch.Generator().manual_seed(1))
+    model.train()
+    for _ in range(steps):
+        opt.zero_grad(set_to_none=True)
+        model(input_ids=ids, labels=ids).loss.backward()
+        masker.apply_masked_weight_decay(opt, model)
+        torch.nn.utils.clip_grad_norm_(trainable, 0.5)
+        opt.step()
+
+
+@pytest.mark.parametrize("mechanism", ["hook", "forward"])  # forward: the FSDP path (masks inside the module's op)
+@pytest.mark.parametrize("arch,heads", CASES, ids=CASE_IDS)
+def test_freezing_a_random_unit_set_is_exact_and_the_rest_trains(arch, heads, mechanism, built):
+    model = built(arch)
+    groups = resolve_units(model, _names(heads))
+    sel = _selection(groups, heads)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    partial, full = masks_from_selection(model, sel, "freeze", _names(heads))
+    masker = Masker(model, partial, full, mechanism=mechanism)
+    masker.attach(model)
+    _train(model, masker)
+    masker.detach()
+    after = model.state_dict()
+    assert masker.frozen_max_abs_delta(after) == 0.0 and masker.trainable_changed(after)
+    for g in groups:
+        for s in g.slices:
+            keep = _expected(s, ~sel[g.key])  # trainable entries: every unit of their block trains
+            changed = _changed(before[s.name], after[s.name], s.dim)
+            assert not changed[~keep].any(), f"{s.name}: a frozen entry moved"
+            if s.param.ndim == 2:  # weight decay moves every trainable weight entry
+                assert changed[keep].all(), f"{s.name}: a trainable entry did not move"
+
+
+@pytest.mark.parametrize("arch,heads", CASES, ids=CASE_IDS)
+def test_ablation_zeroes_exactly_the_selected_slices(arch, heads, built):
+    model = built(arch)
+    groups = resolve_units(model, _names(heads))
+    sel = _selection(groups, heads, seed=2)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    zeroed = ablate_units(model, sel, _names(heads))
+    after = model.state_dict()
+    assert zeroed["units_zeroed"] == sum(int(v.sum()) for v in sel.values())
+    seen = set()
+    for g in groups:
+        for s in g.slices:
+            seen.add(s.name)
+            gone = _expected(s, sel[g.key]).nonzero().flatten()
+            kept = (~_expected(s, sel[g.key])).nonzero().flatten()
+            assert len(gone) or s.shared > 1  # a K/V block goes only with every head of its group
+            assert not len(gone) or float(after[s.name].index_select(s.dim, gone).abs().max()) == 0.0
+            assert torch.equal(after[s.name].index_select(s.dim, kept), before[s.name].index_select(s.dim, kept))
+    assert all(torch.equal(after[k], before[k]) for k in before if k not in seen)
+
+
+@pytest.mark.parametrize("arch,heads", CASES, ids=CASE_IDS)
+def test_wifv_scores_every_unit(arch, heads, built):
+    model = built(arch)
+    groups = resolve_units(model, _names(heads))
+    ids = torch.randint(3, VOCAB, (2, 10), generator=torch.Generator().manual_seed(3))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    scores = score_units(model, groups, [batch], "wifv", progress=False)
+    assert list(scores) == [g.key for g in groups]
+    for g in groups:
+        assert scores[g.key].shape == (g.n,) and torch.isfinite(scores[g.key]).all()
+        assert (scores[g.key] >= 0).all() and (scores[g.key] > 0).sum() > g.n // 2
+
+
+def test_a_phi3_unit_owns_row_j_of_both_halves_of_the_fused_gate_up_proj(built):
+    model = built("phi3")
+    mlp = resolve_units(model)[0]
+    fused = next(s for s in mlp.slices if s.name.endswith("gate_up_proj.weight"))
+    assert (fused.dim, fused.parts, fused.param.shape[0]) == (0, 2, 2 * INTER)
+    unit = torch.zeros(INTER, dtype=torch.bool)
+    unit[5] = True
+    assert fused.entries(unit).nonzero().flatten().tolist() == [5, INTER + 5]  # gate row 5, up row 5
+    assert fused.per_unit(torch.arange(2.0 * INTER))[5] == 5 + INTER + 5
+    w = model.model.layers[0].mlp.gate_up_proj.weight
+    before = w.detach().clone()
+    ablate_units(model, {g.key: (unit if g.key == "mlp.0" else torch.zeros(g.n, dtype=torch.bool))
+                         for g in resolve_units(model)})
+    changed = _changed(before, w.detach(), 0)
+    assert changed.nonzero().flatten().tolist() == [5, INTER + 5] and float(w.detach()[[5, INTER + 5]].abs().max()) == 0.0
+
+
+def test_a_model_type_without_a_table_entry_gets_the_names_its_layout_has(built):
+    detected = names_for(built("my_llama"))
+    assert detected["mlp"] == {"in": ["mlp.gate_proj", "mlp.up_proj"], "out": "mlp.down_proj"}
+    assert detected["attn"]["out"] == "self_attn.o_proj" and detected["head"]["q"] == ["self_attn.q_proj"]
+    assert names_for(built("my_phi3"))["mlp"]["in"] == ["mlp.gate_up_proj"] and "head" not in names_for(
+        built("my_phi3"))
+    with pytest.raises(ConfigError, match=r"model_type='my_neox'.*no Llama-style layout.*gpt_neox\.layers\.0\.mlp"):
+        resolve_units(_build("gpt_neox", "my_neox"))
+
+
+def test_an_input_projection_that_is_no_multiple_of_the_units_is_refused(built):
+    names = {"layers": "model.layers", "mlp": {"in": ["self_attn.k_proj"], "out": "mlp.down_proj"}, "attn": None}
+    with pytest.raises(ConfigError, match=r"k_proj has 32 output channels but mlp.down_proj has 128 input channels"):
+        resolve_units(built("llama"), names)
+
+
+def test_freeze_layers_finds_blocks_that_hold_their_projections_directly(built, tmp_path):
+    """OPT's fc1 / fc2 sit in the block itself (model.decoder.layers.1.fc2): freeze=layers still finds layer 1."""
+    model = built("opt")
+    masker, _ = build_masker(train_cfg(tmp_path, "freeze=layers", "freeze.layers=[1]"), model)
+    expected = {n for n, _ in model.named_parameters() if n.startswith("model.decoder.layers.1.")}
+    assert expected and masker.frozen_full == expected
+
+
+def test_snip_sums_a_fused_units_entries_over_both_halves(built):
+    """ParamSlice.per_unit on a real scorer: unit j's SNIP score counts gate row j, up row j and down column j."""
+    model = built("phi3").eval()
+    ids = torch.randint(3, VOCAB, (2, 10), generator=torch.Generator().manual_seed(4))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    scores = score_units(model, resolve_units(model), [batch], "snip", progress=False, gradient_checkpointing=False)
+    model.zero_grad()
+    model(**batch).loss.backward()
+    mlp = model.model.layers[1].mlp
+    fused = (mlp.gate_up_proj.weight * mlp.gate_up_proj.weight.grad).abs().sum(dim=1)
+    down = (mlp.down_proj.weight * mlp.down_proj.weight.grad).abs().sum(dim=0)
+    torch.testing.assert_close(scores["mlp.1"], (fused[:INTER] + fused[INTER:] + down).detach(), rtol=1e-4, atol=1e-9)
