@@ -1,6 +1,7 @@
 """Helpers shared by several test files: the exactness settings of the freezing tests, the tiny model and its loaded
 weights, which units moved, a small safety / utility set pair, data sources from keywords, a stand-in for
-self-distilled answers, and a few constants."""
+self-distilled answers, the tiny-model matrix of every dense decoder layout (ARCHS, build_arch), and a few
+constants."""
 import json
 
 import pytest
@@ -65,3 +66,49 @@ def write_sets(tmp_path):
     for name, rows in (("safety", safety), ("utility", utility)):
         (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return tmp_path / "safety.jsonl", tmp_path / "utility.jsonl"
+
+
+# The tiny-model matrix of every dense decoder layout (tests/units/test_architectures.py, tests/models/test_lora_*):
+# 2 layers, hidden 64, intermediate 128, 4 heads.
+VOCAB, HIDDEN, INTER, HEADS_N, HEAD_DIM = 128, 64, 128, 4, 16
+BASE = dict(num_hidden_layers=2, hidden_size=HIDDEN, intermediate_size=INTER, num_attention_heads=HEADS_N,
+            vocab_size=VOCAB, pad_token_id=0, bos_token_id=1, eos_token_id=2, max_position_embeddings=64)
+GQA = dict(num_key_value_heads=2)
+# arch -> (transformers config class, settings beyond BASE, layers path, head units supported)
+ARCHS = {
+    "llama": ("LlamaConfig", GQA, "model.layers", True),
+    "mistral": ("MistralConfig", GQA, "model.layers", True),
+    "qwen2": ("Qwen2Config", GQA, "model.layers", True),
+    "qwen3": ("Qwen3Config", dict(GQA, head_dim=HEAD_DIM), "model.layers", True),
+    "gemma2": ("Gemma2Config", dict(GQA, head_dim=HEAD_DIM), "model.layers", True),
+    "gemma3_text": ("Gemma3TextConfig", dict(GQA, head_dim=HEAD_DIM), "model.layers", True),
+    "olmo2": ("Olmo2Config", GQA, "model.layers", True),
+    "granite": ("GraniteConfig", GQA, "model.layers", True),
+    "stablelm": ("StableLmConfig", GQA, "model.layers", True),
+    "gpt2": ("GPT2Config", dict(n_inner=INTER), "transformer.h", False),  # fused Conv1D c_attn
+    "phi3": ("Phi3Config", GQA, "model.layers", False),  # fused gate_up_proj and qkv_proj
+    "gpt_neox": ("GPTNeoXConfig", {}, "gpt_neox.layers", False),  # fused, per-head interleaved query_key_value
+    "falcon": ("FalconConfig", dict(ffn_hidden_size=INTER), "transformer.h", False),  # fused query_key_value
+    "opt": ("OPTConfig", dict(ffn_dim=INTER, word_embed_proj_dim=HIDDEN), "model.decoder.layers", True),
+    "phi": ("PhiConfig", {}, "model.layers", True),
+    "my_llama": ("LlamaConfig", GQA, "model.layers", True),  # no table entry: found by structure
+    "my_phi3": ("Phi3Config", GQA, "model.layers", False),  # no table entry, fused gate_up_proj found by structure
+}
+
+
+def build_arch(arch: str, model_type: str | None = None):
+    """A tiny random model of `arch` (a key of ARCHS), built offline from its transformers config with seed 0;
+    `my_*` archs (or `model_type`) get a model type with no table entry."""
+    import transformers
+
+    config_class, extra, _, _ = ARCHS[arch]
+    settings = dict(BASE, **extra)
+    if arch == "gpt2":  # GPT-2's own setting names
+        settings = dict(n_layer=2, n_embd=HIDDEN, n_head=HEADS_N, n_positions=64, vocab_size=VOCAB, **extra)
+    config = getattr(transformers, config_class)(**settings)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = transformers.AutoModelForCausalLM.from_config(config)
+    if model_type or arch.startswith("my_"):
+        model.config.model_type = model_type or arch
+    return model

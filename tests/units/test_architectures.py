@@ -9,7 +9,7 @@ import copy
 import pytest
 import torch
 from conftest import train_cfg
-from testkit import HEADS
+from testkit import ARCHS, HEAD_DIM, HEADS, HIDDEN, INTER, VOCAB, build_arch as _build
 
 from safety_units.attribution.one_set import score_units
 from safety_units.training.freezing import build_masker
@@ -17,48 +17,8 @@ from safety_units.units.groups import names_for, resolve_units, unit_counts
 from safety_units.units.masking import Masker, ablate_units, masks_from_selection
 from safety_units.utils.errors import ConfigError
 
-VOCAB, HIDDEN, INTER, HEADS_N, HEAD_DIM = 128, 64, 128, 4, 16
-BASE = dict(num_hidden_layers=2, hidden_size=HIDDEN, intermediate_size=INTER, num_attention_heads=HEADS_N,
-            vocab_size=VOCAB, pad_token_id=0, bos_token_id=1, eos_token_id=2, max_position_embeddings=64)
-GQA = dict(num_key_value_heads=2)
-# arch -> (transformers config class, settings beyond BASE, layers path, head units supported)
-ARCHS = {
-    "llama": ("LlamaConfig", GQA, "model.layers", True),
-    "mistral": ("MistralConfig", GQA, "model.layers", True),
-    "qwen2": ("Qwen2Config", GQA, "model.layers", True),
-    "qwen3": ("Qwen3Config", dict(GQA, head_dim=HEAD_DIM), "model.layers", True),
-    "gemma2": ("Gemma2Config", dict(GQA, head_dim=HEAD_DIM), "model.layers", True),
-    "gemma3_text": ("Gemma3TextConfig", dict(GQA, head_dim=HEAD_DIM), "model.layers", True),
-    "olmo2": ("Olmo2Config", GQA, "model.layers", True),
-    "granite": ("GraniteConfig", GQA, "model.layers", True),
-    "stablelm": ("StableLmConfig", GQA, "model.layers", True),
-    "gpt2": ("GPT2Config", dict(n_inner=INTER), "transformer.h", False),  # fused Conv1D c_attn
-    "phi3": ("Phi3Config", GQA, "model.layers", False),  # fused gate_up_proj and qkv_proj
-    "gpt_neox": ("GPTNeoXConfig", {}, "gpt_neox.layers", False),  # fused, per-head interleaved query_key_value
-    "falcon": ("FalconConfig", dict(ffn_hidden_size=INTER), "transformer.h", False),  # fused query_key_value
-    "opt": ("OPTConfig", dict(ffn_dim=INTER, word_embed_proj_dim=HIDDEN), "model.decoder.layers", True),
-    "phi": ("PhiConfig", {}, "model.layers", True),
-    "my_llama": ("LlamaConfig", GQA, "model.layers", True),  # no table entry: found by structure
-    "my_phi3": ("Phi3Config", GQA, "model.layers", False),  # no table entry, fused gate_up_proj found by structure
-}
 CASES = [(a, False) for a in ARCHS] + [(a, True) for a, spec in ARCHS.items() if spec[3]]
 CASE_IDS = [f"{a}-{'heads' if h else 'channels'}" for a, h in CASES]
-
-
-def _build(arch: str, model_type: str | None = None):
-    import transformers
-
-    config_class, extra, _, _ = ARCHS[arch]
-    settings = dict(BASE, **extra)
-    if arch == "gpt2":  # GPT-2's own setting names
-        settings = dict(n_layer=2, n_embd=HIDDEN, n_head=HEADS_N, n_positions=64, vocab_size=VOCAB, **extra)
-    config = getattr(transformers, config_class)(**settings)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = transformers.AutoModelForCausalLM.from_config(config)
-    if model_type or arch.startswith("my_"):
-        model.config.model_type = model_type or arch
-    return model
 
 
 @pytest.fixture(scope="module")
@@ -260,3 +220,19 @@ def test_snip_sums_a_fused_units_entries_over_both_halves(built):
     fused = (mlp.gate_up_proj.weight * mlp.gate_up_proj.weight.grad).abs().sum(dim=1)
     down = (mlp.down_proj.weight * mlp.down_proj.weight.grad).abs().sum(dim=0)
     torch.testing.assert_close(scores["mlp.1"], (fused[:INTER] + fused[INTER:] + down).detach(), rtol=1e-4, atol=1e-9)
+
+
+def test_the_docs_support_table_lists_exactly_this_matrix():
+    """docs/architectures.md's table: one row per architecture of the matrix (plus the structural-detection row),
+    head units marked yes exactly where the matrix runs head cases."""
+    from conftest import ROOT
+
+    rows = [line.split("|")[1:-1] for line in (ROOT / "docs" / "architectures.md").read_text().splitlines()
+            if line.startswith("| ") and not line.startswith("| model_type") and not line.startswith("|---")]
+    table = {cells[0].strip(): [c.strip() for c in cells[1:]] for cells in rows}
+    named = {a for a in ARCHS if not a.startswith("my_")}
+    assert set(table) == named | {"any other type with a Llama layout"}
+    for arch in named:
+        units, heads, lora = table[arch][:3]
+        assert units == "yes" and lora == "yes", arch
+        assert heads.startswith("yes" if ARCHS[arch][3] else "no"), arch
