@@ -37,8 +37,10 @@ Seeded (`seed`: the order of the batches) and resumable: attribute.py saves the 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -69,6 +71,27 @@ def _check(settings: dict) -> dict:
         if float(s[key]) < 0:
             raise ConfigError(f"scoring.{key} must be >= 0, got {s[key]}.")
     return s
+
+
+@contextlib.contextmanager
+def unit_gates(groups: list[UnitGroup], keep: Callable[[UnitGroup], torch.Tensor | None]):
+    """Inside the block, each group's units are multiplied by `keep(group)` ([n], one factor per unit; None: that
+    pass leaves the group alone) at the input of its out module (down_proj / o_proj / c_proj / fc2 ...): a head's
+    factor covers its head_dim channels. A gate of 0 removes the unit's write as ablating its out column does."""
+    def gate(g: UnitGroup):
+        def hook(module, args):
+            factor = keep(g)
+            if factor is None:
+                return None
+            return (args[0] * g.per_channel(factor).to(args[0].dtype),) + tuple(args[1:])
+        return hook
+
+    handles = [g.out_module.register_forward_pre_hook(gate(g)) for g in groups]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def _benign_kl(model, batch: dict, gates: dict, kl_tokens: int) -> torch.Tensor:
@@ -137,44 +160,34 @@ def mask_scores(model, groups: list[UnitGroup], harmful: list[dict], benign: lis
 
     gates = {"on": True}
 
-    def gate(g):
-        def hook(module, args):
-            if not gates["on"]:
-                return None
-            keep = g.per_channel(1.0 - torch.sigmoid(logits[g.key] / temp))  # a head's gate covers its channels
-            return (args[0] * keep.to(args[0].dtype),) + tuple(args[1:])
-        return hook
+    def keep(g: UnitGroup) -> torch.Tensor | None:
+        return 1.0 - torch.sigmoid(logits[g.key] / temp) if gates["on"] else None
 
-    handles = [g.out_module.register_forward_pre_hook(gate(g)) for g in groups]
     opt = torch.optim.Adam(list(logits.values()), lr=float(s["lr"]))
     order = random.Random(int(s["seed"]))
     start, terms = _resume(state_path, s, logits, opt, order)  # terms: the last step's, also when none is left
-    try:
-        with eval_mode(model), frozen_weights(model), torch.enable_grad():
-            for step in tqdm(range(start, int(s["steps"])), desc=desc, disable=not progress, leave=False,
-                             initial=start, total=int(s["steps"])):
-                hb = {k: v.to(device) for k, v in order.choice(harmful).items()}
-                bb = {k: v.to(device) for k, v in order.choice(benign).items()}
-                hb, window = truncate_to(hb, decision_positions(hb, decision_tokens))
-                nll, _ = response_token_nll(model, hb, positions=window)
-                # log p - log(1 - p); 1 - p from expm1 (exact near p = 1), nll floored so that p = 1 gives no nan
-                logodds = -nll - torch.log(-torch.expm1(-nll.clamp(min=1e-6)))
-                refusal = torch.relu(logodds.mean() - float(s["target_logodds"])) if nll.numel() else nll.sum()
-                kl = _benign_kl(model, bb, gates, int(s["kl_tokens"]))
-                removal = torch.cat([torch.sigmoid(v / temp) for v in logits.values()])
-                loss = float(s["refusal_weight"]) * refusal + float(s["kl_weight"]) * kl + \
-                    float(s["sparsity_weight"]) * removal.mean()
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-                terms = {"refusal_logodds": float(logodds.detach().mean()) if nll.numel() else None,
-                         "kl": float(kl.detach()), "removed_share": float(removal.detach().mean()),
-                         "loss": float(loss.detach())}
-                if state_path and checkpoint_every and (step + 1) % checkpoint_every == 0:
-                    _save_state(state_path, step + 1, s, logits, opt, order, terms)
-    finally:
-        for h in handles:
-            h.remove()
+    with unit_gates(groups, keep), eval_mode(model), frozen_weights(model), torch.enable_grad():
+        for step in tqdm(range(start, int(s["steps"])), desc=desc, disable=not progress, leave=False,
+                         initial=start, total=int(s["steps"])):
+            hb = {k: v.to(device) for k, v in order.choice(harmful).items()}
+            bb = {k: v.to(device) for k, v in order.choice(benign).items()}
+            hb, window = truncate_to(hb, decision_positions(hb, decision_tokens))
+            nll, _ = response_token_nll(model, hb, positions=window)
+            # log p - log(1 - p); 1 - p from expm1 (exact near p = 1), nll floored so that p = 1 gives no nan
+            logodds = -nll - torch.log(-torch.expm1(-nll.clamp(min=1e-6)))
+            refusal = torch.relu(logodds.mean() - float(s["target_logodds"])) if nll.numel() else nll.sum()
+            kl = _benign_kl(model, bb, gates, int(s["kl_tokens"]))
+            removal = torch.cat([torch.sigmoid(v / temp) for v in logits.values()])
+            loss = float(s["refusal_weight"]) * refusal + float(s["kl_weight"]) * kl + \
+                float(s["sparsity_weight"]) * removal.mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            terms = {"refusal_logodds": float(logodds.detach().mean()) if nll.numel() else None,
+                     "kl": float(kl.detach()), "removed_share": float(removal.detach().mean()),
+                     "loss": float(loss.detach())}
+            if state_path and checkpoint_every and (step + 1) % checkpoint_every == 0:
+                _save_state(state_path, step + 1, s, logits, opt, order, terms)
     removed = {g.key: int((torch.sigmoid(logits[g.key] / temp) >= 0.5).sum()) for g in groups}
     kinds = sorted({k.split(".")[0] for k in removed})
     info = {"mask_units": {kind: sum(v for k, v in removed.items() if k.startswith(kind + ".")) for kind in kinds},

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from safety_units.models.forward import forward_hooks
+from safety_units.models.forward import decoder, forward_hooks
 from safety_units.steering.steerer import AnchoredSteerer, SteeringHooks
 from safety_units.steering.prompt_states import block_states, chat_ids, difference_of_means, token_ids
 from safety_units.units.groups import decoder_layers, names_for, submodule
@@ -27,13 +27,27 @@ from safety_units.utils.ranks import RankedLogger
 log = RankedLogger(__name__)
 
 
+# Sandwich-norm blocks (Gemma-2/3, OLMo-2) rescale each sublayer's output per channel before adding it: there the
+# norms are what writes to the residual stream (Llama's and NeoX's post_attention_layernorm is the MLP's pre-norm:
+# a block is sandwich-normed only when it has both)
+POST_NORMS = ("post_attention_layernorm", "post_feedforward_layernorm")
+
+
 def residual_writers(model) -> list[torch.nn.Module]:
-    """The modules whose outputs are added to the residual stream: the token embeddings, and each block's
-    attention and MLP output projections (`units.names`)."""
+    """The modules whose outputs are added to the residual stream: the token embeddings, learned position
+    embeddings (GPT-2's wpe, OPT's embed_positions), and per block the attention and MLP output projections
+    (`units.names`) or, in a sandwich-norm block, the norms after them."""
     names = names_for(model, None)
+    layers = decoder_layers(model, names)
+    inside = {id(m) for m in layers.modules()}
     out = [model.get_input_embeddings()]
-    for layer in decoder_layers(model, names):
-        out += [submodule(layer, names["attn"]["out"]), submodule(layer, names["mlp"]["out"])]
+    out += [m for m in decoder(model).modules()
+            if isinstance(m, torch.nn.Embedding) and m is not out[0] and id(m) not in inside]
+    for layer in layers:
+        if all(hasattr(layer, n) for n in POST_NORMS):
+            out += [getattr(layer, n) for n in POST_NORMS]
+        else:
+            out += [submodule(layer, names["attn"]["out"]), submodule(layer, names["mlp"]["out"])]
     return out
 
 

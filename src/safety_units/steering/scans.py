@@ -22,10 +22,10 @@ import torch
 import torch.nn.functional as F
 
 from safety_units.data.chat import prompt_text
-from safety_units.models.forward import decoder, head_logits
+from safety_units.models.forward import head_logits
 from safety_units.steering.steerer import AnchoredSteerer, SteeringHooks
 from safety_units.steering.prompt_states import block_states, chat_ids, difference_of_means, token_ids
-from safety_units.units.groups import decoder_layers
+from safety_units.units.groups import decoder_layers, names_for, submodule
 from safety_units.utils.errors import ConfigError
 from safety_units.utils.ranks import RankedLogger
 
@@ -46,10 +46,27 @@ def generation_header(tokenizer) -> list[int]:
 
 
 # --------------------------------------------------------------------------- fitting
+def blocks_runner(model) -> torch.nn.Module:
+    """The module whose forward runs the decoder blocks (the parent of `units.names.layers`), called once per pass
+    with the input_ids: decoder(model) for most, but OPTForCausalLM calls its model.decoder directly."""
+    path = names_for(model)["layers"]
+    return submodule(model, path.rsplit(".", 1)[0]) if "." in path else model
+
+
+FINAL_NORMS = ("norm", "ln_f", "final_layer_norm", "final_layernorm")  # Llama, GPT-2 / Falcon, NeoX / OPT, Phi
+
+
+def final_norm(model) -> torch.nn.Module | None:
+    """The norm between the last block and the LM head (a sibling of the block list), None when there is none."""
+    runner = blocks_runner(model)
+    return next((getattr(runner, n) for n in FINAL_NORMS if isinstance(getattr(runner, n, None), torch.nn.Module)),
+                None)
+
+
 def vocabulary_scores(model, vectors: torch.Tensor, refusal: list[int]) -> torch.Tensor:
     """Per block: the mean percentile rank (1 = top) of the refusal tokens when the unit vector is projected onto
     the vocabulary through the final norm and the LM head (the logit lens)."""
-    norm = getattr(decoder(model), "norm", None)
+    norm = final_norm(model)
     with torch.no_grad():
         dev = next(model.parameters()).device
         v = vectors.to(dev, next(model.parameters()).dtype)
@@ -209,7 +226,7 @@ class ScansHooks(SteeringHooks):
 
     def hooks(self) -> list:
         layers = decoder_layers(self.model)
-        handles = [decoder(self.model).register_forward_pre_hook(self.pre_hook, with_kwargs=True)]
+        handles = [blocks_runner(self.model).register_forward_pre_hook(self.pre_hook, with_kwargs=True)]
         handles += [layers[i].register_forward_hook(self.block_hook(i)) for i in self.setup["layers"]]
         return handles
 
