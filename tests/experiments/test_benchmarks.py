@@ -2,7 +2,6 @@
 artifacts: a fresh worker process, naive SNIP against ours, masked steps that keep frozen entries, the wandb timing
 patch, steering's token rate, and the time projection's fit of the measured H100 stages."""
 import os
-import time
 
 import pytest
 import torch
@@ -10,7 +9,7 @@ from conftest import ROOT
 
 from safety_units.experiments.benchmarks import (attribution_cost, logging_overhead, mask_overhead, scorer_cost,
                                                  steering_cost, time_projection)
-from safety_units.experiments.benchmarks.peak_memory import WorkerFailed, in_fresh_process, timed_peak
+from safety_units.experiments.benchmarks.peak_memory import WorkerFailed, allocation_probe, in_fresh_process
 
 
 def test_a_worker_process_has_its_own_environment_and_fails_clearly():
@@ -18,14 +17,8 @@ def test_a_worker_process_has_its_own_environment_and_fails_clearly():
     assert in_fresh_process(os.getenv, env={"SU_BENCH_TEST": "7"}, key="SU_BENCH_TEST") == "7"
     with pytest.raises(WorkerFailed, match="getenv"):
         in_fresh_process(os.getenv, no_such_argument=1)
-
-    def hold_64_mb():  # alive for 0.2 s, so the 2 ms sampler sees it even on a loaded machine
-        x = torch.ones(64, 2**20 // 4)
-        time.sleep(0.2)
-        return x.sum()
-
-    seconds, peak_mb = timed_peak(hold_64_mb)
-    assert seconds >= 0.2 and peak_mb > 32
+    probe = in_fresh_process(allocation_probe, mb=64)  # the meter sees 64 MB held for 0.2 s
+    assert probe["seconds"] >= 0.2 and 32 < probe["peak_mb"] < 200
 
 
 def test_naive_per_weight_snip_equals_the_per_unit_snip(tiny):

@@ -62,3 +62,17 @@ def in_fresh_process(fn, env: dict[str, str] | None = None, **kwargs) -> dict:
         print(res.stderr[-3000:], file=sys.stderr, flush=True)
         raise WorkerFailed(f"{fn.__name__}({kwargs}) failed in its worker process (its error output is above).")
     return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def allocation_probe(mb: int = 64, hold_s: float = 0.2) -> dict:
+    """timed_peak of a float32 tensor of `mb` MB kept alive `hold_s` seconds: the meter's own check, meaningful in a
+    fresh process (in_fresh_process), where freed memory goes back to the system instead of being reused."""
+    import torch
+
+    def hold():
+        x = torch.ones(mb, 2**20 // 4)
+        time.sleep(hold_s)
+        return float(x[0, 0])
+
+    seconds, peak_mb = timed_peak(hold)
+    return {"seconds": seconds, "peak_mb": peak_mb}
