@@ -2,6 +2,8 @@
 weights, which units moved, a small safety / utility set pair, data sources from keywords, a stand-in for
 self-distilled answers, the tiny-model matrix of every dense decoder layout (ARCHS, build_arch), and a few
 constants."""
+import contextlib
+import copy
 import json
 
 import pytest
@@ -112,3 +114,39 @@ def build_arch(arch: str, model_type: str | None = None):
     if model_type or arch.startswith("my_"):
         model.config.model_type = model_type or arch
     return model
+
+
+@contextlib.contextmanager
+def arch_models(prepare=None, fresh_copy: bool = True):
+    """get(arch): each arch's tiny model, built once (then `prepare(model)` if given); a deep copy per call unless
+    fresh_copy=False. One torch thread meanwhile: 64-wide matrices gain nothing from two, and on shared cores two
+    threads spin-wait on each other."""
+    cache, threads = {}, torch.get_num_threads()
+
+    def get(arch: str):
+        if arch not in cache:
+            cache[arch] = build_arch(arch) if prepare is None else prepare(build_arch(arch))
+        return copy.deepcopy(cache[arch]) if fresh_copy else cache[arch]
+    torch.set_num_threads(1)
+    try:
+        yield get
+    finally:
+        torch.set_num_threads(threads)
+
+
+def masked_adamw_steps(model, masker, steps: int = 3) -> None:
+    """A few steps as the LightningModule takes them: AdamW with decoupled weight decay (the masker's on partially
+    masked parameters), gradient clipping; dropout on. The masker must be attached."""
+    masked = masker.partially_masked_params(model)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW([{"params": [p for p in trainable if id(p) not in masked], "weight_decay": 0.1},
+                             {"params": [p for p in trainable if id(p) in masked], "weight_decay": 0.0,
+                              "masked_weight_decay": 0.1}], lr=1e-2)
+    ids = torch.randint(3, VOCAB, (2, 12), generator=torch.Generator().manual_seed(1))
+    model.train()
+    for _ in range(steps):
+        opt.zero_grad(set_to_none=True)
+        model(input_ids=ids, labels=ids).loss.backward()
+        masker.apply_masked_weight_decay(opt, model)
+        torch.nn.utils.clip_grad_norm_(trainable, 0.5)
+        opt.step()

@@ -130,3 +130,16 @@ def safety_batches(tokenizer, tmp_path) -> list[dict]:
     s, _ = write_sets(tmp_path)
     src = {"path": s, "prompt": "prompt", "response": "response"}
     return calibration_batches(tokenizer, src, nsamples=8, max_length=48, batch_size=3, seed=0, name="s")
+
+
+def unit_inputs(model, groups, batches) -> dict[str, list[torch.Tensor]]:
+    """Reference activations, kept densely: per unit group, each batch's input to its out module [batch, seq, n]."""
+    acts = {g.key: [] for g in groups}
+    hooks = [g.out_module.register_forward_pre_hook(
+        lambda mod, args, key=g.key: acts[key].append(args[0].detach().clone())) for g in groups]
+    with torch.no_grad():
+        for b in batches:
+            model(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
+    for h in hooks:
+        h.remove()
+    return acts

@@ -3,6 +3,7 @@ score_units, one model on one set."""
 
 import pytest
 import torch
+from planted import unit_inputs
 
 from safety_units.attribution.one_set import score_units
 from safety_units.attribution.scoring import decision_positions, token_mask
@@ -34,14 +35,7 @@ def test_token_masks_select_the_response_predictors_and_the_decision_window():
 
 def _dense_activation(model, groups, batches, mask_of):
     """Reference: every unit's activation at the positions `mask_of(batch)` selects, kept densely."""
-    acts = {g.key: [] for g in groups}
-    hooks = [g.out_module.register_forward_pre_hook(
-        lambda mod, args, key=g.key: acts[key].append(args[0].detach().clone())) for g in groups]
-    with torch.no_grad():
-        for b in batches:
-            model(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
-    for h in hooks:
-        h.remove()
+    acts = unit_inputs(model, groups, batches)
     out = {}
     for g in groups:
         x = torch.cat([a[mask_of(b)] for a, b in zip(acts[g.key], batches)]).double()

@@ -2,7 +2,7 @@
 activations kept per token."""
 
 import torch
-from planted import safety_batches
+from planted import safety_batches, unit_inputs
 
 from safety_units.attribution.scorer import ScoringRun
 from safety_units.attribution.wifv import ActivationScorer, WifvScorer
@@ -12,14 +12,7 @@ from safety_units.units.groups import resolve_units
 def test_wifv_and_activation_match_a_dense_reference_on_their_own_set(tiny, tmp_path):
     model, groups = tiny.model, resolve_units(tiny.model)
     batches = safety_batches(tiny.tokenizer, tmp_path)
-    acts = {g.key: [] for g in groups}
-    hooks = [g.out_module.register_forward_pre_hook(
-        lambda mod, args, key=g.key: acts[key].append(args[0].detach().clone())) for g in groups]
-    with torch.no_grad():
-        for b in batches:
-            model(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
-    for h in hooks:
-        h.remove()
+    acts = unit_inputs(model, groups, batches)
     run = ScoringRun(model, groups, built={"safety": batches, "utility": batches[:1]})
     wifv = WifvScorer("wifv").safety(run)
     act = ActivationScorer("activation").safety(run)

@@ -3,11 +3,9 @@ decoder projections (Linear, FalconLinear, GPT-2's Conv1D); a few AdamW steps ov
 the adapters, and the merged weights keep every frozen unit slice bit-identical while every trainable one moves --
 fused gate_up_proj rows and Conv1D's transposed weights included. Explicit lists and `peft` defaults resolve as named."""
 
-import copy
-
 import pytest
 import torch
-from testkit import ARCHS, VOCAB, build_arch
+from testkit import ARCHS, VOCAB, arch_models, build_arch, masked_adamw_steps
 from torch import nn
 
 from safety_units.models.lora import LoraAdapter
@@ -32,16 +30,9 @@ AUTO_TARGETS["my_phi3"] = AUTO_TARGETS["phi3"]
 
 @pytest.fixture(scope="module")
 def built():
-    """A fresh copy of each arch's tiny model, built once per module; one torch thread (64-wide matrices)."""
-    cache, threads = {}, torch.get_num_threads()
-
-    def get(arch: str):
-        if arch not in cache:
-            cache[arch] = build_arch(arch)
-        return copy.deepcopy(cache[arch])
-    torch.set_num_threads(1)
-    yield get
-    torch.set_num_threads(threads)
+    """A fresh copy of each arch's tiny model, built once per module."""
+    with arch_models() as get:
+        yield get
 
 
 def _esu_cu_like(groups, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -56,19 +47,7 @@ def _esu_cu_like(groups, seed: int = 0) -> dict[str, torch.Tensor]:
 def _train_adapters(model, lora_masker, steps: int = 3) -> None:
     """AdamW with (masked) decoupled weight decay and clipping, as the LightningModule steps."""
     lora_masker.attach(model)
-    masked = lora_masker.partially_masked_params(model)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW([{"params": [p for p in trainable if id(p) not in masked], "weight_decay": 0.1},
-                             {"params": [p for p in trainable if id(p) in masked], "weight_decay": 0.0,
-                              "masked_weight_decay": 0.1}], lr=1e-2)
-    ids = torch.randint(3, VOCAB, (2, 12), generator=torch.Generator().manual_seed(1))
-    model.train()
-    for _ in range(steps):
-        opt.zero_grad(set_to_none=True)
-        model(input_ids=ids, labels=ids).loss.backward()
-        lora_masker.apply_masked_weight_decay(opt, model)
-        torch.nn.utils.clip_grad_norm_(trainable, 0.5)
-        opt.step()
+    masked_adamw_steps(model, lora_masker, steps)
     lora_masker.detach()
 
 

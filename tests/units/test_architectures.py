@@ -4,12 +4,10 @@ attn) groups of the right size, freezes a random unit set exactly under AdamW wi
 selected slices and gets wifv scores; head units wherever q/k/v are separate. `my_llama` / `my_phi3` are model types
 with no table entry (structural detection)."""
 
-import copy
-
 import pytest
 import torch
 from conftest import train_cfg
-from testkit import ARCHS, HEAD_DIM, HEADS, HIDDEN, INTER, VOCAB, build_arch as _build
+from testkit import ARCHS, HEAD_DIM, HEADS, HIDDEN, INTER, VOCAB, arch_models, build_arch as _build, masked_adamw_steps
 
 from safety_units.attribution.one_set import score_units
 from safety_units.training.freezing import build_masker
@@ -23,17 +21,9 @@ CASE_IDS = [f"{a}-{'heads' if h else 'channels'}" for a, h in CASES]
 
 @pytest.fixture(scope="module")
 def built():
-    """A fresh copy of each arch's tiny model; every arch is built once per module. One torch thread meanwhile:
-    64-wide matrices gain nothing from two, and on shared cores two threads spin-wait on each other."""
-    cache, threads = {}, torch.get_num_threads()
-
-    def get(arch: str):
-        if arch not in cache:
-            cache[arch] = _build(arch)
-        return copy.deepcopy(cache[arch])
-    torch.set_num_threads(1)
-    yield get
-    torch.set_num_threads(threads)
+    """A fresh copy of each arch's tiny model; every arch is built once per module."""
+    with arch_models() as get:
+        yield get
 
 
 def _names(heads: bool):
@@ -92,24 +82,6 @@ def test_resolve_units_finds_two_layers_of_mlp_and_attention_units(arch, built):
             resolve_units(model, HEADS)
 
 
-def _train(model, masker, steps: int = 3) -> None:
-    """A few steps as the LightningModule takes them: AdamW with decoupled weight decay (the masker's on partially
-    masked parameters), gradient clipping; dropout on."""
-    masked = masker.partially_masked_params(model)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW([{"params": [p for p in trainable if id(p) not in masked], "weight_decay": 0.1},
-                             {"params": [p for p in trainable if id(p) in masked], "weight_decay": 0.0,
-                              "masked_weight_decay": 0.1}], lr=1e-2)
-    ids = torch.randint(3, VOCAB, (2, 12), generator=torch.Generator().manual_seed(1))
-    model.train()
-    for _ in range(steps):
-        opt.zero_grad(set_to_none=True)
-        model(input_ids=ids, labels=ids).loss.backward()
-        masker.apply_masked_weight_decay(opt, model)
-        torch.nn.utils.clip_grad_norm_(trainable, 0.5)
-        opt.step()
-
-
 @pytest.mark.parametrize("mechanism", ["hook", "forward"])  # forward: the FSDP path (masks inside the module's op)
 @pytest.mark.parametrize("arch,heads", CASES, ids=CASE_IDS)
 def test_freezing_a_random_unit_set_is_exact_and_the_rest_trains(arch, heads, mechanism, built):
@@ -120,7 +92,7 @@ def test_freezing_a_random_unit_set_is_exact_and_the_rest_trains(arch, heads, me
     partial, full = masks_from_selection(model, sel, "freeze", _names(heads))
     masker = Masker(model, partial, full, mechanism=mechanism)
     masker.attach(model)
-    _train(model, masker)
+    masked_adamw_steps(model, masker)
     masker.detach()
     after = model.state_dict()
     assert masker.frozen_max_abs_delta(after) == 0.0 and masker.trainable_changed(after)

@@ -8,7 +8,7 @@ import copy
 
 import pytest
 import torch
-from testkit import ARCHS, HEADS, HIDDEN, VOCAB, build_arch
+from testkit import ARCHS, HEADS, HIDDEN, VOCAB, arch_models
 
 from safety_units.attribution.mask import unit_gates
 from safety_units.models.forward import forward_hooks
@@ -25,17 +25,9 @@ IDS = torch.randint(3, VOCAB, (2, 9), generator=torch.Generator().manual_seed(5)
 
 @pytest.fixture(scope="module")
 def built():
-    """Each arch's tiny model in eval mode, built once per module (callers that change weights take a copy). One
-    torch thread meanwhile: 64-wide matrices gain nothing from two, and on shared cores two threads spin-wait."""
-    cache, threads = {}, torch.get_num_threads()
-
-    def get(arch: str):
-        if arch not in cache:
-            cache[arch] = _randomize_norms(build_arch(arch)).eval()
-        return cache[arch]
-    torch.set_num_threads(1)
-    yield get
-    torch.set_num_threads(threads)
+    """Each arch's tiny model in eval mode, built once per module (callers that change weights take a copy)."""
+    with arch_models(prepare=lambda m: _randomize_norms(m).eval(), fresh_copy=False) as get:
+        yield get
 
 
 @torch.no_grad()
