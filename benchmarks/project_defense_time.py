@@ -13,17 +13,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("PROJECT_ROOT", str(ROOT))
 
-from safety_units.experiments.benchmarks.time_projection import Measured, project_defenses, projection_parser  # noqa: E402
+from safety_units.experiments.benchmarks.time_projection import project_defenses, projection_cli  # noqa: E402
 from safety_units.experiments.defense_bench.plan import SCALES  # noqa: E402
 from safety_units.utils.errors import friendly_errors  # noqa: E402
 
 
 @friendly_errors
 def main(argv: list[str] | None = None) -> str:
-    args = projection_parser(__doc__, SCALES, ROOT / "results" / "ssah_smollm2").parse_args(argv)
-    text = project_defenses(Measured.from_args(args), args.scale, args.workers)
-    print(text)
-    return text
+    return projection_cli(__doc__, SCALES, project_defenses, ROOT / "results" / "ssah_smollm2", argv)
 
 
 if __name__ == "__main__":

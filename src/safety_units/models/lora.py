@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from safety_units.utils.errors import ConfigError
-from safety_units.units.groups import decoder_layers
+from safety_units.units.groups import LINEAR_SUBCLASSES, decoder_layers
 from safety_units.units.masking import Masker, PartialMask
 from safety_units.utils.ranks import RankedLogger
 
@@ -43,9 +43,9 @@ log = RankedLogger(__name__)
 ADAPTER = "default"  # peft's name of the (only) adapter
 LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 AUTO, PEFT = "auto", "peft"  # adapter.target_modules: every decoder projection / peft's per-model-type defaults
-# Subclasses of nn.Linear whose forward is still x @ W.T + b, so LoRA's x @ (B A).T adds exactly dW = B A to W.
-# (An arbitrary subclass may compute something else -- quantised, sharded, scaled -- and is refused.)
-LINEAR_SUBCLASSES = ("FalconLinear",)  # transformers' Falcon: adds the bias after the matmul, the same result
+# units.groups.LINEAR_SUBCLASSES: subclasses of nn.Linear whose forward is still x @ W.T + b, so LoRA's x @ (B A).T
+# adds exactly dW = B A to W. (An arbitrary subclass may compute something else -- quantised, sharded, scaled -- and
+# is refused.)
 
 
 class LoraAdapter:

@@ -134,6 +134,11 @@ def submodule(root: nn.Module, dotted: str) -> nn.Module | None:
     return m
 
 
+# nn.Linear subclasses that compute nn.Linear's product (x @ W.T + b), so exact masks and LoRA treat them as Linear;
+# transformers' FalconLinear adds the bias after the matmul, the same result.
+LINEAR_SUBCLASSES = ("FalconLinear",)
+
+
 def _is_conv1d(module: nn.Module) -> bool:  # GPT-2 style: weight is (in_features, out_features)
     return type(module).__name__ == "Conv1D"
 

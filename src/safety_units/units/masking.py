@@ -25,7 +25,7 @@ from torch import nn
 
 from safety_units.utils.errors import ConfigError, UnitMapError
 from safety_units.utils.ranks import RankedLogger
-from safety_units.units.groups import has_heads, resolve_units, with_heads
+from safety_units.units.groups import LINEAR_SUBCLASSES, has_heads, resolve_units, with_heads
 
 log = RankedLogger(__name__)
 
@@ -127,7 +127,7 @@ class Masker:
 
     def _patch_forward(self, mod: nn.Module, masks: dict[str, PartialMask]) -> None:
         kind = type(mod).__name__
-        if kind not in ("Linear", "FalconLinear", "Conv1D"):  # FalconLinear: nn.Linear's product, written out
+        if kind not in ("Linear", *LINEAR_SUBCLASSES, "Conv1D"):
             raise ConfigError(f"freeze.mechanism=forward supports Linear and Conv1D modules, not {kind}.")
 
         def masked(attr):

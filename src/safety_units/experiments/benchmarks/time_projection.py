@@ -73,6 +73,15 @@ def projection_parser(doc: str, scales, study_results: Path) -> argparse.Argumen
     return ap
 
 
+def projection_cli(doc: str, scales, project, study_results: Path, argv: list[str] | None = None) -> str:
+    """The command line of benchmarks/project_*_time.py: parse (projection_parser), then print and return
+    project(measured stages, scale, workers)."""
+    args = projection_parser(doc, scales, study_results).parse_args(argv)
+    text = project(Measured.from_args(args), args.scale, args.workers)
+    print(text)
+    return text
+
+
 def read_log(path: Path) -> dict[str, dict]:
     """Per stage of a device log: seconds, and the decoding passes of its refusal tasks with their s/it."""
     stages, name = {}, None
