@@ -25,7 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from safety_units.attribution.scorer import Scorer, ScoringRun
-from safety_units.attribution.scoring import ActivationStats, decision_positions
+from safety_units.attribution.scoring import ActivationStats, decision_positions, stats_hook
 from safety_units.models.forward import eval_mode, hidden_states
 from safety_units.units.groups import UnitGroup, decoder_layers
 from safety_units.utils.errors import ConfigError
@@ -51,14 +51,8 @@ def decision_means(model, layers: torch.nn.ModuleList, batches: list[dict], grou
             sums[i] = part if sums[i] is None else sums[i] + part
         return hook
 
-    def add_units(key):
-        def hook(module, args):
-            x = args[0].reshape(*current["mask"].shape, args[0].shape[-1])  # OPT feeds fc2 [batch * seq, channels]
-            stats[key].add(x[current["mask"]].reshape(-1, x.shape[-1]))
-        return hook
-
     handles = [layer.register_forward_hook(add_output(i)) for i, layer in enumerate(layers)]
-    handles += [g.out_module.register_forward_pre_hook(add_units(g.key)) for g in groups or []]
+    handles += [g.out_module.register_forward_pre_hook(stats_hook(stats[g.key], current)) for g in groups or []]
     try:
         with eval_mode(model):
             for batch in tqdm(batches, desc=desc, disable=not progress, leave=False):

@@ -126,6 +126,15 @@ class ActivationStats:
         return self.sum / max(self.count, 1)
 
 
+def stats_hook(stats: ActivationStats, current: dict):
+    """A forward pre-hook on a unit group's out module that adds its inputs at the positions current["mask"]
+    selects ([batch, seq] bool, set per batch by the caller) to `stats`."""
+    def hook(module, args):
+        x = args[0].reshape(*current["mask"].shape, args[0].shape[-1])  # OPT feeds fc2 [batch * seq, channels]
+        stats.add(x[current["mask"]].reshape(-1, x.shape[-1]))
+    return hook
+
+
 @torch.no_grad()
 def activation_stats(model, groups: list[UnitGroup], batches: Iterable[dict], tokens: str = "all",
                      decision_tokens: int = 4, progress: bool = True, desc: str = "scoring") -> dict[str, ActivationStats]:
@@ -135,13 +144,7 @@ def activation_stats(model, groups: list[UnitGroup], batches: Iterable[dict], to
     stats = {g.key: ActivationStats(g.n * g.width) for g in groups}  # per channel; a head sums its own
     current: dict = {}
 
-    def make_hook(key):
-        def hook(module, args):
-            x = args[0].reshape(*current["mask"].shape, args[0].shape[-1])  # OPT feeds fc2 [batch * seq, channels]
-            stats[key].add(x[current["mask"]].reshape(-1, x.shape[-1]))
-        return hook
-
-    handles = [g.out_module.register_forward_pre_hook(make_hook(g.key)) for g in groups]
+    handles = [g.out_module.register_forward_pre_hook(stats_hook(stats[g.key], current)) for g in groups]
     try:
         with eval_mode(model):
             for batch in tqdm(list(batches), desc=desc, disable=not progress, leave=False):
