@@ -10,7 +10,7 @@ from safety_units.steering.prompt_states import block_states, chat_ids
 from safety_units.steering.refusal_ablation import RefusalAblationSteerer
 from safety_units.steering.scans import ScansSteerer
 from safety_units.steering.steerer import NoSteering, Steerer, SteeringHooks, build_steerer, fitted, steering
-from safety_units.units.groups import decoder_layers
+from safety_units.units.layouts import decoder_layers
 from safety_units.utils.errors import ConfigError
 
 ANCHORS = ["steer.anchor.nsamples=8", "steer.anchor.max_length=64"]

@@ -11,7 +11,8 @@ from testkit import ARCHS, HEAD_DIM, HEADS, HIDDEN, INTER, VOCAB, arch_models, b
 
 from safety_units.attribution.one_set import score_units
 from safety_units.training.freezing import build_masker
-from safety_units.units.groups import names_for, resolve_units, unit_counts
+from safety_units.units.groups import resolve_units, unit_counts
+from safety_units.units.layouts import names_for
 from safety_units.units.masking import Masker, ablate_units, masks_from_selection
 from safety_units.utils.errors import ConfigError
 

@@ -15,7 +15,8 @@ from safety_units.models.forward import forward_hooks
 from safety_units.steering.refusal_ablation import AblationHooks, ablation_hook, residual_writers
 from safety_units.models.forward import head_logits
 from safety_units.steering.scans import ScansHooks, final_norm
-from safety_units.units.groups import decoder_layers, resolve_units
+from safety_units.units.groups import resolve_units
+from safety_units.units.layouts import decoder_layers
 from safety_units.units.masking import ablate_units
 
 CASES = [(a, False) for a in ARCHS] + [(a, True) for a, spec in ARCHS.items() if spec[3]]

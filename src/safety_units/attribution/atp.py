@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from safety_units.attribution.scorer import Scorer, ScoringRun
 from safety_units.attribution.scoring import activation_stats, decision_positions, truncate_to
 from safety_units.models.forward import eval_mode, frozen_weights, response_token_nll
-from safety_units.units.groups import UnitGroup
+from safety_units.units.groups import UnitGroup, tap
 from safety_units.utils.errors import ConfigError
 
 METRICS = ("refusal_logprob",)
@@ -57,16 +57,15 @@ def atp_scores(model, groups: list[UnitGroup], harmful: list[dict], harmless: li
     seen = {}
 
     def capture(key):
-        def hook(module, args):
-            x = args[0]
+        def observe(x, tokens, start):  # per expert for an expert group: its routed tokens
             x.retain_grad()
-            seen[key] = x
-        return hook
+            seen.setdefault(key, []).append((x, tokens, start))
+        return observe
 
     def leaf_embeddings(module, args, out):  # the graph starts here: every activation downstream gets a grad_fn
         return out.detach().requires_grad_(True)
 
-    handles = [g.out_module.register_forward_pre_hook(capture(g.key)) for g in groups]
+    handles = [tap(g, capture(g.key)) for g in groups]
     handles.append(model.get_input_embeddings().register_forward_hook(leaf_embeddings))
     n_examples = 0
     try:
@@ -78,13 +77,9 @@ def atp_scores(model, groups: list[UnitGroup], harmful: list[dict], harmless: li
                 if nll.numel() == 0:
                     continue
                 (-nll.sum()).backward()  # m summed over examples: each example's gradient is its own
-                w = window.unsqueeze(-1).float()
                 for g in groups:
-                    x = seen[g.key]  # OPT feeds fc2 [batch * seq, channels]: back to [batch, seq, channels]
-                    grad, act = (t.float().reshape(*window.shape, x.shape[-1]) for t in (x.grad, x.detach()))
-                    effect = (grad * (mu[g.key] - act) * w).sum(dim=1)  # [batch, chans]
-                    effect = g.per_unit(effect)  # a head's patch is all its channels at once: sum, then |.|
-                    rows = counts > 0
+                    effect = g.per_unit(_patch_effect(seen.get(g.key, []), window, mu[g.key], g.n * g.width))
+                    rows = counts > 0  # a head's patch is all its channels at once: sum, then |.|
                     acc[g.key] += effect[rows].abs().double().sum(dim=0).cpu()
                 n_examples += int((counts > 0).sum())
                 seen.clear()
@@ -95,6 +90,23 @@ def atp_scores(model, groups: list[UnitGroup], harmful: list[dict], harmless: li
         raise ConfigError("scoring=atp: no harmful calibration example has response tokens in its decision window; "
                           "the safety set needs responses (the refusals whose log-probability is the metric).")
     return {k: (v / n_examples).float() for k, v in acc.items()}
+
+
+def _patch_effect(captured: list, window: torch.Tensor, mu: torch.Tensor, channels: int) -> torch.Tensor:
+    """[batch, channels]: each example's first-order effect grad * (mu - x) summed over its window positions, from
+    the tapped activations (all positions at once, or an expert's routed tokens)."""
+    rows = window.reshape(-1).float()
+    effect = torch.zeros(window.shape[0], channels, device=window.device)
+    for x, tokens, start in captured:
+        grad = x.grad if x.grad is not None else torch.zeros_like(x)  # an expert no scored position reached
+        cols = slice(start, start + x.shape[-1])
+        w = rows if tokens is None else rows[tokens]
+        part = grad.float() * (mu[cols] - x.detach().float()) * w.unsqueeze(-1)
+        if tokens is None:  # every position, in order
+            effect[:, cols] += part.reshape(*window.shape, -1).sum(dim=1)
+        else:
+            effect[:, cols] += torch.zeros_like(effect[:, cols]).index_add_(0, tokens // window.shape[1], part)
+    return effect
 
 
 class AtpScorer(Scorer):

@@ -36,8 +36,7 @@ def delta_scores(groups: list[UnitGroup], ref_groups: list[UnitGroup]) -> dict[s
                 raise ConfigError(f"scoring=delta: {s.name} has shape {tuple(s.param.shape)}, the reference's "
                                   f"{tuple(t.param.shape)}.")
             diff = s.param.detach().double().cpu() - t.param.detach().double().cpu()
-            other = [d for d in range(diff.ndim) if d != s.dim]
-            sq += s.per_unit((diff * diff).sum(dim=other) if other else diff * diff)  # a head: its rows/columns
+            sq += s.unit_values(diff * diff)  # a head: its rows/columns; an expert channel: its expert's entries
         out[g.key] = sq.sqrt().float()
     return out
 

@@ -49,7 +49,7 @@ from tqdm.auto import tqdm
 from safety_units.attribution.scorer import Scorer, ScoringRun
 from safety_units.attribution.scoring import decision_positions, first_response_positions, truncate_to
 from safety_units.models.forward import eval_mode, frozen_weights, head_logits, hidden_states, response_token_nll
-from safety_units.units.groups import UnitGroup
+from safety_units.units.groups import UnitGroup, tap
 from safety_units.utils.errors import ConfigError
 from safety_units.utils.ranks import RankedLogger
 
@@ -79,14 +79,14 @@ def unit_gates(groups: list[UnitGroup], keep: Callable[[UnitGroup], torch.Tensor
     pass leaves the group alone) at the input of its out module (down_proj / o_proj / c_proj / fc2 ...): a head's
     factor covers its head_dim channels. A gate of 0 removes the unit's write as ablating its out column does."""
     def gate(g: UnitGroup):
-        def hook(module, args):
+        def hook(x, tokens, start):
             factor = keep(g)
             if factor is None:
                 return None
-            return (args[0] * g.per_channel(factor).to(args[0].dtype),) + tuple(args[1:])
+            return x * g.per_channel(factor)[start:start + x.shape[-1]].to(x.dtype)
         return hook
 
-    handles = [g.out_module.register_forward_pre_hook(gate(g)) for g in groups]
+    handles = [tap(g, gate(g)) for g in groups]
     try:
         yield
     finally:

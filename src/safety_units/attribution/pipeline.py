@@ -15,7 +15,8 @@ from safety_units.attribution.scorer import CALIBRATION_SETS, ScoringRun, build_
 from safety_units.data.calibration import calibration_batches, prompt_batches
 from safety_units.models.loading import LoadedModel, load_model, resolve_device
 from safety_units.units.classification import class_shares, classify_from_config
-from safety_units.units.groups import resolve_units, unit_names
+from safety_units.units.groups import resolve_units
+from safety_units.units.layouts import unit_names
 from safety_units.units.unit_map import UnitMap, full_fingerprint, save_selection
 from safety_units.utils.config import compose_config, finish_loggers, instantiate_group, output_dir, setup_run
 from safety_units.utils.errors import ConfigError

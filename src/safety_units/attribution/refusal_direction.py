@@ -27,7 +27,8 @@ from tqdm.auto import tqdm
 from safety_units.attribution.scorer import Scorer, ScoringRun
 from safety_units.attribution.scoring import ActivationStats, decision_positions, stats_hook
 from safety_units.models.forward import eval_mode, hidden_states
-from safety_units.units.groups import UnitGroup, decoder_layers
+from safety_units.units.groups import UnitGroup, tap
+from safety_units.units.layouts import decoder_layers
 from safety_units.utils.errors import ConfigError
 from safety_units.utils.ranks import RankedLogger
 
@@ -52,7 +53,7 @@ def decision_means(model, layers: torch.nn.ModuleList, batches: list[dict], grou
         return hook
 
     handles = [layer.register_forward_hook(add_output(i)) for i, layer in enumerate(layers)]
-    handles += [g.out_module.register_forward_pre_hook(stats_hook(stats[g.key], current)) for g in groups or []]
+    handles += [tap(g, stats_hook(stats[g.key], current)) for g in groups or []]
     try:
         with eval_mode(model):
             for batch in tqdm(batches, desc=desc, disable=not progress, leave=False):
@@ -88,7 +89,7 @@ def refusal_direction_scores(model, layers, groups: list[UnitGroup], harmful: li
     unit_dirs = directions / norms.clamp_min(1e-30)[:, None]
     out = {}
     for g in groups:
-        w = g.out_weight.param.detach().double().cpu().movedim(g.out_weight.dim, 0)  # [channels, hidden]
+        w = g.out_weight.channels_first().detach().double().cpu()  # [channels, hidden]
         along = (w @ unit_dirs[g.layer]).abs()
         out[g.key] = g.per_unit(along * stats[g.key].mean_abs()).float()
     return out, [round(float(n), 6) for n in norms]

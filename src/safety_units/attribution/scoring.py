@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from safety_units.utils.errors import ConfigError
 from safety_units.models.forward import eval_mode, hidden_states
 from safety_units.utils.ranks import RankedLogger
-from safety_units.units.groups import UnitGroup
+from safety_units.units.groups import UnitGroup, tap
 
 log = RankedLogger(__name__)
 
@@ -34,10 +34,9 @@ TOKENS = ("all", "response", "decision")
 
 
 def _column_sq_norms(g: UnitGroup) -> torch.Tensor:
-    """||W_out[:, j]||^2 for each unit j (the out weight's unit dimension is g.out_weight.dim)."""
-    w = g.out_weight.param.detach().float()
-    other = 1 - g.out_weight.dim
-    return (w * w).sum(dim=other).double().cpu()
+    """||W_out[:, j]||^2 for each channel j at the out module's input (an expert's down_proj columns per expert)."""
+    w = g.out_weight.channels_first().detach().float()
+    return (w * w).sum(dim=1).double().cpu()
 
 
 def predicts_response(labels: torch.Tensor) -> torch.Tensor:
@@ -102,49 +101,57 @@ def token_mask(batch: dict, tokens: str, decision_tokens: int = 4) -> torch.Tens
 
 
 class ActivationStats:
+    """Per-channel sums; the token count is per channel too (an expert's channels see only its routed tokens)."""
+
     def __init__(self, n: int):
-        self.count = 0
+        self.count = torch.zeros(n, dtype=torch.float64)
         self.sum = torch.zeros(n, dtype=torch.float64)
         self.sumsq = torch.zeros(n, dtype=torch.float64)
         self.sumabs = torch.zeros(n, dtype=torch.float64)
 
-    def add(self, x: torch.Tensor) -> None:  # x: [tokens, n]
-        x = x.double()
-        self.count += x.shape[0]
-        self.sum += x.sum(0).cpu()
-        self.sumsq += (x * x).sum(0).cpu()
-        self.sumabs += x.abs().sum(0).cpu()
+    def add(self, x: torch.Tensor, start: int = 0) -> None:  # x: [tokens, channels start ... start + channels - 1]
+        x, cols = x.double(), slice(start, start + x.shape[-1])
+        self.count[cols] += x.shape[0]
+        self.sum[cols] += x.sum(0).cpu()
+        self.sumsq[cols] += (x * x).sum(0).cpu()
+        self.sumabs[cols] += x.abs().sum(0).cpu()
+
+    @property
+    def tokens(self) -> int:
+        """The most tokens any channel saw (0: nothing was scored)."""
+        return int(self.count.max()) if self.count.numel() else 0
 
     def variance(self) -> torch.Tensor:
-        mean = self.sum / max(self.count, 1)
-        return (self.sumsq / max(self.count, 1) - mean * mean).clamp_min(0.0)
+        mean = self.mean()
+        return (self.sumsq / self.count.clamp_min(1) - mean * mean).clamp_min(0.0)
 
     def mean_abs(self) -> torch.Tensor:
-        return self.sumabs / max(self.count, 1)
+        return self.sumabs / self.count.clamp_min(1)
 
     def mean(self) -> torch.Tensor:
-        return self.sum / max(self.count, 1)
+        return self.sum / self.count.clamp_min(1)
 
 
 def stats_hook(stats: ActivationStats, current: dict):
-    """A forward pre-hook on a unit group's out module that adds its inputs at the positions current["mask"]
+    """A tap (safety_units.units.groups.tap) that adds a unit group's activations at the positions current["mask"]
     selects ([batch, seq] bool, set per batch by the caller) to `stats`."""
-    def hook(module, args):
-        x = args[0].reshape(*current["mask"].shape, args[0].shape[-1])  # OPT feeds fc2 [batch * seq, channels]
-        stats.add(x[current["mask"]].reshape(-1, x.shape[-1]))
-    return hook
+    def observe(x, tokens, start):
+        mask = current["mask"].reshape(-1)
+        stats.add(x[mask if tokens is None else mask[tokens]], start)
+    return observe
 
 
 @torch.no_grad()
 def activation_stats(model, groups: list[UnitGroup], batches: Iterable[dict], tokens: str = "all",
                      decision_tokens: int = 4, progress: bool = True, desc: str = "scoring") -> dict[str, ActivationStats]:
-    """Running sums of every unit's activation (the input of down_proj / o_proj) at the `tokens` positions."""
+    """Running sums of every unit's activation (the input of down_proj / o_proj; an expert's channels over the
+    tokens routed to it) at the `tokens` positions."""
     check_tokens(tokens, decision_tokens)
     device = next(model.parameters()).device
     stats = {g.key: ActivationStats(g.n * g.width) for g in groups}  # per channel; a head sums its own
     current: dict = {}
 
-    handles = [g.out_module.register_forward_pre_hook(stats_hook(stats[g.key], current)) for g in groups]
+    handles = [tap(g, stats_hook(stats[g.key], current)) for g in groups]
     try:
         with eval_mode(model):
             for batch in tqdm(list(batches), desc=desc, disable=not progress, leave=False):
@@ -154,7 +161,7 @@ def activation_stats(model, groups: list[UnitGroup], batches: Iterable[dict], to
     finally:
         for h in handles:
             h.remove()
-    if any(st.count == 0 for st in stats.values()):
+    if any(st.tokens == 0 for st in stats.values()):
         raise ConfigError(f"no calibration tokens were scored (empty batches, or no positions for "
                           f"scoring.tokens={tokens!r}).")
     return stats

@@ -69,8 +69,7 @@ def snip_scores(model, groups: list[UnitGroup], batches: Iterable[dict], progres
     def reduce_and_free(p: torch.Tensor) -> None:
         key, s = owners[id(p)]
         prod = (p.detach().float() * p.grad.float()).abs()
-        dims = [d for d in range(prod.ndim) if d != s.dim]
-        acc[key] += s.per_unit((prod.sum(dim=dims) if dims else prod).double().cpu())
+        acc[key] += s.unit_values(prod).double().cpu()
         p.grad = None  # at most one dense gradient alive at a time
 
     handles = [p.register_post_accumulate_grad_hook(reduce_and_free) for p in model.parameters()

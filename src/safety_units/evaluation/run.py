@@ -20,7 +20,7 @@ from safety_units.attribution.selection import ablation_label, ablation_selectio
 from safety_units.steering.steerer import build_steerer, steering
 from safety_units.evaluation.task_results import judge_name, markdown_table
 from safety_units.units.unit_map import save_selection
-from safety_units.units.groups import unit_names
+from safety_units.units.layouts import unit_names
 
 log = RankedLogger(__name__)
 

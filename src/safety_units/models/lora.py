@@ -34,7 +34,8 @@ import torch
 from torch import nn
 
 from safety_units.utils.errors import ConfigError
-from safety_units.units.groups import LINEAR_SUBCLASSES, decoder_layers
+from safety_units.units.groups import LINEAR_SUBCLASSES
+from safety_units.units.layouts import decoder_layers
 from safety_units.units.masking import Masker, PartialMask
 from safety_units.utils.ranks import RankedLogger
 
@@ -270,7 +271,7 @@ def projection_kind(module: nn.Module) -> str | None:
 
 def block_projections(model: nn.Module) -> list[str]:
     """Full names of the Linear / Conv1D modules inside the decoder blocks (not the embeddings or lm_head): the
-    blocks of safety_units.units.groups.decoder_layers, else the model's ModuleList of num_hidden_layers blocks."""
+    blocks of safety_units.units.layouts.decoder_layers, else the model's ModuleList of num_hidden_layers blocks."""
     try:
         layers = decoder_layers(model)
     except ConfigError:

@@ -10,7 +10,7 @@ from safety_units.data.chat import prompt_text
 from safety_units.utils.errors import ConfigError
 from safety_units.models.forward import decoder, eval_mode, head_logits
 from safety_units.data.sources import Source
-from safety_units.units.groups import decoder_layers
+from safety_units.units.layouts import decoder_layers
 
 
 def anchor_prompts(source_cfg, nsamples: int, seed: int, name: str) -> list[str]:

@@ -20,7 +20,7 @@ import torch
 from safety_units.models.forward import decoder, forward_hooks
 from safety_units.steering.steerer import AnchoredSteerer, SteeringHooks
 from safety_units.steering.prompt_states import block_states, chat_ids, difference_of_means, token_ids
-from safety_units.units.groups import decoder_layers, names_for, submodule
+from safety_units.units.layouts import decoder_layers, mlp_writer, names_for, submodule
 from safety_units.utils.errors import ConfigError
 from safety_units.utils.ranks import RankedLogger
 
@@ -47,14 +47,16 @@ def residual_writers(model) -> list[torch.nn.Module]:
         if all(hasattr(layer, n) for n in POST_NORMS):
             out += [getattr(layer, n) for n in POST_NORMS]
         else:
-            out += [submodule(layer, names["attn"]["out"]), submodule(layer, names["mlp"]["out"])]
+            out += [submodule(layer, names["attn"]["out"]), mlp_writer(layer, names)]
     return out
 
 
 def ablation_hook(direction: torch.Tensor):
     def hook(module, args, output):
-        r = direction.to(output.device, output.dtype)
-        return output - (output @ r)[..., None] * r
+        h = output[0] if isinstance(output, tuple) else output  # gpt-oss' MoE block also returns router scores
+        r = direction.to(h.device, h.dtype)
+        h = h - (h @ r)[..., None] * r
+        return (h,) + tuple(output[1:]) if isinstance(output, tuple) else h
     return hook
 
 

@@ -25,7 +25,7 @@ from safety_units.data.chat import prompt_text
 from safety_units.models.forward import head_logits
 from safety_units.steering.steerer import AnchoredSteerer, SteeringHooks
 from safety_units.steering.prompt_states import block_states, chat_ids, difference_of_means, token_ids
-from safety_units.units.groups import decoder_layers, names_for, submodule
+from safety_units.units.layouts import decoder_layers, names_for, submodule
 from safety_units.utils.errors import ConfigError
 from safety_units.utils.ranks import RankedLogger
 

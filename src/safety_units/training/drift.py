@@ -35,7 +35,7 @@ from safety_units.models.lora import effective_weight
 from safety_units.utils.ranks import RankedLogger
 from safety_units.attribution.scoring import TOKENS
 from safety_units.attribution.one_set import score_units
-from safety_units.units.groups import ParamSlice, UnitGroup, resolve_units
+from safety_units.units.groups import UnitGroup, resolve_units
 
 log = RankedLogger(__name__)
 
@@ -47,8 +47,10 @@ def applied_weight_groups(model, names: dict | None = None) -> list[UnitGroup]:
     """The model's unit groups with each out weight replaced by the weight the module applies (W + LoRA dW)."""
     groups = []
     for g in resolve_units(model, names):
-        w = ParamSlice(g.out_weight.name, effective_weight(g.out_module), g.out_weight.dim)
-        groups.append(dataclasses.replace(g, out_weight=w))
+        if hasattr(g.out_module, "weight"):  # experts' 3-D tensors carry no adapter: their own weight
+            g = dataclasses.replace(g, out_weight=dataclasses.replace(g.out_weight,
+                                                                      param=effective_weight(g.out_module)))
+        groups.append(g)
     return groups
 
 

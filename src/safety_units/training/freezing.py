@@ -23,11 +23,13 @@ from safety_units.units.masking import Masker, PartialMask, count_entries, masks
 from safety_units.utils.ranks import RankedLogger
 from safety_units.attribution.selection import freeze_selection
 from safety_units.units.unit_map import UnitMap, selection_size
-from safety_units.units.groups import names_for, resolve_units, unit_names
+from safety_units.units.groups import resolve_units, router_params
+from safety_units.units.layouts import names_for, unit_names
 
 log = RankedLogger(__name__)
 
 STRATEGIES = ("none", "esu", "esu_cu", "ru_only", "random", "train_only", "layers")
+ROUTER = ("train", "freeze")
 
 
 def _layer_masks(cfg, model: nn.Module, tokenizer, names: dict | None, description: dict) -> tuple[dict, set[str]]:
@@ -92,6 +94,21 @@ def _middle_layers_like(cfg, model: nn.Module, tokenizer, names, prefix: str, n_
     return list(middle(size))
 
 
+def frozen_routers(cfg, model: nn.Module, names: dict | None) -> list[str]:
+    """The MoE routers' parameters that `units.router=freeze` keeps fixed (tokens keep reaching the experts a
+    frozen set was chosen in); [] for `train`, the default."""
+    router = (cfg.get("units") or {}).get("router") or "train"
+    if router not in ROUTER:
+        raise ConfigError(f"units.router must be one of {ROUTER}, got {router!r}.")
+    if router == "train":
+        return []
+    params = router_params(model, names)
+    if not params:
+        raise ConfigError("units.router=freeze: this model has no MoE router (units.names.expert.router); "
+                          "use units.router=train.")
+    return params
+
+
 def build_masker(cfg, model: nn.Module, tokenizer=None) -> tuple[Masker | None, UnitMap | None]:
     """The Masker for cfg.freeze (None for `none`), and the unit map it used (None without one; `.path` is its
     file)."""
@@ -99,13 +116,16 @@ def build_masker(cfg, model: nn.Module, tokenizer=None) -> tuple[Masker | None, 
     strategy = f.get("strategy", "none")
     if strategy not in STRATEGIES:
         raise ConfigError(f"freeze.strategy must be one of {STRATEGIES}, got {strategy!r}.")
-    if strategy == "none":
-        return None, None
     names = unit_names(cfg)
+    routers = frozen_routers(cfg, model, names)
+    if strategy == "none" and not routers:
+        return None, None
     description: dict = {"strategy": strategy}
     unit_map = selection = None
     mode = "freeze"
-    if strategy == "layers":
+    if strategy == "none":
+        partial, frozen_full = {}, set()
+    elif strategy == "layers":
         partial, frozen_full = _layer_masks(cfg, model, tokenizer, names, description)
     else:
         selection, mode, unit_map = freeze_selection(cfg, model, tokenizer, names, description)
@@ -113,6 +133,9 @@ def build_masker(cfg, model: nn.Module, tokenizer=None) -> tuple[Masker | None, 
         description["units_" + ("trainable" if mode == "train_only" else "frozen")] = selection_size(selection)
         if unit_map is not None:
             description["unit_map"] = str(unit_map.path)
+    if routers:
+        frozen_full |= set(routers)
+        description["router"] = "freeze"
     description["entries"] = count_entries(model, partial, frozen_full)
     masker = Masker(model, partial, frozen_full, mechanism=f.get("mechanism", "auto"), description=description,
                     check_every_n_steps=int(f.get("check_every_n_steps", 0) or 0), selection=selection, mode=mode)

@@ -9,66 +9,33 @@
   num_heads / num_kv_heads query heads of its group (grouped-query attention), so they count once, for the group:
   a shared K/V block is trainable only when every head of its group is (freezing one head freezes the K/V it
   reads), is zeroed only when every head of its group is ablated, and its score share is split evenly.
+* Expert unit (l, e * I + j) of an MoE layer (kind "expert"): intermediate channel j of expert e -- entry [e, j] of
+  the 3-D gate_up_proj's gate and up halves and [e, :, j] of down_proj (safety_units.units.experts). The router is
+  no unit's (`units.router`); a set of every channel of an expert is the whole expert.
 
 A unit owns `width` consecutive entries of each slice along the slice's dimension (1 for channels, head_dim for a
 head's q rows and o columns); a `shared` slice's block of `width` entries belongs to `shared` consecutive units. A
 fused projection holds `parts` copies of the unit axis end to end (Phi-3's gate_up_proj: gate rows, then up rows),
-so MLP unit j owns row j of every part -- entries that are not contiguous.
+so MLP unit j owns row j of every part -- entries that are not contiguous. An expert slice (`experts` > 1) repeats
+all of this per expert along its dimension 0.
 
-Module names come from `units.names`, else the per-architecture table DEFAULT_NAMES, else structural detection: a
-decoder ModuleList whose first block has Llama's mlp.down_proj (with gate_proj / up_proj or a fused gate_up_proj)
-and self_attn.o_proj, so a new model type with a Llama layout needs no table entry.
-
-A `UnitGroup` is all units of one kind in one layer: the parameter slices each unit owns, plus the module whose
-*input* channels are the units (down_proj / o_proj), where activations are observed.
+Module names: safety_units.units.layouts. A `UnitGroup` is all units of one kind in one layer: the parameter slices
+each unit owns, plus the module whose *input* channels are the units (down_proj / o_proj; the experts module),
+where `tap` observes or replaces their activations.
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
+from safety_units.units.experts import ExpertTap, layout
+from safety_units.units.layouts import decoder_layers, names_for, submodule
 from safety_units.utils.errors import ConfigError
-from safety_units.utils.ranks import RankedLogger
 
-log = RankedLogger(__name__)
-
-KINDS = ("mlp", "attn", "head")
-
-LLAMA_HEAD = {"q": ["self_attn.q_proj"], "kv": ["self_attn.k_proj", "self_attn.v_proj"], "out": "self_attn.o_proj"}
-LLAMA_NAMES = {"layers": "model.layers",
-               "mlp": {"in": ["mlp.gate_proj", "mlp.up_proj"], "out": "mlp.down_proj"},
-               "attn": {"in": [], "out": "self_attn.o_proj"},
-               "head": LLAMA_HEAD}
-GPT2_NAMES = {"layers": "transformer.h",
-              "mlp": {"in": ["mlp.c_fc"], "out": "mlp.c_proj"},
-              "attn": {"in": [], "out": "attn.c_proj"}}
-# No "head" entry where q/k/v are one fused module (Phi-3 qkv_proj, GPT-NeoX / Falcon query_key_value, GPT-2 c_attn).
-PHI3_NAMES = {"layers": "model.layers",
-              "mlp": {"in": ["mlp.gate_up_proj"], "out": "mlp.down_proj"},  # fused: gate rows, then up rows
-              "attn": {"in": [], "out": "self_attn.o_proj"}}
-GPT_NEOX_NAMES = {"layers": "gpt_neox.layers",
-                  "mlp": {"in": ["mlp.dense_h_to_4h"], "out": "mlp.dense_4h_to_h"},
-                  "attn": {"in": [], "out": "attention.dense"}}
-FALCON_NAMES = {"layers": "transformer.h",
-                "mlp": {"in": ["mlp.dense_h_to_4h"], "out": "mlp.dense_4h_to_h"},
-                "attn": {"in": [], "out": "self_attention.dense"}}
-OPT_NAMES = {"layers": "model.decoder.layers",
-             "mlp": {"in": ["fc1"], "out": "fc2"},
-             "attn": {"in": [], "out": "self_attn.out_proj"},
-             "head": dict(LLAMA_HEAD, out="self_attn.out_proj")}
-PHI_NAMES = {"layers": "model.layers",
-             "mlp": {"in": ["mlp.fc1"], "out": "mlp.fc2"},
-             "attn": {"in": [], "out": "self_attn.dense"},
-             "head": dict(LLAMA_HEAD, out="self_attn.dense")}
-# model_type -> module names; Llama-style names cover Mistral, Qwen2/3, Gemma, OLMo, SmolLM, Granite, StableLM.
-DEFAULT_NAMES = {t: LLAMA_NAMES for t in ("llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2",
-                                          "gemma3_text", "olmo", "olmo2", "smollm3", "granite", "stablelm")}
-DEFAULT_NAMES.update(gpt2=GPT2_NAMES, phi3=PHI3_NAMES, gpt_neox=GPT_NEOX_NAMES, falcon=FALCON_NAMES, opt=OPT_NAMES,
-                     phi=PHI_NAMES)
+KINDS = ("mlp", "expert", "attn", "head")
 
 
 @dataclass
@@ -79,24 +46,54 @@ class ParamSlice:
     width: int = 1  # entries per unit (block) along dim
     shared: int = 1  # units sharing one block (grouped-query K/V)
     parts: int = 1  # copies of the unit axis laid end to end along dim (a fused gate_up_proj: 2)
+    experts: int = 1  # > 1: dimension 0 is the expert axis; units e * U ... (e + 1) * U - 1 are expert e's
 
     def entries(self, units: torch.Tensor, reduce: str = "all") -> torch.Tensor:
-        """A per-unit bool vector as a per-entry vector along `dim`; a shared block is True when all (or any) of
-        its units are; a fused slice repeats it once per part."""
+        """A per-unit bool vector as a per-entry vector along `dim` ([experts, entries] for an expert slice); a
+        shared block is True when all (or any) of its units are; a fused slice repeats it once per part."""
+        units = units.view(self.experts, -1)
         if self.shared > 1:
-            blocks = units.view(-1, self.shared)
-            units = blocks.all(dim=1) if reduce == "all" else blocks.any(dim=1)
-        units = units.repeat_interleave(self.width) if self.width > 1 else units
-        return units.repeat(self.parts) if self.parts > 1 else units
+            blocks = units.view(self.experts, -1, self.shared)
+            units = blocks.all(dim=-1) if reduce == "all" else blocks.any(dim=-1)
+        units = units.repeat_interleave(self.width, dim=-1) if self.width > 1 else units
+        units = units.repeat(1, self.parts) if self.parts > 1 else units
+        return units if self.experts > 1 else units[0]
 
     def per_unit(self, values: torch.Tensor) -> torch.Tensor:
-        """Per-entry values along `dim` summed per unit (over every part of a fused slice); a shared block's sum
-        split evenly among its units."""
+        """Per-entry values along `dim` (flat, or [experts, entries]) summed per unit (over every part of a fused
+        slice); a shared block's sum split evenly among its units."""
+        values = values.reshape(self.experts, -1)
         if self.parts > 1:
-            values = values.view(self.parts, -1).sum(dim=0)
+            values = values.view(self.experts, self.parts, -1).sum(dim=1)
         if self.width > 1:
-            values = values.view(-1, self.width).sum(dim=1)
-        return values.repeat_interleave(self.shared) / self.shared if self.shared > 1 else values
+            values = values.view(self.experts, -1, self.width).sum(dim=-1)
+        if self.shared > 1:
+            values = values.repeat_interleave(self.shared, dim=-1) / self.shared
+        return values.flatten()
+
+    @property
+    def unit_dims(self) -> tuple[int, ...]:
+        return (0, self.dim) if self.experts > 1 else (self.dim,)
+
+    def channels_first(self, t: torch.Tensor | None = None) -> torch.Tensor:
+        """`t` (default: the parameter) as [entries along the unit dims, everything else]: an out weight's
+        columns as rows, an expert slice's experts laid end to end."""
+        t = self.param if t is None else t
+        t = t.movedim(self.unit_dims, tuple(range(len(self.unit_dims))))
+        return t.reshape(-1, *t.shape[len(self.unit_dims):]).flatten(1) if t.ndim > len(self.unit_dims) else \
+            t.reshape(-1)
+
+    def unit_values(self, t: torch.Tensor) -> torch.Tensor:
+        """Per-unit sums of a tensor shaped like the parameter (a gradient product, a squared change)."""
+        rows = self.channels_first(t)
+        return self.per_unit(rows.sum(dim=1) if rows.ndim == 2 else rows)
+
+    def broadcast(self, entries: torch.Tensor) -> torch.Tensor:
+        """Per-entry values (as entries() returns them) shaped to broadcast against the parameter."""
+        shape = [1] * self.param.ndim
+        for d, size in zip(self.unit_dims, entries.shape):
+            shape[d] = size
+        return entries.reshape(shape)
 
 
 @dataclass
@@ -105,10 +102,11 @@ class UnitGroup:
     layer: int
     n: int
     slices: list[ParamSlice] = field(default_factory=list)
-    out_module: nn.Module | None = None  # its input channels are the units
+    out_module: nn.Module | None = None  # its input channels are the units (experts: the experts module)
     out_name: str = ""
     out_weight: ParamSlice | None = None  # the out module's weight slice (columns = units)
     width: int = 1  # input channels of out_module per unit (head_dim for a head)
+    experts: int = 1  # an expert group's experts: units e * (n / experts) ... are expert e's
 
     @property
     def key(self) -> str:
@@ -125,13 +123,22 @@ class UnitGroup:
         return units.repeat_interleave(self.width) if self.width > 1 else units
 
 
-def submodule(root: nn.Module, dotted: str) -> nn.Module | None:
-    m = root
-    for part in dotted.split("."):
-        if not hasattr(m, part):
-            return None
-        m = getattr(m, part)
-    return m
+def tap(group: UnitGroup, fn):
+    """Call fn(x, tokens, start) with the group's unit activations at each forward: x [tokens, channels] holds
+    channels start ... start + channels - 1 of the group's n * width; tokens (LongTensor, or None for all) are the
+    rows' positions in the flattened [batch * seq]. A returned tensor replaces x. Returns a handle (.remove()).
+
+    Dense groups: a forward pre-hook on the out module (all tokens, all channels at once). Expert groups: one call
+    per expert with the tokens routed to it (safety_units.units.experts.tapped_forward)."""
+    if group.kind == "expert":
+        return ExpertTap(group.out_module, fn, group.out_name)
+
+    def hook(module, args):
+        flat = args[0].reshape(-1, args[0].shape[-1])  # OPT feeds fc2 [batch * seq, channels]
+        y = fn(flat, None, 0)
+        # The flat view goes on even when unchanged: a tap that retains its gradient must be on the path.
+        return ((flat if y is None else y).reshape(args[0].shape),) + tuple(args[1:])
+    return group.out_module.register_forward_pre_hook(hook)
 
 
 # nn.Linear subclasses that compute nn.Linear's product (x @ W.T + b), so exact masks and LoRA treat them as Linear;
@@ -143,114 +150,60 @@ def _is_conv1d(module: nn.Module) -> bool:  # GPT-2 style: weight is (in_feature
     return type(module).__name__ == "Conv1D"
 
 
-def names_for(model: nn.Module, names: dict | None = None) -> dict:
-    """The unit module names: `names` when it gives them (units.names), else the architecture's table entry, else
-    Llama-style names found by structure; the `heads` flag (units.heads) is carried either way."""
-    heads = bool(names and names.get("heads"))
-    if names and names.get("layers"):
-        return dict(names, heads=heads)
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type in DEFAULT_NAMES:
-        return dict(DEFAULT_NAMES[model_type], heads=heads)
-    detected = detect_names(model)
-    if detected:
-        if model_type not in _ANNOUNCED:
-            _ANNOUNCED.add(model_type)
-            log.info("units: model_type=%r has no table entry; using the Llama-style names found in the model: "
-                     "%s", model_type, detected)
-        return dict(detected, heads=heads)
-    raise ConfigError(
-        f"no unit module names are known for model_type={model_type!r}, and no Llama-style layout was found "
-        f"(a decoder ModuleList whose blocks have mlp.down_proj, mlp.gate_proj / up_proj or gate_up_proj, and "
-        f"self_attn.o_proj); set units.names in the config (layers / mlp.in / mlp.out / attn.in / attn.out). "
-        f"Modules in this model: {_module_sample(model)}"
-    )
-
-
-_ANNOUNCED: set = set()  # model types whose detected names were logged (once per process)
-
-
-def detect_names(model: nn.Module) -> dict | None:
-    """Llama-style unit names of a model with no table entry: the first ModuleList of num_hidden_layers blocks
-    whose block 0 has mlp.down_proj fed by gate_proj / up_proj (or a fused gate_up_proj) and self_attn.o_proj;
-    heads when q_proj, k_proj and v_proj are separate. None when there is no such list."""
-    n_layers = getattr(getattr(model, "config", None), "num_hidden_layers", None)
-    for path, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and len(module) and len(module) == (n_layers or len(module)):
-            names = _llama_layout(module[0], path)
-            if names:
-                return names
-    return None
-
-
-def _llama_layout(block: nn.Module, layers: str) -> dict | None:
-    def has(name: str) -> bool:
-        return isinstance(getattr(submodule(block, name), "weight", None), torch.Tensor)
-
-    mlp_in = [n for n in ("mlp.gate_proj", "mlp.up_proj") if has(n)] or [n for n in ("mlp.gate_up_proj",) if has(n)]
-    if not (mlp_in and has("mlp.down_proj") and has("self_attn.o_proj")):
-        return None
-    names = {"layers": layers, "mlp": {"in": mlp_in, "out": "mlp.down_proj"},
-             "attn": {"in": [], "out": "self_attn.o_proj"}}
-    if all(has(n) for n in LLAMA_HEAD["q"] + LLAMA_HEAD["kv"]):
-        names["head"] = LLAMA_HEAD
-    return names
-
-
-def _module_sample(model: nn.Module, limit: int = 40) -> str:
-    """Module names with layer indices above 0 left out, so the list stays readable."""
-    names = [n for n, _ in model.named_modules() if n and not re.search(r"\.[1-9][0-9]*(\.|$)", n)]
-    return ", ".join(names[:limit]) + (" ..." if len(names) > limit else "")
-
-
-def unit_names(cfg) -> dict | None:
-    """The module-name overrides of a run config (`units.names`), resolved, with `heads: true` when units.heads is
-    set; None means the architecture defaults, channels."""
-    from omegaconf import OmegaConf
-
-    units = cfg.get("units")
-    names = OmegaConf.to_container(units.names, resolve=True) if units and units.get("names") else None
-    if units and units.get("heads"):
-        names = dict(names or {}, heads=True)
-    return names
-
-
-def with_heads(names: dict | None, heads: bool) -> dict | None:
-    """`names` with the heads flag set as a unit map or selection needs it (its keys say which kinds it has)."""
-    if bool(names and names.get("heads")) == heads:
-        return names
-    return dict(names or {}, heads=heads)
-
-
-def has_heads(keys) -> bool:
-    return any(str(k).startswith("head.") for k in keys)
-
-
-def decoder_layers(model: nn.Module, names: dict | None = None) -> nn.ModuleList:
-    """The model's decoder blocks (`units.names.layers`)."""
-    names = names_for(model, names)
-    layers = submodule(model, names["layers"])
-    if not isinstance(layers, nn.ModuleList):
-        raise ConfigError(f"units.names.layers={names['layers']!r} is not a ModuleList in this model. "
-                          f"Modules found: {_module_sample(model)}")
-    return layers
-
-
 def resolve_units(model: nn.Module, names: dict | None = None) -> list[UnitGroup]:
-    """All unit groups of the model, layer by layer, MLP then attention."""
+    """All unit groups of the model, layer by layer: MLP (or experts, or both), then attention."""
     names = names_for(model, names)
     layers = decoder_layers(model, names)
     param_names = {id(p): n for n, p in model.named_parameters()}
     groups: list[UnitGroup] = []
     heads = _head_shape(model, names) if names.get("heads") else None
     for li, layer in enumerate(layers):
-        for kind in ("mlp", "attn"):
-            spec = names.get(kind)
-            if heads and kind == "attn":
-                groups.append(_head_group(layer, li, names["head"], names["layers"], param_names, *heads))
-            elif spec:
-                groups.append(_group(layer, li, kind, spec, names["layers"], param_names))
+        experts = _expert_group(layer, li, names, param_names)
+        mlp = names.get("mlp")
+        if mlp and (experts is None or submodule(layer, mlp["out"]) is not None):  # a shared expert beside them
+            groups.append(_group(layer, li, "mlp", mlp, names["layers"], param_names))
+        if experts is not None:
+            groups.append(experts)
+        if heads:
+            groups.append(_head_group(layer, li, names["head"], names["layers"], param_names, *heads))
+        elif names.get("attn"):
+            groups.append(_group(layer, li, "attn", names["attn"], names["layers"], param_names))
     return groups
+
+
+def _expert_group(layer: nn.Module, li: int, names: dict, param_names: dict) -> UnitGroup | None:
+    """The layer's expert units, None where it has no experts module (a dense layer, a dense model)."""
+    path = (names.get("expert") or {}).get("experts")
+    module = submodule(layer, path) if path else None
+    if module is None:
+        return None
+    where = f"{names['layers']}.{li}.{path}"
+    spec = layout(module, where)
+    n_experts = spec["n_experts"]
+    g = UnitGroup("expert", li, n_experts * spec["units"], out_module=module, out_name=where, experts=n_experts)
+    for attr, dims in spec["params"].items():
+        p = getattr(module, attr)
+        g.slices.append(ParamSlice(param_names[id(p)], p, experts=n_experts, **dims))
+    g.out_weight = g.slices[0]  # down_proj
+    return g
+
+
+def router_params(model: nn.Module, names: dict | None = None) -> list[str]:
+    """Names of the routers' parameters (units.names.expert.router), one router per MoE layer."""
+    names = names_for(model, names)
+    spec = names.get("expert") or {}
+    if not spec.get("router"):
+        return []
+    out = []
+    for li, layer in enumerate(decoder_layers(model, names)):
+        if spec.get("experts") and submodule(layer, spec["experts"]) is None:
+            continue  # a dense layer
+        router = submodule(layer, spec["router"])
+        if router is None:
+            raise ConfigError(f"units.names.expert.router: module '{spec['router']}' not found in "
+                              f"{names['layers']}.{li}.")
+        out += [f"{names['layers']}.{li}.{spec['router']}.{n}" for n, _ in router.named_parameters()]
+    return out
 
 
 def _head_shape(model: nn.Module, names: dict) -> tuple[int, int, int]:
@@ -325,6 +278,7 @@ def _group(layer: nn.Module, li: int, kind: str, spec: dict, layers_name: str, p
 
 
 def unit_counts(groups: list[UnitGroup]) -> dict[str, list[int]]:
-    """Units per layer of each kind; "head" only when heads are the units (so channel fingerprints are unchanged)."""
+    """Units per layer of each kind; "head" and "expert" only where they are units (so dense channel fingerprints
+    are unchanged)."""
     return {kind: [g.n for g in groups if g.kind == kind] for kind in KINDS
-            if kind != "head" or any(g.kind == "head" for g in groups)}
+            if kind in ("mlp", "attn") or any(g.kind == kind for g in groups)}

@@ -25,7 +25,8 @@ from torch import nn
 
 from safety_units.utils.errors import ConfigError, UnitMapError
 from safety_units.utils.ranks import RankedLogger
-from safety_units.units.groups import LINEAR_SUBCLASSES, has_heads, resolve_units, with_heads
+from safety_units.units.groups import LINEAR_SUBCLASSES, resolve_units
+from safety_units.units.layouts import has_heads, with_heads
 
 log = RankedLogger(__name__)
 
@@ -34,7 +35,7 @@ log = RankedLogger(__name__)
 class PartialMask:
     name: str
     dim: int
-    keep: torch.Tensor  # bool over the unit dimension: True = trainable
+    keep: torch.Tensor  # bool over the unit dimension (True = trainable); [experts, dim] for a 3-D expert tensor
     shape: tuple = ()
     _views: dict = field(default_factory=dict, repr=False)
 
@@ -43,15 +44,24 @@ class PartialMask:
         key = (str(device), dtype)
         if key not in self._views:
             shape = [1] * len(self.shape)
-            shape[self.dim] = -1
+            shape[self.dim] = self.keep.shape[-1]
+            if self.keep.ndim == 2:  # an expert tensor: dimension 0 is the expert axis
+                shape[0] = self.keep.shape[0]
             self._views[key] = self.keep.to(device=device, dtype=dtype).view(shape)
         return self._views[key]
 
-    def frozen_index(self) -> torch.Tensor:
+    def frozen_index(self) -> torch.Tensor:  # 1-D masks (a Linear's rows or columns: LoRA)
         return torch.nonzero(~self.keep).flatten()
 
     def trainable_index(self) -> torch.Tensor:
         return torch.nonzero(self.keep).flatten()
+
+    def frozen_values(self, t: torch.Tensor) -> torch.Tensor:
+        """The entries of `t` (shaped like the parameter) that the mask freezes, flat."""
+        return t.masked_select(~self.view(t.device, torch.bool).expand(t.shape))
+
+    def trainable_values(self, t: torch.Tensor) -> torch.Tensor:
+        return t.masked_select(self.view(t.device, torch.bool).expand(t.shape))
 
 
 class _MaskGrad(torch.autograd.Function):
@@ -89,10 +99,9 @@ class Masker:
             raise ConfigError("the freeze strategy leaves nothing trainable (empty trainable set).")
         # Snapshot of every frozen entry in the dtype the model was loaded in (CPU, compared at the end).
         self.snapshot = {n: params[n].detach().cpu().clone() for n in frozen_full}
-        self.snapshot_partial = {n: params[n].detach().cpu().index_select(m.dim, m.frozen_index()).clone()
-                                 for n, m in partial.items()}
+        self.snapshot_partial = {n: m.frozen_values(params[n].detach().cpu()) for n, m in partial.items()}
         # A few trainable slices, to prove that training moved them.
-        self.trainable_probe = {n: params[n].detach().cpu().index_select(m.dim, m.trainable_index()).clone()
+        self.trainable_probe = {n: m.trainable_values(params[n].detach().cpu())
                                 for n, m in list(partial.items())[:4] if m.keep.any()}
         if not self.trainable_probe:
             self.trainable_probe = {n: p.detach().cpu().clone() for n, p in list(params.items())
@@ -128,7 +137,9 @@ class Masker:
     def _patch_forward(self, mod: nn.Module, masks: dict[str, PartialMask]) -> None:
         kind = type(mod).__name__
         if kind not in ("Linear", *LINEAR_SUBCLASSES, "Conv1D"):
-            raise ConfigError(f"freeze.mechanism=forward supports Linear and Conv1D modules, not {kind}.")
+            raise ConfigError(f"freeze.mechanism=forward supports Linear and Conv1D modules, not {kind} (MoE "
+                              f"experts' 3-D tensors: train with the hook mechanism -- one device, DDP or "
+                              f"DeepSpeed -- rather than FSDP).")
 
         def masked(attr):
             t = getattr(mod, attr)
@@ -224,7 +235,7 @@ class Masker:
             worst = max(worst, _max_abs_diff(cur, ref))
         for n, ref in self.snapshot_partial.items():
             m = self.partial[n]
-            cur = _lookup(state_dict, n).detach().cpu().to(ref.dtype).index_select(m.dim, m.frozen_index())
+            cur = m.frozen_values(_lookup(state_dict, n).detach().cpu().to(ref.dtype))
             worst = max(worst, _max_abs_diff(cur, ref))
         return worst
 
@@ -232,7 +243,7 @@ class Masker:
         for n, ref in self.trainable_probe.items():
             cur = _lookup(state_dict, n).detach().cpu().to(ref.dtype)
             if n in self.partial:
-                cur = cur.index_select(self.partial[n].dim, self.partial[n].trainable_index())
+                cur = self.partial[n].trainable_values(cur)
             if not torch.equal(cur, ref):
                 return True
         return False
@@ -300,7 +311,7 @@ def count_entries(model: nn.Module, partial: dict[str, PartialMask], frozen_full
             frozen += p.numel()
         elif n in partial:
             m = partial[n]
-            frozen += int((~m.keep).sum()) * (p.numel() // p.shape[m.dim])
+            frozen += int((~m.keep).sum()) * (p.numel() // m.keep.numel())
     return {"frozen": frozen, "trainable": total - frozen, "total": total,
             "frozen_share": round(frozen / total, 5), "trainable_share": round((total - frozen) / total, 5)}
 
@@ -339,7 +350,8 @@ def masks_from_selection(model: nn.Module, selection: dict[str, torch.Tensor], m
 # --------------------------------------------------------------------------- ablation: the same units, zeroed
 def ablate_units(model, selection: dict[str, torch.Tensor], names: dict | None = None) -> dict:
     """Zero every parameter slice of the selected units (rows of gate/up, columns of down/o_proj; a head's q rows
-    and o columns, and its K/V rows when every head of its group is selected)."""
+    and o columns, and its K/V rows when every head of its group is selected; an expert channel's entries of its
+    expert's 3-D tensors)."""
     zeroed = {"units_zeroed": 0, "entries_zeroed": 0}
     groups = resolve_units(model, with_heads(names, has_heads(selection)))
     missing = sorted(set(selection) - {g.key for g in groups})
@@ -352,7 +364,7 @@ def ablate_units(model, selection: dict[str, torch.Tensor], names: dict | None =
                 continue
             zeroed["units_zeroed"] += int(sel.sum())
             for s in g.slices:
-                idx = torch.nonzero(s.entries(sel.bool(), "all")).flatten()
-                s.param.index_fill_(s.dim, idx.to(s.param.device), 0.0)
-                zeroed["entries_zeroed"] += len(idx) * (s.param.numel() // s.param.shape[s.dim])
+                gone = s.entries(sel.bool(), "all")
+                s.param.masked_fill_(s.broadcast(gone).to(s.param.device), 0.0)
+                zeroed["entries_zeroed"] += int(gone.sum()) * (s.param.numel() // gone.numel())
     return zeroed

@@ -22,7 +22,8 @@ from safety_units.units.classification import CLASS_CODES, normalise
 from safety_units.utils.errors import ConfigError, UnitMapError
 from safety_units.utils.fingerprints import model_fingerprint
 from safety_units.utils.ranks import RankedLogger
-from safety_units.units.groups import has_heads, resolve_units, unit_counts, with_heads
+from safety_units.units.groups import KINDS, resolve_units, unit_counts
+from safety_units.units.layouts import has_heads, with_heads
 
 log = RankedLogger(__name__)
 
@@ -38,7 +39,7 @@ def full_fingerprint(model, names: dict | None = None) -> dict:
 
 
 def _sort_keys(keys) -> list[str]:
-    return sorted(keys, key=lambda k: (int(k.split(".")[1]), k.split(".")[0] != "mlp"))
+    return sorted(keys, key=lambda k: (int(k.split(".")[1]), KINDS.index(k.split(".")[0])))
 
 
 class UnitMap:
@@ -140,7 +141,7 @@ class UnitMap:
     def summary(self) -> dict:
         per = self.counts()
         out = {"metadata": {k: v for k, v in self.metadata.items()}, "per_layer": per, "total": {}}
-        for kind in ("mlp", "attn", "head", "all"):
+        for kind in (*KINDS, "all"):
             rows = [v for k, v in per.items() if kind == "all" or k.startswith(kind + ".")]
             if not rows:
                 continue

@@ -14,7 +14,7 @@ CLASS_COLORS = {"esu": "#d62728", "cu": "#9467bd", "euu": "#1f77b4", "ru": "#bbb
 
 def plot_units_per_layer(unit_map, path: str | Path, title: str | None = None) -> Path:
     counts = unit_map.counts()
-    kinds = [k for k in ("mlp", "attn", "head") if any(key.startswith(k + ".") for key in counts)]
+    kinds = [k for k in ("mlp", "expert", "attn", "head") if any(key.startswith(k + ".") for key in counts)]
     fig, axes = plt.subplots(len(kinds), 1, figsize=(10, 3.2 * len(kinds)), squeeze=False)
     for ax, kind in zip(axes[:, 0], kinds):
         keys = sorted((k for k in counts if k.startswith(kind + ".")), key=lambda k: int(k.split(".")[1]))

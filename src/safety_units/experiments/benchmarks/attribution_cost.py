@@ -36,8 +36,7 @@ def naive_snip(model, groups, batches) -> dict:
             acc += (params[name].detach() * params[name].grad).abs()
     out = {}
     for g in groups:
-        out[g.key] = sum(s.per_unit(dense[s.name].sum(dim=1 - s.dim) if dense[s.name].ndim == 2 else dense[s.name])
-                         for s in g.slices)
+        out[g.key] = sum(s.unit_values(dense[s.name]) for s in g.slices)
     model.zero_grad(set_to_none=True)
     return out
 
