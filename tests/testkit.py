@@ -87,23 +87,45 @@ ARCHS = {
     "olmo2": ("Olmo2Config", GQA, "model.layers", True),
     "granite": ("GraniteConfig", GQA, "model.layers", True),
     "stablelm": ("StableLmConfig", GQA, "model.layers", True),
-    "gpt2": ("GPT2Config", dict(n_inner=INTER), "transformer.h", False),  # fused Conv1D c_attn
-    "phi3": ("Phi3Config", GQA, "model.layers", False),  # fused gate_up_proj and qkv_proj
-    "gpt_neox": ("GPTNeoXConfig", {}, "gpt_neox.layers", False),  # fused, per-head interleaved query_key_value
-    "falcon": ("FalconConfig", dict(ffn_hidden_size=INTER), "transformer.h", False),  # fused query_key_value
+    "gpt2": ("GPT2Config", dict(n_inner=INTER), "transformer.h", True),  # fused Conv1D c_attn
+    "phi3": ("Phi3Config", GQA, "model.layers", True),  # fused gate_up_proj and qkv_proj
+    "gpt_neox": ("GPTNeoXConfig", {}, "gpt_neox.layers", True),  # fused, per-head interleaved query_key_value
+    "falcon": ("FalconConfig", dict(ffn_hidden_size=INTER), "transformer.h", True),  # fused multi-query q/k/v
     "opt": ("OPTConfig", dict(ffn_dim=INTER, word_embed_proj_dim=HIDDEN), "model.decoder.layers", True),
     "phi": ("PhiConfig", {}, "model.layers", True),
     "my_llama": ("LlamaConfig", GQA, "model.layers", True),  # no table entry: found by structure
-    "my_phi3": ("Phi3Config", GQA, "model.layers", False),  # no table entry, fused gate_up_proj found by structure
+    "my_phi3": ("Phi3Config", GQA, "model.layers", True),  # no table entry, fused gate_up_proj found by structure
 }
 
 
-def build_arch(arch: str, model_type: str | None = None):
-    """A tiny random model of `arch` (a key of ARCHS), built offline from its transformers config with seed 0;
-    `my_*` archs (or `model_type`) get a model type with no table entry."""
+# The MoE layouts (tests/units/test_experts.py): 4 experts, top-2, fused 3-D expert tensors (transformers 5).
+EXPERTS_N, TOP_K, MOE_INTER = 4, 2, 32
+MOE = dict(GQA, num_experts_per_tok=TOP_K)
+MOE_ARCHS = {
+    "mixtral": ("MixtralConfig", dict(MOE, num_local_experts=EXPERTS_N, intermediate_size=MOE_INTER),
+                "model.layers", True),
+    "qwen3_moe": ("Qwen3MoeConfig", dict(MOE, num_experts=EXPERTS_N, moe_intermediate_size=MOE_INTER,
+                                         head_dim=HEAD_DIM), "model.layers", True),
+    "qwen2_moe": ("Qwen2MoeConfig", dict(MOE, num_experts=EXPERTS_N, moe_intermediate_size=MOE_INTER,
+                                         shared_expert_intermediate_size=INTER), "model.layers", True),  # + shared
+    "olmoe": ("OlmoeConfig", dict(MOE, num_experts=EXPERTS_N, intermediate_size=MOE_INTER), "model.layers", True),
+    # transposed 3-D tensors, interleaved gate/up pairs, biases, a clamped gate
+    "gpt_oss": ("GptOssConfig", dict(MOE, num_local_experts=EXPERTS_N, intermediate_size=MOE_INTER,
+                                     head_dim=HEAD_DIM, rope_parameters={"rope_type": "default",
+                                                                         "rope_theta": 10000.0}),
+                "model.layers", True),
+    "my_moe": ("Qwen3MoeConfig", dict(MOE, num_experts=EXPERTS_N, moe_intermediate_size=MOE_INTER,
+                                      head_dim=HEAD_DIM), "model.layers", True),  # no table entry
+}
+
+
+def build_arch(arch: str, model_type: str | None = None, settings: dict | None = None):
+    """A tiny random model of `arch` (a key of ARCHS or MOE_ARCHS; config `settings` on top), built offline from its
+    transformers config with seed 0; `my_*` archs (or `model_type`) get a model type with no table entry."""
     import transformers
 
-    config_class, extra, _, _ = ARCHS[arch]
+    config_class, extra, _, _ = ARCHS[arch] if arch in ARCHS else MOE_ARCHS[arch]
+    extra = dict(extra, **(settings or {}))
     settings = dict(BASE, **extra)
     if arch == "gpt2":  # GPT-2's own setting names
         settings = dict(n_layer=2, n_embd=HIDDEN, n_head=HEADS_N, n_positions=64, vocab_size=VOCAB, **extra)

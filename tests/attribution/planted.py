@@ -1,7 +1,8 @@
 """Planted-unit models and calibration sets shared by the scorer tests (test_<scorer>.py, test_pipeline.py).
 
 * `planted_dirs`: a tiny Llama whose MLP unit PLANT of layer 1 says REFUSE after a marker word, and its base model
-  (the unit reads nothing), saved as HF directories, with safety / utility / harmless calibration files.
+  (the unit reads nothing), saved as HF directories, with safety / utility / harmless calibration files; with the
+  indirect parameter "moe", a tiny Mixtral whose planted unit is a channel of one expert.
 * `tiny_cfg`: attribute.yaml on model=tiny with small calibration files (`write_sets`) whose marker word appears only
   in the safety texts; `safety_batches`: that safety set's batches.
 """
@@ -31,21 +32,11 @@ def plant(model, tokenizer, live: bool = True, refuse_norm: float | None = None,
     model says REFUSE. With live=False the unit reads nothing (the "base model" of the contrast scorer). In the random
     model REFUSE is then the argmax but barely likely (the final norm caps the write); `refuse_norm` (the mask test)
     scales REFUSE's tied embedding so that the planted unit makes it likely (p ~ 1) and nothing else does."""
-    marker = tokenizer(MARKER, add_special_tokens=False)["input_ids"][2:]  # the rare pieces 'zzy', 'va'
     refuse = tokenizer(refuse_text, add_special_tokens=False)["input_ids"][0]
     inner = model.model
     with torch.no_grad():
-        emb = inner.embed_tokens.weight
-        emb[:, :2] = 0.0  # dims 0 and 1 are reserved: 0 = marker token, 1 = marker seen
-        emb[marker, 0] = 4.0
-        attn0 = inner.layers[0].self_attn
-        attn0.v_proj.weight[0] = 0.0
-        attn0.v_proj.weight[0, 0] = 1.0  # kv head 0, channel 0 reads dim 0 ...
-        attn0.o_proj.weight[:2] = 0.0
-        attn0.o_proj.weight[:, 0] = 0.0
-        attn0.o_proj.weight[1, 0] = 3.0  # ... and head 0 writes its average over the prompt into dim 1
+        emb = _mark(inner, tokenizer)
         inner.layers[0].mlp.down_proj.weight[:2] = 0.0
-        inner.layers[1].self_attn.o_proj.weight[:2] = 0.0
         mlp = inner.layers[1].mlp
         for w in (mlp.gate_proj.weight, mlp.up_proj.weight):
             w[PLANT] = 0.0
@@ -54,6 +45,61 @@ def plant(model, tokenizer, live: bool = True, refuse_norm: float | None = None,
         mlp.down_proj.weight[:, PLANT] = strength * direction / direction.norm()
         if refuse_norm is not None:
             emb[refuse] *= refuse_norm / emb[refuse].norm()
+    return refuse
+
+
+def _mark(inner, tokenizer) -> torch.Tensor:
+    """Hidden dims 0 and 1 reserved: 0 = marker token, 1 = marker seen (layer-0 attention head 0 writes its average
+    over the prompt there); layer 1's attention writes neither. Returns the embedding matrix."""
+    marker = tokenizer(MARKER, add_special_tokens=False)["input_ids"][2:]  # the rare pieces 'zzy', 'va'
+    emb = inner.embed_tokens.weight
+    emb[:, :2] = 0.0
+    emb[marker, 0] = 4.0
+    attn0 = inner.layers[0].self_attn
+    attn0.v_proj.weight[0] = 0.0
+    attn0.v_proj.weight[0, 0] = 1.0  # kv head 0, channel 0 reads dim 0 ...
+    attn0.o_proj.weight[:2] = 0.0
+    attn0.o_proj.weight[:, 0] = 0.0
+    attn0.o_proj.weight[1, 0] = 3.0  # ... and head 0 writes its average over the prompt into dim 1
+    inner.layers[1].self_attn.o_proj.weight[:2] = 0.0
+    return emb
+
+
+# The MoE twin (planted_dirs' indirect parameter "moe"): a tiny Mixtral (4 experts, top-2, 32 channels each) whose
+# layer-1 router sends marked tokens to expert PLANT_EXPERT, whose channel PLANT says REFUSE.
+PLANT_EXPERT, MOE_UNITS = 2, 32
+
+
+def tiny_mixtral(tokenizer):
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    config = MixtralConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=MOE_UNITS,
+                           num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+                           num_experts_per_tok=2, tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
+                           eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return MixtralForCausalLM(config)
+
+
+def plant_expert(model, tokenizer, live: bool = True, strength: float = 5.0):
+    """plant() on a Mixtral: the planted unit is channel PLANT of layer-1 expert PLANT_EXPERT (its gate and up rows
+    read dim 1, its down column writes REFUSE), and layer 1's router sends every marked token there; layer 0's
+    experts write nothing into dims 0 and 1. With live=False the channel reads nothing (routing unchanged)."""
+    refuse = tokenizer(REFUSE, add_special_tokens=False)["input_ids"][0]
+    inner = model.model
+    with torch.no_grad():
+        emb = _mark(inner, tokenizer)
+        inner.layers[0].mlp.experts.down_proj[:, :2, :] = 0.0
+        moe = inner.layers[1].mlp
+        moe.gate.weight[:, 1] = 0.0
+        moe.gate.weight[PLANT_EXPERT, 1] = 30.0  # marker seen -> this expert is in the top 2
+        gate_up = moe.experts.gate_up_proj[PLANT_EXPERT]
+        for row in (PLANT, MOE_UNITS + PLANT):  # its gate and up halves
+            gate_up[row] = 0.0
+            gate_up[row, 1] = 1.0 if live else 0.0
+        direction = emb[refuse].clone()
+        moe.experts.down_proj[PLANT_EXPERT, :, PLANT] = strength * direction / direction.norm()
     return refuse
 
 
@@ -73,11 +119,16 @@ def planted_dirs(tmp_path, request):
     """A planted model and its base model saved as HF directories, and the calibration files (REFUSE's embedding
     norm, text and the unit's write strength: the test's indirect parameter, if it has one)."""
     cache = compose("attribute", ["model=tiny"]).paths.cache_dir
-    refuse_norm, refuse_text, strength = getattr(request, "param", (None, REFUSE, 5.0))
+    param = getattr(request, "param", (None, REFUSE, 5.0))
+    refuse_norm, refuse_text, strength = (None, REFUSE, 5.0) if param == "moe" else param
     dirs = {}
     for name, live in (("aligned", True), ("base", False)):
         loaded = build_tiny(cache_dir=cache)
-        plant(loaded.model, loaded.tokenizer, live, refuse_norm, refuse_text, strength)
+        if param == "moe":
+            loaded.model = tiny_mixtral(loaded.tokenizer)
+            plant_expert(loaded.model, loaded.tokenizer, live)
+        else:
+            plant(loaded.model, loaded.tokenizer, live, refuse_norm, refuse_text, strength)
         loaded.model.save_pretrained(tmp_path / name)
         loaded.tokenizer.save_pretrained(tmp_path / name)
         dirs[name] = tmp_path / name

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 from conftest import compose
-from planted import MARKER, PLANT, REFUSE, attribute_cfg, rows, tiny_cfg
+from planted import MARKER, MOE_UNITS, PLANT, PLANT_EXPERT, REFUSE, attribute_cfg, rows, tiny_cfg
 from planted import planted_dirs  # noqa: F401  (a fixture)
 from testkit import tiny_model as _tiny
 
@@ -79,6 +79,24 @@ def test_every_scorer_ranks_the_planted_unit_first(planted_dirs, method):
     assert um.classes["mlp.1"][PLANT] == CLASS_CODES["esu"]
     assert um.metadata["scoring"]["method"] == method
     assert set(um.metadata["class_shares"]) == {"mlp", "attn"}
+
+
+@pytest.mark.parametrize("planted_dirs", ["moe"], indirect=True)
+@pytest.mark.parametrize("method", sorted(SCORERS))
+def test_every_scorer_ranks_a_planted_expert_channel_first(planted_dirs, method):
+    """An MoE model's experts are units: the planted channel of one expert (routed only the marked tokens) ranks
+    first among all expert units of both layers, silent on benign data, ESU."""
+    root, dirs = planted_dirs
+    extra = [o.format(base=dirs["base"]) for o in SCORERS[method]]
+    out = run_attribution(attribute_cfg(root, dirs, f"scoring={method}", *extra))
+    um = UnitMap.load(out["unit_map"], model=load_hf(str(dirs["aligned"])).model)
+    assert sorted(um.sizes()) == ["attn.0", "attn.1", "expert.0", "expert.1"]
+    planted = PLANT_EXPERT * MOE_UNITS + PLANT  # unit e * I + j of layer 1
+    experts = torch.cat([um.safety[f"expert.{layer}"] for layer in range(2)])
+    assert int(experts.argmax()) == um.sizes()["expert.0"] + planted
+    assert um.utility["expert.1"][planted] == 0.0
+    assert um.classes["expert.1"][planted] == CLASS_CODES["esu"]
+    assert set(um.metadata["class_shares"]) == {"expert", "attn"}  # classification shares per kind
 
 
 def test_run_writes_three_files_and_map_roundtrips(tmp_path):

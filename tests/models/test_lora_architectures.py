@@ -1,11 +1,11 @@
-"""adapter=lora on every dense decoder layout (safety_units.models.lora): `target_modules=auto` picks each architecture's
+"""adapter=lora on every decoder layout (safety_units.models.lora): `target_modules=auto` picks each architecture's
 decoder projections (Linear, FalconLinear, GPT-2's Conv1D); a few AdamW steps over a frozen random 10% unit set move
 the adapters, and the merged weights keep every frozen unit slice bit-identical while every trainable one moves --
 fused gate_up_proj rows and Conv1D's transposed weights included. Explicit lists and `peft` defaults resolve as named."""
 
 import pytest
 import torch
-from testkit import ARCHS, VOCAB, arch_models, build_arch, masked_adamw_steps
+from testkit import ARCHS, MOE_ARCHS, VOCAB, arch_models, build_arch, masked_adamw_steps
 from torch import nn
 
 from safety_units.models.lora import LoraAdapter
@@ -26,6 +26,10 @@ AUTO_TARGETS = {  # what `auto` picks: every projection of the decoder blocks, L
 # the rest of the unit matrix (tests/testkit.py ARCHS) has Llama's module names, found by table or by structure
 AUTO_TARGETS.update({arch: LLAMA for arch in ARCHS if arch not in AUTO_TARGETS and arch != "my_phi3"})
 AUTO_TARGETS["my_phi3"] = AUTO_TARGETS["phi3"]
+# MoE (MOE_ARCHS): the attention projections and Qwen2-MoE's shared expert; the experts' 3-D tensors are no Linear
+# modules -- they train under full fine-tuning, and LoRA leaves them as they are
+AUTO_TARGETS.update({arch: LLAMA[:4] for arch in MOE_ARCHS})
+AUTO_TARGETS["qwen2_moe"] = LLAMA + ["shared_expert_gate"]
 
 
 @pytest.fixture(scope="module")
@@ -59,6 +63,7 @@ def test_auto_lora_over_a_frozen_unit_set_keeps_the_merged_frozen_slices_bit_ide
     before = {k: v.clone() for k, v in model.state_dict().items()}
     masker = Masker(model, *masks_from_selection(model, sel, "freeze"))
     adapter = LoraAdapter(rank=4, alpha=8, dropout=0.0)
+    torch.manual_seed(0)  # peft draws lora_A from the global generator: the same factors in any test order
     model, lora_masker = adapter.wrap(model, masker)
     assert adapter.describe()["target_modules"] == AUTO_TARGETS[arch]
     assert adapter.describe()["targets_from"] == "auto"
@@ -70,8 +75,9 @@ def test_auto_lora_over_a_frozen_unit_set_keeps_the_merged_frozen_slices_bit_ide
     adapted = {f"{n}.weight" for n in adapter.modules}
     for g in groups:
         for s in g.slices:
-            if s.param.ndim != 2:
-                continue  # biases get no adapter
+            if s.param.ndim != 2 or s.experts > 1:
+                assert torch.equal(merged[s.name], before[s.name])  # biases and experts get no adapter
+                continue
             assert s.name in adapted, f"{s.name}: a unit slice without an adapter"
             keep = s.entries(~sel[g.key])
             changed = (merged[s.name] != before[s.name]).any(dim=1 - s.dim)

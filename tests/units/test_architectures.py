@@ -7,7 +7,7 @@ with no table entry (structural detection)."""
 import pytest
 import torch
 from conftest import train_cfg
-from testkit import ARCHS, HEAD_DIM, HEADS, HIDDEN, INTER, VOCAB, arch_models, build_arch as _build, masked_adamw_steps
+from testkit import ARCHS, HEAD_DIM, HEADS, HIDDEN, INTER, MOE_ARCHS, VOCAB, arch_models, build_arch as _build, masked_adamw_steps
 
 from safety_units.attribution.one_set import score_units
 from safety_units.training.freezing import build_masker
@@ -47,7 +47,7 @@ def _selection(groups, heads: bool, seed: int = 0) -> dict[str, torch.Tensor]:
 def _expected(s, units: torch.Tensor) -> torch.Tensor:
     """Entry-by-entry reference of ParamSlice.entries(units, "all"): entry e of each part belongs to block
     e // width, whose units are block * shared ... (block + 1) * shared - 1; True when all of them are."""
-    per_part = s.param.shape[s.dim] // s.parts
+    per_part = (s.param.shape[s.dim] if s.index is None else len(s.index)) // s.parts
     one = torch.tensor([bool(units[(e // s.width) * s.shared:(e // s.width + 1) * s.shared].all())
                         for e in range(per_part)])
     return torch.cat([one] * s.parts)
@@ -74,13 +74,16 @@ def test_resolve_units_finds_two_layers_of_mlp_and_attention_units(arch, built):
             assert s.name.startswith(f"{layers}.{g.layer}.") and s.param is dict(model.named_parameters())[s.name]
             assert s.param.shape[s.dim] == g.n * s.width * s.parts // s.shared
     assert names_for(model)["layers"] == layers
-    if ARCHS[arch][3]:
-        heads = resolve_units(model, HEADS)
-        assert [(g.key, g.n, g.width) for g in heads if g.kind == "head"] == [("head.0", 4, HEAD_DIM),
-                                                                             ("head.1", 4, HEAD_DIM)]
-    else:
-        with pytest.raises(ConfigError, match="separate q/k/v"):
-            resolve_units(model, HEADS)
+    heads = resolve_units(model, HEADS)
+    assert [(g.key, g.n, g.width) for g in heads if g.kind == "head"] == [("head.0", 4, HEAD_DIM), ("head.1", 4, HEAD_DIM)]
+    qkv = {}  # a fused q/k/v's three slices cover its rows exactly once
+    for s in (s for g in heads if g.kind == "head" and g.layer == 0 for s in g.slices if s.index is not None):
+        qkv.setdefault(s.name, (s.param.shape[s.dim], []))[1].append(s.index)
+    for size, parts in qkv.values():
+        assert torch.equal(torch.cat(parts).sort().values, torch.arange(size))
+    no_heads = {k: v for k, v in names_for(model).items() if k != "head"}
+    with pytest.raises(ConfigError, match="needs the attention's q/k/v projections"):
+        resolve_units(model, dict(no_heads, heads=True))
 
 
 @pytest.mark.parametrize("mechanism", ["hook", "forward"])  # forward: the FSDP path (masks inside the module's op)
@@ -100,7 +103,7 @@ def test_freezing_a_random_unit_set_is_exact_and_the_rest_trains(arch, heads, me
     for g in groups:
         for s in g.slices:
             keep = _expected(s, ~sel[g.key])  # trainable entries: every unit of their block trains
-            changed = _changed(before[s.name], after[s.name], s.dim)
+            changed = _changed(s.region(before[s.name]), s.region(after[s.name]), s.dim)
             assert not changed[~keep].any(), f"{s.name}: a frozen entry moved"
             if s.param.ndim == 2:  # weight decay moves every trainable weight entry
                 assert changed[keep].all(), f"{s.name}: a trainable entry did not move"
@@ -119,11 +122,12 @@ def test_ablation_zeroes_exactly_the_selected_slices(arch, heads, built):
     for g in groups:
         for s in g.slices:
             seen.add(s.name)
-            gone = _expected(s, sel[g.key]).nonzero().flatten()
-            kept = (~_expected(s, sel[g.key])).nonzero().flatten()
-            assert len(gone) or s.shared > 1  # a K/V block goes only with every head of its group
-            assert not len(gone) or float(after[s.name].index_select(s.dim, gone).abs().max()) == 0.0
-            assert torch.equal(after[s.name].index_select(s.dim, kept), before[s.name].index_select(s.dim, kept))
+            ref, now = s.region(before[s.name]), s.region(after[s.name])
+            zero = _expected(s, sel[g.key]) & s.ablate  # q/k rows under a norm over every head stay (OLMo-2)
+            gone, kept = zero.nonzero().flatten(), (~zero).nonzero().flatten()
+            assert len(gone) or s.shared > 1 or not s.ablate  # a K/V block goes only with every head of its group
+            assert not len(gone) or float(now.index_select(s.dim, gone).abs().max()) == 0.0
+            assert torch.equal(now.index_select(s.dim, kept), ref.index_select(s.dim, kept))
     assert all(torch.equal(after[k], before[k]) for k in before if k not in seen)
 
 
@@ -161,8 +165,9 @@ def test_a_model_type_without_a_table_entry_gets_the_names_its_layout_has(built)
     detected = names_for(built("my_llama"))
     assert detected["mlp"] == {"in": ["mlp.gate_proj", "mlp.up_proj"], "out": "mlp.down_proj"}
     assert detected["attn"]["out"] == "self_attn.o_proj" and detected["head"]["q"] == ["self_attn.q_proj"]
-    assert names_for(built("my_phi3"))["mlp"]["in"] == ["mlp.gate_up_proj"] and "head" not in names_for(
-        built("my_phi3"))
+    phi3 = names_for(built("my_phi3"))
+    assert phi3["mlp"]["in"] == ["mlp.gate_up_proj"] and phi3["head"] == {"qkv": "self_attn.qkv_proj",
+                                                                          "layout": "split", "out": "self_attn.o_proj"}
     with pytest.raises(ConfigError, match=r"model_type='my_neox'.*no Llama-style layout.*gpt_neox\.layers\.0\.mlp"):
         resolve_units(_build("gpt_neox", "my_neox"))
 
@@ -203,9 +208,11 @@ def test_the_docs_support_table_lists_exactly_this_matrix():
     rows = [line.split("|")[1:-1] for line in (ROOT / "docs" / "architectures.md").read_text().splitlines()
             if line.startswith("| ") and not line.startswith("| model_type") and not line.startswith("|---")]
     table = {cells[0].strip(): [c.strip() for c in cells[1:]] for cells in rows}
-    named = {a for a in ARCHS if not a.startswith("my_")}
-    assert set(table) == named | {"any other type with a Llama layout"}
+    matrix = ARCHS | MOE_ARCHS
+    named = {a for a in matrix if not a.startswith("my_")}
+    assert set(table) == named | {"any other type with a Llama layout", "any other type with fused experts"}
     for arch in named:
-        units, heads, lora = table[arch][:3]
-        assert units == "yes" and lora == "yes", arch
-        assert heads.startswith("yes" if ARCHS[arch][3] else "no"), arch
+        units, experts, heads, lora = table[arch][:4]
+        assert units.startswith("yes") and lora.startswith("yes"), arch
+        assert experts.startswith("yes" if arch in MOE_ARCHS else "no"), arch
+        assert heads.startswith("yes" if matrix[arch][3] else "no"), arch

@@ -1,5 +1,5 @@
-"""Everything that hooks modules by name, on every dense decoder layout of the tiny-model matrix (tests/testkit.py
-ARCHS; plain token ids, vocab 128): the refusal direction's ablation hooks on the residual writers
+"""Everything that hooks modules by name, on every decoder layout of the tiny-model matrix (tests/testkit.py
+ARCHS and MOE_ARCHS; plain token ids, vocab 128): the refusal direction's ablation hooks on the residual writers
 (safety_units.steering.refusal_ablation), SCANS' block hooks (safety_units.steering.scans.ScansHooks) and the
 learned mask scorer's per-unit gates (safety_units.attribution.mask.unit_gates), heads included where the layout
 has head units."""
@@ -8,7 +8,7 @@ import copy
 
 import pytest
 import torch
-from testkit import ARCHS, HEADS, HIDDEN, VOCAB, arch_models
+from testkit import ARCHS as DENSE, HEADS, HIDDEN, MOE_ARCHS, VOCAB, arch_models, build_arch
 
 from safety_units.attribution.mask import unit_gates
 from safety_units.models.forward import forward_hooks
@@ -19,6 +19,7 @@ from safety_units.units.groups import resolve_units
 from safety_units.units.layouts import decoder_layers
 from safety_units.units.masking import ablate_units
 
+ARCHS = DENSE | MOE_ARCHS
 CASES = [(a, False) for a in ARCHS] + [(a, True) for a, spec in ARCHS.items() if spec[3]]
 CASE_IDS = [f"{a}-{'heads' if h else 'channels'}" for a, h in CASES]
 IDS = torch.randint(3, VOCAB, (2, 9), generator=torch.Generator().manual_seed(5))
@@ -126,26 +127,40 @@ def test_scans_logit_lens_is_the_models_own_head_on_the_last_block(arch, built):
         torch.testing.assert_close(head_logits(model, norm(_residuals(model)[-1])), _logits(model))
 
 
-# OLMo-2 normalises q and k over all heads at once (q_norm over 4 x 16 channels): zeroing head j's q/k rows, as
-# ablating head j does (units.masking), changes every other head's q too, while its gate removes head j only
-OLMO2_HEADS = pytest.mark.xfail(strict=True, reason="OLMo-2's q_norm / k_norm span all heads: a head's ablation "
-                                "(its q/k rows zeroed) moves the other heads; safety_units.units owns the fix")
-MASK_CASES = [pytest.param(a, h, marks=OLMO2_HEADS) if (a, h) == ("olmo2", True) else (a, h) for a, h in CASES]
 
 
-@pytest.mark.parametrize("arch,heads", MASK_CASES, ids=CASE_IDS)
+@pytest.mark.parametrize("arch,heads", CASES, ids=CASE_IDS)
 def test_mask_gates_at_one_change_nothing_and_a_closed_gate_is_the_units_ablation(arch, heads, built):
-    model = built(arch)
-    names = HEADS if heads else None
+    """OLMo-2 and OLMoE included: their q_norm / k_norm span every head, so a head's ablation leaves its q/k rows
+    (zeroing them would move the other heads) and removes its write, as its gate does."""
+    _gates_are_ablation(built(arch), HEADS if heads else None, exact=arch not in MOE_ARCHS)
+
+
+@pytest.mark.parametrize("settings", [dict(new_decoder_architecture=True, num_kv_heads=2),  # Falcon-40B / 180B
+                                      dict(multi_query=False)], ids=["grouped", "per_head"])
+def test_falcons_other_fused_layouts_place_each_heads_rows(settings):
+    """Falcon's two other q/k/v layouts (safety_units.units.heads): heads 0 and 1 of layer 1 gated equal those heads
+    ablated -- their q rows and, where they form a whole key/value group, its k/v rows, found in place."""
+    model = _randomize_norms(build_arch("falcon", settings=settings)).eval()
+    _gates_are_ablation(model, HEADS, exact=True)
+
+
+def _gates_are_ablation(model, names, exact: bool) -> None:
+    """Gates at one change nothing (exact=False: within float error -- gates on experts run transformers' eager
+    expert loop, not its grouped GEMMs); one unit per group gated to 0 -- heads 0 and 1 in layer 1, a whole
+    key/value group under grouped-query attention -- equals those units ablated."""
     groups = resolve_units(model, names)
     base = _logits(model)
     with unit_gates(groups, lambda g: torch.ones(g.n)):
-        assert torch.equal(_logits(model), base)
-    target = {g.key: 1 + g.layer for g in groups}  # one unit in every group
-    sel = {g.key: torch.arange(g.n) == target[g.key] for g in groups}
+        if exact:
+            assert torch.equal(_logits(model), base)
+        else:
+            torch.testing.assert_close(_logits(model), base, rtol=1e-5, atol=1e-6)
+    sel = {g.key: torch.arange(g.n) == 1 + g.layer for g in groups}
+    sel.update({g.key: torch.arange(g.n) < 2 for g in groups if g.kind == "head" and g.layer == 1})
     with unit_gates(groups, lambda g: (~sel[g.key]).float()):
         gated = _logits(model)
     ablated = copy.deepcopy(model)
-    ablate_units(ablated, sel, names)
+    assert ablate_units(ablated, sel, names)["units_zeroed"] == sum(int(v.sum()) for v in sel.values())
     assert not torch.allclose(gated, base)
     torch.testing.assert_close(gated, _logits(ablated), rtol=1e-5, atol=1e-6)

@@ -4,8 +4,8 @@
   column j of down_proj.
 * Attention unit (l, j): channel j of the attention output space before o_proj -- column j of o_proj. With
   grouped-query attention the v_proj rows are shared between heads, so they belong to no single unit.
-* Head unit (l, h), with `units.heads=true` (kind "head", in place of "attn"): attention head h -- its head_dim
-  columns of o_proj and rows of q_proj (and q bias). Its key/value head's rows of k_proj / v_proj are shared by the
+* Head unit (l, h), with `units.heads=true` (kind "head", in place of "attn"; safety_units.units.heads): attention
+  head h -- its head_dim columns of o_proj and rows of q_proj (and q bias), in a fused q/k/v wherever they sit. Its key/value head's rows of k_proj / v_proj are shared by the
   num_heads / num_kv_heads query heads of its group (grouped-query attention), so they count once, for the group:
   a shared K/V block is trainable only when every head of its group is (freezing one head freezes the K/V it
   reads), is zeroed only when every head of its group is ablated, and its score share is split evenly.
@@ -13,114 +13,25 @@
   the 3-D gate_up_proj's gate and up halves and [e, :, j] of down_proj (safety_units.units.experts). The router is
   no unit's (`units.router`); a set of every channel of an expert is the whole expert.
 
-A unit owns `width` consecutive entries of each slice along the slice's dimension (1 for channels, head_dim for a
-head's q rows and o columns); a `shared` slice's block of `width` entries belongs to `shared` consecutive units. A
-fused projection holds `parts` copies of the unit axis end to end (Phi-3's gate_up_proj: gate rows, then up rows),
-so MLP unit j owns row j of every part -- entries that are not contiguous. An expert slice (`experts` > 1) repeats
-all of this per expert along its dimension 0.
-
-Module names: safety_units.units.layouts. A `UnitGroup` is all units of one kind in one layer: the parameter slices
+How a slice's entries map to units: safety_units.units.slices. Module names: safety_units.units.layouts. A `UnitGroup` is all units of one kind in one layer: the parameter slices
 each unit owns, plus the module whose *input* channels are the units (down_proj / o_proj; the experts module),
 where `tap` observes or replaces their activations.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
-import torch
 from torch import nn
 
 from safety_units.units.experts import ExpertTap, layout
+from safety_units.units.heads import head_group, head_shape
 from safety_units.units.layouts import decoder_layers, names_for, submodule
+from safety_units.units.slices import ParamSlice, UnitGroup, is_conv1d
 from safety_units.utils.errors import ConfigError
 
+__all__ = ["KINDS", "LINEAR_SUBCLASSES", "ParamSlice", "UnitGroup", "resolve_units", "router_params", "tap",
+           "unit_counts"]
+
 KINDS = ("mlp", "expert", "attn", "head")
-
-
-@dataclass
-class ParamSlice:
-    name: str  # name in model.named_parameters()
-    param: nn.Parameter
-    dim: int  # the dimension indexed by unit
-    width: int = 1  # entries per unit (block) along dim
-    shared: int = 1  # units sharing one block (grouped-query K/V)
-    parts: int = 1  # copies of the unit axis laid end to end along dim (a fused gate_up_proj: 2)
-    experts: int = 1  # > 1: dimension 0 is the expert axis; units e * U ... (e + 1) * U - 1 are expert e's
-
-    def entries(self, units: torch.Tensor, reduce: str = "all") -> torch.Tensor:
-        """A per-unit bool vector as a per-entry vector along `dim` ([experts, entries] for an expert slice); a
-        shared block is True when all (or any) of its units are; a fused slice repeats it once per part."""
-        units = units.view(self.experts, -1)
-        if self.shared > 1:
-            blocks = units.view(self.experts, -1, self.shared)
-            units = blocks.all(dim=-1) if reduce == "all" else blocks.any(dim=-1)
-        units = units.repeat_interleave(self.width, dim=-1) if self.width > 1 else units
-        units = units.repeat(1, self.parts) if self.parts > 1 else units
-        return units if self.experts > 1 else units[0]
-
-    def per_unit(self, values: torch.Tensor) -> torch.Tensor:
-        """Per-entry values along `dim` (flat, or [experts, entries]) summed per unit (over every part of a fused
-        slice); a shared block's sum split evenly among its units."""
-        values = values.reshape(self.experts, -1)
-        if self.parts > 1:
-            values = values.view(self.experts, self.parts, -1).sum(dim=1)
-        if self.width > 1:
-            values = values.view(self.experts, -1, self.width).sum(dim=-1)
-        if self.shared > 1:
-            values = values.repeat_interleave(self.shared, dim=-1) / self.shared
-        return values.flatten()
-
-    @property
-    def unit_dims(self) -> tuple[int, ...]:
-        return (0, self.dim) if self.experts > 1 else (self.dim,)
-
-    def channels_first(self, t: torch.Tensor | None = None) -> torch.Tensor:
-        """`t` (default: the parameter) as [entries along the unit dims, everything else]: an out weight's
-        columns as rows, an expert slice's experts laid end to end."""
-        t = self.param if t is None else t
-        t = t.movedim(self.unit_dims, tuple(range(len(self.unit_dims))))
-        return t.reshape(-1, *t.shape[len(self.unit_dims):]).flatten(1) if t.ndim > len(self.unit_dims) else \
-            t.reshape(-1)
-
-    def unit_values(self, t: torch.Tensor) -> torch.Tensor:
-        """Per-unit sums of a tensor shaped like the parameter (a gradient product, a squared change)."""
-        rows = self.channels_first(t)
-        return self.per_unit(rows.sum(dim=1) if rows.ndim == 2 else rows)
-
-    def broadcast(self, entries: torch.Tensor) -> torch.Tensor:
-        """Per-entry values (as entries() returns them) shaped to broadcast against the parameter."""
-        shape = [1] * self.param.ndim
-        for d, size in zip(self.unit_dims, entries.shape):
-            shape[d] = size
-        return entries.reshape(shape)
-
-
-@dataclass
-class UnitGroup:
-    kind: str
-    layer: int
-    n: int
-    slices: list[ParamSlice] = field(default_factory=list)
-    out_module: nn.Module | None = None  # its input channels are the units (experts: the experts module)
-    out_name: str = ""
-    out_weight: ParamSlice | None = None  # the out module's weight slice (columns = units)
-    width: int = 1  # input channels of out_module per unit (head_dim for a head)
-    experts: int = 1  # an expert group's experts: units e * (n / experts) ... are expert e's
-
-    @property
-    def key(self) -> str:
-        return f"{self.kind}.{self.layer}"
-
-    def per_unit(self, channels: torch.Tensor) -> torch.Tensor:
-        """Per-channel values at out_module's input ([..., n * width]) summed per unit ([..., n])."""
-        if self.width == 1:
-            return channels
-        return channels.reshape(*channels.shape[:-1], self.n, self.width).sum(dim=-1)
-
-    def per_channel(self, units: torch.Tensor) -> torch.Tensor:
-        """Per-unit values ([n]) repeated over each unit's channels ([n * width])."""
-        return units.repeat_interleave(self.width) if self.width > 1 else units
 
 
 def tap(group: UnitGroup, fn):
@@ -146,17 +57,13 @@ def tap(group: UnitGroup, fn):
 LINEAR_SUBCLASSES = ("FalconLinear",)
 
 
-def _is_conv1d(module: nn.Module) -> bool:  # GPT-2 style: weight is (in_features, out_features)
-    return type(module).__name__ == "Conv1D"
-
-
 def resolve_units(model: nn.Module, names: dict | None = None) -> list[UnitGroup]:
     """All unit groups of the model, layer by layer: MLP (or experts, or both), then attention."""
     names = names_for(model, names)
     layers = decoder_layers(model, names)
     param_names = {id(p): n for n, p in model.named_parameters()}
     groups: list[UnitGroup] = []
-    heads = _head_shape(model, names) if names.get("heads") else None
+    heads = head_shape(model, names) if names.get("heads") else None
     for li, layer in enumerate(layers):
         experts = _expert_group(layer, li, names, param_names)
         mlp = names.get("mlp")
@@ -165,7 +72,7 @@ def resolve_units(model: nn.Module, names: dict | None = None) -> list[UnitGroup
         if experts is not None:
             groups.append(experts)
         if heads:
-            groups.append(_head_group(layer, li, names["head"], names["layers"], param_names, *heads))
+            groups.append(head_group(layer, li, names["head"], names["layers"], param_names, *heads))
         elif names.get("attn"):
             groups.append(_group(layer, li, "attn", names["attn"], names["layers"], param_names))
     return groups
@@ -206,47 +113,6 @@ def router_params(model: nn.Module, names: dict | None = None) -> list[str]:
     return out
 
 
-def _head_shape(model: nn.Module, names: dict) -> tuple[int, int, int]:
-    """(heads, kv heads, head_dim) from the model config, for units.heads."""
-    if not names.get("head"):
-        raise ConfigError("units.heads=true needs separate q/k/v projections (units.names.head: q, kv, out); "
-                          "this architecture has none known (fused q/k/v -- GPT-2's c_attn, Phi-3's qkv_proj, "
-                          "GPT-NeoX / Falcon's query_key_value -- is not supported).")
-    cfg = getattr(model, "config", None)
-    n_heads = getattr(cfg, "num_attention_heads", None)
-    if not n_heads:
-        raise ConfigError("units.heads=true: the model config has no num_attention_heads.")
-    n_kv = getattr(cfg, "num_key_value_heads", None) or n_heads
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // n_heads
-    if n_heads % n_kv:
-        raise ConfigError(f"units.heads=true: {n_heads} heads do not split into {n_kv} key/value groups.")
-    return n_heads, n_kv, head_dim
-
-
-def _head_group(layer: nn.Module, li: int, spec: dict, layers_name: str, param_names: dict, n_heads: int,
-                n_kv: int, head_dim: int) -> UnitGroup:
-    def find(name: str, rows: int, conv_dim: int) -> nn.Module:
-        m = submodule(layer, name)
-        if m is None or not hasattr(m, "weight"):
-            raise ConfigError(f"units.names.head: module '{name}' not found in {layers_name}.{li}.")
-        if m.weight.shape[conv_dim] != rows:
-            raise ConfigError(f"units.names.head: {name} has {m.weight.shape[conv_dim]} channels, expected {rows} "
-                              f"({rows // head_dim} heads x head_dim {head_dim}).")
-        return m
-
-    out = find(spec["out"], n_heads * head_dim, 1)
-    g = UnitGroup("head", li, n_heads, out_module=out, out_name=f"{layers_name}.{li}.{spec['out']}", width=head_dim)
-    g.out_weight = ParamSlice(param_names[id(out.weight)], out.weight, 1, head_dim)
-    g.slices.append(g.out_weight)
-    for names_, rows, shared in ((spec.get("q") or [], n_heads, 1), (spec.get("kv") or [], n_kv, n_heads // n_kv)):
-        for name in names_:
-            m = find(name, rows * head_dim, 0)
-            g.slices.append(ParamSlice(param_names[id(m.weight)], m.weight, 0, head_dim, shared))
-            if getattr(m, "bias", None) is not None:
-                g.slices.append(ParamSlice(param_names[id(m.bias)], m.bias, 0, head_dim, shared))
-    return g
-
-
 def _group(layer: nn.Module, li: int, kind: str, spec: dict, layers_name: str, param_names: dict) -> UnitGroup:
     def find(name: str) -> nn.Module:
         m = submodule(layer, name)
@@ -257,14 +123,14 @@ def _group(layer: nn.Module, li: int, kind: str, spec: dict, layers_name: str, p
         return m
 
     out = find(spec["out"])
-    out_dim = 0 if _is_conv1d(out) else 1
+    out_dim = 0 if is_conv1d(out) else 1
     n = out.weight.shape[out_dim]
     g = UnitGroup(kind, li, n, out_module=out, out_name=f"{layers_name}.{li}.{spec['out']}")
     g.out_weight = ParamSlice(param_names[id(out.weight)], out.weight, out_dim)
     g.slices.append(g.out_weight)
     for name in spec.get("in") or []:
         m = find(name)
-        dim = 1 if _is_conv1d(m) else 0
+        dim = 1 if is_conv1d(m) else 0
         channels = m.weight.shape[dim]
         if channels % n:
             raise ConfigError(f"units.names.{kind}.in: {name} has {channels} output channels but {spec['out']} has "

@@ -4,7 +4,8 @@
 Names are relative to a decoder block, except `layers` (the blocks' ModuleList):
     mlp:    {in: [input projections, whose output rows are the units], out: the projection whose input columns are}
     attn:   {in: [], out: the attention output projection}
-    head:   {q: [...], kv: [...], out: ...} where q / k / v are separate (units.heads=true)
+    head:   {q: [...], kv: [...], out: ...}, or {qkv: ..., layout: ..., out: ...} over a fused q/k/v
+            (units.heads=true; safety_units.units.heads)
     expert: {experts: the fused-experts module (safety_units.units.experts), router: the module that routes to it}
 A block with experts has expert units, and MLP units only where the mlp names are found too (Qwen2-MoE's shared
 expert); a dense block of an MoE model (Qwen3-MoE's mlp_only_layers) has MLP units.
@@ -32,19 +33,24 @@ LLAMA_NAMES = {"layers": "model.layers",
                "mlp": {"in": ["mlp.gate_proj", "mlp.up_proj"], "out": "mlp.down_proj"},
                "attn": {"in": [], "out": "self_attn.o_proj"},
                "head": LLAMA_HEAD}
+# A fused q/k/v ("qkv") is read by its layout (safety_units.units.heads).
+PHI3_HEAD = {"qkv": "self_attn.qkv_proj", "layout": "split", "out": "self_attn.o_proj"}
 GPT2_NAMES = {"layers": "transformer.h",
               "mlp": {"in": ["mlp.c_fc"], "out": "mlp.c_proj"},
-              "attn": {"in": [], "out": "attn.c_proj"}}
-# No "head" entry where q/k/v are one fused module (Phi-3 qkv_proj, GPT-NeoX / Falcon query_key_value, GPT-2 c_attn).
+              "attn": {"in": [], "out": "attn.c_proj"},
+              "head": {"qkv": "attn.c_attn", "layout": "split", "out": "attn.c_proj"}}
 PHI3_NAMES = {"layers": "model.layers",
               "mlp": {"in": ["mlp.gate_up_proj"], "out": "mlp.down_proj"},  # fused: gate rows, then up rows
-              "attn": {"in": [], "out": "self_attn.o_proj"}}
+              "attn": {"in": [], "out": "self_attn.o_proj"},
+              "head": PHI3_HEAD}
 GPT_NEOX_NAMES = {"layers": "gpt_neox.layers",
                   "mlp": {"in": ["mlp.dense_h_to_4h"], "out": "mlp.dense_4h_to_h"},
-                  "attn": {"in": [], "out": "attention.dense"}}
+                  "attn": {"in": [], "out": "attention.dense"},
+                  "head": {"qkv": "attention.query_key_value", "layout": "per_head", "out": "attention.dense"}}
 FALCON_NAMES = {"layers": "transformer.h",
                 "mlp": {"in": ["mlp.dense_h_to_4h"], "out": "mlp.dense_4h_to_h"},
-                "attn": {"in": [], "out": "self_attention.dense"}}
+                "attn": {"in": [], "out": "self_attention.dense"},
+                "head": {"qkv": "self_attention.query_key_value", "layout": "falcon", "out": "self_attention.dense"}}
 OPT_NAMES = {"layers": "model.decoder.layers",
              "mlp": {"in": ["fc1"], "out": "fc2"},
              "attn": {"in": [], "out": "self_attn.out_proj"},
@@ -135,6 +141,8 @@ def _llama_layout(blocks: nn.ModuleList, layers: str) -> dict | None:
         names["expert"] = {"experts": name, "router": find_router(b, name, submodule(b, name).down_proj.shape[0])}
     if all(has(n) for n in LLAMA_HEAD["q"] + LLAMA_HEAD["kv"]):
         names["head"] = LLAMA_HEAD
+    elif has(PHI3_HEAD["qkv"]):
+        names["head"] = PHI3_HEAD
     return names
 
 

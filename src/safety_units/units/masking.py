@@ -128,7 +128,12 @@ class Masker:
             owners.update({id(mod.bias): mod for mod in model.modules() if isinstance(getattr(mod, "bias", None), nn.Parameter)})
             by_module: dict[int, tuple[nn.Module, dict]] = {}
             for name, m in self.partial.items():
-                mod = owners[id(params[name])]
+                mod = owners.get(id(params[name]))
+                if mod is None:
+                    raise ConfigError(f"freeze.mechanism=forward masks the weights of Linear and Conv1D modules; "
+                                      f"{name} is a parameter of {_owner(model, name)} (MoE experts' 3-D tensors: "
+                                      f"train with the hook mechanism -- one device, DDP or DeepSpeed -- rather "
+                                      f"than FSDP).")
                 attr = "weight" if mod.weight is params[name] else "bias"
                 by_module.setdefault(id(mod), (mod, {}))[1][attr] = m
             for mod, masks in by_module.values():
@@ -252,6 +257,14 @@ class Masker:
         return self._description
 
 
+def _owner(model: nn.Module, name: str) -> str:
+    """The class name of the module that holds parameter `name`."""
+    try:
+        return type(model.get_submodule(name.rpartition(".")[0])).__name__
+    except AttributeError:
+        return "a module that is not a Linear"
+
+
 def is_fsdp(strategy) -> bool:
     """Lightning's FSDPStrategy (and subclasses): flat, possibly sharded parameters; masks act in forward."""
     return strategy is not None and "FSDP" in type(strategy).__name__
@@ -323,9 +336,7 @@ def masks_from_selection(model: nn.Module, selection: dict[str, torch.Tensor], m
         raise ConfigError(f"mask mode must be 'freeze' or 'train_only', got {mode!r}.")
     groups = resolve_units(model, with_heads(names, has_heads(selection)))
     params = dict(model.named_parameters())
-    partial: dict[str, PartialMask] = {}
-    frozen_full: set[str] = set()
-    unit_params = set()
+    keeps: dict[str, tuple[int, torch.Tensor]] = {}  # per parameter; a fused q/k/v has three slices
     for g in groups:
         sel = selection.get(g.key)
         if sel is None:
@@ -334,24 +345,25 @@ def masks_from_selection(model: nn.Module, selection: dict[str, torch.Tensor], m
             raise UnitMapError(f"{g.key}: the unit map has {sel.numel()} units but the model has {g.n}.")
         units_keep = ~sel.bool() if mode == "freeze" else sel.bool().clone()
         for s in g.slices:
-            unit_params.add(s.name)
-            keep = s.entries(units_keep, "all")  # a shared K/V block trains only when all its heads do
-            if keep.all():
-                continue
-            if not keep.any():
-                frozen_full.add(s.name)
-            else:
-                partial[s.name] = PartialMask(s.name, s.dim, keep.clone(), tuple(params[s.name].shape))
+            keep = s.place(s.entries(units_keep, "all"), True)  # a shared K/V block trains only when all its heads do
+            keeps[s.name] = (s.dim, keep & keeps[s.name][1] if s.name in keeps else keep)
+    partial: dict[str, PartialMask] = {}
+    frozen_full: set[str] = set()
+    for name, (dim, keep) in keeps.items():
+        if not keep.any():
+            frozen_full.add(name)
+        elif not keep.all():
+            partial[name] = PartialMask(name, dim, keep.clone(), tuple(params[name].shape))
     if mode == "train_only":
-        frozen_full |= {n for n in params if n not in unit_params}
+        frozen_full |= {n for n in params if n not in keeps}
     return partial, frozen_full
 
 
 # --------------------------------------------------------------------------- ablation: the same units, zeroed
 def ablate_units(model, selection: dict[str, torch.Tensor], names: dict | None = None) -> dict:
     """Zero every parameter slice of the selected units (rows of gate/up, columns of down/o_proj; a head's q rows
-    and o columns, and its K/V rows when every head of its group is selected; an expert channel's entries of its
-    expert's 3-D tensors)."""
+    and o columns, and its K/V rows when every head of its group is selected -- not q/k rows under a norm that spans
+    every head; an expert channel's entries of its expert's 3-D tensors)."""
     zeroed = {"units_zeroed": 0, "entries_zeroed": 0}
     groups = resolve_units(model, with_heads(names, has_heads(selection)))
     missing = sorted(set(selection) - {g.key for g in groups})
@@ -364,7 +376,9 @@ def ablate_units(model, selection: dict[str, torch.Tensor], names: dict | None =
                 continue
             zeroed["units_zeroed"] += int(sel.sum())
             for s in g.slices:
-                gone = s.entries(sel.bool(), "all")
+                if not s.ablate:
+                    continue  # q/k rows under a norm that spans every head (safety_units.units.heads)
+                gone = s.place(s.entries(sel.bool(), "all"), False)
                 s.param.masked_fill_(s.broadcast(gone).to(s.param.device), 0.0)
                 zeroed["entries_zeroed"] += int(gone.sum()) * (s.param.numel() // gone.numel())
     return zeroed
