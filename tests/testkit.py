@@ -119,6 +119,19 @@ MOE_ARCHS = {
 }
 
 
+def tiny_mixtral(tokenizer):
+    """A tiny random Mixtral (4 experts of 32 channels, top-2) with `tokenizer`'s vocabulary, seed 0."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    config = MixtralConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=32,
+                           num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+                           num_experts_per_tok=2, tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
+                           eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return MixtralForCausalLM(config)
+
+
 def build_arch(arch: str, model_type: str | None = None, settings: dict | None = None):
     """A tiny random model of `arch` (a key of ARCHS or MOE_ARCHS; config `settings` on top), built offline from its
     transformers config with seed 0; `my_*` archs (or `model_type`) get a model type with no table entry."""

@@ -17,7 +17,11 @@ Modules (one name per line; tests/test_structure.py checks that the map is compl
     utils.fingerprints              which weights a unit map, a cached judge or a run was computed on
     utils.run_logging               what a run tells its loggers: params, summary, images, timing
     units                       what a unit is and what is done to a set of them:
-    units.groups                    which parameter slices make up an MLP / attention unit, per architecture
+    units.experts                   MoE experts' fused 3-D tensors: their layout, a forward that taps each expert
+    units.slices                    the parameter slices a unit owns (ParamSlice) and a group of units (UnitGroup)
+    units.layouts                   which modules hold the units: units.names, the per-architecture table, detection
+    units.heads                     attention heads as units, over separate or fused q/k/v
+    units.groups                    the unit groups of a model (MLP, expert, attention, head) and taps on them
     units.classification            ESU / EUU / CU / RU from safety and utility scores
     units.unit_map                  the portable unit map file and its selections
     units.masking                   exact gradient masks from a selection; ablation zeroes one
@@ -122,6 +126,7 @@ Modules (one name per line; tests/test_structure.py checks that the map is compl
     experiments.benchmarks.peak_memory      time and peak memory of a call, a function in a fresh process
     experiments.benchmarks.attribution_cost attribution per method against a per-weight naive SNIP
     experiments.benchmarks.scorer_cost      each scorer's cost relative to wifv
+    experiments.benchmarks.expert_cost      attributing MoE experts against a dense model of the same active size
     experiments.benchmarks.mask_overhead    masked against unmasked training step time, full and LoRA
     experiments.benchmarks.logging_overhead what a run's wandb logging costs
     experiments.benchmarks.steering_cost    tokens per second with each steering method

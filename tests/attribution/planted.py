@@ -15,6 +15,7 @@ from conftest import compose
 
 from safety_units.data.calibration import calibration_batches
 from safety_units.models.loading import build_tiny
+from testkit import tiny_mixtral
 
 MARKER = " Zyzzyva"  # a rare word: only the harmful prompts carry it
 PLANT = 17           # the planted MLP unit (of layer 1 in planted_dirs)
@@ -67,19 +68,7 @@ def _mark(inner, tokenizer) -> torch.Tensor:
 
 # The MoE twin (planted_dirs' indirect parameter "moe"): a tiny Mixtral (4 experts, top-2, 32 channels each) whose
 # layer-1 router sends marked tokens to expert PLANT_EXPERT, whose channel PLANT says REFUSE.
-PLANT_EXPERT, MOE_UNITS = 2, 32
-
-
-def tiny_mixtral(tokenizer):
-    from transformers import MixtralConfig, MixtralForCausalLM
-
-    config = MixtralConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=MOE_UNITS,
-                           num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
-                           num_experts_per_tok=2, tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
-                           eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        return MixtralForCausalLM(config)
+PLANT_EXPERT, MOE_UNITS = 2, 32  # tiny_mixtral's experts have 32 channels
 
 
 def plant_expert(model, tokenizer, live: bool = True, strength: float = 5.0):

@@ -1,14 +1,15 @@
 """The benchmarks' measuring parts (safety_units.experiments.benchmarks), on the tiny model or the shipped
 artifacts: a fresh worker process, naive SNIP against ours, masked steps that keep frozen entries, the wandb timing
-patch, steering's token rate, and the time projection's fit of the measured H100 stages."""
+patch, steering's token rate, the time projection's fit of the measured H100 stages, and the MoE / dense pair of the
+expert attribution benchmark."""
 import os
 
 import pytest
 import torch
 from conftest import ROOT
 
-from safety_units.experiments.benchmarks import (attribution_cost, logging_overhead, mask_overhead, scorer_cost,
-                                                 steering_cost, time_projection)
+from safety_units.experiments.benchmarks import (attribution_cost, expert_cost, logging_overhead, mask_overhead,
+                                                 scorer_cost, steering_cost, time_projection)
 from safety_units.experiments.benchmarks.peak_memory import WorkerFailed, allocation_probe, in_fresh_process
 
 
@@ -92,3 +93,15 @@ def test_the_time_projection_fits_the_measured_h100_stages(tmp_path):
     # the numbers docs/benchmarks.md reports: a decoding pass, an optimizer step, a training stage's fixed part
     assert (round(c["t_pass"], 2), round(c["t_step"], 3), round(c["fixed_train"], 2)) == (1.16, 0.215, 1.92)
     assert c["task_sizes"] == {"harmful": 250, "oktest": 100}
+
+
+def test_the_expert_benchmark_compares_an_moe_model_with_a_dense_one_of_the_same_active_size():
+    result = expert_cost.compare(layers=1, hidden=32, heads=2, experts=4, top_k=2, expert_units=16, n_batches=1,
+                                 batch=2, seq=8, repeats=1, methods=("forward", "wifv"))
+    s = result["settings"]
+    assert s["active_mlp_params"]["moe"] == s["active_mlp_params"]["dense"] == 3 * 32 * 32
+    assert s["units"] == {"moe": 4 * 16, "dense": 32}  # every expert's channels are units
+    assert set(result["seconds"]) == {"moe", "dense"} and all(
+        t > 0 for r in result["seconds"].values() for t in r.values())
+    lines = expert_cost.table(result).splitlines()
+    assert lines[0].startswith("| method | dense s | MoE s | MoE / dense") and len(lines) == 4

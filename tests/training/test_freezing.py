@@ -5,8 +5,11 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import compose, train_cfg
-from testkit import EXACT, loaded_weights as _loaded_weights, unit_deltas as _unit_deltas
+from testkit import EXACT, loaded_weights as _loaded_weights, tiny_mixtral, unit_deltas as _unit_deltas
 from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from safety_units.attribution.pipeline import run_attribution
 
 from safety_units.utils.errors import ConfigError, UnitMapError
 from safety_units.training.freezing import build_masker
@@ -221,3 +224,39 @@ def test_layers_like_esu_cu_freezes_the_middle_block_closest_in_entries(unit_map
     with pytest.raises(ConfigError, match="layers_like must be esu or esu_cu"):
         build_masker(train_cfg(tmp_path, "freeze=layers", "freeze.layers_like=ru_only", f"freeze.unit_map={unit_map}"),
                      model)
+
+
+@pytest.fixture(scope="module")
+def tiny_moe(tmp_path_factory):
+    """A tiny random Mixtral with the SmolLM2 tokenizer, saved as an HF directory."""
+    path = tmp_path_factory.mktemp("moe")
+    tok = build_tiny(cache_dir=compose("train", ["model=tiny"]).paths.cache_dir).tokenizer
+    tiny_mixtral(tok).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("adapter", ["none", "lora"])
+def test_an_moe_model_attributes_and_trains_around_its_esu_cu_experts(tiny_moe, tmp_path, adapter):
+    """attribute.py then train.py freeze=esu_cu units.router=freeze on a Mixtral, full fine-tuning and LoRA: the
+    exported model keeps every frozen expert channel and both routers bit-identical, and the rest trains."""
+    cal = ["calibration.nsamples=8", "calibration.batch_size=4", "calibration.max_length=64"]
+    out = run_attribution(compose("attribute", ["model=hf", f"model.path={tiny_moe}", "scoring=wifv", *cal],
+                                  output_dir=tmp_path / "map"))
+    um = UnitMap.load(out["unit_map"])
+    assert um.kinds == ["attn", "expert"] and um.select("esu")["expert.1"].any()
+    cfg = train_cfg(tmp_path / "run", *EXACT, "model=hf", f"model.path={tiny_moe}", "freeze=esu_cu",
+                    f"freeze.unit_map={out['unit_map']}", "units.router=freeze", f"adapter={adapter}",
+                    "trainer.max_steps=3")
+    summary = run_train(cfg)
+    assert summary["frozen_max_abs_delta"] == 0.0 and summary["trainable_changed"]
+    assert summary["freeze"]["router"] == "freeze"
+    base = AutoModelForCausalLM.from_pretrained(tiny_moe)
+    masker, _ = build_masker(cfg, base)
+    # transformers saves Mixtral in its per-expert checkpoint layout and loads it back into the 3-D tensors
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "model").state_dict()
+    assert masker.frozen_max_abs_delta(exported) == 0.0
+    assert {"model.layers.0.mlp.gate.weight", "model.layers.1.mlp.gate.weight"} <= masker.frozen_full
+    moved = [n for n, p in base.state_dict().items() if n in exported and not torch.equal(exported[n], p)]
+    assert any("self_attn" in n for n in moved)
+    assert any("experts" in n for n in moved) == (adapter == "none")  # LoRA leaves the 3-D experts alone

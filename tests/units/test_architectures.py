@@ -12,6 +12,7 @@ from testkit import ARCHS, HEAD_DIM, HEADS, HIDDEN, INTER, MOE_ARCHS, VOCAB, arc
 from safety_units.attribution.one_set import score_units
 from safety_units.training.freezing import build_masker
 from safety_units.units.groups import resolve_units, unit_counts
+from safety_units.units.heads import qkv_index
 from safety_units.units.layouts import names_for
 from safety_units.units.masking import Masker, ablate_units, masks_from_selection
 from safety_units.utils.errors import ConfigError
@@ -216,3 +217,15 @@ def test_the_docs_support_table_lists_exactly_this_matrix():
         assert units.startswith("yes") and lora.startswith("yes"), arch
         assert experts.startswith("yes" if arch in MOE_ARCHS else "no"), arch
         assert heads.startswith("yes" if matrix[arch][3] else "no"), arch
+
+
+def test_fused_qkv_layouts_place_each_heads_rows():
+    """units.heads.qkv_index, 4 heads of width 2, 2 key/value heads where grouped: split (q | k | v), per head
+    (q k v of head 0, then head 1 ...), grouped (per key/value head: its 2 heads' q, then its k and v)."""
+    q, k, v = qkv_index("split", 4, 2, 2)
+    assert q.tolist() == list(range(8)) and k.tolist() == [8, 9, 10, 11] and v.tolist() == [12, 13, 14, 15]
+    q, k, v = qkv_index("per_head", 4, 4, 2)
+    assert q.tolist() == [0, 1, 6, 7, 12, 13, 18, 19] and k.tolist() == [2, 3, 8, 9, 14, 15, 20, 21]
+    assert v.tolist() == [4, 5, 10, 11, 16, 17, 22, 23]
+    q, k, v = qkv_index("grouped", 4, 2, 2)
+    assert q.tolist() == [0, 1, 2, 3, 8, 9, 10, 11] and k.tolist() == [4, 5, 12, 13] and v.tolist() == [6, 7, 14, 15]

@@ -15,9 +15,11 @@ from safety_units.attribution.scoring import activation_stats
 from safety_units.attribution.selection import ablation_selection
 from safety_units.training.freezing import build_masker
 from safety_units.units.classification import CLASS_CODES
+from safety_units.units.experts import layout
 from safety_units.units.groups import resolve_units, router_params, tap, unit_counts
 from safety_units.units.layouts import names_for
 from safety_units.units.masking import Masker, ablate_units, masks_from_selection
+from safety_units.units.slices import ParamSlice
 from safety_units.units.unit_map import UnitMap, full_fingerprint
 from safety_units.utils.errors import ConfigError
 
@@ -228,3 +230,32 @@ def test_units_router_errors_name_the_key(built):
         build_masker(_router_cfg("fixed"), built("mixtral"))
     with pytest.raises(ConfigError, match="units.router=freeze: this model has no MoE router"):
         build_masker(_router_cfg("freeze"), built("llama"))
+
+
+def test_each_layout_names_where_an_experts_channel_sits(built):
+    """units.experts.layout: Mixtral's [E, 2I, H] gate rows then up rows; gpt-oss' transposed [E, H, 2I] with
+    interleaved gate/up columns and a bias; a norm after each expert is refused by name."""
+    mixtral = layout(built("mixtral").model.layers[0].mlp.experts, "mixtral")
+    assert mixtral["params"] == {"down_proj": {"dim": 2}, "gate_up_proj": {"dim": 1, "parts": 2, "width": 1}}
+    oss = layout(built("gpt_oss").model.layers[0].mlp.experts, "gpt_oss")
+    assert oss["params"]["down_proj"] == {"dim": 1} and oss["transposed"] and oss["up_bias"] == "gate_up_proj_bias"
+    assert oss["params"]["gate_up_proj"] == {"dim": 2, "parts": 1, "width": 2}
+    assert oss["params"]["gate_up_proj_bias"] == {"dim": 1, "parts": 1, "width": 2}
+    experts = built("mixtral").model.layers[0].mlp.experts
+    experts.has_post_expert_norm = True
+    with pytest.raises(ConfigError, match=r"layers\.0: experts with a norm after each expert"):
+        layout(experts, "layers.0")
+
+
+def test_an_expert_slice_maps_units_to_entries_per_expert_and_back():
+    """ParamSlice over a [E, 2I, H] tensor with two parts: unit e * I + j owns rows j and I + j of expert e."""
+    p = torch.nn.Parameter(torch.zeros(3, 2 * 4, 5))
+    s = ParamSlice("w", p, dim=1, parts=2, experts=3)
+    units = torch.zeros(12, dtype=torch.bool)
+    units[4 + 1] = True  # expert 1, channel 1
+    entries = s.entries(units)
+    assert entries.shape == (3, 8) and entries.nonzero().tolist() == [[1, 1], [1, 5]]
+    values = torch.arange(3 * 8 * 5, dtype=torch.float64).view(3, 8, 5)
+    per_unit = s.unit_values(values)
+    assert per_unit.shape == (12,) and per_unit[5] == values[1, 1].sum() + values[1, 5].sum()
+    assert s.broadcast(entries).shape == (3, 8, 1)
