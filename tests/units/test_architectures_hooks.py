@@ -14,9 +14,10 @@ from safety_units.attribution.mask import unit_gates
 from safety_units.models.forward import forward_hooks
 from safety_units.steering.refusal_ablation import AblationHooks, ablation_hook, residual_writers
 from safety_units.models.forward import head_logits
-from safety_units.steering.scans import ScansHooks, final_norm
+from safety_units.steering.scans import ScansHooks, blocks_runner, final_norm
 from safety_units.units.groups import resolve_units
-from safety_units.units.layouts import decoder_layers
+from safety_units.units.layouts import decoder_layers, use_names
+from safety_units.utils.errors import ConfigError
 from safety_units.units.masking import ablate_units
 
 ARCHS = DENSE | MOE_ARCHS
@@ -164,3 +165,17 @@ def _gates_are_ablation(model, names, exact: bool) -> None:
     assert ablate_units(ablated, sel, names)["units_zeroed"] == sum(int(v.sum()) for v in sel.values())
     assert not torch.allclose(gated, base)
     torch.testing.assert_close(gated, _logits(ablated), rtol=1e-5, atol=1e-6)
+
+
+def test_a_runs_units_names_reach_what_finds_blocks_without_the_config(built):
+    """units.layouts.use_names binds a run's units.names to its model: SCANS' block runner, the refusal direction's
+    residual writers and the decoder blocks follow it (here: a GPT-2 mapped by hand as if it had no table entry)."""
+    model = copy.deepcopy(built("gpt2"))
+    model.config.model_type = "my_gpt2"  # no table entry, no Llama layout
+    with pytest.raises(ConfigError, match="no unit module names are known"):
+        decoder_layers(model)
+    use_names(model, {"layers": "transformer.h", "mlp": {"in": ["mlp.c_fc"], "out": "mlp.c_proj"},
+                      "attn": {"in": [], "out": "attn.c_proj"}, "heads": True})
+    assert decoder_layers(model) is model.transformer.h and blocks_runner(model) is model.transformer
+    assert residual_writers(model)[-1] is model.transformer.h[1].mlp.c_proj
+    assert [g.key for g in resolve_units(model)] == ["mlp.0", "attn.0", "mlp.1", "attn.1"]  # heads stay per call

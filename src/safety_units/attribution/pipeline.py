@@ -16,7 +16,7 @@ from safety_units.data.calibration import calibration_batches, prompt_batches
 from safety_units.models.loading import LoadedModel, load_model, resolve_device
 from safety_units.units.classification import class_shares, classify_from_config
 from safety_units.units.groups import resolve_units
-from safety_units.units.layouts import unit_names
+from safety_units.units.layouts import unit_names, use_names
 from safety_units.units.unit_map import UnitMap, full_fingerprint, save_selection
 from safety_units.utils.config import compose_config, finish_loggers, instantiate_group, output_dir, setup_run
 from safety_units.utils.errors import ConfigError
@@ -110,6 +110,7 @@ def run_attribution(cfg: DictConfig) -> dict:
     t0 = time.perf_counter()
     out = output_dir(cfg)
     loaded = load_model(cfg.model)
+    use_names(loaded.model, unit_names(cfg))
     um = attribute(loaded, cfg, state_dir=out)
     path = um.save(out)
     if um.metadata.get("mask"):  # the mask the optimiser reached (removal >= 0.5, r >= 0): evaluate.py can zero it

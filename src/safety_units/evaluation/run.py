@@ -20,7 +20,7 @@ from safety_units.attribution.selection import ablation_label, ablation_selectio
 from safety_units.steering.steerer import build_steerer, steering
 from safety_units.evaluation.task_results import judge_name, markdown_table
 from safety_units.units.unit_map import save_selection
-from safety_units.units.layouts import unit_names
+from safety_units.units.layouts import unit_names, use_names
 
 log = RankedLogger(__name__)
 
@@ -46,6 +46,7 @@ def run_evaluate(cfg: DictConfig, loaded: LoadedModel | None = None, train_promp
         model, tokenizer, name = loaded.model, loaded.tokenizer, loaded.name
         model.to(resolve_device(cfg.get("device")))
         names = unit_names(cfg)
+        use_names(model, names)  # steering finds the blocks of the run's units.names too
         selection, ablation = ablation_selection(cfg, model, names)
         if selection is not None:
             zeroed = ablate_units(model, selection, names)

@@ -23,6 +23,7 @@ from safety_units.training.freezing import build_masker
 from safety_units.models.loading import LoadedModel, load_model
 from safety_units.models.module import CausalLMModule
 from safety_units.models.objectives import Objective, build_objective
+from safety_units.units.layouts import unit_names, use_names
 from safety_units.utils.ranks import RankedLogger
 from safety_units.utils.run_logging import Stopwatch, run_params
 
@@ -66,6 +67,7 @@ def fit(cfg: DictConfig, loaded: LoadedModel | None = None) -> tuple[dict, objec
     run_dir = output_dir(cfg)
     loaded = loaded or load_model(cfg.model)
     model, tokenizer = loaded.model, loaded.tokenizer
+    use_names(model, unit_names(cfg))  # steering and LoRA's auto targets find the run's units.names too
     log.info("model %s: %.1fM parameters", loaded.name, sum(p.numel() for p in model.parameters()) / 1e6)
 
     defense = build_defense(cfg.get("defense"))  # the hooks of safety_units.defenses.base.Defense, in order

@@ -82,12 +82,22 @@ def submodule(root: nn.Module, dotted: str) -> nn.Module | None:
     return m
 
 
+def use_names(model: nn.Module, names: dict | None) -> None:
+    """Bind a run's `units.names` override to its model, so that what finds modules without the run's config --
+    steering's block hooks, LoRA's `auto` targets, the prompt states -- finds the same ones."""
+    if names and names.get("layers"):
+        model.safety_units_names = {k: v for k, v in names.items() if k != "heads"}
+
+
 def names_for(model: nn.Module, names: dict | None = None) -> dict:
-    """The unit module names: `names` when it gives them (units.names), else the architecture's table entry, else
-    Llama-style names found by structure; the `heads` flag (units.heads) is carried either way."""
+    """The unit module names: `names` when it gives them (units.names), else those bound to the model (use_names),
+    else the architecture's table entry, else Llama-style names found by structure; the `heads` flag (units.heads)
+    is carried either way."""
     heads = bool(names and names.get("heads"))
     if names and names.get("layers"):
         return dict(names, heads=heads)
+    if getattr(model, "safety_units_names", None):
+        return dict(model.safety_units_names, heads=heads)
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if model_type in DEFAULT_NAMES:
         return dict(DEFAULT_NAMES[model_type], heads=heads)
