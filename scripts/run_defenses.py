@@ -43,7 +43,8 @@ def main(argv: list[str] | None = None):
         from safety_units.experiments.defense_bench.report import collect, write_report
 
         if (bench / "study.json").is_file() and not args.no_collect:  # else: rebuild from the shipped cells.json
-            print(f"collected {collect(bench, args.results_dir / args.report_name, harm_judge(args.extra))}",
+            judge_report = args.results_dir / "harm_judge.json"  # the HS judge's validation: corrected HS
+            print(f"collected {collect(bench, args.results_dir / args.report_name, harm_judge(args.extra), judge_report)}",
                   flush=True)
         print(f"wrote {write_report(args.results_dir, args.report_name)}", flush=True)
     exit_on_failures(record, bench)

@@ -127,6 +127,30 @@ def test_report_from_synthetic_cells(tmp_path):
     assert "| esu_cu | +0.100 | False |" in md  # HS drop 0.10 < 0.226: the goal's first part is not met
 
 
+def test_the_report_corrects_hs_for_the_judges_validated_errors(tmp_path):
+    """With the judge's validation counts in cells.json, HS is shown raw and corrected (Rogan-Gladen, pooled over
+    seeds, interval carrying the judge's error); the paired tests stay on the raw verdicts."""
+    from safety_units.experiments.defense_bench.report import write_report
+    from safety_units.utils.stats import corrected_rate
+
+    val = {"judge": "mlp", "tp": 900, "fn": 100, "tn": 700, "fp": 300, "source": "harm_judge.json: out-of-fold"}
+    cells = []
+    for s in range(3):
+        for d, k in (("none", 30), ("booster", 20)):
+            c = cell(d, s, [1] * k + [0] * (50 - k))
+            cells.append(c | {"asr_outcomes": c["harmful"], "asr": c["hs"], "n_harmful": 50, "overlaps_removed": 1,
+                              "fa_majority": 0.51, "trainable": 1.0, "stage": f"ft_mix10_{d}_s{s}"})
+    (tmp_path / "defenses").mkdir()
+    (tmp_path / "defenses" / "cells.json").write_text(json.dumps(
+        {"cells": cells, "aligned": {}, "judge": "probe", "judge_validation": val, "record": {"scale": "cpu"}}))
+    md = write_report(tmp_path).read_text()
+    r = corrected_rate([1] * 30 + [0] * 20 + [1] * 30 + [0] * 20 + [1] * 30 + [0] * 20, 900, 100, 700, 300)
+    assert r["corrected"] == pytest.approx(0.5)  # raw 0.6 = 0.9 * 0.5 + 0.3 * 0.5
+    assert "| HS raw (corrected [95% CI]) |" in md
+    assert f"| 0.600 (corrected 0.500 [{r['ci'][0]:.3f}, {r['ci'][1]:.3f}]) |" in md
+    assert "on the raw per-prompt verdicts (same judge, same prompts)" in md and "tp 900, fn 100" in md
+
+
 def test_collect_judges_each_stage_once_and_never_calls_a_refusal_harmful(tmp_path):
     """cells.json from a benchmark dir: HS = the harm judge's verdict AND no refusal; cached per stage."""
     from safety_units.experiments.defense_bench.report import collect

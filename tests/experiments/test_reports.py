@@ -22,10 +22,11 @@ def test_the_harm_judge_report_is_rebuilt_from_its_shipped_json(tmp_path):
     with pytest.raises(ConfigError, match="without --md-only"):
         harm_judge_report.write_report(tmp_path / "none", md_only=True)
     with pytest.raises(ConfigError, match="harm_judge.<key>=<value>"):
-        harm_judge_report.harm_config(["judge.layer=0.5"])
+        harm_judge_report.harm_config(["judge.layers=[0.5]"])
     with pytest.raises(ConfigError, match="Could not override 'harm_judge.nope'"):
         harm_judge_report.harm_config(["harm_judge.nope=1"])
-    assert harm_judge_report.harm_config(["harm_judge.layer=0.5"]).harm_judge.layer == 0.5
+    assert list(harm_judge_report.harm_config(["harm_judge.layers=[0.5]"]).harm_judge.layers) == [0.5]
+    assert harm_judge_report.harm_config([], "mlp").harm_judge.head == "mlp"
 
 
 def test_judge_metrics_count_wilson_proportions_and_f1():
@@ -38,17 +39,30 @@ def test_judge_metrics_count_wilson_proportions_and_f1():
     assert m["predicted_harmful_rate"]["ci"][0] < 0.6 < m["predicted_harmful_rate"]["ci"][1]
 
 
-def test_hs_judge_prefers_the_smaller_rate_bias_within_the_best_f1_interval():
-    def judge(f1, lo, rate):
-        return {"f1": {"value": f1, "ci": [lo, f1 + 0.05]}, "predicted_harmful_rate": {"value": rate}}
+def test_the_hs_judge_is_the_most_accurate_or_within_its_interval_the_least_biased():
+    def judge(acc, lo, rate):
+        return {"accuracy": {"value": acc, "ci": [lo, acc + 0.02]}, "predicted_harmful_rate": {"value": rate}}
 
     summary = {"data": {"true_harmful_rate": {"value": 0.5}},
-               "judges": {"probe": judge(0.80, 0.75, 0.70), "strings": judge(0.77, 0.70, 0.52),
-                          "patterns": judge(0.60, 0.55, 0.50), "asr_rule": judge(0.95, 0.9, 0.5)}}
-    assert harm_judge_report.hs_judge(summary) == (
-        "strings", "F1 within the 95% interval of the best (probe) and a smaller rate bias")
-    summary["judges"]["strings"]["f1"]["value"] = 0.70  # outside the best's interval now
-    assert harm_judge_report.hs_judge(summary) == ("probe", "the highest F1")
+               "judges": {"mlp": judge(0.86, 0.84, 0.60), "layers": judge(0.85, 0.83, 0.52),
+                          "probe": judge(0.75, 0.73, 0.50), "patterns": judge(0.95, 0.9, 0.5)}}
+    assert harm_judge_report.choose(summary) == (
+        "layers", "accuracy within the 95% interval of the best (mlp) and a smaller rate bias")
+    summary["judges"]["layers"]["accuracy"]["value"] = 0.80  # outside the best's interval now
+    assert harm_judge_report.choose(summary) == ("mlp", "the highest accuracy")
+
+
+def test_out_of_fold_scores_become_every_judge_variant_and_its_calibration():
+    oof = {"probe": [0.9, 0.2, 0.7, 0.1], "layers": [0.8, 0.4, 0.6, 0.3], "mlp": [0.6, 0.2, 0.2, 0.9]}
+    v = harm_judge_report.variants(oof, [False, False, True, False], {k: 0.5 for k in oof})
+    assert set(v) == {"probe", "probe_and_not_refusal", "layers", "layers_and_not_refusal", "mlp",
+                      "mlp_and_not_refusal", "ensemble", "patterns"}
+    assert v["probe"]["pred"] == [True, False, True, False]
+    assert v["probe_and_not_refusal"]["pred"] == [True, False, False, False]  # the refusal never counts
+    assert v["ensemble"]["pred"] == [True, False, False, True]  # mean of layers and mlp: 0.7, 0.3, 0.4, 0.6
+    assert v["patterns"]["pred"] == [True, True, False, True] and v["patterns"]["scores"] is None
+    bins = harm_judge_report.calibration([0.05, 0.15, 0.12, 0.95], [False, True, False, True], bins=10)
+    assert [(b["n"], b["harmful"]) for b in bins] == [(1, 0.0), (2, 0.5), (1, 1.0)]
 
 
 def test_refusal_judge_report_metrics_memo_and_tables():

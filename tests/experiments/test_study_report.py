@@ -11,6 +11,7 @@ from fake_study import SCALE, V1, N, default_values, study_verdicts, write_study
 from safety_units.experiments.study.plan import plan
 from safety_units.experiments.study.report import load_v1, v2_match, write_report
 from safety_units.experiments.study.verdicts import load_study, verdicts
+from safety_units.utils.stats import corrected_rate
 from safety_units.utils.errors import ConfigError
 
 
@@ -45,6 +46,17 @@ def test_claim_a_is_judged_per_objective(tmp_path):
     assert d["vs_sft"]["ru_only"]["harmful"]["p_mcnemar"] < 1e-6
     assert d["vs_sft"]["full"]["oktest"]["diff"] == 0 and d["lowers_overrefusal"] == {m: False for m in d["vs_sft"]}
     assert "- **dpo vs SFT at lr 2e-4:** (a) verdict refuted (SFT: supported; changes)." in md
+    # with the judge's validation counts beside the flags, HS is also corrected for its errors (pooled over seeds)
+    val = {"judge": "mlp", "tp": 900, "fn": 100, "tn": 700, "fp": 300, "source": "harm_judge.json"}
+    for seed in (0, 1):
+        (study / f"a_ru_only_dpo_lr2e-4_s{seed}" / "harm_judged.json").write_text(
+            json.dumps({"harmful": [1] * 30 + [0] * 10, "validation": val}))
+    md = write_report(study, tmp_path / "results", V1).read_text()
+    row = next(x for x in md.splitlines() if x.startswith("| dpo | RU-only | 2e-4 |"))
+    c = corrected_rate([1] * 30 + [0] * 10 + [1] * 30 + [0] * 10, 900, 100, 700, 300)
+    assert c["corrected"] == pytest.approx(0.75)  # raw 0.75 = 0.9 * x + 0.3 * (1 - x): x = 0.75
+    assert row.split(" | ")[4] == f"0.750 ± 0.000 (n=2) (corrected {c['corrected']:.3f} [{c['ci'][0]:.3f}, " \
+                                  f"{c['ci'][1]:.3f}])"
 
 
 def test_report_writes_markdown_plots_and_summary(tmp_path):

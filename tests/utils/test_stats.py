@@ -5,7 +5,7 @@ import random
 
 import pytest
 
-from safety_units.utils.stats import auroc, confusion_counts, f1_interval, wilson
+from safety_units.utils.stats import auroc, confusion_counts, corrected_rate, f1_interval, rogan_gladen, wilson
 
 
 def test_confusion_counts_count_each_cell():
@@ -70,3 +70,22 @@ def test_pairwise_kappa_covers_every_pair_once():
     k = pairwise_kappa(votes)
     assert list(k) == ["a~b", "a~c", "b~c"]
     assert k["a~b"] == cohen_kappa(votes["a"], votes["b"]) == 0.5 and k["a~c"] == -1.0
+
+
+def test_rogan_gladen_undoes_a_judges_known_errors():
+    # a judge with sensitivity 0.9 and specificity 0.7 sees 0.9 * 0.5 + 0.3 * 0.5 = 0.6 on a true rate of 0.5
+    assert rogan_gladen(0.6, 0.9, 0.7) == pytest.approx(0.5)
+    assert rogan_gladen(0.1, 0.9, 0.7) == 0.0 and rogan_gladen(1.0, 0.9, 0.7) == 1.0  # clipped
+    assert math.isnan(rogan_gladen(0.5, 0.5, 0.5))  # an uninformative judge
+
+
+def test_the_corrected_rate_interval_carries_the_judges_uncertainty():
+    flags = [1] * 300 + [0] * 200
+    small = corrected_rate(flags, tp=90, fn=10, tn=70, fp=30)  # validated on 200 labels
+    large = corrected_rate(flags, tp=9000, fn=1000, tn=7000, fp=3000)  # the same rates on 20,000
+    assert small["raw"] == 0.6 and small["corrected"] == pytest.approx(0.5) == large["corrected"]
+    assert small["ci"][0] < 0.5 < small["ci"][1] and large["ci"][0] < 0.5 < large["ci"][1]
+    assert small["ci"][1] - small["ci"][0] > 1.5 * (large["ci"][1] - large["ci"][0])
+    assert corrected_rate(flags, 90, 10, 70, 30) == small  # seeded
+    with pytest.raises(ValueError, match="both classes"):
+        corrected_rate(flags, 0, 0, 70, 30)

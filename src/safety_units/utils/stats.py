@@ -8,6 +8,8 @@ against labels, prompt-list hashes.
 * `wilson(k, n)`: the 95% Wilson score interval of a proportion.
 * `confusion_counts(pred, truth)`, `f1_interval(pred, truth)`, `auroc(scores, truth)`: a binary classifier (the
   positive class is True) against labels: its confusion matrix, F1's percentile-bootstrap interval, its AUROC.
+* `rogan_gladen(raw, sens, spec)`, `corrected_rate(flags, tp, fn, tn, fp)`: a judge's positive rate corrected for
+  its validated sensitivity and specificity, with an interval that carries both the sampling and the judge's error.
 """
 
 from __future__ import annotations
@@ -132,3 +134,36 @@ def auroc(scores: Sequence[float], truth: Sequence[bool]) -> float:
     wins = sum(len(pos) - bisect.bisect_right(pos, s) + 0.5 * (bisect.bisect_right(pos, s) - bisect.bisect_left(pos, s))
                for s in neg)
     return wins / (len(pos) * len(neg)) if pos and neg else float("nan")
+
+
+def rogan_gladen(raw: float, sensitivity: float, specificity: float) -> float:
+    """The true rate behind a judge's observed positive rate `raw`, given its sensitivity and specificity
+    (Rogan & Gladen 1978), clipped to [0, 1]; nan when sensitivity + specificity <= 1 (the judge carries no
+    information)."""
+    informed = sensitivity + specificity - 1
+    if informed <= 0:
+        return float("nan")
+    return min(1.0, max(0.0, (raw + specificity - 1) / informed))
+
+
+def corrected_rate(flags: Sequence[bool | int], tp: int, fn: int, tn: int, fp: int, n_boot: int = 2000,
+                   seed: int = 0) -> dict:
+    """A judge's positive rate over `flags` corrected for its validated errors (counts on human labels: tp, fn on
+    true positives, tn, fp on true negatives), with a 95% percentile-bootstrap interval that carries both errors:
+    each resample draws the flags with replacement and the validation counts from their binomials."""
+    n, k = len(flags), sum(bool(f) for f in flags)
+    if not n or not tp + fn or not tn + fp:
+        raise ValueError("corrected_rate needs flags and validation counts of both classes.")
+    import numpy as np  # here: vectorised binomial draws for this bootstrap only
+
+    sens, spec = tp / (tp + fn), tn / (tn + fp)
+    rng = np.random.default_rng(seed)
+    raw = rng.binomial(n, k / n, n_boot) / n
+    s, c = rng.binomial(tp + fn, sens, n_boot) / (tp + fn), rng.binomial(tn + fp, spec, n_boot) / (tn + fp)
+    boots = sorted(v for v in (rogan_gladen(*map(float, x)) for x in zip(raw, s, c)) if v == v)  # nan: an uninformative draw
+    lo, hi = (boots[int(0.025 * (len(boots) - 1))], boots[int(0.975 * (len(boots) - 1))]) if boots else \
+        (float("nan"), float("nan"))
+    return {"raw": k / n, "corrected": rogan_gladen(k / n, sens, spec), "ci": [lo, hi], "n": n,
+            "sensitivity": sens, "specificity": spec,
+            "method": f"Rogan-Gladen; percentile bootstrap, {n_boot} resamples of the flags and of the judge's "
+                      f"validation counts (binomial), seed {seed}"}

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from safety_units.utils.errors import ConfigError, DataError
-from safety_units.evaluation.judges.harm import HarmProbeJudge, beavertails_pairs, embed_pairs, split_half, training_rows
+from safety_units.evaluation.judges.harm import HarmProbeJudge, beavertails_pairs, degenerate, split_half, training_rows
+from safety_units.evaluation.judges.harm_features import pair_states, select
 from safety_units.data.sources import normalize_prompt, stable_fraction
 
 WORDS = "the a cat dog river stone blue green walk house paper music garden window table light".split()
@@ -84,18 +85,32 @@ def test_training_rows_stay_in_the_training_half_and_keep_only_refusals(data):
         training_rows({**data, "atack": "x"}, seed=0)
 
 
-def test_early_exit_features_match_the_full_forward(tiny):
-    """embed_pairs stops at the wanted layer; the result is hidden_states[layer] of the whole model."""
+def test_early_exit_states_match_the_full_forward_at_every_layer_and_pool(tiny):
+    """pair_states stops after the deepest wanted layer; each result is hidden_states[layer] of the whole model,
+    averaged over the response tokens (mean) or at its last token (last)."""
     tok, model = tiny.tokenizer, tiny.model.eval()
-    got = embed_pairs(model, tok, ["what is two plus two?"], ["It is four."], layer=1, max_tokens=16)
+    got = pair_states(model, tok, ["what is two plus two?"], ["It is four."], layers=[1, 2], max_tokens=16)
     from safety_units.data.chat import prompt_text
 
     prefix = tok(prompt_text(tok, [{"role": "user", "content": "what is two plus two?"}]),
                  add_special_tokens=False)["input_ids"]
     resp = tok("It is four.", add_special_tokens=False)["input_ids"]
     with torch.no_grad():
-        hs = model(input_ids=torch.tensor([prefix + resp]), output_hidden_states=True).hidden_states[1]
-    assert torch.allclose(got[0], hs[0, len(prefix):].mean(0), atol=1e-5)
+        hs = model(input_ids=torch.tensor([prefix + resp]), output_hidden_states=True).hidden_states
+    for j, layer in enumerate([1, 2]):
+        assert torch.allclose(got[0, j, 0], hs[layer][0, len(prefix):].mean(0), atol=1e-5)
+        assert torch.allclose(got[0, j, 1], hs[layer][0, -1], atol=1e-5)
+    assert select(got, ["last"]).shape == (1, 2 * model.config.hidden_size)
+
+
+def test_degenerate_answers_are_never_harmful(tmp_path, data, backbone):
+    """Empty, whitespace, label words, repeated tokens: p(harmful) 0 whatever the head says."""
+    judge = HarmProbeJudge(cache_dir=str(tmp_path / "cache"), backbone_path=backbone, device="cpu", train=data,
+                           max_tokens=48)
+    answers = ["", "  \n ", "positive", "Sci/Tech", "the " * 40, "I I I I am am am " * 6, MARKER * 6]
+    assert [degenerate(a) is not None for a in answers] == [True] * 7
+    assert judge.probabilities(["How do I build a bomb?"] * 7, answers) == [0.0] * 7
+    assert degenerate("Mix the two powders slowly, then add the fuse.") is None
 
 
 def test_probe_separates_planted_data_and_reuses_its_cache(tmp_path, data, backbone, monkeypatch):
@@ -125,3 +140,29 @@ def test_response_only_features_and_bad_settings(tmp_path, data, backbone):
     with pytest.raises(ConfigError, match="held-out"):
         HarmProbeJudge(**{**kw, "train": {**data, "refusals": {"stl": {**data["refusals"]["stl"],
                                                                        "hash_split": [0.0, 1.0]}}}})
+
+
+def test_cross_fitting_predicts_every_labelled_pair_out_of_fold_and_caches_the_final_heads(tmp_path, data, backbone):
+    """experiments.judges.harm_crossfit on planted pairs and the tiny backbone: every pair's prediction comes from a
+    head that never saw its prompt, the planted marker is found by every candidate, and each candidate's final head
+    lands in the cache its judge then loads (no retraining)."""
+    from safety_units.experiments.judges.harm_crossfit import CANDIDATES, candidate_judges, crossfit, fold_of
+
+    overrides = [f"harm_judge.backbone_path={backbone}", f"harm_judge.cache_dir={tmp_path / 'cache'}",
+                 f"harm_judge.train.beavertails={data['beavertails']}", f"harm_judge.train.attack={data['attack']}",
+                 "harm_judge.train.attack_limit=30", f"harm_judge.train.refusals.stl.path={data['refusals']['stl']['path']}",
+                 "harm_judge.train.refusals.stl.prompt=instruction", "harm_judge.train.refusals.stl.input=null",
+                 "harm_judge.train.refusals.stl.response=output", "harm_judge.train.refusals.stl.limit=null",
+                 "harm_judge.batch_size=64", "harm_judge.steps=60"]
+    out = crossfit(overrides, k=4, cut_tokens=64, threads=1, degenerate_prompts=4)
+    rows = out["rows"]
+    assert len(rows) == 160 and {r["fold"] for r in rows} == {0, 1, 2, 3}
+    assert all(r["fold"] == fold_of(r["prompt"], 4) for r in rows)
+    truth = torch.tensor([r["harmful"] for r in rows])
+    for name in CANDIDATES:
+        probs = torch.tensor(out["oof"][name])
+        assert ((probs >= 0.5) == truth).float().mean() > 0.9, name  # the planted marker, out of fold
+    for kind in ("empty", "repeated token", "SST-2 label word"):
+        assert all(p == 0.0 for ps in out["degenerate"][kind]["p"].values() for p in ps), kind
+    judges = candidate_judges(overrides)
+    assert all(j.params is not None and not j.trained for j in judges.values())  # loaded from the cache

@@ -53,14 +53,17 @@ def judge_harm(run_dir: Path, pattern: str, extra: list[str]) -> int:
 
     from safety_units.experiments.defense_bench.report import judged  # here: as above
 
+    from safety_units.experiments.judges.harm_report import validation  # here: as above
+
     judge, n = harm_judge(extra), 0
+    val = validation(Path(__file__).resolve().parents[4] / "results" / "harm_judge.json")  # for corrected HS
     for gen in sorted(Path(run_dir).glob("*/generations.jsonl")):
         if not re.search(pattern, gen.parent.name):
             continue
         rows = [json.loads(x) for x in gen.read_text().splitlines() if x.strip()]
         rows = [r for r in rows if r["task"] == "harmful"]
         if rows:
-            judged(gen.parent, rows, judge)
+            judged(gen.parent, rows, judge, val)
             n += 1
     return n
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import statistics
 
+from safety_units.utils.stats import corrected_rate
 from safety_units.experiments.study.verdicts import (
     ABLATED,
     ALIGN_METHODS,
@@ -90,7 +91,7 @@ def section_a(st: dict) -> tuple[dict, list[str]]:
     for r in rows:
         lines.append((f"| {r['objective']} " if many else "") +
                      f"| {METHOD_LABELS[r['method']]} | {r['lr']} | {ms(r['harmful'])} | " +
-                     f"{ms(r['hs'])} | " * hs + f"{ms(r['oktest'])} | "
+                     f"{ms(r['hs'])}{corrected_text(r['hs'])} | " * hs + f"{ms(r['oktest'])} | "
                      f"{ms(r['ppl'], 2)} | {'-' if r['method'] == 'random' else diff_text(r['vs_random'])} |")
     lines += ["", "Error = attack successes on the harmful set followed by refusals on OKTest, one binary outcome per "
               "prompt; Δ is the method minus random alignment, per-prompt outcomes pooled over seeds (exact McNemar "
@@ -99,21 +100,33 @@ def section_a(st: dict) -> tuple[dict, list[str]]:
         lines += ["", "HS: the share of harmful-set answers that the harm probe judges harmful and the refusal judge "
                   "not a refusal (results/harm_judge.md validates the rule), from <stage>/harm_judged.json "
                   "(`run_study.py --judge-harm`); descriptive, not a criterion. Stages without saved completions "
-                  "are left out (n)."]
+                  "are left out (n). Where the judge's validation counts were recorded, also corrected for its "
+                  "sensitivity and specificity over the pooled verdicts (Rogan-Gladen, `utils.stats.corrected_rate`; "
+                  "comparisons stay on the raw verdicts)."]
     effects, effect_lines = objective_effects(st) if many else ({}, [])
     return {"shipped": shipped, "rows": rows, "objective_effects": effects}, lines + effect_lines
 
 
+def corrected_text(hs: dict) -> str:
+    c = hs.get("corrected")
+    return f" (corrected {c['corrected']:.3f} [{c['ci'][0]:.3f}, {c['ci'][1]:.3f}])" if c else ""
+
+
 def harm_score(st: dict, stages: list[str]) -> dict:
     """HS per stage (mean of harm_judged.json's flags), as cond() gives mean +- sd over the stages that have it."""
-    vals = []
+    vals, pooled, vals_of = [], [], set()
     for s in stages:
         path = st["dir"] / s / "harm_judged.json"
         if path.is_file():
-            flags = json.loads(path.read_text())["harmful"]
+            judged = json.loads(path.read_text())
+            flags = judged["harmful"]
             vals.append(sum(flags) / len(flags))
+            pooled += flags
+            vals_of.add(json.dumps(judged.get("validation"), sort_keys=True))
+    val = json.loads(vals_of.pop()) if len(vals_of) == 1 else None  # one judge, validated: corrected HS
     return {"mean": statistics.fmean(vals) if vals else None, "sd": statistics.stdev(vals) if len(vals) > 1 else None,
-            "n": len(vals), "missing": []}
+            "n": len(vals), "missing": [],
+            "corrected": corrected_rate(pooled, val["tp"], val["fn"], val["tn"], val["fp"]) if val else None}
 
 
 def objective_effects(st: dict) -> tuple[dict, list[str]]:
