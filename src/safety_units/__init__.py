@@ -62,7 +62,9 @@ Modules (one name per line; tests/test_structure.py checks that the map is compl
     evaluation.judges               judges of completions (judge=, harm_judge=):
     evaluation.judges.refusal           refusal judges: strings, patterns, ensemble, a local model
     evaluation.judges.probe             the learned refusal probe, trained here and cached
-    evaluation.judges.harm              the learned harmfulness probe behind the defense benchmark's HS
+    evaluation.judges.harm              the learned harm judges behind HS: data, degenerate answers, the judge
+    evaluation.judges.harm_features     a backbone's pooled response states at several layers
+    evaluation.judges.heads             the judges' classifiers: logistic regression, a small MLP
     evaluation.task_results         task results, prompt selection by stable hash, a refusal task's result
     evaluation.multiple_choice      zero-shot multiple-choice utility by log-likelihood
     evaluation.rejudge              reading saved completions
@@ -113,7 +115,8 @@ Modules (one name per line; tests/test_structure.py checks that the map is compl
     experiments.scans.report            results/scans.md: the goal's criteria, sigma(q)'s metrics, the report
     experiments.judges              the judges' validation reports:
     experiments.judges.refusal_report   refusal judges against human labels and reference sets (results/judges.md)
-    experiments.judges.harm_report      harmfulness judges on held-out BeaverTails (results/harm_judge.md)
+    experiments.judges.harm_crossfit    the harm-judge candidates cross-fitted by prompt over every labelled pair
+    experiments.judges.harm_report      harm judges out of fold, on XSTest, the HS judge (results/harm_judge.md)
     experiments.quickstart_report   the quickstart's RU-only run against its random control (results/quickstart.md)
     experiments.synthetic           Jain et al.'s task x concept testbed (scripts/run_jain_testbed.py):
     experiments.synthetic.world         the generator (operators, concepts, jailbreak variants) and its tokenizer

@@ -175,3 +175,30 @@ def test_quickstart_path_on_tiny(tmp_path):
     assert summary["frozen_max_abs_delta"] == 0.0 and summary["trainable_changed"]
     assert "| harmful | asr |" in (tmp_path / "run" / "eval_compare.md").read_text()
     assert (tmp_path / "run" / "model" / "unit_map.safetensors").is_file()
+
+
+@pytest.mark.parametrize("launcher", ["local", "gpus"])
+def test_a_sweep_runs_on_the_cluster_launchers_and_lands_where_the_basic_one_puts_it(tmp_path, launcher):
+    """hydra/launcher=local (submitit's local executor: a SLURM sweep's rehearsal) and hydra/launcher=gpus (joblib,
+    one process per job): both jobs train in their own <sweep dir>/<job num>/, and `python -m safety_units.runs`
+    tabulates them by the swept key."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    from safety_units.runs import runs_table
+
+    cmd = [sys.executable, str(ROOT / "train.py"), "-m", f"hydra/launcher={launcher}", *TINY_SWEEP, "seed=1,2",
+           f"hydra.sweep.dir={tmp_path}"]
+    subprocess.run(cmd, check=True, capture_output=True, timeout=600)
+    assert sorted(p.name for p in tmp_path.iterdir() if (p / "model" / "config.json").is_file()) == ["0", "1"]
+    assert [json.loads((tmp_path / j / "params.json").read_text())["seed"] for j in ("0", "1")] == [1, 2]
+    if launcher == "local":  # submitit's own record of each job: the sbatch-like logs a user reads on failure
+        assert len(list((tmp_path / ".submitit").glob("*/*_log.out"))) == 2
+    table = runs_table(tmp_path)
+    assert table["varied"] == ["seed"] and table["jobs"] == ["0", "1"]
+
+
+TINY_SWEEP = ["~experiment", "model=tiny", "logger=csv", "callbacks=none", "data.num_samples=16", "data.max_length=48",
+              "trainer.max_steps=1", "trainer.enable_progress_bar=false"]

@@ -166,3 +166,19 @@ def test_cross_fitting_predicts_every_labelled_pair_out_of_fold_and_caches_the_f
         assert all(p == 0.0 for ps in out["degenerate"][kind]["p"].values() for p in ps), kind
     judges = candidate_judges(overrides)
     assert all(j.params is not None and not j.trained for j in judges.values())  # loaded from the cache
+
+
+def test_both_heads_separate_a_planted_direction_and_name_a_bad_kind():
+    """evaluation.judges.heads: logistic and MLP heads, class-balanced, deterministic for a seed."""
+    from safety_units.evaluation.judges.heads import fit_head, probability
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(200, 8, generator=gen)
+    y = (x[:, 0] + 0.5 * x[:, 1] > 0.8).float()  # about a quarter positive: the balance matters
+    for kind in ("logistic", "mlp"):
+        params = fit_head(kind, x, y, steps=200, lr=1e-2)
+        acc = float(((probability(x, params) >= 0.5).float() == y).float().mean())
+        assert acc > 0.9, (kind, acc)
+        assert torch.equal(probability(x, params), probability(x, fit_head(kind, x, y, steps=200, lr=1e-2)))
+    with pytest.raises(ConfigError, match="harm_judge.head must be one of"):
+        fit_head("forest", x, y)

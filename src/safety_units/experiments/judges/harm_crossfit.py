@@ -25,7 +25,7 @@ from safety_units.evaluation.judges.harm import HarmProbeJudge, beavertails_pair
 from safety_units.evaluation.judges.harm_features import POOLS
 from safety_units.evaluation.judges.heads import probability
 from safety_units.evaluation.judges.refusal import PatternJudge
-from safety_units.utils.config import compose_config
+from safety_units.utils.config import compose_config, instantiate
 from safety_units.utils.errors import ConfigError
 
 CANDIDATES = ("probe", "layers", "mlp")  # conf/harm_judge/<name>.yaml
@@ -38,8 +38,6 @@ def fold_of(prompt: str, k: int) -> int:
 
 def candidate_judges(overrides: list[str]) -> dict[str, HarmProbeJudge]:
     """Each candidate's judge on every labelled pair (train.prompts=all), heads not trained yet."""
-    from safety_units.utils.config import instantiate
-
     out = {}
     for name in CANDIDATES:
         cfg = compose_config("evaluate", [f"+harm_judge={name}", "harm_judge.train.prompts=all",
