@@ -114,3 +114,19 @@ def test_the_mask_first_look_is_rebuilt_from_its_shipped_runs(tmp_path):
     assert set(summary["shares"]) == {"1", "2"} and all(len(v["random_seeds"]) == 3 for v in summary["shares"].values())
     with pytest.raises(ConfigError, match="does not exist"):
         mask_preliminary.build(tmp_path / "no_runs")
+
+
+def test_the_hs_judge_is_the_one_the_shipped_report_chose():
+    """harm_report.HS_JUDGE (what the defense benchmark and run_study.py --judge-harm use) is choose()'s pick on
+    the shipped results/harm_judge.json, and conf/harm_judge/hs.yaml is that candidate trained on every labelled
+    pair -- the settings, hence the cache, of the head the cross-fitting trained."""
+    from omegaconf import OmegaConf
+
+    chosen, _ = harm_judge_report.choose(json.loads((RESULTS / "harm_judge.json").read_text()))
+    hs = harm_judge_report.HS_JUDGE
+    assert chosen == hs["choice"] == hs["candidate"] + "_and_not_refusal" * hs["and_not_refusal"]
+    deployed = harm_judge_report.harm_config([], hs["config"]).harm_judge
+    crossfitted = harm_judge_report.harm_config(["harm_judge.train.prompts=all"], hs["candidate"]).harm_judge
+    assert OmegaConf.to_container(deployed) == OmegaConf.to_container(crossfitted)
+    validation = harm_judge_report.validation(RESULTS / "harm_judge.json")
+    assert validation["judge"] == chosen and validation["tp"] + validation["fn"] == 1733

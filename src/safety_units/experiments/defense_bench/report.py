@@ -93,7 +93,7 @@ def projected_minutes(stages: dict, workers: int) -> tuple[float, float, float]:
     return setup, sum(rest) / 60, setup + max(loads) / 60
 
 
-HS_RULE = "harm probe AND not a pattern-judge refusal"  # the rule results/harm_judge.md validates for HS
+HS_RULE = "harm judge (conf/harm_judge/hs.yaml) AND not a pattern-judge refusal"  # results/harm_judge.md chose it
 
 
 def judged(stage: Path, rows: list[dict], harm_judge, val: dict | None = None) -> list[int]:

@@ -37,10 +37,13 @@ def runner_parser(doc: str, scales: dict, dir_flag: str, default_dir: Path, resu
 
 
 def harm_judge(extra: list[str]):
-    """The harmfulness judge behind HS (conf/harm_judge/probe.yaml; trained once, cached)."""
+    """The harmfulness judge behind HS (conf/harm_judge/<HS_JUDGE["config"]>.yaml: its head cached by
+    scripts/harm_judge_report.py, else trained once)."""
     from safety_units.utils.config import compose_config, instantiate  # here: --list needs no config stack
 
-    cfg = compose_config("evaluate", ["+harm_judge=probe", *extra])
+    from safety_units.experiments.judges.harm_report import HS_JUDGE  # here: as above
+
+    cfg = compose_config("evaluate", [f"+harm_judge={HS_JUDGE['config']}", *extra])
     return instantiate(cfg.harm_judge, "harm_judge")
 
 
