@@ -91,6 +91,7 @@ Modules (one name per line; tests/test_structure.py checks that the map is compl
     experiments.study               the SSAH study v2 (scripts/run_study.py):
     experiments.study.plan              the stages of a scale
     experiments.study.runner            runs them in memory, resumably, in worker processes
+    experiments.study.jobs              or as submitit jobs, one per stage, its inputs as dependencies (SLURM)
     experiments.study.verdicts          the criteria, fixed before the numbers, and their paired comparisons
     experiments.study.tables            the report's tables
     experiments.study.report            the markdown report and summary.json from the stage artifacts

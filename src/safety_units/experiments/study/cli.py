@@ -27,6 +27,14 @@ def runner_parser(doc: str, scales: dict, dir_flag: str, default_dir: Path, resu
                          "split between them")
     ap.add_argument("--set", dest="extra", action="append", default=[], metavar="KEY=VALUE",
                     help="an override for every stage's configs (e.g. paths.data_dir=/data); repeatable")
+    ap.add_argument("--launcher", choices=["local", "submitit"], default="local",
+                    help="local: this machine's process pool (models stay in memory); submitit: one job per stage, "
+                         "its inputs as dependencies (docs/cluster.md)")
+    ap.add_argument("--cluster", choices=["auto", "slurm", "local"], default="auto",
+                    help="--launcher submitit: SLURM, local subprocesses, or SLURM where sbatch exists")
+    ap.add_argument("--job", dest="job_params", action="append", default=[], metavar="KEY=VALUE",
+                    help="--launcher submitit: an executor setting (timeout_min=240, gpus_per_node=1, "
+                         "slurm_partition=gpu, slurm_account=...); repeatable")
     ap.add_argument("--list", action="store_true", help="print the stages and exit")
     ap.add_argument("--report-only", action="store_true", help="only rebuild the report from the artifacts")
     ap.add_argument("--no-report", action="store_true", help="run the stages, write no report")
@@ -87,10 +95,24 @@ def run_stages(args, scale, run_dir: Path, what: str, plan_fn=None) -> dict:
     workers = scale.workers if args.workers is None else args.workers
     kw = {"plan_fn": plan_fn} if plan_fn is not None else {}
     record = run_study(scale, run_dir, args.extra, args.only, args.resume, args.force, args.budget_minutes,
-                       workers, **kw)
+                       workers, **kw, launcher=args.launcher, cluster=None if args.cluster == "auto" else args.cluster,
+                       job_params=job_params(args.job_params))
     print(f"{what}: {len(record['ran'])} ran, {len(record['skipped'])} skipped, {len(record['not_run'])} not "
           f"run, {len(record['failed'])} failed in {(time.time() - t0) / 60:.1f} min", flush=True)
     return record
+
+
+def job_params(pairs: list[str]) -> dict:
+    """--job KEY=VALUE pairs as executor settings (ints where they parse)."""
+    from safety_units.utils.errors import ConfigError  # here: --list needs nothing heavy
+
+    out = {}
+    for p in pairs:
+        key, sep, value = p.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--job {p!r}: expected KEY=VALUE (e.g. timeout_min=240).")
+        out[key] = int(value) if value.lstrip("-").isdigit() else value
+    return out
 
 
 def exit_on_failures(record: dict, run_dir: Path) -> None:
