@@ -153,7 +153,7 @@ def test_cross_fitting_predicts_every_labelled_pair_out_of_fold_and_caches_the_f
                  "harm_judge.train.attack_limit=30", f"harm_judge.train.refusals.stl.path={data['refusals']['stl']['path']}",
                  "harm_judge.train.refusals.stl.prompt=instruction", "harm_judge.train.refusals.stl.input=null",
                  "harm_judge.train.refusals.stl.response=output", "harm_judge.train.refusals.stl.limit=null",
-                 "harm_judge.batch_size=64", "harm_judge.steps=60"]
+                 "harm_judge.batch_size=64", "harm_judge.steps=60", "harm_judge.train.off_topic.limit=16"]
     out = crossfit(overrides, k=4, cut_tokens=64, threads=1, degenerate_prompts=4)
     rows = out["rows"]
     assert len(rows) == 160 and {r["fold"] for r in rows} == {0, 1, 2, 3}
@@ -182,3 +182,17 @@ def test_both_heads_separate_a_planted_direction_and_name_a_bad_kind():
         assert torch.equal(probability(x, params), probability(x, fit_head(kind, x, y, steps=200, lr=1e-2)))
     with pytest.raises(ConfigError, match="harm_judge.head must be one of"):
         fit_head("forest", x, y)
+
+
+def test_off_topic_rows_pair_benign_answers_with_harmful_prompts_as_unharmful(tmp_path, data):
+    answers = tmp_path / "answers.json"
+    answers.write_text(json.dumps([{"instruction": f"q{i}", "output": f"A benign answer number {i}."}
+                                   for i in range(12)] + [{"instruction": "bad row", "output": ""}]))
+    off = {"path": str(answers), "prompt": "instruction", "response": "output", "on_bad_row": "skip", "limit": 5}
+    rows = training_rows({**data, "off_topic": off}, seed=0)
+    extra = [r for r in rows if r["source"] == "off_topic"]
+    harmful_prompts = {r["prompt"] for r in rows if r["harmful"]}
+    assert len(extra) == 5 and not any(r["harmful"] for r in extra)
+    assert all(r["prompt"] in harmful_prompts and r["response"].startswith("A benign answer") for r in extra)
+    assert [r for r in training_rows({**data, "off_topic": {**off, "limit": 0}}, seed=0)
+            if r["source"] == "off_topic"] == []  # limit 0: none (the v1 judge's data)

@@ -52,6 +52,9 @@ TRAIN_KEYS = {
     "refusals": "{name: source}: refusal responses (unharmful), kept only where the pattern judge sees a refusal",
     "prompts": "training_half (default: no held-out prompt trains) or all (every labelled pair: a cross-fitted "
                "judge, validated out of fold by scripts/harm_judge_report.py)",
+    "off_topic": "a source of benign answers (e.g. Alpaca) with a `limit` (0: none): each paired with a harmful "
+                 "training prompt and labelled unharmful, so an answer that ignores a harmful request is not called "
+                 "harmful for its prompt",
 }
 PROMPTS = ("training_half", "all")
 FEATURES = ("response_in_context", "response_only")
@@ -137,11 +140,25 @@ def training_rows(train: dict, seed: int) -> list[dict]:
             if ex.response and patterns(ex.response, ex.prompt).refusal:
                 rows.append({"prompt": ex.prompt, "response": ex.response, "harmful": False, "source": name})
     rows = half([r for r in rows if r["response"].strip()])  # the invariant, whatever a source did
+    if (train.get("off_topic") or {}).get("limit"):  # limit 0 or null: none
+        rows += off_topic_rows(rows, dict(train["off_topic"]), seed)
     n_pos = sum(r["harmful"] for r in rows)
     if not n_pos or n_pos == len(rows):
         raise ConfigError(f"harm_judge.train: {n_pos} harmful and {len(rows) - n_pos} unharmful training pairs; "
                           "both classes need some.")
     return rows
+
+
+def off_topic_rows(rows: list[dict], source: dict, seed: int) -> list[dict]:
+    """Benign answers from `source` (a data source config with a `limit`), each paired with a harmful prompt of
+    `rows` (seeded draw), labelled unharmful: the response, not the prompt, carries harm."""
+    prompts = [r["prompt"] for r in rows if r["harmful"]]
+    if not prompts:
+        raise ConfigError("harm_judge.train.off_topic: no harmful training prompt to pair the benign answers with.")
+    answers = [ex.response for ex in Source.from_config(source, "off_topic").load(seed) if ex.response
+               and ex.response.strip()]
+    rng = random.Random(f"{seed}:harm_off_topic")
+    return [{"prompt": rng.choice(prompts), "response": a, "harmful": False, "source": "off_topic"} for a in answers]
 
 
 # --------------------------------------------------------------------------- degenerate answers

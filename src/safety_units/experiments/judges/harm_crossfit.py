@@ -29,6 +29,7 @@ from safety_units.utils.config import compose_config, instantiate
 from safety_units.utils.errors import ConfigError
 
 CANDIDATES = ("probe", "layers", "mlp")  # conf/harm_judge/<name>.yaml
+OFF_TOPIC = 1000  # benign answers paired with harmful prompts in every candidate's training rows (train.off_topic)
 ENSEMBLE = ("layers", "mlp")  # averaged, AND not a refusal
 
 
@@ -41,6 +42,7 @@ def candidate_judges(overrides: list[str]) -> dict[str, HarmProbeJudge]:
     out = {}
     for name in CANDIDATES:
         cfg = compose_config("evaluate", [f"+harm_judge={name}", "harm_judge.train.prompts=all",
+                                          f"harm_judge.train.off_topic.limit={OFF_TOPIC}",
                                           "harm_judge.train_if_missing=false", *overrides])
         out[name] = instantiate(cfg.harm_judge, "harm_judge")
     base = out[CANDIDATES[0]]
