@@ -126,7 +126,11 @@ def test_the_hs_judge_is_the_one_the_shipped_report_chose():
     hs = harm_judge_report.HS_JUDGE
     assert chosen == hs["choice"] == hs["candidate"] + "_and_not_refusal" * hs["and_not_refusal"]
     deployed = harm_judge_report.harm_config([], hs["config"]).harm_judge
-    crossfitted = harm_judge_report.harm_config(["harm_judge.train.prompts=all"], hs["candidate"]).harm_judge
+    from safety_units.experiments.judges.harm_crossfit import OFF_TOPIC
+
+    crossfitted = harm_judge_report.harm_config(["harm_judge.train.prompts=all",
+                                                 f"harm_judge.train.off_topic.limit={OFF_TOPIC}"],
+                                                hs["candidate"]).harm_judge
     assert OmegaConf.to_container(deployed) == OmegaConf.to_container(crossfitted)
     validation = harm_judge_report.validation(RESULTS / "harm_judge.json")
     assert validation["judge"] == chosen and validation["tp"] + validation["fn"] == 1733
