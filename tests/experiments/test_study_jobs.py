@@ -6,7 +6,7 @@ import json
 
 from test_study_runner import TINY
 
-from safety_units.experiments.study.jobs import dependencies
+from safety_units.experiments.study.jobs import dependencies, run_study_jobs
 from safety_units.experiments.study.plan import plan
 from safety_units.experiments.study.runner import run_study
 
@@ -24,8 +24,8 @@ def test_inputs_are_the_setup_in_order_and_the_stages_whose_files_a_stage_needs(
 
 def test_stages_run_as_jobs_fail_with_their_logs_resume_and_equal_the_in_process_runs(tmp_path):
     study, jobs = tmp_path / "jobs", {"timeout_min": 20}
-    rec = run_study(TINY, study, extra=[], only=ONLY.replace("attribute_aligned|", ""), launcher="submitit",
-                    cluster="local", job_params=jobs)
+    rec = run_study_jobs(TINY, study, extra=[], only=ONLY.replace("attribute_aligned|", ""), cluster="local",
+                         job_params=jobs)
     assert sorted(rec["ran"]) == ["align", "c_alpaca_none_s0"]
     assert set(rec["failed"]) == {"b_esu"}  # no map of the aligned model: fails in its job, clearly
     msg = rec["failed"]["b_esu"]
@@ -40,6 +40,6 @@ def test_stages_run_as_jobs_fail_with_their_logs_resume_and_equal_the_in_process
         a, b = (json.loads((d / name / "eval.json").read_text()) for d in (study, ref))
         assert {t: v["value"] for t, v in a.items()} == {t: v["value"] for t, v in b.items()}, name
     # --resume: what ran is kept, the missing map's stage and the failed one run now
-    again = run_study(TINY, study, only=ONLY, resume=True, launcher="submitit", cluster="local", job_params=jobs)
+    again = run_study_jobs(TINY, study, only=ONLY, resume=True, cluster="local", job_params=jobs)
     assert sorted(again["ran"]) == ["attribute_aligned", "b_esu"] and again["failed"] == {}
     assert sorted(again["skipped"]) == ["align", "c_alpaca_none_s0"]

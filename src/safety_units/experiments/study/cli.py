@@ -94,9 +94,15 @@ def run_stages(args, scale, run_dir: Path, what: str, plan_fn=None) -> dict:
     t0 = time.time()
     workers = scale.workers if args.workers is None else args.workers
     kw = {"plan_fn": plan_fn} if plan_fn is not None else {}
-    record = run_study(scale, run_dir, args.extra, args.only, args.resume, args.force, args.budget_minutes,
-                       workers, **kw, launcher=args.launcher, cluster=None if args.cluster == "auto" else args.cluster,
-                       job_params=job_params(args.job_params))
+    if args.launcher == "submitit":
+        from safety_units.experiments.study.jobs import run_study_jobs  # here: as above
+
+        record = run_study_jobs(scale, run_dir, args.extra, args.only, args.resume, args.force, **kw,
+                                cluster=None if args.cluster == "auto" else args.cluster,
+                                job_params=job_params(args.job_params))
+    else:
+        record = run_study(scale, run_dir, args.extra, args.only, args.resume, args.force, args.budget_minutes,
+                           workers, **kw)
     print(f"{what}: {len(record['ran'])} ran, {len(record['skipped'])} skipped, {len(record['not_run'])} not "
           f"run, {len(record['failed'])} failed in {(time.time() - t0) / 60:.1f} min", flush=True)
     return record

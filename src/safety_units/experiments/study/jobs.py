@@ -15,8 +15,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from safety_units.experiments.study.plan import Stage
-from safety_units.experiments.study.runner import StudyRunner, config_hash, stage_configs
+from safety_units.experiments.study.plan import Stage, plan
+from safety_units.experiments.study.runner import StudyRunner, config_hash, select, stage_configs
 from safety_units.utils.errors import ConfigError
 
 
@@ -42,6 +42,15 @@ def run_one(scale, study: Path, extra: list[str], plan_fn, name: str) -> str:
     except Exception as e:
         runner.fail(stage, e)  # the traceback in <stage>.log, as in-process
         raise
+
+
+def run_study_jobs(scale, study: Path, extra: list[str] | None = None, only: str | None = None,
+                   resume: bool = False, force: bool = False, plan_fn=plan, cluster: str | None = None,
+                   job_params: dict | None = None) -> dict:
+    """runner.run_study's counterpart: (part of) the plan of `scale` as one submitit job per stage, on `cluster`
+    slurm | local (None: submitit's choice) with the executor settings `job_params`."""
+    stages = select(plan_fn(scale, str(study)), only)
+    return run_jobs(StudyRunner(scale, study, extra, resume, force, plan_fn=plan_fn), stages, cluster, job_params)
 
 
 def run_jobs(runner: StudyRunner, stages: list[Stage], cluster: str | None = None, params: dict | None = None,

@@ -385,23 +385,12 @@ def _worker(k: int, scale: Scale, study: Path, extra: list[str], resume: bool, f
 
 def run_study(scale: Scale, study: Path, extra: list[str] | None = None, only: str | None = None,
               resume: bool = False, force: bool = False, budget_minutes: float | None = None,
-              workers: int = 1, plan_fn=plan, launcher: str = "local", cluster: str | None = None,
-              job_params: dict | None = None) -> dict:
-    """Run (part of) the plan of `scale` into `study`, in `workers` processes after the setup stages (launcher
-    "local"), or as one submitit job per stage (launcher "submitit": safety_units.experiments.study.jobs, on
-    `cluster` slurm | local with `job_params`); returns the record also written to study.json. `plan_fn` (scale,
-    study dir) -> stages: the study's plan by default."""
+              workers: int = 1, plan_fn=plan) -> dict:
+    """Run (part of) the plan of `scale` into `study`, in `workers` processes after the setup stages; returns the
+    record also written to study.json. `plan_fn` (scale, study dir) -> stages: the study's plan by default. As
+    cluster jobs instead: safety_units.experiments.study.jobs.run_study_jobs."""
     if workers < 1:
         raise ConfigError(f"--workers must be >= 1, got {workers}.")
-    if launcher not in LAUNCHERS:
-        raise ConfigError(f"--launcher must be one of {LAUNCHERS}, got {launcher!r}.")
     stages = select(plan_fn(scale, str(study)), only)
     runner = StudyRunner(scale, study, extra, resume, force, budget_minutes, plan_fn=plan_fn)
-    if launcher == "submitit":
-        from safety_units.experiments.study.jobs import run_jobs  # here: jobs imports this module
-
-        return run_jobs(runner, stages, cluster, job_params)
     return runner.run(stages) if workers == 1 else runner.run_parallel(stages, workers)
-
-
-LAUNCHERS = ("local", "submitit")
