@@ -21,7 +21,7 @@ POOLS = ("mean", "last")
 
 def layer_indices(layers, n_layers: int, key: str = "harm_judge.layers") -> list[int]:
     """Hidden-state indices 0..n_layers (0: the embeddings) from floats (a fraction of the depth) or ints."""
-    items = list(layers) if isinstance(layers, (list, tuple)) or hasattr(layers, "__iter__") else [layers]
+    items = list(layers) if hasattr(layers, "__iter__") else [layers]
     if not items:
         raise ConfigError(f"{key} is empty: give hidden-state indices (ints) or depth fractions (floats).")
     out = [int(round(x * n_layers)) if isinstance(x, float) else int(x) for x in items]

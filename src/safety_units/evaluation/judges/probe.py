@@ -100,19 +100,24 @@ def probe_probability(x: torch.Tensor, params: dict[str, torch.Tensor]) -> torch
 
 def fit_and_cache(x: torch.Tensor, labels: torch.Tensor, l2: float, threshold: float, path: Path, info: dict,
                   what: str) -> dict[str, torch.Tensor]:
-    """fit_logistic, log its training accuracy at `threshold`, and save the probe to `path` (written to a temporary
-    file first, so that an interrupted run never leaves a half-written cache) with `info` in its metadata."""
-    from safetensors.torch import save_file  # only when a probe is trained
-
+    """fit_logistic, log its training accuracy at `threshold`, and cache the probe at `path` (cache_params)."""
     params = fit_logistic(x, labels, l2=l2)
     train_acc = float(((probe_probability(x, params) >= threshold).float() == labels).float().mean())
     log.info("%s: probe training accuracy %.4f", what, train_acc)
+    cache_params(params, path, info, train_acc)
+    return params
+
+
+def cache_params(params: dict[str, torch.Tensor], path: Path, info: dict, train_acc: float) -> None:
+    """Save a fitted head to `path` with `info` and its training accuracy in the metadata, written to a temporary
+    file first, so that an interrupted run never leaves a half-written cache."""
+    from safetensors.torch import save_file  # only when a head is trained
+
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp.safetensors")
     save_file({k: v.contiguous() for k, v in params.items()}, str(tmp),
               metadata={"info": json.dumps(info), "train_accuracy": f"{train_acc:.4f}"})
     tmp.replace(path)
-    return params
 
 
 def _texts(sources: dict, seed: int, cache_dir: str, model, tokenizer, max_new_tokens: int) -> list[str]:

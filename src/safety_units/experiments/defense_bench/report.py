@@ -155,7 +155,8 @@ def sft_alignment_seconds(aligned: dict) -> float:
 
 
 def corrected_hs(flags: list[int], val: dict | None) -> str:
-    """" (corrected 0.412 [0.35, 0.47])" from pooled HS flags and the judge's validation counts; "" without."""
+    """The text " (corrected 0.412 [0.350, 0.470])" from pooled HS flags and the judge's validation counts; ""
+    without them."""
     if not val or not flags:
         return ""
     r = corrected_rate(flags, val["tp"], val["fn"], val["tn"], val["fp"])

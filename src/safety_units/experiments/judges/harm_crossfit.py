@@ -21,7 +21,7 @@ import time
 import torch
 
 from safety_units.data.sources import stable_fraction
-from safety_units.evaluation.judges.harm import HarmProbeJudge, beavertails_pairs, degenerate
+from safety_units.evaluation.judges.harm import HarmProbeJudge, beavertails_pairs, degenerate, zero_degenerate
 from safety_units.evaluation.judges.harm_features import POOLS
 from safety_units.evaluation.judges.heads import probability
 from safety_units.evaluation.judges.refusal import PatternJudge
@@ -74,7 +74,7 @@ def crossfit(overrides: list[str], k: int = 5, cut_tokens: int = 64, threads: in
     t0 = time.time()
     prompts, responses, labels = base.training_inputs()
     train_states = widest.states(prompts, responses, "harm crossfit: training pairs")
-    rows = beavertails_pairs(_beavertails_path(overrides))
+    rows = beavertails_pairs(base.train["beavertails"])
     tok = base.tokenizer
     cut = [tok.decode(tok(r["response"], add_special_tokens=False)["input_ids"][:cut_tokens]) for r in rows]
     test_states = widest.states([r["prompt"] for r in rows], cut, "harm crossfit: labelled pairs")
@@ -91,8 +91,8 @@ def crossfit(overrides: list[str], k: int = 5, cut_tokens: int = 64, threads: in
         for name, j in judges.items():
             params = j.fit(_slice(train_states[keep], union, j), labels[keep])
             probs = probability(_slice(test_states[test], union, j), params).tolist()
-            for i, p in zip(test, probs):
-                oof[name][i] = 0.0 if degenerate(cut[i]) else p
+            for i, p in zip(test, zero_degenerate(probs, [cut[i] for i in test])):
+                oof[name][i] = p
     t_folds = time.time() - t0
     t0 = time.time()
     final = {}
@@ -111,11 +111,6 @@ def crossfit(overrides: list[str], k: int = 5, cut_tokens: int = 64, threads: in
             "degenerate": degenerate_verdicts(judges, rows, degenerate_prompts),
             "timing_s": {"features": round(t_features, 1), "folds": round(t_folds, 1),
                          "final_heads": round(t_final, 1), "pairs_embedded": len(prompts) + len(rows)}}
-
-
-def _beavertails_path(overrides: list[str]) -> str:
-    cfg = compose_config("evaluate", ["+harm_judge=probe", *overrides])
-    return cfg.harm_judge.train.beavertails
 
 
 def degenerate_answers(prompts: list[str], off_topic: list[str]) -> dict[str, list[str]]:

@@ -112,15 +112,15 @@ def summarize(oof_data: dict, seed: int = 0) -> dict:
     """Metrics of every judge from the out-of-fold JSON (harm_crossfit's output, without the prompts)."""
     rows = oof_data["rows"]
     truth, refusal = [r["harmful"] for r in rows], [r["refusal"] for r in rows]
-    judges = {}
-    for name, v in variants(oof_data["oof"], refusal, oof_data["thresholds"]).items():
+    judges, every = {}, variants(oof_data["oof"], refusal, oof_data["thresholds"])
+    for name, v in every.items():
         m = judge_metrics(v["pred"], truth, seed=seed)
         judges[name] = {"rule": v["rule"], **m,
                         "auroc": auroc_interval(v["scores"], truth, seed=seed) if v["scores"] else None,
                         "calibration": calibration(v["scores"], truth) if v["scores"] else None}
     categories = sorted({c for r in rows for c in r.get("categories", [])})
     per_category = {}
-    for name, v in variants(oof_data["oof"], refusal, oof_data["thresholds"]).items():
+    for name, v in every.items():
         per_category[name] = {}
         for c in categories:
             idx = [i for i, r in enumerate(rows) if c in r.get("categories", [])]
