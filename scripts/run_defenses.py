@@ -1,16 +1,17 @@
-"""The defense benchmark: which defense to use when fine-tuning an aligned model on data you don't fully trust.
+"""The defense benchmark v2: which defense to use when fine-tuning an aligned model on data you don't fully trust --
+every defense tuned on validation data, attacked by a tuned attacker, over alignment seeds.
 
     python scripts/run_defenses.py --scale cpu              # 2 CPU cores, 2 one-thread workers, resumable
     python scripts/run_defenses.py --scale cpu --resume     # keep finished stages whose config is unchanged
-    python scripts/run_defenses.py --list                   # the stages, in run order
-    python scripts/run_defenses.py --only '_mix10_' --resume
+    python scripts/run_defenses.py --list                   # the stages plannable now, in run order
+    python scripts/run_defenses.py --only '_proto_' --resume
     python scripts/run_defenses.py --report-only            # rebuild results/defenses.md from the artifacts
 
-Stages (safety_units.experiments.defense_bench.plan): align the shipped SmolLM2 with SFT, Vaccine and Booster; attribute the
-SFT-aligned model (wifv for ESU / ESU+CU / random / layers, the learned mask for `mask_esu_cu`); re-align its ESU
-(SN-Tune style); then fine-tune under each threat model (SST-2 with a share p of BeaverTails harmful pairs; Qi et
-al.'s harmful examples) with every defense x seeds, each evaluated in memory (eval=defense: harmful prompts from
-BeaverTails' held-out half, SST-2 accuracy, OKTest, perplexity). The runner is the study's
+Phases (safety_units.experiments.defense_bench.plan): tune every defense over its grid (seed 0, the protocol
+attack), choose each setting (criteria.choose_setting, validation data only), attack each chosen setting with the
+scale's attack grid, choose each defense's worst attack (criteria.worst_attack), then run the other alignment seeds
+at the protocol and the worst attack. This script runs a phase, writes <bench>/selection.json and runs the next,
+until the plan stops growing; each pass resumes the last. The runner is the study's
 (safety_units.experiments.study.runner): --resume by config hash, --budget-minutes, --workers.
 """
 
@@ -22,11 +23,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("PROJECT_ROOT", str(ROOT))
 
-from safety_units.experiments.defense_bench.plan import BENCH_NAME, SCALES, plan  # noqa: E402
+from safety_units.experiments.defense_bench.plan import BENCH_NAME, SCALES, advance, plan  # noqa: E402
 from safety_units.utils.errors import friendly_errors  # noqa: E402
 from safety_units.experiments.study.cli import exit_on_failures, harm_judge, list_stages, run_stages, runner_parser  # noqa: E402
 
 RESULTS = ROOT / "results"
+MAX_PASSES = 4  # tune, attack, test (+ one that finds nothing new)
 
 
 @friendly_errors
@@ -37,14 +39,21 @@ def main(argv: list[str] | None = None):
     args = ap.parse_args(argv)
     scale, bench = SCALES[args.scale], args.run_dir.resolve()
     if args.list:
-        return list_stages(plan(scale, str(bench)))
-    record = {} if args.report_only else run_stages(args, scale, bench, "benchmark", plan_fn=plan)
+        return list_stages(plan(scale, str(bench)), width=48)
+    record, judge = {}, None
+    if not args.report_only:
+        for n in range(MAX_PASSES):
+            record = run_stages(args, scale, bench, f"benchmark pass {n + 1}", plan_fn=plan)
+            args.resume = True  # the next pass keeps this one's stages
+            judge = judge or harm_judge(args.extra)
+            if args.only or not advance(bench, scale, judge):
+                break
     if not args.no_report:
         from safety_units.experiments.defense_bench.report import collect, write_report
 
         if (bench / "study.json").is_file() and not args.no_collect:  # else: rebuild from the shipped cells.json
             judge_report = args.results_dir / "harm_judge.json"  # the HS judge's validation: corrected HS
-            print(f"collected {collect(bench, args.results_dir / args.report_name, harm_judge(args.extra), judge_report)}",
+            print(f"collected {collect(bench, scale, args.results_dir / args.report_name, judge or harm_judge(args.extra), judge_report)}",
                   flush=True)
         print(f"wrote {write_report(args.results_dir, args.report_name)}", flush=True)
     exit_on_failures(record, bench)

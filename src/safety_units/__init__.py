@@ -81,7 +81,9 @@ Modules (one name per line; tests/test_structure.py checks that the map is compl
     defenses.safeinstr              defense=safeinstr: a share of safety data mixed into the fine-tune
     defenses.posthoc                what post-hoc defenses share: target weights, the update, the export callback
     defenses.safelora               defense=safelora: project the update onto the alignment subspace
-    defenses.antidote               defense=antidote: Wanda pruning of the update
+    defenses.antidote               defense=antidote: Wanda pruning of the update, per row
+    defenses.random_prune           defense=random_prune: Antidote's control, as many entries per row at random
+    defenses.shrink                 defense=shrink: the matched-drift control, the update scaled to a target norm
     training                    fine-tuning around the units (python train.py):
     training.freezing               freeze= strategies as maskers
     training.callbacks              Ctrl-C checkpoint, frozen-entry check and export, the before/after evaluation
@@ -92,15 +94,19 @@ Modules (one name per line; tests/test_structure.py checks that the map is compl
     experiments.study.plan              the stages of a scale
     experiments.study.runner            runs them in memory, resumably, in worker processes
     experiments.study.jobs              or as submitit jobs, one per stage, its inputs as dependencies (SLURM)
+    experiments.study.posthoc           a posthoc stage: a post-hoc defense on an already fine-tuned model
     experiments.study.verdicts          the criteria, fixed before the numbers, and their paired comparisons
     experiments.study.tables            the report's tables
     experiments.study.report            the markdown report and summary.json from the stage artifacts
     experiments.study.plots             the frontier and threat-model plots
     experiments.study.cli               the command line shared by run_study.py and run_defenses.py
-    experiments.defense_bench       the defense benchmark (scripts/run_defenses.py):
-    experiments.defense_bench.plan      defenses x threat models x seeds at the cpu and gpu scales, on the runner
-    experiments.defense_bench.criteria  the ranking rule, significance and cost thresholds, the goal
-    experiments.defense_bench.report    cells.json from the runs (HS re-judged), and results/defenses.md from it
+    experiments.defense_bench       the defense benchmark v2 (scripts/run_defenses.py):
+    experiments.defense_bench.plan      tune, attack and test phases at the cpu and gpu scales, on the runner
+    experiments.defense_bench.tuning    the defenses' grids, the cells of a run, the choices (selection.json)
+    experiments.defense_bench.criteria  the rules: setting, worst attack, seed-level comparisons, goal, answer
+    experiments.defense_bench.cells     HS flags of a stage's completions by the HS judge, cached
+    experiments.defense_bench.peers     the peers' published settings and our deviations from their code
+    experiments.defense_bench.report    cells.json from the runs, and results/defenses.md from it
     experiments.dose_response       the dose-response ablation sweep (scripts/dose_response.py):
     experiments.dose_response.plan      the points, their evaluate.py commands, resumable runs
     experiments.dose_response.report    summary, tables and plot from the runs' artifacts

@@ -1,5 +1,6 @@
 """Helpers shared by the tests of several defense modules: stand-ins for what a loss reads from the LightningModule,
-random batches, the masks-exactness run through fit, LoRA on the tiny model, a small harmful calibration set."""
+random batches, the masks-exactness run through fit, LoRA on the tiny model, a small harmful calibration set, the
+Antidote code's per-row mask."""
 
 import json
 import os
@@ -91,3 +92,15 @@ def merged_delta(model, start):
     from safety_units.models.lora import effective_weight
 
     return {n: effective_weight(m).float() - start[n] for n, m in target_weights(model).items()}
+
+
+def code_row_mask(score, dense_ratio):
+    """git-disl/Antidote prune_wanda_outlier's mask, brute force: each row keeps its int(cols * (1 - dense_ratio))
+    lowest scores (ascending, ties by column: a stable sort) and prunes the rest."""
+    rows, cols = score.shape
+    keep = int(cols * (1 - dense_ratio))
+    mask = torch.zeros(rows, cols, dtype=torch.bool)
+    for i in range(rows):
+        order = sorted(range(cols), key=lambda j: (score[i, j].item(), j))
+        mask[i, order[keep:]] = True
+    return mask

@@ -1,11 +1,14 @@
-"""defense=booster (safety_units.defenses.booster): the paper's term and its gradient, and frozen entries staying exact
-through fit."""
+"""defense=booster (safety_units.defenses.booster): the paper's term and its gradient, frozen entries staying exact
+through fit, and its harmful set (and Antidote's calibration set) disjoint from the attack pool."""
 
 import copy
 
 import torch
+from conftest import compose
 from defense_kit import FakeModule, FixedStream, batch_of, harmful_rows, train_frozen_except_5_percent
+from testkit import needs_hft_data
 
+from safety_units.data.sources import Source, normalize_prompt
 from safety_units.defenses.booster import BoosterLoss
 
 
@@ -42,3 +45,18 @@ def test_frozen_entries_stay_exact_under_booster(tmp_path):
                                             f"defense.harmful.beavertails.path={harmful_rows(tmp_path)}")
     assert summary["frozen_max_abs_delta"] == 0.0 and summary["trainable_changed"] > 0
     assert summary["defense"] == {"name": "booster", "stage": "align"}
+
+
+@needs_hft_data
+def test_defense_harmful_sets_are_disjoint_from_the_attack_pool():
+    """git-disl/Booster (and Antidote) train.py: the defense's harmful rows start at 5000, the attack's at 0; here the
+    two halves of the attack file by prompt hash (the real file of ../shared/data)."""
+    def rows(cfg, name):
+        return Source.from_config(cfg, name).load()
+
+    attack = rows(compose("train", ["~experiment", "data=task_mix"]).data.sources.harmful, "harmful")
+    booster = rows(compose("train", ["defense=booster"]).defense.harmful.beavertails, "booster")
+    antidote = rows(compose("train", ["defense=antidote"]).defense.harmful.beavertails, "antidote")
+    assert len(booster) == 2000 and len(antidote) == 64 and len(attack) >= 1000  # gpu_full: p = 0.2 of n = 1000
+    attack_prompts = {normalize_prompt(ex.prompt) for ex in attack}
+    assert not attack_prompts & {normalize_prompt(ex.prompt) for ex in booster + antidote}

@@ -29,13 +29,13 @@ def test_callback_snapshots_at_setup_applies_at_train_end_and_refuses_sharding(t
     model, _ = LoraAdapter(rank=4, alpha=8, dropout=0.0).wrap(tiny.model)
     module = SimpleNamespace(model=model, tokenizer=tokenizer, device=torch.device("cpu"))
     trainer = SimpleNamespace(strategy=SimpleNamespace(), is_global_zero=True, loggers=[], global_step=3)
-    cb = Antidote(**antidote_settings(tmp_path))
+    cb = Antidote(**antidote_settings(tmp_path), granularity="matrix")  # the merged update: antidote_prune below
     assert cb.callbacks(tokenizer) == [cb]
     cb.setup(trainer, module, "fit")
     assert sorted(cb.start) == sorted(loaded) and all(torch.equal(cb.start[n], loaded[n]) for n in loaded)
     train_b(model)
     expect, _ = antidote_prune(merged_delta(model, loaded),
-                               input_norms(model, cb.calibration_batches(tokenizer)), 0.1)
+                               input_norms(model, cb.calibration_batches(tokenizer)), 0.1, "matrix")
     cb.on_train_end(trainer, module)
     assert cb.report["defense"] == "antidote" and cb.report["n_pruned"] == sum(n_pruned(e.numel(), 0.1)
                                                                                for e in expect.values())

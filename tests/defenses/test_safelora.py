@@ -1,5 +1,6 @@
 """defense=safelora (safety_units.defenses.safelora): the projection onto the alignment subspace against IBM/SafeLoRA's
-code, select=number, the edit on a tiny Llama with LoRA against the pure function, and its config errors."""
+code, select=number with num_layers auto, the edit on a tiny Llama with LoRA against the pure function, and its config
+errors."""
 
 import pytest
 import torch
@@ -8,7 +9,7 @@ from defense_kit import CACHE, TINY_BASE, merged_delta, with_lora
 
 from safety_units.defenses.base import build_defense
 from safety_units.defenses.posthoc import target_weights
-from safety_units.defenses.safelora import SafeLoRA, alignment_matrix, safelora_project
+from safety_units.defenses.safelora import SafeLoRA, alignment_matrix, resolve_num_layers, safelora_project
 from safety_units.utils.errors import ConfigError
 
 
@@ -27,7 +28,9 @@ def test_safelora_keeps_an_update_inside_the_alignment_subspace_and_removes_an_o
     outside = torch.zeros(8, 6)
     outside[3:] = torch.randn(5, 6, generator=g)  # V^T dW = 0
     delta = {"in": inside, "out": outside}
-    new, report = safelora_project(delta, {k: aligned for k in delta}, {k: base for k in delta}, threshold=0.5)
+    new, report = safelora_project(delta, {k: aligned for k in delta}, {k: base for k in delta}, threshold=0.5,
+                                   select="threshold")
+    assert report["num_layers_resolved"] is None
     assert report["cos"]["in"] == pytest.approx(1.0, abs=1e-6)
     assert report["cos"]["out"] == 0.0
     assert report["projected"] == ["out"] and report["n_projected"] == 1
@@ -45,7 +48,7 @@ def test_safelora_on_the_merged_update_equals_the_codes_projection_of_lora_b():
     assert torch.allclose(alignment_matrix(aligned, base), p)
     cos_code = torch.nn.functional.cosine_similarity(torch.mm(torch.mm(p, b), a).reshape(1, -1),
                                                      torch.mm(b, a).reshape(1, -1)).item()
-    new, report = safelora_project({"w": s * b @ a}, {"w": aligned}, {"w": base}, threshold=1.0)
+    new, report = safelora_project({"w": s * b @ a}, {"w": aligned}, {"w": base}, threshold=1.0, select="threshold")
     assert report["cos"]["w"] == pytest.approx(cos_code, abs=1e-6)
     assert torch.allclose(new["w"], s * torch.mm(p, b) @ a, atol=1e-5)
 
@@ -68,6 +71,22 @@ def test_safelora_select_number_projects_exactly_num_layers_lowest_cos_matrices(
         safelora_project(delta, aligned, base, select="top")
 
 
+def test_num_layers_auto_keeps_the_codes_share_of_10_in_64_adapted_matrices():
+    # round(10 * n / 64), half up, at least 1: SmolLM2-135M's 210 matrices -> 33, Llama-2-7B's q/v 64 -> 10
+    assert [resolve_num_layers("auto", n) for n in (1, 3, 14, 16, 64, 210, 224)] == [1, 1, 2, 3, 10, 33, 35]
+    assert resolve_num_layers(7, 210) == 7
+    with pytest.raises(ValueError, match="num_layers"):
+        resolve_num_layers("all", 10)
+    g = gen(6)
+    delta = {f"m{i}": torch.randn(5, 4, generator=g) for i in range(14)}
+    aligned = {n: torch.randn(5, 4, generator=g) for n in delta}
+    base = {n: torch.randn(5, 4, generator=g) for n in delta}
+    _, report = safelora_project(delta, aligned, base)  # the defaults: select=number, num_layers=auto
+    lowest = sorted(delta, key=lambda n: report["cos"][n])[:2]
+    assert (report["select"], report["num_layers"], report["num_layers_resolved"]) == ("number", "auto", 2)
+    assert report["projected"] == [n for n in delta if n in lowest]
+
+
 def test_apply_safelora_with_lora_equals_the_pure_function_on_the_merged_update(tiny, tokenizer):
     from safety_units.models.loading import build_tiny
 
@@ -78,6 +97,7 @@ def test_apply_safelora_with_lora_equals_the_pure_function_on_the_merged_update(
     b_before = {n: p.detach().clone() for n, p in model.named_parameters() if ".lora_B." in n}
     report = SafeLoRA(select="number", num_layers=5, base=TINY_BASE).apply(model, start, tokenizer, "cpu")
     assert report["projected"] == expect_report["projected"] and report["n_projected"] == 5
+    assert report["num_layers_resolved"] == 5
     after = merged_delta(model, start)
     for n in delta:
         assert torch.allclose(after[n], expect[n], atol=1e-6), n
@@ -88,14 +108,27 @@ def test_apply_safelora_with_lora_equals_the_pure_function_on_the_merged_update(
         assert torch.equal(m.get_base_layer().weight, start[n])  # SafeLoRA moves only B
 
 
+def test_safelora_defaults_resolve_auto_on_the_matrices_that_trained(tiny, tokenizer):
+    model, start = with_lora(tiny)
+    with torch.no_grad():  # 4 of the 14 adapted matrices keep B = 0: 10 trained -> round(10 * 10 / 64) = 2
+        for name, p in model.named_parameters():
+            if ".lora_B." in name and ("layers.1.mlp." in name or "layers.1.self_attn.o_proj." in name):
+                p.zero_()
+    report = SafeLoRA(base=TINY_BASE).apply(model, start, tokenizer, "cpu")
+    assert (report["trained"], report["targets"]) == (10, 14)
+    assert (report["select"], report["num_layers"], report["num_layers_resolved"], report["n_projected"]) == \
+        ("number", "auto", 2, 2)
+
+
 def test_safelora_config_builds_and_bad_settings_name_the_key(tiny, tokenizer):
     cfg = compose("train", ["defense=safelora"])
     defense = build_defense(cfg.defense)
     assert isinstance(defense, SafeLoRA) and defense.stage == "post"
     assert defense.base["_target_"].endswith("load_smollm2")  # a model config, not loaded when the run starts
-    assert (defense.select, defense.threshold, defense.num_layers) == ("threshold", 0.5, 10)
+    assert (defense.select, defense.threshold, defense.num_layers) == ("number", 0.5, "auto")
     for settings, match in [({"select": "top", "base": TINY_BASE}, "defense.select"),
                             ({"num_layers": 0, "base": TINY_BASE}, "defense.num_layers"),
+                            ({"num_layers": "all", "base": TINY_BASE}, "defense.num_layers must be 'auto'"),
                             ({}, "defense.base"), ({"stage": "finetune", "base": TINY_BASE}, "defense.stage")]:
         with pytest.raises(ConfigError, match=match):
             SafeLoRA(**settings)

@@ -92,3 +92,30 @@ def test_label_task_scores_the_label_words(tiny, tmp_path, monkeypatch):
     assert res.value == 4 / 6 and res.extra["majority"] == round(4 / 6, 4)
     assert res.extra["outcomes"] == [1, 1, 1, 1, 0, 0]
     assert asked[0][0].rstrip().endswith("assistant") and {c for _, c in asked} == {"positive", "negative"}
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma2", "gpt2", "phi3", "gpt_neox", "falcon", "opt", "mixtral"])
+def test_a_shared_prefix_runs_once_and_gives_the_one_pass_states(arch, monkeypatch):
+    """Rows that begin with the same tokens (a chat template and an instruction) run that prefix once, its cache
+    repeated over the rows: the scored states equal one pass over the whole batch, on every architecture."""
+    from testkit import VOCAB, build_arch
+
+    import safety_units.evaluation.multiple_choice as mc
+
+    model = build_arch(arch).eval()
+    g = torch.Generator().manual_seed(0)
+    prefix = torch.randint(3, VOCAB, (20,), generator=g).tolist()
+    seqs = sorted([tuple(prefix + torch.randint(3, VOCAB, (n,), generator=g).tolist()) for n in (9, 6, 3)],
+                  key=len, reverse=True)
+    ids = torch.zeros(3, len(seqs[0]), dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for r, s in enumerate(seqs):
+        ids[r, :len(s)], mask[r, :len(s)] = torch.tensor(s), 1
+    with torch.inference_mode():
+        whole = mc.hidden_states(model, ids, mask)
+        shared, start = mc.shared_prefix_states(model, ids, mask, seqs, first_target=len(seqs[-1]) - 1)
+    assert start == 20  # the prefix ran once
+    for r, s in enumerate(seqs):
+        torch.testing.assert_close(shared[r, :len(s) - start], whole[r, start:len(s)], atol=2e-5, rtol=1e-4)
+    monkeypatch.setattr(mc, "MIN_SHARED_PREFIX", 10 ** 6)  # below the minimum: one pass, from position 0
+    assert mc.shared_prefix_states(model, ids, mask, seqs, first_target=len(seqs[-1]) - 1)[1] == 0

@@ -33,7 +33,7 @@ def test_an_unknown_scale_is_a_usage_error(capsys):
     assert e.value.code == 2 and "invalid choice: 'tpu'" in capsys.readouterr().err
 
 
-DRIVERS = {"run_study": ("--study-dir", study_plan, 32), "run_defenses": ("--bench-dir", bench_plan, 36)}
+DRIVERS = {"run_study": ("--study-dir", study_plan, 32), "run_defenses": ("--bench-dir", bench_plan, 48)}
 
 
 @pytest.mark.parametrize("script", sorted(DRIVERS))

@@ -66,6 +66,9 @@ def build_defense(cfg) -> Defense:
     if "_target_" not in cfg:
         raise ConfigError(f"defense (name: {cfg.get('name')!r}) has no _target_: a defense config names the class "
                           f"that builds it, e.g. `_target_: safety_units.defenses.base.Defense` (see conf/defense/).")
+    if "tune" in cfg:  # the defense benchmark's grid (experiments/defense_bench/tuning.py), not an argument
+        whole = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
+        cfg = {k: v for k, v in whole.items() if k != "tune"}
     defense = instantiate(cfg, "defense", _recursive_=False, _convert_="all")
     if not isinstance(defense, Defense):
         raise ConfigError(f"defense._target_ {cfg['_target_']!r} built a {type(defense).__name__}, not a "

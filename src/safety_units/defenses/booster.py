@@ -49,7 +49,9 @@ class BoosterLoss:
 class Booster(Defense):
     """Aligns with BoosterLoss on the `harmful` sources (three forward/backward passes a step). lamb = 5,
     alpha = 0.1: the defaults of its script/alignment/smooth_align.sh. batch_size / max_length of the harmful
-    batches: null takes data.batch_size / data.max_length."""
+    batches: null takes data.batch_size / data.max_length. The harmful set is disjoint from the fine-tuning attack's,
+    as in the code (train.py: SupervisedDataset rows from 5000 for Booster, from 0 for the attack): conf/defense/
+    booster.yaml reads the attack file's other prompt-hash half (hash_split [0, 0.5) vs data=task_mix's [0.5, 1))."""
 
     def __init__(self, name: str = "booster", stage: str = "align", lamb: float = 5.0, alpha: float = 0.1,
                  harmful: dict | None = None, batch_size: int | None = None, max_length: int | None = None):

@@ -58,6 +58,20 @@ def update_of(module: nn.Module, start: Tensor, device) -> Tensor:
     return w
 
 
+@torch.no_grad()
+def update_norm(model: nn.Module, start: nn.Module) -> float:
+    """||W - W_start||_F over the decoder layers' target matrices (target_weights; LoRA's s B A included): how far a
+    fine-tune or a defense moved the model, the drift the matched-drift control matches."""
+    ref = target_weights(start)
+    total = 0.0
+    for n, mod in target_weights(model).items():
+        w = ref[n].weight if n in ref else None
+        if w is None:
+            raise ValueError(f"update_norm: the reference model has no {n}")
+        total += float(update_of(mod, w, "cpu").double().pow(2).sum())
+    return total ** 0.5
+
+
 def checked_number(value, key: str, integer: bool, what: str, *checks):
     """`value` of defense.<key> when it is a number (an int if `integer`) that passes `checks`; else a ConfigError."""
     if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)) \

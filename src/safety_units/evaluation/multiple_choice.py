@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import glob
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from tqdm.auto import tqdm
 
 from safety_units.data.chat import prompt_text
 from safety_units.utils.errors import ConfigError, DataError
-from safety_units.models.forward import eval_mode, head_logits, hidden_states
+from safety_units.models.forward import decoder, eval_mode, head_logits, hidden_states
 from safety_units.data.sources import Source
 from safety_units.utils.stats import prompt_list_hash, wilson
 from safety_units.evaluation.task_results import TaskResult, select_by_hash, task_limit
@@ -139,15 +140,44 @@ def loglikelihoods(model, tokenizer, pairs: list[tuple[str, str]], batch_size: i
             for r, seq in enumerate(batch):
                 ids[r, :len(seq)] = torch.tensor(seq)
                 mask[r, :len(seq)] = 1
+            first = min(p for seq in batch for j in seqs[seq] for p, _ in targets[j])
             with torch.inference_mode():
-                hidden = hidden_states(model, ids.to(device), mask.to(device))
+                hidden, start = shared_prefix_states(model, ids.to(device), mask.to(device), batch, first)
                 for r, seq in enumerate(batch):
                     for j in seqs[seq]:  # logits only at the positions asked for, never [batch, seq, vocab]
-                        pos = torch.tensor([p for p, _ in targets[j]], device=hidden.device)
+                        pos = torch.tensor([p - start for p, _ in targets[j]], device=hidden.device)
                         tok = torch.tensor([t for _, t in targets[j]], device=hidden.device)
                         lp = torch.log_softmax(head_logits(model, hidden[r, pos]), dim=-1)
                         out[j] = float(lp[torch.arange(len(tok), device=lp.device), tok].sum())
     return out
+
+
+MIN_SHARED_PREFIX = 16  # tokens: below this a batch runs in one pass (the cache costs more than it saves)
+
+
+def shared_prefix_states(model, ids: torch.Tensor, mask: torch.Tensor, seqs: list[tuple],
+                         first_target: int) -> tuple[torch.Tensor, int]:
+    """(hidden states from position `start` on, start): the tokens every row of the batch begins with (a chat
+    template's system prompt and a task's instruction: over half of an SST-2 row) run once, their key/value cache
+    repeated over the rows, and the rest of each row on top of it -- the same states as one pass over the whole
+    batch, at a fraction of the cost. Only positions up to `first_target` (the first one scored) are shared; a
+    model without a key/value cache runs the whole batch."""
+    shared = 0
+    limit = min(first_target, min(len(s) for s in seqs))
+    while shared < limit and all(s[shared] == seqs[0][shared] for s in seqs):
+        shared += 1
+    if shared < MIN_SHARED_PREFIX or len(seqs) < 2:
+        return hidden_states(model, ids, mask), 0
+    dec = decoder(model)
+    with warnings.catch_warnings():  # transformers >= 5.2x renames past_key_values; older 5.x know only this name
+        warnings.simplefilter("ignore", FutureWarning)
+        try:
+            cache = dec(input_ids=ids[:1, :shared], attention_mask=mask[:1, :shared], use_cache=True).past_key_values
+            cache.batch_repeat_interleave(len(seqs))
+        except (AttributeError, TypeError, ValueError):  # no (repeatable) cache for this architecture
+            return hidden_states(model, ids, mask), 0
+        rest = dec(input_ids=ids[:, shared:], attention_mask=mask, past_key_values=cache, use_cache=True)
+    return rest.last_hidden_state, shared
 
 
 def _mc_text(it: MCItem) -> str:

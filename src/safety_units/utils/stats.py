@@ -3,6 +3,8 @@ against labels, prompt-list hashes.
 
 * `mcnemar_exact(a, b)`: two-sided exact McNemar test on paired binary outcomes (binomial on the discordant pairs).
 * `paired_bootstrap(a, b)`: the difference mean(b) - mean(a) with a 95% percentile interval, resampling prompts.
+* `hierarchical_bootstrap(pairs)`: the difference mean(a) - mean(b) over seeds x prompts, resampling seeds, then
+  prompts within each seed (paired), with a 95% interval and a two-sided p.
 * `cohen_kappa(a, b)`: chance-corrected agreement of two binary raters.
 * `prompt_list_hash(prompts)`: a short hash of an ordered prompt list (what makes two evaluations comparable).
 * `wilson(k, n)`: the 95% Wilson score interval of a proportion.
@@ -58,6 +60,37 @@ def paired_bootstrap(a: Sequence[float], b: Sequence[float], n_boot: int = 2000,
         boots.append(stat([b[i] for i in idx]) - stat([a[i] for i in idx]))
     boots.sort()
     return (diff, boots[int(0.025 * n_boot)], boots[int(0.975 * n_boot) - 1])
+
+
+def hierarchical_bootstrap(pairs: Sequence[tuple[Sequence[float], Sequence[float]]], n_boot: int = 4000,
+                           seed: int = 0) -> dict:
+    """a minus b when the variance is in two levels: `pairs` holds, per seed, the per-prompt outcomes of a and of b
+    on the same prompts. Each resample draws seeds with replacement, then within each drawn seed the prompts with
+    replacement (the same indices for a and b), and takes the mean over the drawn seeds of the per-seed mean
+    differences. Returns {diff, ci: (2.5%, 97.5%), p: two-sided (twice the smaller tail share of resamples at or
+    beyond 0), n_seeds, n_boot}. One seed reduces it to the paired prompt bootstrap."""
+    if not pairs:
+        raise ValueError("hierarchical_bootstrap: no seeds")
+    for a, b in pairs:
+        _check_paired(a, b)
+        if not a:
+            raise ValueError("hierarchical_bootstrap: a seed with no prompts")
+    diffs = [[x - y for x, y in zip(a, b)] for a, b in pairs]
+    point = sum(sum(d) / len(d) for d in diffs) / len(diffs)
+    rng = random.Random(f"hierarchical-bootstrap:{seed}")
+    k, boots = len(diffs), []
+    for _ in range(n_boot):
+        total = 0.0
+        for _ in range(k):
+            d = diffs[rng.randrange(k)]
+            n = len(d)
+            total += sum(d[rng.randrange(n)] for _ in range(n)) / n
+        boots.append(total / k)
+    boots.sort()
+    below = sum(1 for x in boots if x <= 0) / n_boot
+    above = sum(1 for x in boots if x >= 0) / n_boot
+    return {"diff": point, "ci": (boots[int(0.025 * n_boot)], boots[int(0.975 * n_boot) - 1]),
+            "p": min(1.0, 2 * min(below, above)), "n_seeds": k, "n_boot": n_boot}
 
 
 def cohen_kappa(a: Sequence[bool | int], b: Sequence[bool | int]) -> float:

@@ -184,19 +184,26 @@ def project_study(m: Measured, scale_name: str, workers: int | None = None) -> s
     return "\n".join(lines)
 
 
-def defense_stage_cost(stage, bench: Path, scale, c: dict) -> float:
-    """Projected seconds of one defense-benchmark stage (latency-bound: a step or a pass costs the same at any
-    batch size)."""
-    cfgs = stage_configs(stage, bench, scale, [])
-    if stage.kind == "attribute":
-        steps = int(cfgs["attribute"].scoring.get("steps") or 0)
-        return c["fixed_eval"] + steps * c["t_step"]
-    ev = cfgs["evaluate"].eval
+def eval_seconds(ev, c: dict) -> float:
+    """An eval=defense evaluation: its refusal prompts in decoding passes, its label and perplexity rows in forwards
+    (a forward costs one decoding step: t_pass / max_new_tokens)."""
     bs = int(ev.batch_size)
     refusal = sum(int(t.limit) for t in ev.tasks.values() if t is not None and t.get("type") == "refusal")
     forwards = sum(math.ceil(int(t.limit or 872) / bs) for t in ev.tasks.values()
                    if t is not None and t.get("type") in ("label", "ppl"))
-    seconds = c["fixed_eval"] + math.ceil(refusal / bs) * c["t_pass"] + forwards * c["t_pass"] / int(ev.max_new_tokens)
+    return c["fixed_eval"] + math.ceil(refusal / bs) * c["t_pass"] + forwards * c["t_pass"] / int(ev.max_new_tokens)
+
+
+def defense_stage_cost(stage, bench: Path, scale, c: dict) -> float:
+    """Projected seconds of one defense-benchmark stage (latency-bound: a step or a pass costs the same at any
+    batch size)."""
+    cfgs = stage_configs(stage, bench, scale, [])
+    if stage.kind == "posthoc":  # an edit of a fine-tuned model, then its evaluation: no training steps
+        return eval_seconds(cfgs["evaluate"].eval, c)
+    if stage.kind == "attribute":
+        steps = int(cfgs["attribute"].scoring.get("steps") or 0)
+        return c["fixed_eval"] + steps * c["t_step"]
+    seconds = eval_seconds(cfgs["evaluate"].eval, c)
     t = cfgs["train"]
     steps = math.ceil(int(t.data.num_samples) / int(t.data.batch_size)) * int(t.trainer.max_epochs)
     return seconds + c["fixed_train"] + steps * PASSES_PER_STEP.get(t.defense.name, 1) * c["t_step"]
@@ -208,14 +215,14 @@ def project_defenses(m: Measured, scale_name: str, workers: int | None = None) -
     workers = workers or scale.workers
     c = measured_costs(m)
     bench = Path("/projected")
-    stages = defense_plan.plan(scale, str(bench))
-    setup = {"align_sft", "attribute_aligned"}
+    stages = defense_plan.full_plan(scale, str(bench))
+    setup = {"align_sft_s0", "attribute_s0"}
     cost = {s.name: defense_stage_cost(s, bench, scale, c) for s in stages}
     head = sum(v for k, v in cost.items() if k in setup)
     rest = sum(v for k, v in cost.items() if k not in setup)
     return "\n".join([
         f"measured (study, H100): t_pass {c['t_pass']:.2f} s, t_step {c['t_step']:.3f} s, fixed "
         f"{c['fixed_train']:.2f} s a training stage / {c['fixed_eval']:.2f} s an eval stage",
-        f"--scale {scale_name}: {len(stages)} stages; projected {(head + rest) / 60:.1f} min in one process; with "
+        f"--scale {scale_name}: {len(stages)} stages (every phase, each defense's worst attack not the protocol's); projected {(head + rest) / 60:.1f} min in one process; with "
         f"{workers} workers sharing the GPU, at best {(head + rest / workers) / 60:.1f} min (perfect overlap, "
         f"unmeasured); the longest stage {max(cost, key=cost.get)} {max(cost.values()) / 60:.1f} min"])

@@ -17,6 +17,7 @@ import math
 from pathlib import Path
 
 from safety_units.evaluation.compare import paired_difference
+from safety_units.utils.stats import mcnemar_exact
 
 GOAL_OKTEST_FACTOR = 0.5
 GOAL_ASR_MAX_UP = 0.02
@@ -138,31 +139,45 @@ def versus_ablation(model: dict) -> list[str]:
     return out
 
 
-def freeze_line(results_dir: Path) -> list[str]:
-    """The defense benchmark's `scans_layers` line (freeze=layers on the blocks SCANS anchors on the SFT-aligned
-    model), read from results/defenses/cells.json: HS and FA against SFT and the size-matched `layers` baseline."""
-    from safety_units.experiments.defense_bench import criteria as C  # here: only the freeze line reads the defense benchmark
+def v1_cells(results_dir: Path, defense: str) -> dict[int, dict]:
+    """{seed: cell} of `defense` at p = 0.1 in the v1 defense benchmark's results/defenses_v1/cells.json (withdrawn as
+    a ranking, issue 36; its per-prompt verdicts stand), {} when absent."""
+    path = results_dir / "defenses_v1" / "cells.json"
+    cells = json.loads(path.read_text())["cells"] if path.is_file() else []
+    return {c["seed"]: c for c in cells if c["threat"] == "mix10" and c["defense"] == defense and "hs" in c}
 
-    path = results_dir / "defenses" / "cells.json"
-    cells = [c for c in json.loads(path.read_text())["cells"] if c["threat"] == C.GOAL_THREAT] if path.is_file() else []
-    if not any(c["defense"] == "scans_layers" for c in cells):
-        return ["## Freezing the anchored blocks", "", "The defense benchmark's `scans_layers` line has not run yet "
-                "(`python scripts/run_defenses.py --scale cpu --resume`).", ""]
-    me, sft = C.summary(cells, "scans_layers"), C.summary(cells, C.SFT)
+
+def freeze_line(results_dir: Path) -> list[str]:
+    """The v1 defense benchmark's `scans_layers` line (freeze=layers on the blocks SCANS anchors on the SFT-aligned
+    model), read from results/defenses_v1/cells.json: HS and FA against SFT and the size-matched `layers` baseline,
+    McNemar pooled over the seeds as v1 reported it."""
+    me = v1_cells(results_dir, "scans_layers")
+    if not me:
+        return ["## Freezing the anchored blocks", "", "The v1 defense benchmark's `scans_layers` line is not in "
+                "`results/defenses_v1/cells.json`.", ""]
+
+    def means(cells: dict) -> tuple[float, float]:
+        return sum(c["hs"] for c in cells.values()) / len(cells), sum(c["fa"] for c in cells.values()) / len(cells)
+
+    hs, fa = means(me)
+    sft = v1_cells(results_dir, "none")
     lines = ["## Freezing the anchored blocks", "",
-             "The defense benchmark's `scans_layers` line (`results/defenses.md`, SST-2 + harmful p = 0.1): "
-             "`freeze=layers freeze.layers_like=scans` fine-tunes the SFT-aligned model with the blocks SCANS steers "
-             f"frozen ({len(me['seeds'])} seeds).", "",
+             "The v1 defense benchmark's `scans_layers` line (`results/defenses_v1.md`, withdrawn as a ranking; SST-2 "
+             "+ harmful p = 0.1): `freeze=layers freeze.layers_like=scans` fine-tunes the SFT-aligned model with the "
+             f"blocks SCANS steers frozen ({len(me)} seeds).", "",
              "| line | HS | FA | HS vs it (p) |", "|---|---:|---:|---|",
-             f"| SFT (no defense) | {sft['hs']:.3f} | {sft['fa']:.3f} | |"]
-    for other in (C.SFT, "layers"):
-        if any(c["defense"] == other for c in cells):
-            o = C.summary(cells, other)
-            t = C.paired(cells, "scans_layers", other)
-            if other != C.SFT:
-                lines.append(f"| {other} | {o['hs']:.3f} | {o['fa']:.3f} | |")
-            lines.append(f"| scans_layers vs {other} | {me['hs']:.3f} | {me['fa']:.3f} | "
-                         f"{t['diff']:+.3f} ({t['p']:.2g}) |")
+             f"| SFT (no defense) | {means(sft)[0]:.3f} | {means(sft)[1]:.3f} | |"]
+    for other in ("none", "layers"):
+        o = v1_cells(results_dir, other)
+        seeds = sorted(set(o) & set(me))
+        if not seeds:
+            continue
+        a = [x for s in seeds for x in me[s]["harmful"]]
+        b = [x for s in seeds for x in o[s]["harmful"]]
+        if other != "none":
+            lines.append(f"| {other} | {means(o)[0]:.3f} | {means(o)[1]:.3f} | |")
+        lines.append(f"| scans_layers vs {other} | {hs:.3f} | {fa:.3f} | "
+                     f"{sum(a) / len(a) - sum(b) / len(b):+.3f} ({mcnemar_exact(a, b):.2g}) |")
     return lines + [""]
 
 

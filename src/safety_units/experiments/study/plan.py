@@ -169,13 +169,14 @@ def model_overrides(key: str, scale, study_dir: str) -> list[str]:
 @dataclass
 class Stage:
     name: str
-    kind: str                   # attribute | align | train_eval | eval
-    model: str                  # SHIPPED or ALIGNED: the model the stage starts from
+    kind: str                   # attribute | align | train_eval | eval | posthoc
+    model: str                  # SHIPPED, ALIGNED or a stage name: the model the stage starts from
     train: list[str] = field(default_factory=list)      # train.py overrides (align, train_eval)
     evaluate: list[str] = field(default_factory=list)   # evaluate.py overrides (align, train_eval, eval)
     attribute: list[str] = field(default_factory=list)  # attribute.py overrides (attribute)
     labels: dict = field(default_factory=dict)          # what the report groups by (claim, threat, freeze, ...)
     needs: list[str] = field(default_factory=list)      # files (relative to the study) another worker may still write
+    reference: str = ""         # posthoc: the model whose weights the defense's update is measured from (W_aligned)
 
     @property
     def done_file(self) -> str:

@@ -38,6 +38,8 @@ from safety_units.models.loading import LoadedModel, load_model, resolve_device
 from safety_units.utils.ranks import RankedLogger
 from safety_units.experiments.study.plan import ALIGNED, SHIPPED, Scale, Stage, model_overrides, plan
 from safety_units.training.fit import fit
+from safety_units.defenses.posthoc import update_norm
+from safety_units.experiments.study.posthoc import apply_posthoc
 
 log = RankedLogger(__name__)
 
@@ -106,6 +108,9 @@ def stage_log(path: Path):
         handler.close()
 
 
+MAX_MASTERS = 4  # models a process keeps loaded (the shipped, the aligned, ...): ~0.5 GB each at 135M in fp32
+
+
 class StudyRunner:
     """Runs a plan; keeps the shipped and the aligned model in memory (the masters are never trained)."""
 
@@ -121,6 +126,10 @@ class StudyRunner:
 
     # ------------------------------------------------------------------ models
     def master(self, key: str) -> LoadedModel:
+        if key not in self.models and len(self.models) >= MAX_MASTERS:  # the oldest goes (a benchmark has dozens)
+            self.models.pop(next(iter(self.models)))
+            gc.unfreeze()
+            release_memory()
         if key not in self.models:
             over = model_overrides(key, self.scale, str(self.study))
             stage = "align" if key == ALIGNED else key
@@ -201,11 +210,14 @@ class StudyRunner:
         if stage.kind == "eval":
             run_evaluate(cfgs["evaluate"], self.copy_of(stage.model))
             return None
+        if stage.kind == "posthoc":
+            return self.posthoc(stage, cfgs)
         start = self.copy_of(stage.model)
         t0 = time.time()
         summary, model = fit(cfgs["train"], start)
         train_seconds = time.time() - t0
         trained = LoadedModel(model, start.tokenizer, f"{start.name} + {stage.name}")
+        drift = update_norm(model, self.master(stage.model).model)
         # the fine-tune's own prompts are counted in the eval (extra.train_overlap), never removed (the sources'
         # prompts are memoised per process: sources.normalized_prompts)
         seen = prompt_set_texts(cfgs["train"].data.sources, where=f"stage {stage.name}: data.sources")
@@ -213,7 +225,16 @@ class StudyRunner:
         keep = ("global_step", "train_examples", "data_stats", "freeze", "frozen_max_abs_delta", "trainable_changed",
                 "defense")
         return {k: summary.get(k) for k in keep} | {"train_seconds": train_seconds, "lr": float(cfgs["train"].optim.lr),
-                                                   "epochs": int(cfgs["train"].trainer.max_epochs)}
+                                                   "epochs": int(cfgs["train"].trainer.max_epochs),
+                                                   "delta_norm": drift}
+
+    def posthoc(self, stage: Stage, cfgs: dict[str, DictConfig]) -> dict:
+        """A post-hoc defense on the fine-tuned model `stage.model`, its update measured from `stage.reference`
+        (W_aligned), then evaluated: it edits the very model SFT's cell evaluated, so the two pair exactly."""
+        tuned = self.copy_of(stage.model)
+        record = apply_posthoc(cfgs["train"].get("defense"), tuned, self.master(stage.reference).model, stage.name)
+        run_evaluate(cfgs["evaluate"], tuned)
+        return record
 
     # ------------------------------------------------------------------ the plan
     def out_of_budget(self) -> bool:
