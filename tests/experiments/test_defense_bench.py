@@ -23,6 +23,9 @@ def test_grids_come_from_the_defense_configs_own_value_first():
     lisa_ofat, lisa_full = T.grid_points("lisa", "ofat"), T.grid_points("lisa", "full")
     assert list(lisa_ofat) == ["rho1.0-alignment_share0.1", "rho0.1-alignment_share0.1", "rho1.0-alignment_share0.3"]
     assert len(lisa_full) == 4 and set(lisa_ofat) < set(lisa_full)
+    assert list(T.grid_points("booster", "paired")) == ["lamb5.0-alpha0.1", "lamb1.0-alpha0.01"]
+    assert list(T.grid_points("lisa", "paired")) == ["rho1.0-alignment_share0.1", "rho0.1-alignment_share0.3"]
+    assert T.grid_points("vaccine", "paired") == T.grid_points("vaccine", "ofat")  # one axis: the same points
     with pytest.raises(Exception, match="grid mode"):
         T.grid_points("lisa", "random")
 
@@ -36,7 +39,7 @@ def test_the_tuning_phase_then_the_attack_and_test_phases_once_chosen(tmp_path):
     assert all(s.labels.get("seed") in (0, None) for s in stages)  # tuning: seed 0 only
     for d in P.DEFENSES:
         if d not in P.CONTROLS:
-            assert {P.ft_name(P.PROTOCOL, d, t, 0) for t in T.grid_points(d)} <= set(names), d
+            assert {P.ft_name(P.PROTOCOL, d, t, 0) for t in T.grid_points(d, CPU.grid)} <= set(names), d
     assert not any(n.startswith(("post_proto_random_prune", "ft_proto_random_", "ft_lr2x")) for n in names)
     picks = {d: T.default_tag(d) for d in P.DEFENSES if d not in P.CONTROLS}
     grown = {s.name: s for s in P.plan(CPU, str(tmp_path), {"settings": picks})}
@@ -63,7 +66,7 @@ def test_every_kind_of_stage_composes(tmp_path):
     want = ["align_sft_s0", "align_booster_s0" if "align_booster_s0" in stages else P.align_name(
         "booster", picks["booster"], 0), P.align_name("sn_tune", "", 0), P.ft_name("lora", "lisa", picks["lisa"], 0),
         P.ft_name(P.PROTOCOL, "random", picks["esu_cu"], 0), P.ft_name(P.PROTOCOL, "safelora", picks["safelora"], 0),
-        "post_proto_shrink_antidote_s0", "ft_benign_none_s0", P.ft_name(P.PROTOCOL, "vaccine", "rho0.1", 0)]
+        "post_proto_shrink_antidote_s0", "ft_benign_none_s0", P.ft_name(P.PROTOCOL, "vaccine", "rho0.5", 0)]
     for name in want:
         cfgs = stage_configs(stages[name], tmp_path, CPU, [])
         ev = cfgs["evaluate"].eval.tasks
@@ -75,9 +78,9 @@ def test_every_kind_of_stage_composes(tmp_path):
                 0.0 if "benign" in name else 0.1)
     lisa = stage_configs(stages[P.ft_name("lora", "lisa", picks["lisa"], 0)], tmp_path, CPU, [])["train"]
     assert lisa.defense.cycles == CPU.lisa_cycles and lisa.adapter.rank == 16 and lisa.optim.lr == 4e-3
-    vac = stage_configs(stages[P.ft_name(P.PROTOCOL, "vaccine", "rho0.1", 0)], tmp_path, CPU, [])["train"]
-    assert vac.defense.name == "none" and vac.model.path.endswith("align_vaccine_rho0.1_s0/model")
-    assert stage_configs(stages[P.align_name("vaccine", "rho0.1", 0)], tmp_path, CPU, [])["train"].defense.rho == 0.1
+    vac = stage_configs(stages[P.ft_name(P.PROTOCOL, "vaccine", "rho0.5", 0)], tmp_path, CPU, [])["train"]
+    assert vac.defense.name == "none" and vac.model.path.endswith("align_vaccine_rho0.5_s0/model")
+    assert stage_configs(stages[P.align_name("vaccine", "rho0.5", 0)], tmp_path, CPU, [])["train"].defense.rho == 0.5
     rnd = stage_configs(stages[P.ft_name(P.PROTOCOL, "random", picks["esu_cu"], 0)], tmp_path, CPU, [])["train"]
     assert rnd.freeze.strategy == "random" and rnd.freeze.like == "esu_cu"
     shrink = stage_configs(stages["post_proto_shrink_antidote_s0"], tmp_path, CPU, [])["train"]
@@ -198,7 +201,7 @@ def test_the_benchmark_grows_by_its_choices_and_reports(tmp_path):
     md = write_report(tmp_path / "results").read_text()
     for part in ("## Tuning", "## The attacker", "## Leaderboard at the protocol attack",
                  "## Leaderboard at each defense's worst attack", "## Which defense should I use?",
-                 "## Deviations from each peer's code", "| vaccine | rho0.1 |", HS_RULE):
+                 "## Deviations from each peer's code", "| vaccine | defense.rho=0.5 | rho0.5 |", HS_RULE):
         assert part in md, part
     calls = Judge.calls
     collect(bench, CPU, tmp_path / "results" / "defenses", Judge())

@@ -195,3 +195,19 @@ def test_sigterm_to_the_runner_stops_its_workers(tmp_path):
              and Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"]
     assert not alive, f"worker(s) {alive} still running after the runner got SIGTERM"
     assert not os.path.exists(tmp_path / "s" / "a_full_lr1e-3_s0" / "eval.json")
+
+
+def test_a_defense_grid_is_not_part_of_a_stage_hash():
+    """Editing a defense's `tune:` grid keeps the finished stages of its other points; its arguments do not."""
+    from omegaconf import open_dict
+
+    from safety_units.experiments.study.runner import config_hash
+    from safety_units.utils.config import compose_config
+
+    cfg = compose_config("train", ["~experiment", "defense=vaccine"])
+    before = config_hash({"train": cfg})
+    with open_dict(cfg):
+        cfg.defense.tune = {"defense.rho": [2.0]}
+    assert config_hash({"train": cfg}) == before
+    cfg.defense.rho = 0.5
+    assert config_hash({"train": cfg}) != before

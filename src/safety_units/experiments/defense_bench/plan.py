@@ -66,7 +66,8 @@ class BenchScale:
     attribute: list[str]
     eval: list[str]
     seeds: list[int]                # alignment = fine-tune seeds; seeds[0] tunes
-    grid: str = "ofat"              # ofat: one factor at a time around the config's values | full: the product
+    grid: str = "ofat"              # ofat: one factor at a time around the config's values | paired: the axes
+                                    # moved together | full: the product | published: none (peers.py)
     workers: int = 2
     base_model: list[str] = field(default_factory=lambda: ["model=smollm2_135m"])
     benign_reference: bool = True   # ft_benign_none_s0: SFT on p = 0 (the task alone), what the task costs in HS
@@ -86,7 +87,9 @@ SCALES = {
     # projects the whole plan from the measured stages): a 240-example alignment (30 steps) per alignment seed and
     # grid point; fine-tunes of 128 examples x 2 epochs at lr 4e-4 (32 steps: from the SFT-aligned model this put
     # validation FA at 0.845 against a majority of 0.56, measured before the runs; v1's 96 x 2 at 2e-4 left FA
-    # near its floor); grids one factor at a time around each peer's published value; an attack grid of the
+    # near its floor); grids of 2 points (3 for the post-hoc defenses, which cost no training), the axes moved
+    # together from each peer's published value (measured: a Vaccine alignment ~19 min, a 32-step fine-tune
+    # with both evaluations ~8 min in a one-thread worker, so every grid point costs); an attack grid of the
     # protocol, twice its learning rate and a LoRA attack. Cut against v1: the harmful-examples threat (bad10), the
     # ESU-only / layer / mask-scored / SCANS-layer freezes (none beat SFT in v1), the esu_cu scorer axis (wifv only).
     "cpu": BenchScale(
@@ -108,7 +111,7 @@ SCALES = {
         eval=["eval=defense", "eval.tasks.beavertails.limit=64", "eval.tasks.beavertails_val.limit=48",
               "eval.tasks.sst2_val.limit=200", "eval.tasks.oktest.limit=32", "eval.tasks.ppl.limit=24",
               "eval.max_new_tokens=48"],
-        seeds=[0, 1, 2], grid="ofat", workers=2),
+        seeds=[0, 1, 2], grid="paired", workers=2),
     # One GPU (no GPU was lent to this issue: never run): the protocol's n = 1000 at p = 0.1 with the peers'
     # published fine-tune, full grids, an attack grid of learning rate x epochs, full and LoRA, 3 alignment seeds.
     "gpu": BenchScale(
@@ -346,7 +349,7 @@ def advance(bench, scale: BenchScale, harm_judge) -> bool:
     """Read the cells so far, apply the rules (tuning.choose) and write selection.json; True when the plan grew
     (scripts/run_defenses.py then runs another pass)."""
     cells = tuning.read_cells(bench, harm_judge)
-    selection = tuning.choose(cells, DEFENSES, CONTROLS, list(scale.attacks), scale.seeds[0])
+    selection = tuning.choose(cells, DEFENSES, CONTROLS, list(scale.attacks), scale.seeds[0], scale.grid)
     before = {s.name for s in plan(scale, str(bench))}
     tuning.write_selection(bench, selection)
     return bool({s.name for s in plan(scale, str(bench), selection)} - before)

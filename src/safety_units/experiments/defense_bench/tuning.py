@@ -7,7 +7,8 @@ validation data only): each defense's setting, then each defense's worst attack.
       defense.alpha: [0.1, 0.01]
 
 A setting's tag names its values (`lamb1.0-alpha0.1`). `grid_points(d, "full")` is the product of the axes;
-`"ofat"` (the CPU scale) varies one axis at a time around the config's own values, which is always a point;
+`"ofat"` varies one axis at a time around the config's own values, which is always a point; `"paired"` (the CPU
+scale) moves every axis together, point i taking each axis's i-th value (lamb5.0-alpha0.1, lamb1.0-alpha0.01);
 `"published"` (the peers_as_published scale) is no grid: each peer at its scripts' values (peers.py).
 """
 
@@ -66,8 +67,11 @@ def grid_points(defense: str, mode: str = "ofat") -> dict[str, list[str]]:
         points = [dict(zip(own, combo)) for combo in itertools.product(*(vals for _, vals in axes))]
     elif mode == "ofat":
         points = [own] + [{**own, k: v} for k, vals in axes for v in vals[1:]]
+    elif mode == "paired":  # point i takes every axis's i-th value (its own where an axis is shorter)
+        width = max(len(vals) for _, vals in axes)
+        points = [{k: vals[i] if i < len(vals) else vals[0] for k, vals in axes} for i in range(width)]
     else:
-        raise ConfigError(f"grid mode must be 'ofat' or 'full', got {mode!r}.")
+        raise ConfigError(f"grid mode must be 'ofat', 'paired', 'full' or 'published', got {mode!r}.")
     return {tag(p): [f"{k}={v}" for k, v in p.items()] for p in points}
 
 
@@ -132,11 +136,11 @@ def read_selection(bench: str | Path) -> dict:
 
 
 def choose(cells: list[dict], defenses: tuple[str, ...], controls: dict[str, str], attacks: list[str],
-           seed: int) -> dict:
+           seed: int, grid: str = "ofat") -> dict:
     """selection.json's content from the cells so far: {"settings": {defense: tag}, "tuning": {defense: the rule's
     record}, "worst_attack": {defense: attack}, "attacks": {defense: record}}; settings once every tuning cell
     (and aligned model) of seed `seed` exists, worst attacks once every attack cell does. `attacks`: the scale's
-    attack keys, the protocol first."""
+    attack keys, the protocol first; `grid`: the scale's grid mode (grid_points)."""
     protocol = attacks[0]
     fine = [c for c in cells if c["claim"] == "finetune" and c["seed"] == seed]
     aligned = {(c["defense"], c["setting"]): c for c in cells if c.get("role") == "aligned" and c["seed"] == seed}
@@ -147,7 +151,7 @@ def choose(cells: list[dict], defenses: tuple[str, ...], controls: dict[str, str
         return out
     tuning, settings = {}, {}
     for d in tunable:
-        expected = list(grid_points(d))
+        expected = list(grid_points(d, grid))
         got = {c["setting"]: c for c in fine if c["defense"] == d and c["attack"] == protocol}
         if any(t not in got for t in expected):
             return out  # the tuning phase has not finished

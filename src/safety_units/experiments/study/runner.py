@@ -27,7 +27,7 @@ from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from safety_units.attribution.pipeline import run_attribution
 from safety_units.utils.config import compose_config
@@ -74,7 +74,16 @@ def _compose(entry: str, overrides: tuple[str, ...], out: str) -> DictConfig:
 
 
 def config_hash(cfgs: dict[str, DictConfig]) -> str:
-    text = "\n".join(f"## {k}\n{OmegaConf.to_yaml(v, resolve=False)}" for k, v in sorted(cfgs.items()))
+    """What decides whether a finished stage is kept: its composed configs, less a defense's `tune:` grid (the
+    defense benchmark's metadata, not an argument: editing a grid keeps the stages of its other points)."""
+    def hashed(cfg: DictConfig) -> DictConfig:
+        if "defense" not in cfg or not isinstance(cfg.defense, DictConfig) or "tune" not in cfg.defense:
+            return cfg
+        cfg = copy.deepcopy(cfg)
+        with open_dict(cfg):
+            del cfg.defense["tune"]
+        return cfg
+    text = "\n".join(f"## {k}\n{OmegaConf.to_yaml(hashed(v), resolve=False)}" for k, v in sorted(cfgs.items()))
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
