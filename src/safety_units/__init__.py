@@ -95,6 +95,7 @@ Modules (one name per line; tests/test_structure.py checks that the map is compl
     experiments.study.runner            runs them in memory, resumably, in worker processes
     experiments.study.jobs              or as submitit jobs, one per stage, its inputs as dependencies (SLURM)
     experiments.study.posthoc           a posthoc stage: a post-hoc defense on an already fine-tuned model
+    experiments.study.process           a stage's own log file and the heap handed back between stages
     experiments.study.verdicts          the criteria, fixed before the numbers, and their paired comparisons
     experiments.study.tables            the report's tables
     experiments.study.report            the markdown report and summary.json from the stage artifacts

@@ -211,3 +211,18 @@ def test_a_defense_grid_is_not_part_of_a_stage_hash():
     assert config_hash({"train": cfg}) == before
     cfg.defense.rho = 0.5
     assert config_hash({"train": cfg}) != before
+
+
+def test_a_stage_log_gets_the_records_of_its_stage_only(tmp_path):
+    import logging
+
+    from safety_units.experiments.study.process import release_memory, stage_log
+
+    log = logging.getLogger("safety_units.test_stage_log")
+    log.setLevel(logging.INFO)
+    with stage_log(tmp_path / "a.log"):
+        log.info("inside the stage")
+    log.info("after the stage")
+    release_memory()
+    text = (tmp_path / "a.log").read_text()
+    assert "inside the stage" in text and "after the stage" not in text

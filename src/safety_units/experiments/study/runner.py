@@ -17,13 +17,11 @@ import copy
 import gc
 import hashlib
 import json
-import logging
 import queue
 import re
 import signal
 import time
 import traceback
-from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
@@ -40,6 +38,7 @@ from safety_units.experiments.study.plan import ALIGNED, SHIPPED, Scale, Stage, 
 from safety_units.training.fit import fit
 from safety_units.defenses.posthoc import update_norm
 from safety_units.experiments.study.posthoc import apply_posthoc
+from safety_units.experiments.study.process import release_memory, stage_log
 
 log = RankedLogger(__name__)
 
@@ -85,36 +84,6 @@ def config_hash(cfgs: dict[str, DictConfig]) -> str:
         return cfg
     text = "\n".join(f"## {k}\n{OmegaConf.to_yaml(hashed(v), resolve=False)}" for k, v in sorted(cfgs.items()))
     return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def release_memory() -> None:
-    """Free the stage's model copy, optimizer state and activations now, and hand the freed heap back to the OS:
-    without it a process running dozens of stages grew past 12 GB on CPU (allocator fragmentation) and was killed."""
-    import ctypes
-
-    import torch
-
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to trim
-        pass
-
-
-@contextmanager
-def stage_log(path: Path):
-    """Log records of the stage also go to <study>/<stage>.log."""
-    handler = logging.FileHandler(path, mode="w")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    root = logging.getLogger()
-    root.addHandler(handler)
-    try:
-        yield
-    finally:
-        root.removeHandler(handler)
-        handler.close()
 
 
 MAX_MASTERS = 4  # models a process keeps loaded (the shipped, the aligned, ...): ~0.5 GB each at 135M in fp32
