@@ -3,9 +3,9 @@
 
     python scripts/run_scans.py --model aligned=logs/align_quick/model \\
         --model quickstart_ru=logs/quickstart_ru/model --model quickstart_random=logs/quickstart_random/model \\
-        --model defense_sft=logs/defenses_smollm2/align_sft/model \\
-        --unit-map defense_sft:wifv=logs/defenses_smollm2/attribute_aligned/unit_map.safetensors \\
-        --unit-map defense_sft:mask=logs/defenses_smollm2/attribute_mask/unit_map.safetensors --resume
+        --model defense_sft=logs/defenses_smollm2/align_sft_s0/model \\
+        --unit-map defense_sft:wifv=logs/defenses_smollm2/attribute_s0/unit_map.safetensors \\
+        --unit-map defense_sft:mask=<attribute.py scoring=mask run on that model>/unit_map.safetensors --resume
     python scripts/run_scans.py --report-only          # rebuild results/scans.md from results/scans/cells.json
 """
 
