@@ -233,11 +233,14 @@ def test_the_gpu_scales_compose_and_the_peers_run_as_published(scale, tmp_path):
     picks = {d: T.default_tag(d) if sc.grid != "published" else "" for d in P.DEFENSES if d not in P.CONTROLS}
     stages = P.plan(sc, str(tmp_path), {"settings": picks, "worst_attack": {d: P.PROTOCOL for d in P.DEFENSES}})
     assert {s.labels.get("seed") for s in stages} >= {0, 1, 2}
+    seen = set()
     for st in stages:
-        if st.labels.get("seed") != 0 or st.kind == "attribute":
-            continue
+        d = st.labels.get("defense")
+        if st.labels.get("seed") != 0 or st.kind == "attribute" or st.labels.get("attack") not in (None, P.PROTOCOL) \
+                or (st.kind, d) in seen:
+            continue  # other seeds, attacks and grid points differ only in `seed` and their own overrides
+        seen.add((st.kind, d))
         t = stage_configs(st, tmp_path, sc, [])["train"]
-        d = st.labels["defense"]
         if sc.peers_as_published and st.name.startswith(("ft_proto", "post_proto")):
             published = PEERS_AS_PUBLISHED[d if d in PEERS_AS_PUBLISHED else "none"]
             rank = next(o for o in published["adapter"] if o.startswith("adapter.rank="))
