@@ -27,6 +27,21 @@ def test_lisa_proximal_is_zero_at_the_aligned_weights_and_its_states_follow_the_
     assert states == ["alignment", "finetune", "finetune", "alignment", "finetune", "finetune"]
 
 
+def test_lisa_cycles_scale_its_states_to_the_run(tiny):
+    """cycles=4 over a 16-step run: 4 periods of 4 steps, alignment_share 0.25 of each (at least 1) aligning."""
+    model = tiny.model.train()
+    lisa = LisaLoss(FixedStream(batch_of(tiny, 4)), rho=0.0, cycles=4, alignment_share=0.25)
+    assert lisa.steps_per_state(16) == (1, 3) and lisa.steps_per_state(32) == (2, 6)
+    assert LisaLoss(FixedStream(None), cycles=4, alignment_share=0.01).steps_per_state(32) == (1, 7)
+    states = []
+    for _ in range(8):
+        lisa.loss(FakeModule(model, total=16), batch_of(tiny, 5))
+        states.append(lisa.state)
+    assert states == ["alignment", "finetune", "finetune", "finetune"] * 2
+    with pytest.raises(ConfigError, match="cycles"):
+        LisaLoss(FixedStream(None), cycles=0)
+
+
 def test_lisa_refuses_to_resume_from_a_checkpoint():
     Lisa().check_run(OmegaConf.create({"ckpt_path": None}))
     with pytest.raises(ConfigError, match="defense=lisa cannot resume from ckpt_path"):
