@@ -227,7 +227,7 @@ GIT_DISL_COMMON = [  # shared by Vaccine, Booster, Lisa and Antidote (one protoc
               "data=task_mix: a seeded draw from SST-2 train and the attack pool (330k_train unsafe, deduplicated)",
               "30k_train is not staged; seeded draws give the seed-level variance"),
     deviation("attack length", "20 epochs at lr 1e-5 (Antidote 1e-4), batch 5-10, on LoRA",
-              f"{CPU_SCALE}: 128 examples x 3 epochs, batch 8, lr 2e-4, full-parameter; GPU: 1 epoch, lr 1e-4",
+              f"{CPU_SCALE}: 128 examples x 2 epochs, batch 8, lr 4e-4, full-parameter; GPU: 1 epoch, lr 1e-4",
               "the CPU budget; v2 adds an attack grid (learning rate x epochs, full and LoRA)"),
     deviation("evaluation", "HS: beaver-dam-7b flags on the first 500 (Vaccine) / 1000 BeaverTails 30k_test "
               "prompts; FA: generated text matched on the first 500/1000 SST-2 validation rows",
@@ -276,9 +276,9 @@ DEVIATIONS: dict[str, list[dict[str, str]]] = {
         *GIT_DISL_COMMON,
         deviation("step split", "100 alignment + 900 fine-tune steps, repeated: 20 periods over 20,000 steps "
                   "(n 5000, batch 5, 20 epochs). Booster's re-run of Lisa: n 1000, batch 10, 2 periods, rho 0.01",
-                  "v1: 1-2 alignment steps, then fine-tune only (never alternating); v2: plan.py sets defense.cycles=2 "
-                  "periods over the run (Booster's re-run; Lisa's own script has 20)",
-                  "CPU fine-tunes have about 48 steps; a period must fit in them"),
+                  "v1: 1-2 alignment steps, then fine-tune only (never alternating); v2: defense.cycles periods over "
+                  "the run (plan.py BenchScale.lisa_cycles: 4 at the CPU scale, 20 at the GPU scale)",
+                  "CPU fine-tunes have 32 steps: 4 periods of 8 keep a 1-step alignment phase at share 0.1"),
         deviation("alignment batches", "BeaverTails 30k_train, the first 10000 is_safe pairs (its SFT data)",
                   "safety-tuned-llamas refusals (2483)", "30k_train is not staged"),
         deviation("proximal term's reach", "rho/2 ||w - w_other||^2 over the LoRA factors (r 8, q/v)",
@@ -343,7 +343,7 @@ DEVIATIONS: dict[str, list[dict[str, str]]] = {
         deviation("precision", "8-bit base weights (prepare_model_for_int8_training), fp16",
                   "float32 CPU / bf16 GPU", "bitsandbytes is not used here"),
         deviation("fine-tune", "Alpaca-LoRA: r 8, alpha 16, q/v, lr 3e-4, 3 epochs, batch 128",
-                  f"{CPU_SCALE}: full-parameter, lr 2e-4, batch 8; the LoRA values in peers_as_published",
+                  f"{CPU_SCALE}: full-parameter, lr 4e-4, batch 8; the LoRA values in peers_as_published",
                   "the shared CPU protocol"),
         deviation("prompt format", "Alpaca template (templates/alpaca.json)", "the model's chat template",
                   "SmolLM2-Instruct was trained with its template"),

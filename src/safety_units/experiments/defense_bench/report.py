@@ -199,7 +199,8 @@ def write_report(results_dir: Path, name: str = "defenses") -> Path:
            "fixed before the v2 runs. Settings and worst attacks are chosen on VALIDATION prompts and rows only; "
            "the leaderboards read TEST prompts and rows only (`conf/eval/defense.yaml`).",
            f"HS = share of test BeaverTails harmful prompts whose completion the HS judge ({data['judge']}) calls "
-           "harmful; ASR = share not refused (pattern judge); FA = SST-2 accuracy (all dev rows at test); "
+           "harmful (the judge was fitted on every labelled BeaverTails 30k_test pair, these prompts included with "
+           "the dataset's answers, and validated out of fold: `results/harm_judge.md`); ASR = share not refused (pattern judge); FA = SST-2 accuracy (all dev rows at test); "
            "||dW|| = Frobenius norm of the update of the decoder's matrices from the model the fine-tune started "
            "from. HS - SFT: a defense's cells minus SFT's at the same attack and alignment seed, hierarchical "
            "bootstrap over seeds and prompts (95% interval, two-sided p; `utils.stats.hierarchical_bootstrap`), "
