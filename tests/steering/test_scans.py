@@ -183,7 +183,7 @@ def test_the_eval_callback_steers_both_evaluations(tmp_path):
     assert len(list((tmp_path / "steering").glob("scans-*.pt"))) == 2  # refitted on the trained weights
 
 
-def test_the_report_reads_the_defense_benchmarks_scans_layers_line(tmp_path):
+def test_the_report_reads_the_v1_defense_benchmarks_scans_layers_line(tmp_path):
     from safety_units.experiments.scans.report import freeze_line
 
     def cell(defense, seed, k):
@@ -191,9 +191,9 @@ def test_the_report_reads_the_defense_benchmarks_scans_layers_line(tmp_path):
         return {"defense": defense, "seed": seed, "threat": "mix10", "harmful": harmful, "hs": k / 20, "fa": 0.7,
                 "overrefusal": 0.1, "ppl": 5.0, "train_seconds": 1.0, "prompt_hash": "h"}
 
-    assert "has not run yet" in freeze_line(tmp_path)[2]
-    (tmp_path / "defenses").mkdir()
+    assert "is not in" in freeze_line(tmp_path)[2]
+    (tmp_path / "defenses_v1").mkdir()
     cells = [cell(d, s, k) for s in range(3) for d, k in (("none", 12), ("layers", 10), ("scans_layers", 4))]
-    (tmp_path / "defenses" / "cells.json").write_text(json.dumps({"cells": cells}))
+    (tmp_path / "defenses_v1" / "cells.json").write_text(json.dumps({"cells": cells}))
     text = "\n".join(freeze_line(tmp_path))
     assert "| scans_layers vs none | 0.200 | 0.700 | -0.400 (" in text and "| scans_layers vs layers |" in text
