@@ -18,7 +18,6 @@ import itertools
 import json
 from functools import lru_cache
 from pathlib import Path
-from statistics import mean
 
 from omegaconf import OmegaConf
 
@@ -181,8 +180,3 @@ def write_selection(bench: Path, selection: dict) -> bool:
         return False
     path.write_text(text)
     return True
-
-
-def val_hs(cells: list[dict]) -> float:
-    return mean(C.rate(c, "val") for c in cells)
-

@@ -62,7 +62,7 @@ def judge_harm(run_dir: Path, pattern: str, extra: list[str]) -> int:
     import json
     import re
 
-    from safety_units.experiments.defense_bench.report import judged  # here: as above
+    from safety_units.experiments.defense_bench.cells import judged  # here: as above
 
     from safety_units.experiments.judges.harm_report import validation  # here: as above
 
