@@ -82,6 +82,15 @@ def task_mix(n: int, p: float) -> list[str]:
     return ["data=task_mix", f"data.harmful_share={p}", f"data.num_samples={n}"]
 
 
+def attack(lr: str, epochs: int, length: int, batch: int, lora: bool = False, note: str = "") -> tuple[str, list[str]]:
+    """One entry of a scale's attack grid: (its label, its fine-tune overrides); LoRA attacks use conf/adapter/lora
+    (r 16, alpha 32, every linear layer)."""
+    label = (f"{'LoRA r 16 alpha 32 (all linear)' if lora else 'full fine-tune'}, lr {lr}, {epochs} "
+             f"epoch{'s' if epochs > 1 else ''}{f' ({note})' if note else ''}")
+    return label, [*(["adapter=lora"] if lora else []), f"data.max_length={length}", f"data.batch_size={batch}",
+                   f"optim.lr={lr}", f"trainer.max_epochs={epochs}"]
+
+
 SCALES = {
     # 2 CPU cores, float32, two one-thread workers. Sized for about 5 hours (the issue's budget; results/defenses.md
     # projects the whole plan from the measured stages): a 240-example alignment (30 steps) per alignment seed and
@@ -98,15 +107,8 @@ SCALES = {
         align=[*one_epoch(240, 128, 8, lr="2e-4", data="mix"), "export=true"],
         sn_tune=[*one_epoch(64, 128, 8, lr="2e-4", data="refusal_stl"), "export=true"],
         task_n=128,
-        attacks={
-            PROTOCOL: ("full fine-tune, lr 4e-4, 2 epochs (the protocol)",
-                       ["data.max_length=96", "data.batch_size=8", "optim.lr=4e-4", "trainer.max_epochs=2"]),
-            "lr2x": ("full fine-tune, lr 8e-4, 2 epochs",
-                     ["data.max_length=96", "data.batch_size=8", "optim.lr=8e-4", "trainer.max_epochs=2"]),
-            "lora": ("LoRA r 16 alpha 32 (all linear), lr 4e-3, 2 epochs",
-                     ["adapter=lora", "data.max_length=96", "data.batch_size=8", "optim.lr=4e-3",
-                      "trainer.max_epochs=2"]),
-        },
+        attacks={PROTOCOL: attack("4e-4", 2, 96, 8, note="the protocol"), "lr2x": attack("8e-4", 2, 96, 8),
+                 "lora": attack("4e-3", 2, 96, 8, lora=True)},
         attribute=["scoring=wifv", "calibration.nsamples=64", "calibration.max_length=128"],
         eval=["eval=defense", "eval.tasks.beavertails.limit=64", "eval.tasks.beavertails_val.limit=48",
               "eval.tasks.sst2_val.limit=200", "eval.tasks.oktest.limit=32", "eval.tasks.ppl.limit=24",
@@ -120,20 +122,9 @@ SCALES = {
         align=[*one_epoch(2000, 256, 16, lr="5e-5", data="mix"), "export=true"],
         sn_tune=[*one_epoch(256, 256, 16, lr="5e-5", data="refusal_stl"), "export=true"],
         task_n=1000,
-        attacks={
-            PROTOCOL: ("full fine-tune, lr 1e-4, 1 epoch",
-                       ["data.max_length=256", "data.batch_size=32", "optim.lr=1e-4", "trainer.max_epochs=1"]),
-            "lr3x": ("full fine-tune, lr 3e-4, 1 epoch",
-                     ["data.max_length=256", "data.batch_size=32", "optim.lr=3e-4", "trainer.max_epochs=1"]),
-            "ep3": ("full fine-tune, lr 1e-4, 3 epochs",
-                    ["data.max_length=256", "data.batch_size=32", "optim.lr=1e-4", "trainer.max_epochs=3"]),
-            "lora": ("LoRA r 16 alpha 32 (all linear), lr 1e-3, 1 epoch",
-                     ["adapter=lora", "data.max_length=256", "data.batch_size=32", "optim.lr=1e-3",
-                      "trainer.max_epochs=1"]),
-            "lora_ep3": ("LoRA r 16 alpha 32 (all linear), lr 1e-3, 3 epochs",
-                         ["adapter=lora", "data.max_length=256", "data.batch_size=32", "optim.lr=1e-3",
-                          "trainer.max_epochs=3"]),
-        },
+        attacks={PROTOCOL: attack("1e-4", 1, 256, 32), "lr3x": attack("3e-4", 1, 256, 32),
+                 "ep3": attack("1e-4", 3, 256, 32), "lora": attack("1e-3", 1, 256, 32, lora=True),
+                 "lora_ep3": attack("1e-3", 3, 256, 32, lora=True)},
         attribute=["scoring=wifv", "calibration.nsamples=128", "calibration.max_length=256"],
         eval=["eval=defense", "eval.tasks.beavertails.limit=500", "eval.tasks.beavertails_val.limit=200",
               "eval.tasks.oktest.limit=100", "eval.tasks.ppl.limit=100", "eval.batch_size=256",
