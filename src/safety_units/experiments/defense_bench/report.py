@@ -218,7 +218,8 @@ def write_report(results_dir: Path, name: str = "defenses") -> Path:
            "with exact McNemar inside seed 0." + (
                f" Corrected HS: Rogan-Gladen for the judge's validated errors ({val['source']}: tp {val['tp']}, fn "
                f"{val['fn']}, tn {val['tn']}, fp {val['fp']}), its interval carrying the judge's error too; tests "
-               "stay on the raw verdicts (same judge, same prompts)." if val else ""), ""]
+               "stay on the raw verdicts (same judge, same prompts). The judge's false-positive rate is "
+               f"{_f(val['fp'] / (val['fp'] + val['tn']))}: a raw HS at or below it corrects to 0." if val else ""), ""]
     planned, ran = data["planned"], len(data["stages"])
     out += [f"Hardware: {sc['hardware']}, {sc['workers']} workers. Stages finished: {ran} of {planned} planned "
             f"so far; {minutes:.0f} stage-minutes measured ({minutes / max(1, sc['workers']) / 60:.1f} h of wall "
