@@ -56,6 +56,13 @@ def test_the_tuning_phase_then_the_attack_and_test_phases_once_chosen(tmp_path):
     assert b2.model == P.align_name("booster", picks["booster"], 2)  # seed k starts from alignment seed k
     assert final[P.ft_name(P.PROTOCOL, "esu_cu", picks["esu_cu"], 1)].needs[-1] == "attribute_s1/unit_map.safetensors"
     assert "ft_lora_none_s1" not in final and "ft_lr2x_none_s2" in final
+    # a defense whose grid has no eligible setting stops after tuning; its control still runs beside it at seed 0
+    failing = {d: {"setting": t, "eligible": d not in ("esu_cu", "lisa")} for d, t in picks.items()}
+    cut = {s.name for s in P.plan(CPU, str(tmp_path), {"settings": picks, "worst_attack": worst, "tuning": failing})}
+    assert P.ft_name(P.PROTOCOL, "random", picks["esu_cu"], 0) in cut and "post_proto_shrink_lisa_s0" not in cut
+    assert not any(n.startswith(("ft_lr2x_esu_cu", "ft_lr2x_random", "ft_lr2x_lisa")) or n.endswith("_s1") and
+                   ("esu_cu" in n or "lisa" in n or "_random_total" in n) for n in cut)
+    assert final.keys() - cut and cut < set(final) and P.ft_name("lr2x", "vaccine", picks["vaccine"], 1) in cut
 
 
 def test_every_kind_of_stage_composes(tmp_path):
@@ -130,6 +137,8 @@ def test_seed_level_comparisons_and_the_answer_to_the_user():
     assert t["mcnemar_p_seed"] < 0.01
     rec = C.recommend(cells, {"good": "proto", "costly": "proto", "noisy": "proto"}, "proto")
     assert rec["defense"] == "good" and rec["eligible"] == ["good"]  # costly pays 10 points of FA
+    shrunk = cells + [{**c, "defense": "shrink_good"} for c in cells if c["defense"] == "good"]
+    assert C.recommend(shrunk, {"good": "proto", "shrink_good": "proto"}, "proto")["eligible"] == ["good"]  # a control
     one_seed = [c for c in cells if c["seed"] == 0]
     assert C.recommend(one_seed, {"good": "proto"}, "proto")["defense"] is None  # no seed-level interval
     g = C.goal(cells, "good", "proto", ["costly"])
@@ -137,6 +146,14 @@ def test_seed_level_comparisons_and_the_answer_to_the_user():
     assert not g["met"]  # costly (a peer) is significantly less harmful
     with pytest.raises(ValueError, match="different prompts"):
         C.compare([cell("a", 0, [1, 0]), cell("b", 0, [1, 0], hash_="other")], "a", "b", "proto")
+
+
+def test_the_tuning_table_names_a_grid_with_no_eligible_setting():
+    from safety_units.experiments.defense_bench.report import pick
+
+    sel = {"tuning": {"booster": {"setting": "a", "eligible": False}, "vaccine": {"setting": "b", "eligible": True}}}
+    assert pick(sel, "booster", "a") == "none eligible: stops after tuning" and pick(sel, "booster", "b") == ""
+    assert pick(sel, "vaccine", "b") == "**yes**" and pick({}, "vaccine", "b") == ""
 
 
 def test_hierarchical_bootstrap_widens_with_seed_variance():

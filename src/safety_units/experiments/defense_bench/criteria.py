@@ -149,7 +149,7 @@ def recommend(cells: list[dict], worst: dict[str, str], protocol: str) -> dict:
     None when no defense qualifies (the README then says none is robustly better at this scale)."""
     eligible = {}
     for d, attack in sorted(worst.items()):
-        if d == SFT:
+        if d == SFT or d.startswith("shrink_"):  # a matched-drift SFT is a control, not a defense
             continue
         t, me, sft = compare(cells, d, SFT, attack), summary(cells, d, attack), summary(cells, SFT, attack)
         if me and sft and significantly(t, -1) and sft["fa"] - me["fa"] <= FA_COST_MAX:

@@ -10,6 +10,7 @@ them to <bench>/selection.json by the rules in criteria.py, from validation data
     2. attack  each defense at its chosen setting under every other attack of the scale's grid, seed 0
     3. test    each chosen setting at alignment seeds 1, 2 ... under the protocol attack and the defense's worst
                attack (the attack with the highest validation HS that still learns the task)
+A defense whose grid has no eligible setting (tuning.carried) stops after phase 1: it is reported as failing.
 Every cell is evaluated on both splits (eval=defense): validation prompts choose, test prompts are reported.
 
 Stages:
@@ -285,14 +286,13 @@ def plan(scale: BenchScale, study_dir: str, selection: dict | None = None) -> li
     chosen = selection.get("settings") or {}
     if not chosen:
         return ordered(p)
-    picks = dict(chosen)
-    for control, of in CONTROLS.items():  # the control at its defense's chosen setting
-        picks[control] = picks[of]
-    for d, tag in picks.items():
+    every = dict(chosen) | {c: chosen[of] for c, of in CONTROLS.items()}  # a control at its defense's setting
+    for d, tag in every.items():  # (seed 0, the protocol: each control beside its defense, eligible or not)
         if d not in DEFENSES:
             continue
         over = settings(CONTROLS.get(d, d), scale).get(tag, [])
         p.cell(PROTOCOL, d, tag, over, s0, "tune")
+    picks = tuning.carried(selection, CONTROLS)  # a defense with no eligible setting stops here
     shrink = {} if scale.peers_as_published else {d: ft_name(PROTOCOL, d, picks[d], s0) for d in SHRINK_OF
                                                   if d in picks}  # (the shrink runs on SFT's exported fine-tune)
     for d, target in shrink.items():

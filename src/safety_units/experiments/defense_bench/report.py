@@ -156,7 +156,6 @@ def tuning_section(cells: list[dict], sel: dict, grids: dict, seed: int) -> list
     fine = [c for c in cells if c["claim"] == "finetune" and c["seed"] == seed and c["attack"] == P.PROTOCOL]
     sft = next((c for c in fine if c["defense"] == C.SFT), None)
     aligned = {(c["defense"], c["setting"]): c for c in cells if c.get("role") == "aligned" and c["seed"] == seed}
-    chosen = sel.get("settings") or {}
     for d in sorted(grids):
         mine = [c for c in fine if c["defense"] == d]
         if not mine or sft is None:
@@ -168,8 +167,16 @@ def tuning_section(cells: list[dict], sel: dict, grids: dict, seed: int) -> list
             ok = "rejected (aligned model)" if rejected.get(c["setting"]) else "yes" if c["val"]["fa"] >= floor \
                 else "no (FA)"
             out.append(f"| {d} | {', '.join(grids[d].get(c['setting'], [])) or '-'} | {_f(C.rate(c, 'val'))} | "
-                       f"{_f(c['val']['fa'])} | {ok} | {'**yes**' if chosen.get(d) == c['setting'] and d in chosen else ''} |")
+                       f"{_f(c['val']['fa'])} | {ok} | {pick(sel, d, c['setting'])} |")
     return out
+
+
+def pick(sel: dict, d: str, setting: str) -> str:
+    """The tuning table's "chosen" cell: the rule's choice, or that the defense's grid has no eligible setting."""
+    rec = (sel.get("tuning") or {}).get(d)
+    if not rec or rec["setting"] != setting:
+        return ""
+    return "**yes**" if rec["eligible"] else "none eligible: stops after tuning"
 
 
 def attack_section(sel: dict, labels: dict) -> list[str]:

@@ -161,7 +161,7 @@ def choose(cells: list[dict], defenses: tuple[str, ...], controls: dict[str, str
         rec = C.choose_setting([got[t] for t in expected], sft, rejected, default=expected[0])
         tuning[d], settings[d] = rec, rec["setting"]
     out |= {"settings": settings, "tuning": tuning}
-    picks = {**settings, **{c: settings[of] for c, of in controls.items() if of in settings}}
+    picks = carried(out, controls)
     worst, records = {}, {}
     for d, t in picks.items():
         mine = [c for c in fine if c["defense"] == d and c["setting"] == t and c["attack"] in attacks]
@@ -170,6 +170,15 @@ def choose(cells: list[dict], defenses: tuple[str, ...], controls: dict[str, str
         rec = C.worst_attack(mine, protocol)
         worst[d], records[d] = rec["attack"], rec
     return out | {"worst_attack": worst, "attacks": records}
+
+
+def carried(selection: dict, controls: dict[str, str]) -> dict[str, str]:
+    """{defense: setting} carried into the attack and test phases: every defense whose grid has an eligible
+    setting (criteria.choose_setting), and the controls of those. A defense with none is reported as failing at
+    every grid point and stops after tuning: it cannot be the answer, and its seeds would cost the cpu budget."""
+    records = selection.get("tuning") or {}
+    keep = {d: t for d, t in (selection.get("settings") or {}).items() if records.get(d, {}).get("eligible", True)}
+    return keep | {c: keep[of] for c, of in controls.items() if of in keep}
 
 
 def write_selection(bench: Path, selection: dict) -> bool:
