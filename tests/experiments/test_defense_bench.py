@@ -207,7 +207,10 @@ def test_the_benchmark_grows_by_its_choices_and_reports(tmp_path):
     grown = []
     for _ in range(4):
         for st in P.plan(CPU, str(bench)):
-            if st.kind != "attribute" and not (bench / st.name / "eval.json").is_file():
+            if st.kind == "attribute":  # timed only: no cell
+                bench.mkdir(exist_ok=True)
+                bench.joinpath(f"{st.name}.stage.json").write_text(json.dumps({"seconds": 1.0}))
+            elif not (bench / st.name / "eval.json").is_file():
                 fake_stage(bench, st, rng)
         grown.append(P.advance(bench, CPU, Judge()))
     assert grown == [True, True, False, False]  # tune -> attack -> test, then nothing new
@@ -223,7 +226,9 @@ def test_the_benchmark_grows_by_its_choices_and_reports(tmp_path):
     calls = Judge.calls
     collect(bench, CPU, tmp_path / "results" / "defenses", Judge())
     assert Judge.calls == calls  # every stage's verdicts were cached
-    assert json.loads(out.read_text())["planned"] == len(P.plan(CPU, str(bench)))
+    data = json.loads(out.read_text())
+    assert data["planned"] == len(P.plan(CPU, str(bench))) == data["projection"]["chosen"]["stages"]
+    assert data["projection"]["fewest"]["stages"] <= data["planned"] and "for the plan as chosen" in md
 
 
 SHIPPED = ROOT / "results" / "defenses"

@@ -52,15 +52,20 @@ def stage_key(st) -> tuple[str, str]:
 def projection(scale, bench: Path, seconds: dict[str, float | None]) -> dict:
     """The whole plan's wall hours at this scale from the stages measured so far: each planned stage costs the mean
     measured seconds of its kind and defense (else of its kind); the setup runs first, the rest spread evenly over
-    the workers. Bounds: every defense's worst attack the protocol (fewest stages) or another (most)."""
+    the workers. Bounds before the choices: every defense's worst attack the protocol (fewest stages) or another
+    (most), every defense carried past tuning; once selection.json names the worst attacks, also the plan as
+    chosen ("chosen")."""
+    plans = {"fewest": P.full_plan(scale, str(bench), P.PROTOCOL),
+             "most": P.full_plan(scale, str(bench), list(scale.attacks)[-1])}
+    if read_selection(bench).get("worst_attack"):
+        plans["chosen"] = P.plan(scale, str(bench))
+    by_key: dict[tuple, list[float]] = {}
+    for st in {s.name: s for stages in plans.values() for s in stages}.values():
+        if seconds.get(st.name):
+            by_key.setdefault(stage_key(st), []).append(seconds[st.name])
+            by_key.setdefault((st.kind, "*"), []).append(seconds[st.name])
     out = {}
-    for label, worst in (("fewest", P.PROTOCOL), ("most", list(scale.attacks)[-1])):
-        stages = P.full_plan(scale, str(bench), worst)
-        by_key: dict[tuple, list[float]] = {}
-        for st in stages:
-            if seconds.get(st.name):
-                by_key.setdefault(stage_key(st), []).append(seconds[st.name])
-                by_key.setdefault((st.kind, "*"), []).append(seconds[st.name])
+    for label, stages in plans.items():
         setup = rest = 0.0
         unmeasured = 0
         for st in stages:
@@ -79,14 +84,18 @@ def projection(scale, bench: Path, seconds: dict[str, float | None]) -> dict:
 
 
 def projection_text(proj: dict) -> str:
-    few, most = proj["fewest"], proj["most"]
+    few, most, chosen = proj["fewest"], proj["most"], proj.get("chosen")
     if few["unmeasured"] or most["unmeasured"]:
         return (f"The whole plan ({few['stages']}-{most['stages']} stages) cannot be projected yet: "
                 f"{most['unmeasured']} of its stages are of kinds not measured so far.")
-    return (f"The whole plan, projected from the stages measured so far (each stage at the mean of its kind and "
-            f"defense, the setup first, the rest spread over the workers; `report.projection`): "
-            f"{few['hours']:.1f} h ({few['stages']} stages, every worst attack the protocol) to "
-            f"{most['hours']:.1f} h ({most['stages']} stages, every worst attack another).")
+    text = ("The whole plan, projected from the stages measured so far (each stage at the mean of its kind and "
+            "defense, the setup first, the rest spread over the workers; `report.projection`): ")
+    bounds = (f"{few['hours']:.1f} h ({few['stages']} stages, every worst attack the protocol) to "
+              f"{most['hours']:.1f} h ({most['stages']} stages, every worst attack another)")
+    if chosen:
+        return text + (f"{chosen['hours']:.1f} h for the plan as chosen ({chosen['stages']} stages); before the "
+                       f"choices the bounds were {bounds}.")
+    return text + bounds + "."
 
 
 def _f(x, d=3):
