@@ -56,6 +56,10 @@ def test_the_tuning_phase_then_the_attack_and_test_phases_once_chosen(tmp_path):
     assert b2.model == P.align_name("booster", picks["booster"], 2)  # seed k starts from alignment seed k
     assert final[P.ft_name(P.PROTOCOL, "esu_cu", picks["esu_cu"], 1)].needs[-1] == "attribute_s1/unit_map.safetensors"
     assert "ft_lora_none_s1" not in final and "ft_lr2x_none_s2" in final
+    pos = {n: i for i, n in enumerate(final)}  # no worker takes a stage whose producer is queued behind it
+    assert all(pos[up] < pos[s.name] for s in final.values()
+               for up in {s.model, *(n.split("/")[0] for n in s.needs)} & final.keys())
+    assert pos["align_sft_s2"] < pos["attribute_s1"]  # the long, independent stages first
     # a defense whose grid has no eligible setting stops after tuning; its control still runs beside it at seed 0
     failing = {d: {"setting": t, "eligible": d not in ("esu_cu", "lisa")} for d, t in picks.items()}
     cut = {s.name for s in P.plan(CPU, str(tmp_path), {"settings": picks, "worst_attack": worst, "tuning": failing})}

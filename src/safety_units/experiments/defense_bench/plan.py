@@ -329,11 +329,23 @@ def full_plan(scale: BenchScale, study_dir: str, worst: str | None = None) -> li
 
 
 def ordered(p: Planner) -> list[Stage]:
-    """The setup, then every alignment and attribution (the long stages, which the cells wait for), then the
-    cells; plan order within each."""
-    rank = {"setup": 0}
-    return sorted(p.stages.values(), key=lambda s: rank.get(s.labels.get("claim"), 1 if s.kind in ("align", "attribute")
-                                                            else 2))
+    """The setup first (it runs alone, before the workers start); then the rest by depth -- each stage after every
+    stage it starts from or needs, so a worker never takes a stage whose producer is still queued behind it and
+    idles waiting -- the alignments and attributions (the long stages) first within a depth; plan order within
+    each."""
+    setup = {n for n, s in p.stages.items() if s.labels.get("claim") == "setup"}
+    depth: dict[str, int] = {}
+
+    def depth_of(name: str) -> int:
+        if name not in depth:
+            st = p.stages[name]
+            ups = {st.model, *(n.split("/")[0] for n in st.needs)} & (p.stages.keys() - setup - {name})
+            depth[name] = 1 + max((depth_of(u) for u in ups), default=-1)
+        return depth[name]
+
+    index = {n: i for i, n in enumerate(p.stages)}
+    return sorted(p.stages.values(), key=lambda s: (s.name not in setup, depth_of(s.name),
+                                                    s.kind not in ("align", "attribute"), index[s.name]))
 
 
 def advance(bench, scale: BenchScale, harm_judge) -> bool:
