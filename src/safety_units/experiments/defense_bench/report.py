@@ -281,7 +281,9 @@ def write_report(results_dir: Path, name: str = "defenses") -> Path:
         f"{', '.join(rec['eligible'])})." if rec["defense"] else
         "**No defense is robustly better than SFT at this scale** by the rule in `criteria.recommend` (HS below "
         "SFT's with a seed-level interval excluding 0 at the defense's worst attack, at an FA cost of at most "
-        f"{C.FA_COST_MAX:g})" + ("." if worst else ": the benchmark has not reached its test phase yet.")), ""]
+        f"{C.FA_COST_MAX:g})" + ("." if worst and ran >= planned else ": the benchmark has not reached its test phase "
+                                  "yet." if not worst else f" so far: the test phase has not finished ({ran} of "
+                                  f"{planned} stages).")), ""]
     out += ["## Deviations from each peer's code", "", "| defense | what | official | ours | why |",
             "|---|---|---|---|---|"]
     for d, rows in sorted(DEVIATIONS.items()):
