@@ -30,7 +30,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 from safety_units.experiments.defense_bench import peers, tuning
-from safety_units.experiments.study.plan import SHIPPED, Stage, common_overrides, one_epoch
+from safety_units.experiments.study.plan import SHIPPED, Stage, common_overrides, dependencies, one_epoch
 
 BENCH_NAME = "defenses_smollm2"
 SFT = "none"
@@ -334,13 +334,12 @@ def ordered(p: Planner) -> list[Stage]:
     idles waiting -- the alignments and attributions (the long stages) first within a depth; plan order within
     each."""
     setup = {n for n, s in p.stages.items() if s.labels.get("claim") == "setup"}
+    inputs = dependencies(list(p.stages.values()))  # (every stage's model is among the files it needs)
     depth: dict[str, int] = {}
 
     def depth_of(name: str) -> int:
         if name not in depth:
-            st = p.stages[name]
-            ups = {st.model, *(n.split("/")[0] for n in st.needs)} & (p.stages.keys() - setup - {name})
-            depth[name] = 1 + max((depth_of(u) for u in ups), default=-1)
+            depth[name] = 1 + max((depth_of(u) for u in set(inputs[name]) - setup), default=-1)
         return depth[name]
 
     index = {n: i for i, n in enumerate(p.stages)}

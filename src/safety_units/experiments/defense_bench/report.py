@@ -273,6 +273,8 @@ def write_report(results_dir: Path, name: str = "defenses") -> Path:
             if not g.get("missing"):
                 out.append(f"| {d} | {attack} | {g['hs_drop']:+.3f} | {g['fa_diff']:+.3f} | "
                            f"{', '.join(g['worse_than']) or '-'} | **{'met' if g['met'] else 'not met'}** |")
+    progress = (": the benchmark has not reached its test phase yet." if not worst else "." if ran >= planned
+                else f" so far: the test phase has not finished ({ran} of {planned} stages).")
     rec = C.recommend(cells, {d: worst.get(d, P.PROTOCOL) for d in {c['defense'] for c in cells}}, P.PROTOCOL) \
         if worst else {"defense": None, "eligible": []}
     out += ["", "## Which defense should I use?", "", (
@@ -281,9 +283,7 @@ def write_report(results_dir: Path, name: str = "defenses") -> Path:
         f"{', '.join(rec['eligible'])})." if rec["defense"] else
         "**No defense is robustly better than SFT at this scale** by the rule in `criteria.recommend` (HS below "
         "SFT's with a seed-level interval excluding 0 at the defense's worst attack, at an FA cost of at most "
-        f"{C.FA_COST_MAX:g})" + ("." if worst and ran >= planned else ": the benchmark has not reached its test phase "
-                                  "yet." if not worst else f" so far: the test phase has not finished ({ran} of "
-                                  f"{planned} stages).")), ""]
+        f"{C.FA_COST_MAX:g})" + progress), ""]
     out += ["## Deviations from each peer's code", "", "| defense | what | official | ours | why |",
             "|---|---|---|---|---|"]
     for d, rows in sorted(DEVIATIONS.items()):

@@ -15,22 +15,9 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from safety_units.experiments.study.plan import Stage, plan
+from safety_units.experiments.study.plan import Stage, dependencies, plan
 from safety_units.experiments.study.runner import StudyRunner, config_hash, select, stage_configs
 from safety_units.utils.errors import ConfigError
-
-
-def dependencies(stages: list[Stage]) -> dict[str, list[str]]:
-    """Each stage's inputs among `stages`: earlier setup stages for a setup stage, the whole setup for the others,
-    and the stages that write the files it needs (the first component of a needed path is its stage)."""
-    names = [s.name for s in stages]
-    setup = [s.name for s in stages if s.labels.get("claim") == "setup"]
-    out = {}
-    for s in stages:
-        deps = setup[:setup.index(s.name)] if s.name in setup else list(setup)
-        deps += [f.split("/")[0] for f in s.needs if f.split("/")[0] in names]
-        out[s.name] = [n for n in names if n in set(deps) - {s.name}]  # plan order
-    return out
 
 
 def run_one(scale, study: Path, extra: list[str], plan_fn, name: str) -> str:

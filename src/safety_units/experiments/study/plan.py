@@ -237,3 +237,16 @@ def plan(scale: Scale, study_dir: str) -> list[Stage]:
                             "family": threat.family, "strength": threat.strength,
                             "utility_task": threat.utility_task, "freeze": fr, "seed": seed}))
     return stages
+
+
+def dependencies(stages: list[Stage]) -> dict[str, list[str]]:
+    """Each stage's inputs among `stages`: earlier setup stages for a setup stage, the whole setup for the others,
+    and the stages that write the files it needs (the first component of a needed path is its stage)."""
+    names = [s.name for s in stages]
+    setup = [s.name for s in stages if s.labels.get("claim") == "setup"]
+    out = {}
+    for s in stages:
+        deps = setup[:setup.index(s.name)] if s.name in setup else list(setup)
+        deps += [f.split("/")[0] for f in s.needs if f.split("/")[0] in names]
+        out[s.name] = [n for n in names if n in set(deps) - {s.name}]  # plan order
+    return out
