@@ -152,6 +152,22 @@ def test_seed_level_comparisons_and_the_answer_to_the_user():
         C.compare([cell("a", 0, [1, 0]), cell("b", 0, [1, 0], hash_="other")], "a", "b", "proto")
 
 
+def test_leaderboards_read_each_defense_at_its_chosen_setting_only():
+    from safety_units.experiments.defense_bench.report import controls_of
+
+    grid = [cell("antidote", 0, ones(40), setting="r0.01"), cell("antidote", 0, ones(10), setting="r0.3")]
+    cells = grid + [cell("antidote", 1, ones(38), setting="r0.01"), cell("none", 0, ones(40)),
+                    cell("random_prune", 0, ones(41), setting="r0.01"), cell("shrink_antidote", 0, ones(39)),
+                    cell("lisa", 0, ones(9), setting="a"), cell("lisa", 0, ones(5), setting="b")]
+    with pytest.raises(ValueError, match="two cells"):  # seed 0 holds the whole grid: never a silent pick
+        C.summary(cells, "antidote", "proto")
+    chosen = C.at_choice(cells, {"antidote": "r0.01", "none": ""}, P.CONTROLS)
+    assert C.summary(chosen, "antidote", "proto")["hs"] == pytest.approx(0.78)  # r0.01 at seeds 0, 1, not r0.3
+    assert {c["defense"] for c in chosen} == {"antidote", "none", "random_prune", "shrink_antidote"}  # lisa: no choice
+    assert controls_of("antidote") == ["random_prune", "shrink_antidote"] and controls_of("esu_cu") == ["random"]
+    assert controls_of("vaccine") == []
+
+
 def test_the_tuning_table_names_a_grid_with_no_eligible_setting():
     from safety_units.experiments.defense_bench.report import pick
 

@@ -74,8 +74,32 @@ def worst_attack(cells: list[dict], protocol: str) -> dict:
                         for c in cells}}
 
 
+def at_choice(cells: list[dict], settings: dict[str, str], controls: dict[str, str]) -> list[dict]:
+    """The fine-tune cells the leaderboards, the goal and the answer read: each defense's cells at its chosen
+    setting (`settings`: selection.json's, the rule's record for a grid with none eligible), a control's at its
+    defense's. Seed 0 also holds every tuning cell at the protocol: without this filter a leaderboard would mix
+    grid points (by_seed refuses that). A defense without a choice yet keeps its cells only at a single setting."""
+    out = []
+    for d in dict.fromkeys(c["defense"] for c in cells if c["claim"] == "finetune"):
+        mine = [c for c in cells if c["claim"] == "finetune" and c["defense"] == d]
+        chosen = settings.get(d, settings.get(controls.get(d, ""))) if not d.startswith("shrink_") else ""
+        if chosen is None and len({c["setting"] for c in mine}) == 1:
+            chosen = mine[0]["setting"]
+        out += [c for c in mine if c["setting"] == chosen]
+    return out
+
+
 def by_seed(cells: list[dict], defense: str, attack: str) -> dict[int, dict]:
-    return {c["seed"]: c for c in cells if c["defense"] == defense and c["attack"] == attack}
+    """{seed: cell} of one defense at one attack; two cells of one seed (two grid points: filter with at_choice
+    first) are an error, not a silent pick."""
+    out: dict[int, dict] = {}
+    for c in cells:
+        if c["defense"] == defense and c["attack"] == attack:
+            if c["seed"] in out:
+                raise ValueError(f"{defense} at {attack}, seed {c['seed']}: two cells ({out[c['seed']]['stage']}, "
+                                 f"{c['stage']}); filter the grid's cells with criteria.at_choice first.")
+            out[c["seed"]] = c
+    return out
 
 
 def compare(cells: list[dict], a: str, b: str, attack: str, key: str = "harmful", seed: int = 0) -> dict | None:
