@@ -132,6 +132,10 @@ def control_of(d: str) -> str | None:
     return d.removeprefix("shrink_") if d.startswith("shrink_") else P.CONTROLS.get(d)
 
 
+def by_seed_text(mine: list[dict]) -> str:
+    return ", ".join(f"s{c['seed']} {_f(C.rate(c), 2)}" for c in mine)
+
+
 def controls_of(d: str) -> list[str]:
     """The controls of defense `d`: its size-matched random set or prune (P.CONTROLS) and its matched-drift SFT."""
     return [c for c, of in P.CONTROLS.items() if of == d] + [f"shrink_{d}"] * (d in P.SHRINK_OF)
@@ -141,7 +145,7 @@ def leaderboard(cells: list[dict], worst: dict, at_worst: bool, val: dict | None
                 sel: dict) -> list[str]:
     """One row per defense at its chosen setting (cells: criteria.at_choice's) at the protocol or its worst
     attack, sorted by test HS; a defense whose grid had no eligible setting is marked (it ran seed 0 only)."""
-    rows = ["| defense | kind | setting | attack | seeds | HS raw" + " (corrected [95% CI])" * bool(val) +
+    rows = ["| defense | kind | setting | attack | HS by seed | HS raw" + " (corrected [95% CI])" * bool(val) +
             " | ASR | FA | ||dW|| | OKTest refusal | ppl | time / SFT | HS - SFT [95% CI], seed-level | "
             "HS - its controls |", "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|"]
     defenses = sorted({c["defense"] for c in cells if c["claim"] == "finetune" and c["attack"] != "benign"})
@@ -152,14 +156,15 @@ def leaderboard(cells: list[dict], worst: dict, at_worst: bool, val: dict | None
         if s:
             entries.append((s["hs"], d, attack, s))
     for hs, d, attack, s in sorted(entries):
-        mine = list(C.by_seed(cells, d, attack).values())
+        mine = [c for _, c in sorted(C.by_seed(cells, d, attack).items())]
         flags = [x for c in mine for x in c["test"]["harmful"]]
         base = sft_seconds.get(attack)
         cost = _f(s["train_seconds"] / base, 2) if base and s.get("train_seconds") else "n/a"
         vs_ctl = "; ".join(f"{c}: {_test(t)}" for c in controls_of(d)
                            if (t := C.compare(cells, d, c, attack)) is not None)
         failed = (sel.get("tuning") or {}).get(d, {}).get("eligible") is False
-        rows.append(f"| {d} | {kind(d)}{' (no eligible setting)' * failed} | {mine[0]['setting'] or '-'} | {attack} | {len(s['seeds'])} | "
+        rows.append(f"| {d} | {kind(d)}{' (no eligible setting)' * failed} | {mine[0]['setting'] or '-'} | {attack} | "
+                    f"{by_seed_text(mine)} | "
                     f"{_f(hs)}{corrected(flags, val)} | {_f(mean(c['test']['asr'] for c in mine))} | {_f(s['fa'])} | "
                     f"{_f(s['delta_norm'], 2)} | {_f(s['overrefusal'])} | {_f(s['ppl'], 2)} | {cost} | "
                     f"{'' if d == C.SFT else _test(C.compare(cells, d, C.SFT, attack))} | {vs_ctl} |")
