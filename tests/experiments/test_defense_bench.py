@@ -141,8 +141,12 @@ def test_seed_level_comparisons_and_the_answer_to_the_user():
     assert t["mcnemar_p_seed"] < 0.01
     rec = C.recommend(cells, {"good": "proto", "costly": "proto", "noisy": "proto"}, "proto")
     assert rec["defense"] == "good" and rec["eligible"] == ["good"]  # costly pays 10 points of FA
+    assert rec["why"]["costly"]["fails"].startswith("FA cost") and rec["why"]["good"]["fails"] is None
+    assert rec["why"]["noisy"]["fails"].startswith("HS not below")
     shrunk = cells + [{**c, "defense": "shrink_good"} for c in cells if c["defense"] == "good"]
     assert C.recommend(shrunk, {"good": "proto", "shrink_good": "proto"}, "proto")["eligible"] == ["good"]  # a control
+    ctl = cells + [{**c, "defense": "random_good"} for c in cells if c["defense"] == "good"]
+    assert C.recommend(ctl, {"random_good": "proto"}, "proto", ("random_good",))["defense"] is None
     one_seed = [c for c in cells if c["seed"] == 0]
     assert C.recommend(one_seed, {"good": "proto"}, "proto")["defense"] is None  # no seed-level interval
     g = C.goal(cells, "good", "proto", ["costly"])

@@ -225,6 +225,18 @@ def aligned_section(cells: list[dict]) -> list[str]:
     return out
 
 
+def answer_section(why: dict, sel: dict) -> list[str]:
+    """Why each candidate is or is not the answer: its test against SFT at its worst attack, its FA cost."""
+    if not why:
+        return []
+    stopped = {d for d, r in (sel.get("tuning") or {}).items() if not r["eligible"]}
+    out = ["| defense | worst attack | HS - SFT [95% CI], seed-level | FA - SFT | fails |", "|---|---|---|---:|---|"]
+    for d, w in sorted(why.items(), key=lambda kv: (kv[1]["fails"] is not None, kv[0])):
+        out.append(f"| {d} | {w['attack']} | {_test(w['test'])} | {0.0 - w['fa_cost']:+.3f} | "
+                   f"{'no eligible setting: stopped after tuning' if d in stopped else w['fails'] or '**eligible**'} |")
+    return out + [""]
+
+
 def write_report(results_dir: Path, name: str = "defenses") -> Path:
     """results/<name>.md from results/<name>/cells.json alone."""
     results_dir = Path(results_dir)
@@ -290,15 +302,15 @@ def write_report(results_dir: Path, name: str = "defenses") -> Path:
                            f"{', '.join(g['worse_than']) or '-'} | **{'met' if g['met'] else 'not met'}** |")
     progress = (": the benchmark has not reached its test phase yet." if not worst else "." if ran >= planned
                 else f" so far: the test phase has not finished ({ran} of {planned} stages).")
-    rec = C.recommend(cells, {d: worst.get(d, P.PROTOCOL) for d in {c['defense'] for c in cells}}, P.PROTOCOL) \
-        if worst else {"defense": None, "eligible": []}
+    rec = C.recommend(cells, {d: worst.get(d, P.PROTOCOL) for d in {c['defense'] for c in cells}}, P.PROTOCOL,
+                      tuple(P.CONTROLS)) if worst else {"defense": None, "eligible": [], "why": {}}
     out += ["", "## Which defense should I use?", "", (
         f"**{rec['defense']}**: the largest HS drop among defenses below SFT with a seed-level interval excluding 0 "
         f"at their worst attack, at an FA cost of at most {C.FA_COST_MAX:g} (`criteria.recommend`; eligible: "
-        f"{', '.join(rec['eligible'])})." if rec["defense"] else
+        f"{', '.join(rec['eligible'])})" if rec["defense"] else
         "**No defense is robustly better than SFT at this scale** by the rule in `criteria.recommend` (HS below "
         "SFT's with a seed-level interval excluding 0 at the defense's worst attack, at an FA cost of at most "
-        f"{C.FA_COST_MAX:g})" + progress), ""]
+        f"{C.FA_COST_MAX:g})") + progress, ""] + answer_section(rec["why"], sel)
     out += ["## Deviations from each peer's code", "", "| defense | what | official | ours | why |",
             "|---|---|---|---|---|"]
     for d, rows in sorted(DEVIATIONS.items()):
