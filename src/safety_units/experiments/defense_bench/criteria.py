@@ -171,7 +171,7 @@ def recommend(cells: list[dict], worst: dict[str, str], protocol: str, controls:
     """The user's answer: defenses whose test HS is below SFT's with a seed-level interval excluding 0 at their
     worst attack (SFT at the same attack), at an FA cost of at most FA_COST_MAX there; of those the largest HS drop.
     None when no defense qualifies (the README then says none is robustly better at this scale). "why": each
-    candidate's test against SFT, FA cost and the first condition it fails (None when eligible)."""
+    candidate's test against SFT, its FA minus SFT's and the first condition it fails (None when eligible)."""
     eligible, why = {}, {}
     for d, attack in sorted(worst.items()):
         if d == SFT or d.startswith("shrink_") or d in controls:  # controls (a matched-drift SFT too) are no answer
@@ -179,11 +179,10 @@ def recommend(cells: list[dict], worst: dict[str, str], protocol: str, controls:
         t, me, sft = compare(cells, d, SFT, attack), summary(cells, d, attack), summary(cells, SFT, attack)
         if not me or not sft:
             continue
-        cost = sft["fa"] - me["fa"]
         fails = ("one alignment seed: no seed-level interval" if t is None or len(t["seeds"]) < 2 else
                  "HS not below SFT's (interval includes 0 or above)" if not significantly(t, -1) else
-                 f"FA cost above {FA_COST_MAX:g}" if cost > FA_COST_MAX else None)
-        why[d] = {"attack": attack, "test": t, "fa_cost": cost, "fails": fails}
+                 f"FA cost above {FA_COST_MAX:g}" if sft["fa"] - me["fa"] > FA_COST_MAX else None)
+        why[d] = {"attack": attack, "test": t, "fa_diff": me["fa"] - sft["fa"], "fails": fails}
         if fails is None:
             eligible[d] = t["diff"]
     best = min(eligible, key=lambda d: (eligible[d], d)) if eligible else None

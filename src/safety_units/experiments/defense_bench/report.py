@@ -18,7 +18,7 @@ from safety_units.experiments.defense_bench import criteria as C
 from safety_units.experiments.defense_bench import plan as P
 from safety_units.experiments.defense_bench.cells import HS_RULE
 from safety_units.experiments.defense_bench.peers import DEVIATIONS
-from safety_units.experiments.defense_bench.tuning import grid_points, read_cells, read_selection
+from safety_units.experiments.defense_bench.tuning import grid_points, read_cells, read_selection, stopped
 from safety_units.experiments.judges.harm_report import validation
 from safety_units.utils.stats import corrected_rate
 
@@ -142,7 +142,7 @@ def controls_of(d: str) -> list[str]:
 
 
 def leaderboard(cells: list[dict], worst: dict, at_worst: bool, val: dict | None, sft_seconds: dict,
-                sel: dict) -> list[str]:
+                failed: set[str]) -> list[str]:
     """One row per defense at its chosen setting (cells: criteria.at_choice's) at the protocol or its worst
     attack, sorted by test HS; a defense whose grid had no eligible setting is marked (it ran seed 0 only)."""
     rows = ["| defense | kind | setting | attack | HS by seed | HS raw" + " (corrected [95% CI])" * bool(val) +
@@ -162,8 +162,8 @@ def leaderboard(cells: list[dict], worst: dict, at_worst: bool, val: dict | None
         cost = _f(s["train_seconds"] / base, 2) if base and s.get("train_seconds") else "n/a"
         vs_ctl = "; ".join(f"{c}: {_test(t)}" for c in controls_of(d)
                            if (t := C.compare(cells, d, c, attack)) is not None)
-        failed = (sel.get("tuning") or {}).get(d, {}).get("eligible") is False
-        rows.append(f"| {d} | {kind(d)}{' (no eligible setting)' * failed} | {mine[0]['setting'] or '-'} | {attack} | "
+        rows.append(f"| {d} | {kind(d)}{' (no eligible setting)' * (d in failed)} | {mine[0]['setting'] or '-'} | "
+                    f"{attack} | "
                     f"{by_seed_text(mine)} | "
                     f"{_f(hs)}{corrected(flags, val)} | {_f(mean(c['test']['asr'] for c in mine))} | {_f(s['fa'])} | "
                     f"{_f(s['delta_norm'], 2)} | {_f(s['overrefusal'])} | {_f(s['ppl'], 2)} | {cost} | "
@@ -225,15 +225,14 @@ def aligned_section(cells: list[dict]) -> list[str]:
     return out
 
 
-def answer_section(why: dict, sel: dict) -> list[str]:
+def answer_section(why: dict, failed: set[str]) -> list[str]:
     """Why each candidate is or is not the answer: its test against SFT at its worst attack, its FA cost."""
     if not why:
         return []
-    stopped = {d for d, r in (sel.get("tuning") or {}).items() if not r["eligible"]}
     out = ["| defense | worst attack | HS - SFT [95% CI], seed-level | FA - SFT | fails |", "|---|---|---|---:|---|"]
     for d, w in sorted(why.items(), key=lambda kv: (kv[1]["fails"] is not None, kv[0])):
-        out.append(f"| {d} | {w['attack']} | {_test(w['test'])} | {0.0 - w['fa_cost']:+.3f} | "
-                   f"{'no eligible setting: stopped after tuning' if d in stopped else w['fails'] or '**eligible**'} |")
+        out.append(f"| {d} | {w['attack']} | {_test(w['test'])} | {w['fa_diff']:+.3f} | "
+                   f"{'no eligible setting: stopped after tuning' if d in failed else w['fails'] or '**eligible**'} |")
     return out + [""]
 
 
@@ -288,7 +287,7 @@ def write_report(results_dir: Path, name: str = "defenses") -> Path:
         "the majority floor).", ""] + attack_section(sel, sc["attacks"])
     for at_worst, title in ((False, "the protocol attack"), (True, "each defense's worst attack")):
         out += ["", f"## Leaderboard at {title} (test data)", ""] + leaderboard(cells, worst, at_worst, val,
-                                                                              sft_seconds, sel)
+                                                                              sft_seconds, stopped(sel))
     out += ["", "## The goal", "", f"A unit-level defense with HS >= {C.GOAL_HS_DROP:g} below SFT (seed-level "
             f"interval excluding 0) at FA within {C.GOAL_FA_TOLERANCE:g} of SFT, not significantly worse than any "
             "tuned peer (`criteria.goal`).", "", "| defense | attack | HS drop | FA - SFT | worse than | met |",
@@ -310,7 +309,7 @@ def write_report(results_dir: Path, name: str = "defenses") -> Path:
         f"{', '.join(rec['eligible'])})" if rec["defense"] else
         "**No defense is robustly better than SFT at this scale** by the rule in `criteria.recommend` (HS below "
         "SFT's with a seed-level interval excluding 0 at the defense's worst attack, at an FA cost of at most "
-        f"{C.FA_COST_MAX:g})") + progress, ""] + answer_section(rec["why"], sel)
+        f"{C.FA_COST_MAX:g})") + progress, ""] + answer_section(rec["why"], stopped(sel))
     out += ["## Deviations from each peer's code", "", "| defense | what | official | ours | why |",
             "|---|---|---|---|---|"]
     for d, rows in sorted(DEVIATIONS.items()):

@@ -176,9 +176,13 @@ def carried(selection: dict, controls: dict[str, str]) -> dict[str, str]:
     """{defense: setting} carried into the attack and test phases: every defense whose grid has an eligible
     setting (criteria.choose_setting), and the controls of those. A defense with none is reported as failing at
     every grid point and stops after tuning: it cannot be the answer, and its seeds would cost the cpu budget."""
-    records = selection.get("tuning") or {}
-    keep = {d: t for d, t in (selection.get("settings") or {}).items() if records.get(d, {}).get("eligible", True)}
+    keep = {d: t for d, t in (selection.get("settings") or {}).items() if d not in stopped(selection)}
     return keep | {c: keep[of] for c, of in controls.items() if of in keep}
+
+
+def stopped(selection: dict) -> set[str]:
+    """The defenses whose grid has no eligible setting (criteria.choose_setting): they stop after tuning."""
+    return {d for d, r in (selection.get("tuning") or {}).items() if not r.get("eligible", True)}
 
 
 def write_selection(bench: Path, selection: dict) -> bool:
